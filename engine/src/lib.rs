@@ -1,0 +1,11 @@
+//! The taskpods engine: the service that turns launch commands into supervised, sandboxed task runs.
+//!
+//! - [`config`]: the engine's configuration, with embedded defaults.
+//! - [`topology`]: streams and KV buckets, created or checked at start-up.
+//! - [`server`]: `run(config, shutdown)`, the entry point that wires the loops together.
+//!
+//! The `taskpods` binary (`src/main.rs`) is a thin CLI over these.
+
+pub mod config;
+pub mod server;
+pub mod topology;

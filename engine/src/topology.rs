@@ -1,0 +1,398 @@
+//! The JetStream topology: the command, event, log and dead-letter streams and the KV buckets of the views.
+//!
+//! [`ensure`] creates what is missing and checks what exists. It never overwrites: a stream that exists
+//! with a different configuration is reported field by field ([`TopologyError::Conflict`]), because
+//! silently changing retention or replicas under running engines loses data.
+//!
+//! KV buckets are created as their backing streams (`KV_<bucket>`) and opened with `get_key_value`, which
+//! works on nats-server 2.9 where the client's `create_key_value` fails (see DESIGN.md section 8).
+
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, kv,
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use taskpods_events::Names;
+
+/// Errors ensuring the topology.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A stream exists with a configuration that differs from the wanted one; nothing was changed.
+    #[error("stream {stream} exists with a different configuration (not changed): {}", list(.differences))]
+    Conflict {
+        /// The stream.
+        stream: String,
+        /// Each differing field.
+        differences: Vec<Difference>,
+    },
+    /// JetStream refused or failed a request (server unreachable, JetStream disabled, limits).
+    #[error("JetStream {operation} {name}: {source}")]
+    JetStream {
+        /// What we were doing (`create stream`, `get stream`, `open bucket`).
+        operation: &'static str,
+        /// The stream or bucket.
+        name: String,
+        /// The client's error.
+        source: async_nats::Error,
+    },
+}
+
+/// A field whose existing value differs from the wanted one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// The field.
+    pub field: &'static str,
+    /// What the server has.
+    pub existing: String,
+    /// What this engine's configuration wants.
+    pub wanted: String,
+}
+
+impl fmt::Display for Difference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is {} but {} is configured",
+            self.field, self.existing, self.wanted
+        )
+    }
+}
+
+fn list(differences: &[Difference]) -> String {
+    differences
+        .iter()
+        .map(Difference::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How the streams and buckets are laid out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopologyConfig {
+    /// Subject prefix; stream and bucket names derive from it.
+    pub names: Names,
+    /// Replicas of every stream and bucket (1, or 3 on a cluster).
+    pub replicas: usize,
+    /// File or memory storage (memory only for throwaway test setups).
+    pub storage: StorageType,
+    /// How long task events are kept; zero keeps them forever.
+    pub event_max_age: Duration,
+    /// How long task output is kept.
+    pub log_max_age: Duration,
+    /// The most output kept across all tasks, in bytes; the oldest goes first.
+    pub log_max_bytes: i64,
+    /// The window in which a re-published command (same `Nats-Msg-Id`) is dropped as a duplicate.
+    pub duplicate_window: Duration,
+    /// How long undecodable commands are kept for operators.
+    pub dead_letter_max_age: Duration,
+    /// The largest message any stream accepts, in bytes.
+    pub max_message_bytes: i32,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            names: Names::default(),
+            replicas: 1,
+            storage: StorageType::File,
+            event_max_age: Duration::ZERO,
+            log_max_age: Duration::from_secs(7 * 24 * 3600),
+            log_max_bytes: 1 << 30,
+            duplicate_window: Duration::from_secs(120),
+            dead_letter_max_age: Duration::from_secs(30 * 24 * 3600),
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Handles on everything [`ensure`] set up.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// The names it was built from.
+    pub names: Names,
+    /// The command work queue.
+    pub commands: stream::Stream,
+    /// The event log of record.
+    pub events: stream::Stream,
+    /// Task output.
+    pub logs: stream::Stream,
+    /// Undecodable commands.
+    pub dead_letters: stream::Stream,
+    /// Task → current view.
+    pub tasks: kv::Store,
+    /// Task → timeline.
+    pub history: kv::Store,
+    /// Live tasks only.
+    pub active: kv::Store,
+    /// Finished tasks, newest first.
+    pub finished: kv::Store,
+}
+
+/// The stream configurations the engine wants, in creation order (pure, so tests can inspect them).
+pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
+    let names = &config.names;
+    let base = stream::Config {
+        storage: config.storage,
+        num_replicas: config.replicas,
+        max_message_size: config.max_message_bytes,
+        duplicate_window: config.duplicate_window,
+        ..Default::default()
+    };
+    let mut streams = vec![
+        stream::Config {
+            name: names.command_stream(),
+            description: Some(
+                "taskpods commands: launches, cancels, agent reports (work queue)".into(),
+            ),
+            subjects: vec![names.commands_all()],
+            retention: RetentionPolicy::WorkQueue,
+            ..base.clone()
+        },
+        stream::Config {
+            name: names.event_stream(),
+            description: Some("taskpods task events: the log of record".into()),
+            subjects: vec![names.events_all()],
+            retention: RetentionPolicy::Limits,
+            max_age: config.event_max_age,
+            allow_direct: true,
+            deny_delete: true,
+            ..base.clone()
+        },
+        stream::Config {
+            name: names.log_stream(),
+            description: Some("taskpods task output (stdout/stderr chunks)".into()),
+            subjects: vec![names.logs_all()],
+            retention: RetentionPolicy::Limits,
+            max_age: config.log_max_age,
+            max_bytes: config.log_max_bytes,
+            discard: DiscardPolicy::Old,
+            allow_direct: true,
+            ..base.clone()
+        },
+        stream::Config {
+            name: names.dead_letter_stream(),
+            description: Some(
+                "taskpods commands that could not be decoded, with the reason".into(),
+            ),
+            subjects: vec![names.dead_letters_all()],
+            retention: RetentionPolicy::Limits,
+            max_age: config.dead_letter_max_age,
+            ..base.clone()
+        },
+    ];
+    for bucket in names.buckets() {
+        streams.push(stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            retention: RetentionPolicy::Limits,
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            ..base.clone()
+        });
+    }
+    streams
+}
+
+/// The fields of `existing` that differ from `wanted`, among those the engine relies on.
+pub fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<Difference> {
+    let mut out = Vec::new();
+    let mut check = |field: &'static str, existing: String, wanted: String| {
+        if existing != wanted {
+            out.push(Difference {
+                field,
+                existing,
+                wanted,
+            });
+        }
+    };
+    let mut existing_subjects = existing.subjects.clone();
+    let mut wanted_subjects = wanted.subjects.clone();
+    existing_subjects.sort();
+    wanted_subjects.sort();
+    check(
+        "subjects",
+        format!("{existing_subjects:?}"),
+        format!("{wanted_subjects:?}"),
+    );
+    check(
+        "retention",
+        format!("{:?}", existing.retention),
+        format!("{:?}", wanted.retention),
+    );
+    check(
+        "storage",
+        format!("{:?}", existing.storage),
+        format!("{:?}", wanted.storage),
+    );
+    check(
+        "replicas",
+        existing.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    check(
+        "max_age",
+        format!("{:?}", existing.max_age),
+        format!("{:?}", wanted.max_age),
+    );
+    check(
+        "max_bytes",
+        limit(existing.max_bytes),
+        limit(wanted.max_bytes),
+    );
+    check(
+        "max_messages_per_subject",
+        limit(existing.max_messages_per_subject),
+        limit(wanted.max_messages_per_subject),
+    );
+    check(
+        "discard",
+        format!("{:?}", existing.discard),
+        format!("{:?}", wanted.discard),
+    );
+    check(
+        "allow_rollup",
+        existing.allow_rollup.to_string(),
+        wanted.allow_rollup.to_string(),
+    );
+    check(
+        "deny_delete",
+        existing.deny_delete.to_string(),
+        wanted.deny_delete.to_string(),
+    );
+    check(
+        "allow_direct",
+        existing.allow_direct.to_string(),
+        wanted.allow_direct.to_string(),
+    );
+    check(
+        "duplicate_window",
+        format!("{:?}", existing.duplicate_window),
+        format!("{:?}", wanted.duplicate_window),
+    );
+    check(
+        "max_message_size",
+        limit(existing.max_message_size.into()),
+        limit(wanted.max_message_size.into()),
+    );
+    out
+}
+
+/// Servers store "no limit" as -1 whether it was sent as 0 or -1.
+fn limit(value: i64) -> String {
+    if value <= 0 {
+        "unlimited".to_owned()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Creates the streams and buckets that are missing and checks those that exist. Idempotent; safe to run
+/// from several engines at once.
+pub async fn ensure(
+    js: &jetstream::Context,
+    config: &TopologyConfig,
+) -> Result<Topology, TopologyError> {
+    let mut streams = Vec::new();
+    for wanted in wanted_streams(config) {
+        streams.push(ensure_stream(js, wanted).await?);
+    }
+    let open = |bucket: String| async move {
+        js.get_key_value(bucket.clone())
+            .await
+            .map_err(|e| TopologyError::JetStream {
+                operation: "open bucket",
+                name: bucket,
+                source: e.into(),
+            })
+    };
+    let [tasks, history, active, finished] = config.names.buckets();
+    let mut streams = streams.into_iter();
+    let mut next = || streams.next().expect("one stream per wanted config");
+    Ok(Topology {
+        names: config.names.clone(),
+        commands: next(),
+        events: next(),
+        logs: next(),
+        dead_letters: next(),
+        tasks: open(tasks).await?,
+        history: open(history).await?,
+        active: open(active).await?,
+        finished: open(finished).await?,
+    })
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+) -> Result<stream::Stream, TopologyError> {
+    let name = wanted.name.clone();
+    // Two engines may race to create; the loser finds the winner's stream on the second look.
+    for _ in 0..2 {
+        match js.get_stream(&name).await {
+            Ok(mut stream) => {
+                let existing = stream
+                    .info()
+                    .await
+                    .map_err(|e| TopologyError::JetStream {
+                        operation: "get stream",
+                        name: name.clone(),
+                        source: e.into(),
+                    })?
+                    .config
+                    .clone();
+                let differences = differences(&existing, &wanted);
+                if differences.is_empty() {
+                    return Ok(stream);
+                }
+                return Err(TopologyError::Conflict {
+                    stream: name,
+                    differences,
+                });
+            }
+            Err(e) if is_not_found(&e) => match js.create_stream(wanted.clone()).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if is_already_in_use(&e) => continue,
+                Err(e) => {
+                    return Err(TopologyError::JetStream {
+                        operation: "create stream",
+                        name,
+                        source: e.into(),
+                    });
+                }
+            },
+            Err(e) => {
+                return Err(TopologyError::JetStream {
+                    operation: "get stream",
+                    name,
+                    source: e.into(),
+                });
+            }
+        }
+    }
+    Err(TopologyError::JetStream {
+        operation: "create stream",
+        name,
+        source: "created concurrently but could not be read back".into(),
+    })
+}
+
+fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+fn is_already_in_use(error: &jetstream::context::CreateStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+    )
+}

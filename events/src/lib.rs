@@ -1,0 +1,26 @@
+//! The taskpods vocabulary, with no I/O: what callers and agents ask (commands), what happened (events),
+//! how both travel (codec, subjects), and the lifecycle rules (the state machine).
+//!
+//! - [`ids`]: task ids, idempotency keys → ids, deterministic event ids and Job names.
+//! - [`command`]: `LaunchTask`, `CancelTask`, agent reports, and launch validation against a policy.
+//! - [`event`]: the versioned envelope and event kinds, failure reason codes.
+//! - [`machine`]: `decide` (input → events or refusal) and `evolve` (event → task).
+//! - [`codec`]: msgpack/JSON encoding with field-path errors; header names.
+//! - [`subject`]: every subject, stream and bucket name, built and parsed in one place.
+
+pub mod codec;
+pub mod command;
+pub mod event;
+pub mod ids;
+pub mod machine;
+pub mod subject;
+
+pub use codec::{CodecError, Encoding};
+pub use command::{
+    AgentReport, CancelTask, LaunchPolicy, LaunchTask, Mode, Problem, ResourceRequest, Resources,
+    TaskOutcome, TaskSpec,
+};
+pub use event::{Event, EventBody, FailureReason};
+pub use ids::TaskId;
+pub use machine::{Input, Refusal, Task, TaskState, decide, evolve, stamp};
+pub use subject::{Addressed, Names, SubjectError};

@@ -1,0 +1,320 @@
+//! Spawning `nats-server` for tests. Each server gets its own temporary directory holding its config,
+//! JetStream store, ports file and log; the client port is chosen by the server (`-1`) on first start and
+//! kept across restarts, so clients reconnect to the same URL.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a server may take to open its ports.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long JetStream may take to become available (cluster leader election included).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `nats-server` binary tests run: `$NATS_SERVER_BIN`, else `nats-server` from `PATH`.
+pub fn nats_server_bin() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+/// The version the binary reports (e.g. `2.9.10`), for test output and version-dependent checks.
+pub fn nats_server_version() -> String {
+    let out = Command::new(nats_server_bin())
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {:?} ({e}); run scripts/install-deps or set NATS_SERVER_BIN",
+                nats_server_bin()
+            )
+        });
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .trim_start_matches("nats-server: ")
+        .trim_start_matches('v')
+        .to_owned()
+}
+
+/// One `nats-server` with JetStream, on loopback.
+#[derive(Debug)]
+pub struct NatsServer {
+    dir: TempDir,
+    name: String,
+    child: Option<Child>,
+    port: Option<u16>,
+    cluster: Option<ClusterRole>,
+}
+
+#[derive(Debug, Clone)]
+struct ClusterRole {
+    name: String,
+    listen_port: u16,
+    routes: Vec<u16>,
+}
+
+impl NatsServer {
+    /// Starts a standalone server and waits until it accepts clients.
+    pub fn start() -> Self {
+        Self::spawn("n1".to_owned(), None)
+    }
+
+    fn spawn(name: String, cluster: Option<ClusterRole>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("taskpods-nats-")
+            .tempdir()
+            .expect("temporary directory for nats-server");
+        let mut server = Self {
+            dir,
+            name,
+            child: None,
+            port: None,
+            cluster,
+        };
+        server.launch();
+        server
+    }
+
+    /// The client URL (`nats://127.0.0.1:<port>`).
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port())
+    }
+
+    /// The server's name (`n1` standalone, `n1`..`n3` in a cluster).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port.expect("server was started")
+    }
+
+    /// The server's log file, for debugging a failing test.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Connects a client.
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    /// Waits until JetStream answers (leader elected, store ready), with a bounded wait. Asks the raw
+    /// `$JS.API.INFO` endpoint because the client's account query cannot parse 2.9's reply.
+    pub async fn wait_for_jetstream(&self) {
+        let client = self.connect().await;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let last = match client.request("$JS.API.INFO", "".into()).await {
+                Ok(reply) => {
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&reply.payload).unwrap_or_default();
+                    if body.get("error").is_none() && body.get("type").is_some() {
+                        return;
+                    }
+                    body.to_string()
+                }
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                panic!(
+                    "JetStream on {} not ready after {READY_TIMEOUT:?}: {last}\n{}",
+                    self.url(),
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the server abruptly (SIGKILL), as a crash would; the store stays for [`Self::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    fn config(&self) -> String {
+        let store = self.dir.path().join("jetstream");
+        let mut config = format!(
+            "server_name: {name}\n\
+             listen: \"127.0.0.1:{port}\"\n\
+             http: \"127.0.0.1:-1\"\n\
+             ports_file_dir: {ports:?}\n\
+             jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 268435456\n  max_file_store: 4294967296\n}}\n",
+            name = self.name,
+            port = self.port.map_or("-1".to_owned(), |p| p.to_string()),
+            ports = self.ports_dir(),
+            store = store,
+        );
+        if let Some(cluster) = &self.cluster {
+            let routes: Vec<String> = cluster
+                .routes
+                .iter()
+                .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            config.push_str(&format!(
+                "cluster {{\n  name: {}\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                cluster.name,
+                cluster.listen_port,
+                routes.join(", ")
+            ));
+        }
+        config
+    }
+
+    fn ports_dir(&self) -> PathBuf {
+        self.dir.path().join("ports")
+    }
+
+    fn launch(&mut self) {
+        let ports_dir = self.ports_dir();
+        let _ = fs::remove_dir_all(&ports_dir);
+        fs::create_dir_all(&ports_dir).expect("ports dir");
+        let config_path = self.dir.path().join("server.conf");
+        fs::write(&config_path, self.config()).expect("write nats-server config");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("server log");
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {:?} ({e}); run scripts/install-deps or set NATS_SERVER_BIN",
+                    nats_server_bin()
+                )
+            });
+        self.child = Some(child);
+        let port = self.wait_for_ports(&ports_dir);
+        self.port = Some(port);
+    }
+
+    fn wait_for_ports(&mut self, ports_dir: &Path) -> u16 {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(port) = read_client_port(ports_dir) {
+                return port;
+            }
+            if !self.is_running() {
+                panic!("nats-server exited during start:\n{}", self.log_tail(30));
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "nats-server did not open its ports within {START_TIMEOUT:?}:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn read_client_port(ports_dir: &Path) -> Option<u16> {
+    let entry = fs::read_dir(ports_dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|ext| ext == "ports"))?;
+    let text = fs::read_to_string(entry.path()).ok()?;
+    let ports: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = ports.get("nats")?.as_array()?.first()?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three routed servers with clustered JetStream.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The servers, `n1`..`n3`.
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three servers routed to each other and waits for JetStream to elect a leader.
+    pub async fn start() -> Self {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster_name = format!("taskpods-test-{}", std::process::id());
+        let servers = (0..3)
+            .map(|i| {
+                NatsServer::spawn(
+                    format!("n{}", i + 1),
+                    Some(ClusterRole {
+                        name: cluster_name.clone(),
+                        listen_port: cluster_ports[i],
+                        routes: cluster_ports.clone(),
+                    }),
+                )
+            })
+            .collect();
+        let cluster = Self { servers };
+        for server in &cluster.servers {
+            server.wait_for_jetstream().await;
+        }
+        cluster
+    }
+
+    /// A client URL list naming every server, so the client fails over.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// Connects a client that knows every server.
+    pub async fn connect(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .urls()
+            .iter()
+            .map(|u| u.parse().expect("valid url"))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(addrs)
+            .await
+            .expect("connect to cluster")
+    }
+}
+
+/// A currently free loopback port. A small race with other processes is possible, which is acceptable for
+/// cluster ports in tests (the client port is always chosen by the server itself).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
