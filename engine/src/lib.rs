@@ -2,10 +2,12 @@
 //!
 //! - [`config`]: the engine's configuration, with embedded defaults.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
+//! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
 //! - [`server`]: `run(config, shutdown)`, the entry point that wires the loops together.
 //!
 //! The `taskpods` binary (`src/main.rs`) is a thin CLI over these.
 
 pub mod config;
 pub mod server;
+pub mod store;
 pub mod topology;

@@ -730,3 +730,41 @@ mod tests {
         assert_eq!(parse_memory_bytes("99999999999999Ti"), None);
     }
 }
+
+/// The engine's answer to an agent's hello: everything the agent needs to run its task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum HelloReply {
+    /// Run this.
+    Run(Instructions),
+    /// Not yet (the engine has not recorded the Job); ask again after `retry_after_ms`.
+    Wait {
+        /// How long to wait before asking again.
+        retry_after_ms: u64,
+    },
+    /// Do not run: the task has ended or is being cancelled.
+    Stop {
+        /// Why, for the agent's log.
+        reason: String,
+    },
+}
+
+/// What the agent runs, and how it reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instructions {
+    /// The task.
+    pub task_id: TaskId,
+    /// Script or agent mode.
+    pub mode: Mode,
+    /// The script (mode `script`) or goal (mode `agent`).
+    pub instructions: String,
+    /// Environment for the user's code.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// When the engine times the task out; the agent stops the code a little before.
+    pub deadline: chrono::DateTime<chrono::Utc>,
+    /// How often to send heartbeats, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// The most output (stdout and stderr together) the agent streams before a truncation marker.
+    pub output_cap_bytes: u64,
+}

@@ -17,8 +17,8 @@ pub mod subject;
 
 pub use codec::{CodecError, Encoding};
 pub use command::{
-    AgentReport, CancelTask, LaunchPolicy, LaunchTask, Mode, Problem, ResourceRequest, Resources,
-    TaskOutcome, TaskSpec,
+    AgentReport, CancelTask, HelloReply, Instructions, LaunchPolicy, LaunchTask, Mode, Problem,
+    ResourceRequest, Resources, TaskOutcome, TaskSpec,
 };
 pub use event::{Event, EventBody, FailureReason};
 pub use ids::TaskId;

@@ -1,0 +1,285 @@
+//! The event store: a task's events live on its own subject of the event stream. Appends carry the
+//! expected last sequence of that subject (optimistic concurrency) and a deterministic `Nats-Msg-Id`
+//! (task, position, kind), so concurrent writers cannot interleave and a retry after a crash is a no-op.
+//!
+//! [`EventStore::execute`] is the one way the engine changes a task: load, `decide`, append, and on a
+//! conflict reload and decide again.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{
+    self,
+    context::PublishErrorKind,
+    stream::{DirectGetErrorKind, Stream},
+};
+use chrono::{DateTime, Utc};
+use taskpods_events::codec::{
+    self, HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_KIND, HEADER_MSG_ID,
+    MSGPACK,
+};
+use taskpods_events::{Event, Input, Names, Refusal, Task, TaskId, decide, evolve, stamp};
+
+/// How many times `execute` reloads and decides again after losing a race.
+const CONFLICT_RETRIES: usize = 8;
+
+/// What went wrong with a store operation, for callers that branch on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// Another writer appended to the task first; reload and decide again.
+    Conflict,
+    /// The server did not answer in time or the connection broke; retry later (nothing is lost: the
+    /// command stays unacked).
+    Unavailable,
+    /// A stored event could not be decoded (written by a broken client, or corrupted).
+    Corrupt,
+    /// The event is larger than the stream accepts.
+    TooLarge,
+    /// Anything else the server refused.
+    Other,
+}
+
+/// A store failure with its kind.
+#[derive(Debug, thiserror::Error)]
+#[error("event store ({kind:?}): {message}")]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: String,
+}
+
+impl StoreError {
+    fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+/// Why `execute` appended nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    /// The state machine refused the input; `task` is the state it judged.
+    #[error("refused: {refusal}")]
+    Refused {
+        /// Why.
+        refusal: Refusal,
+        /// The task as it stood.
+        task: Box<LoadedTask>,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A task folded from the stream, with the stream sequence of its last event (0: no events).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadedTask {
+    /// The folded task.
+    pub task: Task,
+    /// Stream sequence of the task's last event; the expected sequence for the next append.
+    pub last_sequence: u64,
+    /// Stream sequence of the task's first event (0: none).
+    pub first_sequence: u64,
+}
+
+/// An event as stored, with its stream sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// The outcome of a successful `execute`.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    /// The events appended, in order.
+    pub appended: Vec<StoredEvent>,
+    /// The task after them.
+    pub task: LoadedTask,
+}
+
+/// Reads and appends task events.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    js: jetstream::Context,
+    stream: Stream,
+    names: Names,
+}
+
+impl EventStore {
+    /// A store over the event stream `stream` (from the topology).
+    pub fn new(js: jetstream::Context, stream: Stream, names: Names) -> Self {
+        Self { js, stream, names }
+    }
+
+    /// The subject names in use.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Every event of `task`, in order, with stream sequences.
+    pub async fn read(&self, task: TaskId) -> Result<Vec<StoredEvent>, StoreError> {
+        let subject = self.names.events(task);
+        let mut events = Vec::new();
+        let mut next = 1;
+        loop {
+            match self
+                .stream
+                .direct_get_next_for_subject(subject.clone(), Some(next))
+                .await
+            {
+                Ok(message) => {
+                    let event = codec::decode_event(&message.payload).map_err(|e| {
+                        StoreError::new(
+                            StoreErrorKind::Corrupt,
+                            format!("event at sequence {}: {e}", message.sequence),
+                        )
+                    })?;
+                    next = message.sequence + 1;
+                    events.push(StoredEvent {
+                        sequence: message.sequence,
+                        event,
+                    });
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(events),
+                Err(e) => return Err(unavailable_or_other(e.kind(), e.to_string())),
+            }
+        }
+    }
+
+    /// The task folded from all its events.
+    pub async fn load(&self, task: TaskId) -> Result<LoadedTask, StoreError> {
+        let events = self.read(task).await?;
+        Ok(LoadedTask {
+            first_sequence: events.first().map_or(0, |e| e.sequence),
+            last_sequence: events.last().map_or(0, |e| e.sequence),
+            task: Task::replay(events.iter().map(|e| &e.event)),
+        })
+    }
+
+    /// Appends `events` (positions following `expected.task.events`) after `expected.last_sequence`.
+    /// A retry of the same append (same positions and kinds) is dropped by the server as a duplicate and
+    /// answers with the original sequence.
+    pub async fn append(
+        &self,
+        expected: &LoadedTask,
+        events: &[Event],
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut last = expected.last_sequence;
+        let mut stored = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let position = expected.task.events + i as u64;
+            let payload = codec::encode_event(event)
+                .map_err(|e| StoreError::new(StoreErrorKind::Other, e.to_string()))?;
+            let mut headers = HeaderMap::new();
+            headers.insert(HEADER_MSG_ID, event.msg_id(position).as_str());
+            headers.insert(HEADER_CONTENT_TYPE, MSGPACK);
+            headers.insert(HEADER_KIND, event.body.kind());
+            headers.insert(
+                HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                last.to_string().as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(self.names.events(event.task), headers, payload.into())
+                .await
+                .map_err(|e| publish_error(e.kind(), e.to_string()))?
+                .await
+                .map_err(|e| publish_error(e.kind(), e.to_string()))?;
+            last = ack.sequence;
+            stored.push(StoredEvent {
+                sequence: ack.sequence,
+                event: event.clone(),
+            });
+        }
+        Ok(stored)
+    }
+
+    /// Loads the task, decides `input`, appends the result; on a lost race, reloads and decides again.
+    /// `cached` skips the first load when the caller holds a recent view (a stale one only costs a
+    /// conflict and a reload).
+    pub async fn execute(
+        &self,
+        task_id: TaskId,
+        input: &Input,
+        at: DateTime<Utc>,
+        cached: Option<LoadedTask>,
+    ) -> Result<Executed, ExecuteError> {
+        let mut current = match cached {
+            Some(c) => c,
+            None => self.load(task_id).await?,
+        };
+        for attempt in 0..=CONFLICT_RETRIES {
+            let bodies = match decide(&current.task, input) {
+                Ok(bodies) => bodies,
+                Err(refusal) => {
+                    return Err(ExecuteError::Refused {
+                        refusal,
+                        task: Box::new(current),
+                    });
+                }
+            };
+            let events = stamp(task_id, &current.task, at, bodies);
+            match self.append(&current, &events).await {
+                Ok(appended) => {
+                    let mut task = current.task;
+                    for e in &appended {
+                        task = evolve(task, &e.event);
+                    }
+                    let last_sequence = appended
+                        .last()
+                        .map_or(current.last_sequence, |e| e.sequence);
+                    let first_sequence = if current.first_sequence == 0 {
+                        appended.first().map_or(0, |e| e.sequence)
+                    } else {
+                        current.first_sequence
+                    };
+                    return Ok(Executed {
+                        appended,
+                        task: LoadedTask {
+                            task,
+                            last_sequence,
+                            first_sequence,
+                        },
+                    });
+                }
+                Err(e) if e.kind() == StoreErrorKind::Conflict && attempt < CONFLICT_RETRIES => {
+                    // Someone else moved the task on; judge the input again against the new state.
+                    tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
+                    current = self.load(task_id).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::new(StoreErrorKind::Conflict, "too many concurrent writers").into())
+    }
+}
+
+fn publish_error(kind: PublishErrorKind, message: String) -> StoreError {
+    let kind = match kind {
+        PublishErrorKind::WrongLastSequence => StoreErrorKind::Conflict,
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::MaxAckPending
+        | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
+        PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
+        _ => StoreErrorKind::Other,
+    };
+    StoreError::new(kind, message)
+}
+
+fn unavailable_or_other(kind: DirectGetErrorKind, message: String) -> StoreError {
+    let kind = match kind {
+        DirectGetErrorKind::TimedOut | DirectGetErrorKind::Request => StoreErrorKind::Unavailable,
+        _ => StoreErrorKind::Other,
+    };
+    StoreError::new(kind, message)
+}
