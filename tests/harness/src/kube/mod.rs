@@ -1,0 +1,113 @@
+//! A real Kubernetes control plane for tests, plus a node simulator that plays the kubelet.
+//!
+//! Layout:
+//! - [`binaries`]: where the pinned `etcd`, `kube-apiserver` and `kube-controller-manager` live (built
+//!   once by `tests/kube-env/build.sh` from the Go modules pinned in `tests/kube-env/go.mod`).
+//! - [`pki`]: the CA, serving and client certificates and the service-account signing key, made with the
+//!   `openssl` command line tool into the control plane's temporary directory.
+//! - [`process`]: child processes with log files, killed on drop, plus a janitor that cleans up after a
+//!   test binary that exits without running destructors (the shared instance lives in a `static`).
+//! - [`control_plane`]: [`ControlPlane`] starts etcd, the API server (RBAC, PodSecurity admission) and the
+//!   controller manager on loopback ports, waits until they serve, writes a kubeconfig and hands out
+//!   clients; [`ControlPlane::shared`] gives one instance to a whole test binary.
+//! - [`node`]: [`NodeSimulator`] registers a Ready node, binds pending pods to it and runs each pod's
+//!   containers as local processes, reporting their status the way a kubelet would, so the real Job
+//!   controller computes Job status from it. Faults (OOM kill, image pull failure, eviction) on request.
+//!
+//! Nothing here imitates the API server: every request goes to the real one built from upstream source.
+
+pub mod binaries;
+pub mod control_plane;
+pub mod node;
+pub mod pki;
+pub mod process;
+
+// Re-exported so test crates use exactly the client versions the harness was built with, without
+// depending on them (and compiling them) when the `kube` feature is off.
+pub use ::kube;
+pub use k8s_openapi;
+
+pub use binaries::KubeBinaries;
+pub use control_plane::ControlPlane;
+pub use node::{FAULT_ANNOTATION, Fault, NodeSimulator};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while bringing up or driving the test cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The control plane binaries are not in the cache; `tests/kube-env/build.sh` builds them.
+    #[error(
+        "Kubernetes binaries not found in {dir}: run tests/kube-env/build.sh first ({missing} is missing)"
+    )]
+    BinariesMissing {
+        /// Directory that was searched.
+        dir: PathBuf,
+        /// The first binary that was not there.
+        missing: String,
+    },
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the harness was doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An `openssl` invocation exited unsuccessfully.
+    #[error("openssl {args} failed: {stderr}")]
+    Openssl {
+        /// The arguments it was called with.
+        args: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// A control plane component exited while the harness was waiting for it.
+    #[error("{component} exited early ({status}); last log lines:\n{log_tail}")]
+    ComponentExited {
+        /// Which component.
+        component: String,
+        /// Its exit status.
+        status: String,
+        /// The end of its log file, which usually names the cause.
+        log_tail: String,
+    },
+    /// A bounded wait ran out.
+    #[error("timed out after {seconds}s waiting for {what}{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long the harness waited.
+        seconds: u64,
+        /// The last error or log lines seen, if any.
+        detail: Option<String>,
+    },
+    /// The kubeconfig the harness wrote could not be turned into a client configuration.
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    /// A request to the API server failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A pod's spec asks for something the simulator cannot run (e.g. no command and no image mapping).
+    #[error("pod {pod}: {reason}")]
+    Unrunnable {
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// Why it cannot be run.
+        reason: String,
+    },
+    /// The shared control plane failed to start earlier in this test binary.
+    #[error("shared control plane failed to start: {0}")]
+    Shared(String),
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}

@@ -1,0 +1,648 @@
+//! Proves the Kubernetes test environment is the real thing: Pod Security admission, the Job
+//! controller's status, deadlines and TTL, the garbage collector, RBAC on ServiceAccount tokens, and the
+//! node simulator's kubelet behaviour (exit codes, faults, deletion).
+//!
+//! Layout: one control plane for the whole binary ([`ControlPlane::shared`]); each test makes its own
+//! namespace and its own node simulator restricted to that namespace, so tests run in parallel without
+//! seeing each other's pods. Every wait is bounded and reports the last observed state on timeout.
+//!
+//! Needs the binaries built by `tests/kube-env/build.sh`; without them every test fails with a message
+//! naming the script (never skipped).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use taskpods_harness::kube::{
+    ControlPlane, FAULT_ANNOTATION, Fault, NodeSimulator, k8s_openapi, kube,
+};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A namespace with its own simulated node.
+struct TestNs {
+    cp: &'static ControlPlane,
+    client: Client,
+    ns: String,
+    sim: NodeSimulator,
+}
+
+impl TestNs {
+    async fn new(name: &str, restricted: bool) -> Self {
+        let cp = ControlPlane::shared()
+            .expect("control plane starts (run tests/kube-env/build.sh first)");
+        let client = cp.client().await.expect("admin client");
+        let mut labels = BTreeMap::new();
+        if restricted {
+            labels.insert(
+                "pod-security.kubernetes.io/enforce".to_string(),
+                "restricted".to_string(),
+            );
+        }
+        let ns: Namespace = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels}
+        }))
+        .expect("namespace object");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        // Pods are refused until the serviceaccount controller has made the namespace's `default` SA.
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+        wait_for("default ServiceAccount", || async {
+            sas.get_opt("default").await.ok().flatten()
+        })
+        .await;
+        let sim = NodeSimulator::builder(client.clone())
+            .node_name(format!("sim-{name}"))
+            .namespace(name)
+            .api_server(cp.server_url())
+            .start()
+            .await
+            .expect("node simulator starts");
+        TestNs {
+            cp,
+            client,
+            ns: name.to_string(),
+            sim,
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+}
+
+/// Polls `probe` every 200 ms until it yields a value; panics after [`WAIT`].
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A pod spec that satisfies Pod Security `restricted`, the posture task pods use.
+fn restricted_spec(command: &str, extra_env: serde_json::Value) -> serde_json::Value {
+    json!({
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": false,
+        "securityContext": {
+            "runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"}
+        },
+        "containers": [{
+            "name": "main",
+            "image": "registry.invalid/taskpods/busybox:1",
+            "command": ["sh", "-c", command],
+            "env": extra_env,
+            "securityContext": {
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"]}
+            },
+            "resources": {
+                "requests": {"cpu": "50m", "memory": "32Mi"},
+                "limits": {"cpu": "100m", "memory": "64Mi"}
+            }
+        }]
+    })
+}
+
+fn pod(name: &str, spec: serde_json::Value, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "annotations": annotations}, "spec": spec}),
+    )
+    .expect("pod")
+}
+
+fn job(name: &str, spec: serde_json::Value, job_fields: serde_json::Value) -> Job {
+    let mut job_spec = json!({"backoffLimit": 0, "template": {"metadata": {"labels": {"app": name}}, "spec": spec}});
+    if let (Some(target), Some(extra)) = (job_spec.as_object_mut(), job_fields.as_object()) {
+        target.extend(extra.clone());
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": job_spec})).expect("job")
+}
+
+/// The Job's condition of the given type, if it is `True`: `(reason, message)`.
+fn condition(job: &Job, kind: &str) -> Option<(String, String)> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind && c.status == "True")
+        .map(|c| {
+            (
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+            )
+        })
+}
+
+async fn pods_of_job(t: &TestNs, job: &str) -> Vec<Pod> {
+    t.pods()
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await
+        .expect("list pods")
+        .items
+}
+
+fn terminated(pod: &Pod) -> Option<(i32, String)> {
+    let state = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?;
+    let t = state.terminated.as_ref()?;
+    Some((t.exit_code, t.reason.clone().unwrap_or_default()))
+}
+
+fn phase(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn api_server_reports_the_pinned_kubernetes_version() {
+    let t = TestNs::new("version", false).await;
+    assert_eq!(t.cp.version(), ControlPlane::pinned_version());
+    assert!(
+        t.cp.version().starts_with("v1.37."),
+        "k8s-openapi is built for v1_37, got {}",
+        t.cp.version()
+    );
+}
+
+#[tokio::test]
+async fn restricted_namespace_rejects_noncompliant_pod_and_admits_compliant_one() {
+    let t = TestNs::new("psa", true).await;
+    // No securityContext at all: runs as root, may escalate, keeps capabilities.
+    let bad = pod(
+        "root-pod",
+        json!({"restartPolicy": "Never", "containers": [
+            {"name": "main", "image": "registry.invalid/busybox:1", "command": ["true"]}]}),
+        json!({}),
+    );
+    let err = t
+        .pods()
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("non-compliant pod must be refused");
+    match err {
+        kube::Error::Api(status) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(
+                status
+                    .message
+                    .contains("violates PodSecurity \"restricted:latest\""),
+                "{}",
+                status.message
+            );
+            assert!(
+                status.message.contains("runAsNonRoot"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("expected an API refusal, got {other}"),
+    }
+
+    let good = pod(
+        "compliant",
+        restricted_spec("echo admitted", json!([])),
+        json!({}),
+    );
+    t.pods()
+        .create(&PostParams::default(), &good)
+        .await
+        .expect("compliant pod is admitted");
+    let done = wait_for("compliant pod to succeed", || async {
+        t.pods()
+            .get("compliant")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Succeeded")
+    })
+    .await;
+    assert_eq!(terminated(&done), Some((0, "Completed".to_string())));
+    assert_eq!(
+        t.sim.logs("psa", "compliant", "main").as_deref(),
+        Some("admitted\n")
+    );
+}
+
+#[tokio::test]
+async fn job_controller_completes_job_when_simulated_pod_succeeds() {
+    let t = TestNs::new("job-ok", true).await;
+    let env = json!([
+        {"name": "GREETING", "value": "hello"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MESSAGE", "value": "$(GREETING) from $(POD_NAME)"}
+    ]);
+    let j = job("ok", restricted_spec("echo \"$MESSAGE\"", env), json!({}));
+    t.jobs()
+        .create(&PostParams::default(), &j)
+        .await
+        .expect("create job");
+
+    let done = wait_for("Job Complete", || async {
+        t.jobs()
+            .get("ok")
+            .await
+            .ok()
+            .filter(|j| condition(j, "Complete").is_some())
+    })
+    .await;
+    let status = done.status.expect("job status");
+    assert_eq!(status.succeeded, Some(1));
+    assert_eq!(status.failed.unwrap_or(0), 0);
+    assert!(status.completion_time.is_some());
+
+    let pods = pods_of_job(&t, "ok").await;
+    assert_eq!(
+        pods.len(),
+        1,
+        "exactly one pod for a Job with completions=1"
+    );
+    let p = &pods[0];
+    assert_eq!(phase(p), "Succeeded");
+    assert_eq!(
+        p.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+        Some(t.sim.node_name())
+    );
+    let name = p.metadata.name.clone().expect("pod name");
+    assert_eq!(
+        t.sim.logs("job-ok", &name, "main"),
+        Some(format!("hello from {name}\n"))
+    );
+}
+
+#[tokio::test]
+async fn failing_container_fails_job_with_its_exit_code() {
+    let t = TestNs::new("job-fail", true).await;
+    t.jobs()
+        .create(
+            &PostParams::default(),
+            &job("bad", restricted_spec("exit 3", json!([])), json!({})),
+        )
+        .await
+        .expect("create job");
+    let failed = wait_for("Job Failed", || async {
+        t.jobs()
+            .get("bad")
+            .await
+            .ok()
+            .and_then(|j| condition(&j, "Failed"))
+    })
+    .await;
+    assert_eq!(failed.0, "BackoffLimitExceeded");
+    let pods = pods_of_job(&t, "bad").await;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(phase(&pods[0]), "Failed");
+    assert_eq!(terminated(&pods[0]), Some((3, "Error".to_string())));
+}
+
+#[tokio::test]
+async fn active_deadline_fails_job_with_deadline_exceeded_and_stops_its_pod() {
+    let t = TestNs::new("job-deadline", true).await;
+    let j = job(
+        "slow",
+        restricted_spec("sleep 300", json!([])),
+        json!({"activeDeadlineSeconds": 3}),
+    );
+    t.jobs()
+        .create(&PostParams::default(), &j)
+        .await
+        .expect("create job");
+    wait_for("pod running", || async {
+        pods_of_job(&t, "slow")
+            .await
+            .into_iter()
+            .find(|p| phase(p) == "Running")
+    })
+    .await;
+    let (reason, _) = wait_for("Job Failed", || async {
+        t.jobs()
+            .get("slow")
+            .await
+            .ok()
+            .and_then(|j| condition(&j, "Failed"))
+    })
+    .await;
+    assert_eq!(reason, "DeadlineExceeded");
+    // The Job controller deletes the still-running pod; the simulator must stop the process and let it go.
+    wait_for("pod deleted", || async {
+        pods_of_job(&t, "slow").await.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        t.sim.running().is_empty(),
+        "processes still running: {:?}",
+        t.sim.running()
+    );
+}
+
+#[tokio::test]
+async fn ttl_after_finished_deletes_job_and_garbage_collector_its_pods() {
+    let t = TestNs::new("job-ttl", true).await;
+    let j = job(
+        "short-lived",
+        restricted_spec("true", json!([])),
+        json!({"ttlSecondsAfterFinished": 1}),
+    );
+    let created = t
+        .jobs()
+        .create(&PostParams::default(), &j)
+        .await
+        .expect("create job");
+    let uid = created.metadata.uid.expect("uid");
+    // Observe it finished first, so the deletion is the TTL controller's doing, not a failed creation.
+    wait_for("Job Complete", || async {
+        match t.jobs().get_opt("short-lived").await {
+            Ok(Some(j)) if condition(&j, "Complete").is_some() => Some(()),
+            // Already deleted by the TTL controller between two polls: it had to complete first.
+            Ok(None) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    wait_for("Job deleted by TTL", || async {
+        match t.jobs().get_opt("short-lived").await {
+            Ok(None) => Some(()),
+            Ok(Some(j)) if j.metadata.uid.as_deref() != Some(&uid) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    wait_for("pods garbage-collected", || async {
+        pods_of_job(&t, "short-lived")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn service_account_token_is_refused_verbs_its_role_lacks() {
+    let t = TestNs::new("rbac", false).await;
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "reader"}})).expect("sa");
+    Api::<ServiceAccount>::namespaced(t.client.clone(), "rbac")
+        .create(&PostParams::default(), &sa)
+        .await
+        .expect("create sa");
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "pod-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    }))
+    .expect("role");
+    Api::<Role>::namespaced(t.client.clone(), "rbac")
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("create role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "reader-reads-pods"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "rbac"}]
+    }))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(t.client.clone(), "rbac")
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
+
+    let request =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 600}}))
+            .expect("token request");
+    let token = Api::<ServiceAccount>::namespaced(t.client.clone(), "rbac")
+        .create_token_request("reader", &PostParams::default(), &request)
+        .await
+        .expect("token request")
+        .status
+        .expect("token status")
+        .token
+        .expect("token issued");
+    let reader = t.cp.client_with_token(&token).await.expect("token client");
+
+    // The granted verb works: the token authenticates (so a later 403 is authorization, not a bad token).
+    Api::<Pod>::namespaced(reader.clone(), "rbac")
+        .list(&ListParams::default())
+        .await
+        .expect("list pods is allowed");
+
+    let forbidden = |r: &Result<ConfigMap, kube::Error>| match r {
+        Err(kube::Error::Api(s)) => {
+            s.code == 403 && s.message.contains("system:serviceaccount:rbac:reader")
+        }
+        _ => false,
+    };
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "x"}})).expect("cm");
+    let create = Api::<ConfigMap>::namespaced(reader.clone(), "rbac")
+        .create(&PostParams::default(), &cm)
+        .await;
+    assert!(
+        forbidden(&create),
+        "creating a ConfigMap must be forbidden: {create:?}"
+    );
+
+    let p = pod("victim", restricted_spec("sleep 30", json!([])), json!({}));
+    t.pods()
+        .create(&PostParams::default(), &p)
+        .await
+        .expect("admin creates pod");
+    match Api::<Pod>::namespaced(reader.clone(), "rbac")
+        .delete("victim", &DeleteParams::default())
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("deleting a pod must be forbidden, got {other:?}"),
+    }
+    match Api::<Pod>::namespaced(reader, "default")
+        .list(&ListParams::default())
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "{s:?}"),
+        other => panic!("reading another namespace must be forbidden, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn simulator_reports_oom_kill_image_pull_failure_and_eviction() {
+    let t = TestNs::new("faults", true).await;
+    let create = |name: &str, fault: &str| {
+        let annotations = if fault.is_empty() {
+            json!({})
+        } else {
+            json!({ FAULT_ANNOTATION: fault })
+        };
+        pod(name, restricted_spec("sleep 300", json!([])), annotations)
+    };
+    for (name, fault) in [
+        ("oom", "oom-killed"),
+        ("pull", "image-pull"),
+        ("evict", "evicted"),
+        ("on-request", ""),
+    ] {
+        t.pods()
+            .create(&PostParams::default(), &create(name, fault))
+            .await
+            .expect("create pod");
+    }
+
+    let oom = wait_for("OOMKilled", || async {
+        t.pods()
+            .get("oom")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Failed")
+    })
+    .await;
+    assert_eq!(terminated(&oom), Some((137, "OOMKilled".to_string())));
+
+    wait_for("ImagePullBackOff", || async {
+        let p = t.pods().get("pull").await.ok()?;
+        let s = p
+            .status?
+            .container_statuses?
+            .into_iter()
+            .next()?
+            .state?
+            .waiting?;
+        (s.reason.as_deref() == Some("ImagePullBackOff")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        phase(&t.pods().get("pull").await.expect("pull pod")),
+        "Pending"
+    );
+
+    let evicted = wait_for("Evicted", || async {
+        t.pods()
+            .get("evict")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Failed")
+    })
+    .await;
+    assert_eq!(
+        evicted.status.as_ref().and_then(|s| s.reason.as_deref()),
+        Some("Evicted")
+    );
+
+    wait_for("on-request pod running", || async {
+        t.pods()
+            .get("on-request")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Running")
+    })
+    .await;
+    assert!(
+        t.sim.evict("faults", "on-request"),
+        "the simulator runs the pod"
+    );
+    let evicted = wait_for("evicted on request", || async {
+        t.pods()
+            .get("on-request")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Failed")
+    })
+    .await;
+    assert_eq!(
+        evicted.status.as_ref().and_then(|s| s.reason.as_deref()),
+        Some("Evicted")
+    );
+    assert!(!t.sim.running().contains(&"faults/on-request".to_string()));
+}
+
+#[tokio::test]
+async fn injected_fault_by_label_fails_the_job_as_oom() {
+    let t = TestNs::new("inject", true).await;
+    t.sim.inject(
+        BTreeMap::from([("app".to_string(), "hungry".to_string())]),
+        Fault::OomKilled,
+    );
+    t.jobs()
+        .create(
+            &PostParams::default(),
+            &job("hungry", restricted_spec("sleep 300", json!([])), json!({})),
+        )
+        .await
+        .expect("job");
+    let (reason, _) = wait_for("Job Failed", || async {
+        t.jobs()
+            .get("hungry")
+            .await
+            .ok()
+            .and_then(|j| condition(&j, "Failed"))
+    })
+    .await;
+    assert_eq!(reason, "BackoffLimitExceeded");
+    let pods = pods_of_job(&t, "hungry").await;
+    assert_eq!(terminated(&pods[0]), Some((137, "OOMKilled".to_string())));
+}
+
+#[tokio::test]
+async fn deleting_a_running_pod_stops_its_process_and_removes_it() {
+    let t = TestNs::new("delete", false).await;
+    let p = pod(
+        "sleeper",
+        restricted_spec("sleep 300", json!([])),
+        json!({}),
+    );
+    t.pods()
+        .create(&PostParams::default(), &p)
+        .await
+        .expect("create pod");
+    wait_for("running", || async {
+        t.pods()
+            .get("sleeper")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Running")
+    })
+    .await;
+    assert_eq!(t.sim.running(), vec!["delete/sleeper".to_string()]);
+    t.pods()
+        .delete("sleeper", &DeleteParams::default().grace_period(2))
+        .await
+        .expect("delete");
+    wait_for("pod gone", || async {
+        t.pods()
+            .get_opt("sleeper")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    assert!(t.sim.running().is_empty(), "{:?}", t.sim.running());
+}
