@@ -1,5 +1,6 @@
 //! The taskpods engine: the service that turns launch commands into supervised, sandboxed task runs.
 //!
+//! - [`cli`]: the operator's commands, one module per group.
 //! - [`config`]: the engine's configuration, with embedded defaults.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
@@ -7,6 +8,7 @@
 //!
 //! The `taskpods` binary (`src/main.rs`) is a thin CLI over these.
 
+pub mod cli;
 pub mod config;
 pub mod server;
 pub mod store;

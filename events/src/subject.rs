@@ -38,6 +38,8 @@ pub enum Addressed {
     AgentReport(TaskId, String),
     /// `<p>.agent.<task>.hello`
     AgentHello(TaskId),
+    /// `<p>.agent.<task>.heartbeat`
+    AgentHeartbeat(TaskId),
     /// `<p>.evt.<task>`
     Events(TaskId),
     /// `<p>.log.<task>`
@@ -106,6 +108,17 @@ impl Names {
     /// Where the agent of `task` asks for its instructions (request/reply).
     pub fn agent_hello(&self, task: TaskId) -> String {
         format!("{}.agent.{task}.hello", self.prefix)
+    }
+
+    /// Where the agent of `task` sends heartbeats (core NATS: a lost heartbeat is harmless, and they
+    /// would only churn the command stream).
+    pub fn agent_heartbeat(&self, task: TaskId) -> String {
+        format!("{}.agent.{task}.heartbeat", self.prefix)
+    }
+
+    /// Every agent heartbeat, for the gateway's subscription.
+    pub fn agent_heartbeat_all(&self) -> String {
+        format!("{}.agent.*.heartbeat", self.prefix)
     }
 
     /// Every agent hello, for the gateway's subscription.
@@ -232,6 +245,7 @@ impl Names {
                 Ok(Addressed::AgentReport(task(t)?, (*kind).to_owned()))
             }
             ["agent", t, "hello"] => Ok(Addressed::AgentHello(task(t)?)),
+            ["agent", t, "heartbeat"] => Ok(Addressed::AgentHeartbeat(task(t)?)),
             ["evt", t] => Ok(Addressed::Events(task(t)?)),
             ["log", t] => Ok(Addressed::Log(task(t)?)),
             _ => Err(foreign()),

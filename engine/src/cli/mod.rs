@@ -1,0 +1,16 @@
+//! The operator's CLI, one module per command group; `main.rs` only parses and dispatches.
+//!
+//! - [`serve`]: run the engine.
+
+pub mod serve;
+
+use taskpods_events::Names;
+
+/// Options every command shares.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// NATS server URLs.
+    pub nats_urls: Vec<String>,
+    /// Subject prefix.
+    pub names: Names,
+}

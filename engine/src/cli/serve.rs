@@ -1,0 +1,60 @@
+//! `taskpods serve`: run the engine until Ctrl-C or SIGTERM.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cli::Global;
+use crate::config::EngineConfig;
+use crate::server;
+use crate::topology::TopologyConfig;
+
+/// Arguments of `taskpods serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Replicas for streams and buckets (3 on a cluster).
+    #[arg(long, env = "TASKPODS_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// Seconds to keep trying to reach NATS at start-up.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout_secs: u64,
+}
+
+/// Runs the engine.
+pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
+    let config = EngineConfig {
+        nats_urls: global.nats_urls,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        topology: TopologyConfig {
+            names: global.names,
+            replicas: args.replicas,
+            ..TopologyConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    match server::run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
