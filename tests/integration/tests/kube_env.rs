@@ -646,3 +646,81 @@ async fn deleting_a_running_pod_stops_its_process_and_removes_it() {
     .await;
     assert!(t.sim.running().is_empty(), "{:?}", t.sim.running());
 }
+
+#[tokio::test]
+async fn mapped_image_runs_local_executable_with_secret_and_config_map_env() {
+    let cp =
+        ControlPlane::shared().expect("control plane starts (run tests/kube-env/build.sh first)");
+    let client = cp.client().await.expect("admin client");
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "agent"}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "agent");
+    wait_for("default ServiceAccount", || async {
+        sas.get_opt("default").await.ok().flatten()
+    })
+    .await;
+    // Task pods name no command: the image's entrypoint is our agent, which the simulator maps to a
+    // local executable (here a shell, so the test can print what the "agent" sees).
+    let sim = NodeSimulator::builder(client.clone())
+        .node_name("sim-agent")
+        .namespace("agent")
+        .api_server(cp.server_url())
+        .image("registry.invalid/taskpods/agent", "/bin/sh")
+        .start()
+        .await
+        .expect("simulator");
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}
+    }))
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "agent")
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "settings"}, "data": {"NATS_URL": "nats://127.0.0.1:4222"}
+    }))
+    .expect("config map");
+    Api::<ConfigMap>::namespaced(client.clone(), "agent")
+        .create(&PostParams::default(), &cm)
+        .await
+        .expect("create config map");
+
+    let spec = json!({
+        "restartPolicy": "Never",
+        "containers": [{
+            "name": "agent",
+            "image": "registry.invalid/taskpods/agent:v1",
+            "args": ["-c", "echo \"$TOKEN $NATS_URL $TASK_ID $KUBERNETES_SERVICE_HOST\""],
+            "envFrom": [{"configMapRef": {"name": "settings"}}],
+            "env": [
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                {"name": "TASK_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['task']"}}}
+            ]
+        }]
+    });
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "task-pod", "labels": {"task": "t-42"}}, "spec": spec
+    }))
+    .expect("pod");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "agent");
+    pods.create(&PostParams::default(), &p)
+        .await
+        .expect("create pod");
+    let done = wait_for("task pod succeeded", || async {
+        pods.get("task-pod")
+            .await
+            .ok()
+            .filter(|p| phase(p) == "Succeeded")
+    })
+    .await;
+    assert_eq!(terminated(&done), Some((0, "Completed".to_string())));
+    assert_eq!(
+        sim.logs("agent", "task-pod", "agent").as_deref(),
+        Some("s3cret nats://127.0.0.1:4222 t-42 127.0.0.1\n")
+    );
+}
