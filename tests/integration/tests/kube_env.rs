@@ -724,3 +724,51 @@ async fn mapped_image_runs_local_executable_with_secret_and_config_map_env() {
         Some("s3cret nats://127.0.0.1:4222 t-42 127.0.0.1\n")
     );
 }
+
+#[tokio::test]
+async fn init_containers_run_first_and_on_failure_restarts_until_success() {
+    let t = TestNs::new("restarts", true).await;
+    // The pod's containers share its work directory ($HOME), like a shared emptyDir volume.
+    let mut spec = restricted_spec(
+        "cat \"$HOME/ready\"; if [ -f \"$HOME/tried\" ]; then exit 0; fi; touch \"$HOME/tried\"; exit 1",
+        json!([]),
+    );
+    let mut init = spec["containers"][0].clone();
+    init["name"] = json!("prepare");
+    init["command"] = json!(["sh", "-c", "echo prepared > \"$HOME/ready\""]);
+    spec["initContainers"] = json!([init]);
+    spec["restartPolicy"] = json!("OnFailure");
+    let j = job("flaky", spec, json!({"backoffLimit": 2}));
+    t.jobs()
+        .create(&PostParams::default(), &j)
+        .await
+        .expect("create job");
+    wait_for("Job Complete", || async {
+        t.jobs()
+            .get("flaky")
+            .await
+            .ok()
+            .filter(|j| condition(j, "Complete").is_some())
+    })
+    .await;
+    let pods = pods_of_job(&t, "flaky").await;
+    assert_eq!(pods.len(), 1, "OnFailure restarts in place, no new pod");
+    let status = pods[0].status.clone().expect("pod status");
+    let main = &status.container_statuses.expect("container statuses")[0];
+    assert_eq!(main.restart_count, 1);
+    let last = main.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+    assert_eq!(last.map(|t| t.exit_code), Some(1));
+    let init = &status.init_container_statuses.expect("init statuses")[0];
+    assert_eq!(
+        init.state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code),
+        Some(0)
+    );
+    let name = pods[0].metadata.name.clone().expect("name");
+    assert_eq!(
+        t.sim.logs("restarts", &name, "main").as_deref(),
+        Some("prepared\nprepared\n")
+    );
+}
