@@ -14,11 +14,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use taskpods_harness::kube::{
-    ControlPlane, FAULT_ANNOTATION, Fault, NodeSimulator, k8s_openapi, kube,
+    ControlPlane, FAULT_ANNOTATION, Fault, NodeSimulator, create_namespace, k8s_openapi, kube,
 };
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
@@ -39,27 +39,14 @@ impl TestNs {
         let cp = ControlPlane::shared()
             .expect("control plane starts (run tests/kube-env/build.sh first)");
         let client = cp.client().await.expect("admin client");
-        let mut labels = BTreeMap::new();
-        if restricted {
-            labels.insert(
-                "pod-security.kubernetes.io/enforce".to_string(),
-                "restricted".to_string(),
-            );
-        }
-        let ns: Namespace = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": labels}
-        }))
-        .expect("namespace object");
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
+        let labels: &[(&str, &str)] = if restricted {
+            &[("pod-security.kubernetes.io/enforce", "restricted")]
+        } else {
+            &[]
+        };
+        create_namespace(&client, name, labels)
             .await
-            .expect("create namespace");
-        // Pods are refused until the serviceaccount controller has made the namespace's `default` SA.
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
-        wait_for("default ServiceAccount", || async {
-            sas.get_opt("default").await.ok().flatten()
-        })
-        .await;
+            .expect("namespace with its default ServiceAccount");
         let sim = NodeSimulator::builder(client.clone())
             .node_name(format!("sim-{name}"))
             .namespace(name)
@@ -652,17 +639,9 @@ async fn mapped_image_runs_local_executable_with_secret_and_config_map_env() {
     let cp =
         ControlPlane::shared().expect("control plane starts (run tests/kube-env/build.sh first)");
     let client = cp.client().await.expect("admin client");
-    let ns: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": "agent"}})).expect("namespace");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
+    create_namespace(&client, "agent", &[])
         .await
-        .expect("create namespace");
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "agent");
-    wait_for("default ServiceAccount", || async {
-        sas.get_opt("default").await.ok().flatten()
-    })
-    .await;
+        .expect("namespace");
     // Task pods name no command: the image's entrypoint is our agent, which the simulator maps to a
     // local executable (here a shell, so the test can print what the "agent" sees).
     let sim = NodeSimulator::builder(client.clone())

@@ -393,3 +393,42 @@ async fn client_from(kubeconfig: &Path) -> Result<Client> {
         .map_err(|e| Error::Kubeconfig(e.to_string()))?;
     Ok(Client::try_from(config)?)
 }
+
+/// Creates a namespace with `labels` (an existing one is kept) and waits, bounded, until its `default`
+/// ServiceAccount exists: until then the ServiceAccount admission plugin refuses every pod in it.
+pub async fn create_namespace(client: &Client, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+    let namespace = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match Api::<Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &namespace)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accounts.get_opt("default").await?.is_none() {
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("the default ServiceAccount in namespace {name}"),
+                seconds: 30,
+                detail: None,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

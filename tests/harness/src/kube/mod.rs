@@ -28,7 +28,7 @@ pub use ::kube;
 pub use k8s_openapi;
 
 pub use binaries::KubeBinaries;
-pub use control_plane::ControlPlane;
+pub use control_plane::{ControlPlane, create_namespace};
 pub use node::{FAULT_ANNOTATION, Fault, NodeSimulator};
 
 use std::path::PathBuf;
