@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::intake::IntakeConfig;
 use crate::topology::TopologyConfig;
 
 /// Everything the engine needs to start.
@@ -14,6 +15,8 @@ pub struct EngineConfig {
     pub connect_timeout: Duration,
     /// Streams, buckets and the subject prefix.
     pub topology: TopologyConfig,
+    /// Command intake: consumer, concurrency, launch policy.
+    pub intake: IntakeConfig,
 }
 
 impl Default for EngineConfig {
@@ -22,6 +25,7 @@ impl Default for EngineConfig {
             nats_urls: vec!["nats://127.0.0.1:4222".to_owned()],
             connect_timeout: Duration::from_secs(30),
             topology: TopologyConfig::default(),
+            intake: IntakeConfig::default(),
         }
     }
 }

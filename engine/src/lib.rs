@@ -2,6 +2,7 @@
 //!
 //! - [`cli`]: the operator's commands, one module per group.
 //! - [`config`]: the engine's configuration, with embedded defaults.
+//! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
 //! - [`server`]: `run(config, shutdown)`, the entry point that wires the loops together.
@@ -10,6 +11,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod intake;
 pub mod server;
 pub mod store;
 pub mod topology;

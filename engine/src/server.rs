@@ -6,8 +6,15 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tracing::info;
 
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
 use crate::config::EngineConfig;
-use crate::topology::{self, TopologyError};
+use crate::intake::{self, IntakeStats};
+use crate::store::EventStore;
+use crate::topology::{self, Topology, TopologyError};
 
 /// Errors that stop the engine.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +35,9 @@ pub enum ServerError {
     /// The streams or buckets could not be set up.
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    /// One of the engine's loops failed.
+    #[error("engine loop failed: {0}")]
+    Loop(String),
 }
 
 /// Connects to NATS, retrying until `timeout` (the server may be starting alongside us).
@@ -66,21 +76,110 @@ pub async fn connect(
     }
 }
 
-/// Runs the engine until `shutdown` completes.
+/// A running engine: its loops, their shared shutdown token, and counters.
+#[derive(Debug)]
+pub struct Engine {
+    client: async_nats::Client,
+    topology: Topology,
+    shutdown: CancellationToken,
+    loops: JoinSet<(&'static str, Result<(), String>)>,
+    /// Command intake counters.
+    pub intake_stats: Arc<IntakeStats>,
+}
+
+impl Engine {
+    /// Connects, ensures the topology and starts every loop.
+    pub async fn start(config: EngineConfig) -> Result<Self, ServerError> {
+        let client = connect(&config.nats_urls, config.connect_timeout).await?;
+        let js = jetstream::new(client.clone());
+        let topology = topology::ensure(&js, &config.topology).await?;
+        let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone());
+        let shutdown = CancellationToken::new();
+        let intake_stats = Arc::new(IntakeStats::default());
+        let mut loops = JoinSet::new();
+
+        loops.spawn({
+            let (js, client, commands, store) = (
+                js.clone(),
+                client.clone(),
+                topology.commands.clone(),
+                store.clone(),
+            );
+            let (config, stats, shutdown) = (
+                config.intake.clone(),
+                intake_stats.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                let result =
+                    intake::run(js, client, commands, store, config, stats, shutdown).await;
+                ("intake", result.map_err(|e| e.to_string()))
+            }
+        });
+
+        info!(
+            prefix = %topology.names,
+            events = %topology.names.event_stream(),
+            "engine running"
+        );
+        Ok(Self {
+            client,
+            topology,
+            shutdown,
+            loops,
+            intake_stats,
+        })
+    }
+
+    /// The streams and buckets in use.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Stops every loop, lets them finish the work in hand, and flushes.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        let mut failed = None;
+        while let Some(joined) = self.loops.join_next().await {
+            match joined {
+                Ok((_, Ok(()))) => {}
+                Ok((name, Err(e))) => failed = Some(format!("{name}: {e}")),
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        self.client.flush().await.ok();
+        failed.map_or(Ok(()), |e| Err(ServerError::Loop(e)))
+    }
+
+    /// Stops every loop at once, mid-work, as a crash would (for fault tests): nothing is acked or
+    /// flushed beyond what already was.
+    pub fn abort(mut self) {
+        self.loops.abort_all();
+    }
+
+    /// Completes when a loop stops on its own (an error the engine cannot continue past).
+    pub async fn failed(&mut self) -> ServerError {
+        match self.loops.join_next().await {
+            Some(Ok((name, Err(e)))) => ServerError::Loop(format!("{name}: {e}")),
+            Some(Ok((name, Ok(())))) => ServerError::Loop(format!("{name} stopped unexpectedly")),
+            Some(Err(e)) => ServerError::Loop(e.to_string()),
+            None => ServerError::Loop("no loops running".into()),
+        }
+    }
+}
+
+/// Runs the engine until `shutdown` completes or a loop fails.
 pub async fn run(
     config: EngineConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let client = connect(&config.nats_urls, config.connect_timeout).await?;
-    let js = jetstream::new(client.clone());
-    let topology = topology::ensure(&js, &config.topology).await?;
-    info!(
-        prefix = %topology.names,
-        events = %topology.names.event_stream(),
-        "topology ready; engine running (Ctrl-C to stop)"
-    );
-    shutdown.await;
-    info!("shutting down");
-    client.flush().await.ok();
-    Ok(())
+    let mut engine = Engine::start(config).await?;
+    info!("engine running (Ctrl-C to stop)");
+    tokio::select! {
+        () = shutdown => {
+            info!("shutting down");
+            engine.shutdown().await
+        }
+        error = engine.failed() => Err(error),
+    }
 }

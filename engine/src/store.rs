@@ -8,12 +8,9 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{
-    self,
-    context::PublishErrorKind,
-    stream::{DirectGetErrorKind, Stream},
-};
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::Stream};
 use chrono::{DateTime, Utc};
+use taskpods_client::ClientErrorKind;
 use taskpods_events::codec::{
     self, HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_KIND, HEADER_MSG_ID,
     MSGPACK,
@@ -88,14 +85,7 @@ pub struct LoadedTask {
     pub first_sequence: u64,
 }
 
-/// An event as stored, with its stream sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
-    /// Stream sequence.
-    pub sequence: u64,
-    /// The event.
-    pub event: Event,
-}
+pub use taskpods_client::StoredEvent;
 
 /// The outcome of a successful `execute`.
 #[derive(Debug, Clone)]
@@ -127,32 +117,15 @@ impl EventStore {
 
     /// Every event of `task`, in order, with stream sequences.
     pub async fn read(&self, task: TaskId) -> Result<Vec<StoredEvent>, StoreError> {
-        let subject = self.names.events(task);
-        let mut events = Vec::new();
-        let mut next = 1;
-        loop {
-            match self
-                .stream
-                .direct_get_next_for_subject(subject.clone(), Some(next))
-                .await
-            {
-                Ok(message) => {
-                    let event = codec::decode_event(&message.payload).map_err(|e| {
-                        StoreError::new(
-                            StoreErrorKind::Corrupt,
-                            format!("event at sequence {}: {e}", message.sequence),
-                        )
-                    })?;
-                    next = message.sequence + 1;
-                    events.push(StoredEvent {
-                        sequence: message.sequence,
-                        event,
-                    });
-                }
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(events),
-                Err(e) => return Err(unavailable_or_other(e.kind(), e.to_string())),
-            }
-        }
+        taskpods_client::read_events(&self.stream, &self.names, task)
+            .await
+            .map_err(|e| {
+                let kind = match e.kind() {
+                    ClientErrorKind::Corrupt => StoreErrorKind::Corrupt,
+                    _ => StoreErrorKind::Unavailable,
+                };
+                StoreError::new(kind, e.to_string())
+            })
     }
 
     /// The task folded from all its events.
@@ -213,6 +186,7 @@ impl EventStore {
         at: DateTime<Utc>,
         cached: Option<LoadedTask>,
     ) -> Result<Executed, ExecuteError> {
+        let mut from_cache = cached.is_some();
         let mut current = match cached {
             Some(c) => c,
             None => self.load(task_id).await?,
@@ -220,6 +194,13 @@ impl EventStore {
         for attempt in 0..=CONFLICT_RETRIES {
             let bodies = match decide(&current.task, input) {
                 Ok(bodies) => bodies,
+                // A cached view can only be behind the log, and a refusal judged on it may be wrong
+                // (progress refused as "not running yet"): judge again on the log itself.
+                Err(_) if from_cache => {
+                    from_cache = false;
+                    current = self.load(task_id).await?;
+                    continue;
+                }
                 Err(refusal) => {
                     return Err(ExecuteError::Refused {
                         refusal,
@@ -254,6 +235,7 @@ impl EventStore {
                 Err(e) if e.kind() == StoreErrorKind::Conflict && attempt < CONFLICT_RETRIES => {
                     // Someone else moved the task on; judge the input again against the new state.
                     tokio::time::sleep(Duration::from_millis(attempt as u64)).await;
+                    from_cache = false;
                     current = self.load(task_id).await?;
                 }
                 Err(e) => return Err(e.into()),
@@ -271,14 +253,6 @@ fn publish_error(kind: PublishErrorKind, message: String) -> StoreError {
         | PublishErrorKind::MaxAckPending
         | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
         PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
-        _ => StoreErrorKind::Other,
-    };
-    StoreError::new(kind, message)
-}
-
-fn unavailable_or_other(kind: DirectGetErrorKind, message: String) -> StoreError {
-    let kind = match kind {
-        DirectGetErrorKind::TimedOut | DirectGetErrorKind::Request => StoreErrorKind::Unavailable,
         _ => StoreErrorKind::Other,
     };
     StoreError::new(kind, message)

@@ -179,6 +179,7 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             subjects: vec![names.dead_letters_all()],
             retention: RetentionPolicy::Limits,
             max_age: config.dead_letter_max_age,
+            allow_direct: true,
             ..base.clone()
         },
     ];

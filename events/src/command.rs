@@ -768,3 +768,47 @@ pub struct Instructions {
     /// The most output (stdout and stderr together) the agent streams before a truncation marker.
     pub output_cap_bytes: u64,
 }
+
+/// The header a command carries to ask for a [`CommandReply`] on a core NATS subject (e.g. an inbox).
+pub const HEADER_REPLY_TO: &str = "Taskpods-Reply-To";
+
+/// What the engine answers a command that asked for a reply. Encoded like the command was (JSON in,
+/// JSON out).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum CommandReply {
+    /// The command was applied (for a launch: the task exists now, or existed already).
+    Applied {
+        /// The task.
+        task_id: TaskId,
+        /// Its state after the command.
+        state: crate::TaskState,
+        /// Stream sequence of the task's first event (for a launch) or of the last event appended.
+        sequence: u64,
+        /// For a launch: whether this command created the task (false: it already existed).
+        created: bool,
+    },
+    /// The launch was invalid; the task exists as `Rejected` with these problems.
+    Rejected {
+        /// The task.
+        task_id: TaskId,
+        /// Every problem.
+        problems: Vec<Problem>,
+        /// Stream sequence of the `Rejected` event.
+        sequence: u64,
+    },
+    /// The command made no sense for the task (unknown, finished, already cancelling); nothing appended.
+    Refused {
+        /// The task.
+        task_id: TaskId,
+        /// Why, in words.
+        reason: String,
+        /// Its state.
+        state: crate::TaskState,
+    },
+    /// The command could not be read at all; it was kept in the dead-letter stream.
+    Invalid {
+        /// What was wrong.
+        error: String,
+    },
+}

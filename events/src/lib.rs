@@ -17,8 +17,8 @@ pub mod subject;
 
 pub use codec::{CodecError, Encoding};
 pub use command::{
-    AgentReport, CancelTask, HelloReply, Instructions, LaunchPolicy, LaunchTask, Mode, Problem,
-    ResourceRequest, Resources, TaskOutcome, TaskSpec,
+    AgentReport, CancelTask, CommandReply, HEADER_REPLY_TO, HelloReply, Instructions, LaunchPolicy,
+    LaunchTask, Mode, Problem, ResourceRequest, Resources, TaskOutcome, TaskSpec,
 };
 pub use event::{Event, EventBody, FailureReason};
 pub use ids::TaskId;

@@ -154,7 +154,7 @@ async fn an_unreachable_server_is_a_clear_error_after_the_timeout() {
     let mut server = NatsServer::start();
     let url = server.url();
     server.kill();
-    let err = server::connect(&[url.clone()], Duration::from_millis(300))
+    let err = server::connect(std::slice::from_ref(&url), Duration::from_millis(300))
         .await
         .expect_err("nobody listens");
     assert!(matches!(err, ServerError::Connect { .. }), "{err}");

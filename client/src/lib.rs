@@ -1,0 +1,444 @@
+//! The taskpods client: what a Brain written in Rust links.
+//!
+//! - [`Client::launch`]: publish a launch durably and get the task's id, state and first event sequence.
+//! - [`Client::get`], [`Client::events`], [`Client::wait`]: read a task from its event subject (the log of
+//!   record), follow it live, wait until it ends.
+//! - [`Client::cancel`]: ask for a task to stop.
+//! - [`read_events`]: a task's stored events, shared with the engine's event store.
+//!
+//! Everything is keyed by task id; a launch without an id or idempotency key gets a fresh UUIDv7 here, so
+//! the caller can always read its own write.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
+    stream::{DirectGetErrorKind, Stream},
+};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID, MSGPACK};
+use taskpods_events::{
+    CancelTask, CommandReply, Encoding, Event, HEADER_REPLY_TO, LaunchTask, Names, Problem, Task,
+    TaskId, TaskState, evolve,
+};
+
+/// What kind of failure a [`ClientError`] is, for callers that branch on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientErrorKind {
+    /// The launch was invalid; the task exists as `Rejected`.
+    Rejected,
+    /// The engine refused the command (unknown task, already ended, already cancelling).
+    Refused,
+    /// The command could not be read by the engine.
+    Invalid,
+    /// NATS could not be reached or a request failed.
+    Unreachable,
+    /// Nobody answered in time.
+    TimedOut,
+    /// A stored event could not be decoded.
+    Corrupt,
+}
+
+/// Errors from the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The launch was invalid; the task exists as `Rejected` with these problems.
+    #[error("task {task_id} rejected: {}", problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("; "))]
+    Rejected {
+        /// The task.
+        task_id: TaskId,
+        /// Every problem.
+        problems: Vec<Problem>,
+    },
+    /// The engine refused the command; nothing changed.
+    #[error("task {task_id}: {reason} (state {})", state.name())]
+    Refused {
+        /// The task.
+        task_id: TaskId,
+        /// Why.
+        reason: String,
+        /// Its state.
+        state: TaskState,
+    },
+    /// The engine could not read the command.
+    #[error("the engine could not read the command: {0}")]
+    Invalid(String),
+    /// NATS could not be reached or a request failed.
+    #[error("NATS: {0}")]
+    Unreachable(String),
+    /// Nobody answered within the timeout.
+    #[error("timed out after {after:?} waiting for {what}")]
+    TimedOut {
+        /// What we waited for.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
+    /// A stored event could not be decoded.
+    #[error("corrupt event: {0}")]
+    Corrupt(String),
+}
+
+impl ClientError {
+    /// The kind of failure.
+    pub fn kind(&self) -> ClientErrorKind {
+        match self {
+            Self::Rejected { .. } => ClientErrorKind::Rejected,
+            Self::Refused { .. } => ClientErrorKind::Refused,
+            Self::Invalid(_) => ClientErrorKind::Invalid,
+            Self::Unreachable(_) => ClientErrorKind::Unreachable,
+            Self::TimedOut { .. } => ClientErrorKind::TimedOut,
+            Self::Corrupt(_) => ClientErrorKind::Corrupt,
+        }
+    }
+}
+
+fn unreachable(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Unreachable(e.to_string())
+}
+
+/// An event as stored, with its stream sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// The answer to a launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launched {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its state when the engine answered.
+    pub state: TaskState,
+    /// Stream sequence of its first event (read-your-writes: views at or past it include the task).
+    pub sequence: u64,
+    /// False when the launch found an existing task (same id or idempotency key).
+    pub created: bool,
+}
+
+/// A task read from its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSnapshot {
+    /// The folded task.
+    pub task: Task,
+    /// Stream sequence of its last event.
+    pub last_sequence: u64,
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Subject prefix of the taskpods installation.
+    pub names: Names,
+    /// How long to wait for the engine's answer to a command.
+    pub reply_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            names: Names::default(),
+            reply_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection to a taskpods installation.
+#[derive(Debug, Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    config: ClientConfig,
+}
+
+impl Client {
+    /// Connects to `url` with the default configuration.
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let nats = async_nats::connect(url).await.map_err(unreachable)?;
+        Ok(Self::new(nats, ClientConfig::default()))
+    }
+
+    /// A client over an existing NATS connection.
+    pub fn new(nats: async_nats::Client, config: ClientConfig) -> Self {
+        let js = jetstream::new(nats.clone());
+        Self { nats, js, config }
+    }
+
+    /// The subject names in use.
+    pub fn names(&self) -> &Names {
+        &self.config.names
+    }
+
+    async fn event_stream(&self) -> Result<Stream, ClientError> {
+        self.js
+            .get_stream(self.config.names.event_stream())
+            .await
+            .map_err(unreachable)
+    }
+
+    /// Publishes `payload` to a command subject durably, asking for a reply, and waits for it.
+    /// `None`: the command stream dropped it as a duplicate of an earlier one, or no reply came in time.
+    async fn command(
+        &self,
+        subject: String,
+        msg_id: String,
+        payload: Vec<u8>,
+    ) -> Result<Option<CommandReply>, ClientError> {
+        let inbox = self.nats.new_inbox();
+        let mut replies = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(unreachable)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_MSG_ID, msg_id.as_str());
+        headers.insert(HEADER_CONTENT_TYPE, MSGPACK);
+        headers.insert(HEADER_REPLY_TO, inbox.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, Bytes::from(payload))
+            .await
+            .map_err(unreachable)?
+            .await
+            .map_err(unreachable)?;
+        if ack.duplicate {
+            return Ok(None);
+        }
+        match tokio::time::timeout(self.config.reply_timeout, replies.next()).await {
+            Ok(Some(message)) => {
+                let encoding = Encoding::from_content_type(
+                    message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(HEADER_CONTENT_TYPE))
+                        .map(|v| v.as_str()),
+                )
+                .unwrap_or_default();
+                codec::decode("command reply", &message.payload, encoding)
+                    .map(Some)
+                    .map_err(|e| ClientError::Corrupt(e.to_string()))
+            }
+            Ok(None) | Err(_) => Ok(None),
+        }
+    }
+
+    /// Launches a task, or finds the one this launch names already (same `task_id` or
+    /// `idempotency_key`). An invalid launch is an error with every problem.
+    pub async fn launch(&self, mut launch: LaunchTask) -> Result<Launched, ClientError> {
+        let task_id = match launch.task_id() {
+            Some(id) => id,
+            None => {
+                let id = TaskId::mint();
+                launch.task_id = Some(id.0);
+                id
+            }
+        };
+        let payload =
+            codec::to_msgpack(&launch).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let reply = self
+            .command(
+                self.config.names.launch(),
+                format!("launch:{task_id}"),
+                payload,
+            )
+            .await?;
+        match reply {
+            // A repeat of a rejected launch: the problems are in the task's first event.
+            Some(CommandReply::Applied {
+                state: TaskState::Rejected,
+                ..
+            }) => self.first_event(task_id).await,
+            Some(CommandReply::Applied {
+                task_id,
+                state,
+                sequence,
+                created,
+            }) => Ok(Launched {
+                task_id,
+                state,
+                sequence,
+                created,
+            }),
+            Some(CommandReply::Rejected {
+                task_id, problems, ..
+            }) => Err(ClientError::Rejected { task_id, problems }),
+            Some(CommandReply::Refused {
+                task_id,
+                reason,
+                state,
+            }) => Err(ClientError::Refused {
+                task_id,
+                reason,
+                state,
+            }),
+            Some(CommandReply::Invalid { error }) => Err(ClientError::Invalid(error)),
+            // A repeat inside the duplicate window, or an engine that restarted before replying: the
+            // task's own subject has the answer once its first event exists.
+            None => self.first_event(task_id).await,
+        }
+    }
+
+    async fn first_event(&self, task_id: TaskId) -> Result<Launched, ClientError> {
+        let stream = self.event_stream().await?;
+        let deadline = tokio::time::Instant::now() + self.config.reply_timeout;
+        loop {
+            let events = read_events(&stream, &self.config.names, task_id).await?;
+            if let Some(first) = events.first() {
+                let task = Task::replay(events.iter().map(|e| &e.event));
+                if let taskpods_events::EventBody::Rejected { problems } = &first.event.body {
+                    return Err(ClientError::Rejected {
+                        task_id,
+                        problems: problems.clone(),
+                    });
+                }
+                return Ok(Launched {
+                    task_id,
+                    state: task.state,
+                    sequence: first.sequence,
+                    created: false,
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ClientError::TimedOut {
+                    what: "the engine to record the launch (is an engine running?)",
+                    after: self.config.reply_timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Asks for `task_id` to stop. A task that is unknown, has ended or is already being cancelled is
+    /// a [`ClientErrorKind::Refused`] error.
+    pub async fn cancel(
+        &self,
+        task_id: TaskId,
+        reason: Option<String>,
+    ) -> Result<TaskState, ClientError> {
+        let cancel = CancelTask {
+            task_id: task_id.0,
+            reason,
+            requester: None,
+        };
+        let payload =
+            codec::to_msgpack(&cancel).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        // Unique per request: a second cancel must reach the engine to be refused, not be dropped.
+        let msg_id = format!("cancel:{task_id}:{}", TaskId::mint());
+        match self
+            .command(self.config.names.cancel(task_id), msg_id, payload)
+            .await?
+        {
+            Some(CommandReply::Applied { state, .. }) => Ok(state),
+            Some(CommandReply::Refused {
+                task_id,
+                reason,
+                state,
+            }) => Err(ClientError::Refused {
+                task_id,
+                reason,
+                state,
+            }),
+            Some(CommandReply::Invalid { error }) => Err(ClientError::Invalid(error)),
+            Some(CommandReply::Rejected {
+                task_id, problems, ..
+            }) => Err(ClientError::Rejected { task_id, problems }),
+            None => Err(ClientError::TimedOut {
+                what: "the engine to answer the cancel (is an engine running?)",
+                after: self.config.reply_timeout,
+            }),
+        }
+    }
+
+    /// The task as its events say now. An unknown task has state `New` and no events.
+    pub async fn get(&self, task_id: TaskId) -> Result<TaskSnapshot, ClientError> {
+        let stream = self.event_stream().await?;
+        let events = read_events(&stream, &self.config.names, task_id).await?;
+        Ok(TaskSnapshot {
+            last_sequence: events.last().map_or(0, |e| e.sequence),
+            task: Task::replay(events.iter().map(|e| &e.event)),
+        })
+    }
+
+    /// The task's events from the first, then live as they are appended (never ends by itself).
+    pub async fn events(
+        &self,
+        task_id: TaskId,
+    ) -> Result<impl futures::Stream<Item = Result<StoredEvent, ClientError>> + use<>, ClientError>
+    {
+        let stream = self.event_stream().await?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: self.config.names.events(task_id),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(unreachable)?;
+        let messages = consumer.messages().await.map_err(unreachable)?;
+        Ok(messages
+            .map_err(unreachable)
+            .and_then(|message| async move {
+                let sequence = message.info().map_err(unreachable)?.stream_sequence;
+                let event = codec::decode_event(&message.payload)
+                    .map_err(|e| ClientError::Corrupt(format!("sequence {sequence}: {e}")))?;
+                Ok(StoredEvent { sequence, event })
+            }))
+    }
+
+    /// Follows the task until it ends (or `timeout` passes) and returns it.
+    pub async fn wait(&self, task_id: TaskId, timeout: Duration) -> Result<Task, ClientError> {
+        let follow = async {
+            let mut events = Box::pin(self.events(task_id).await?);
+            let mut task = Task::default();
+            while let Some(stored) = events.next().await {
+                task = evolve(task, &stored?.event);
+                if task.state.is_terminal() {
+                    return Ok(task);
+                }
+            }
+            Err(ClientError::Unreachable("event subscription ended".into()))
+        };
+        tokio::time::timeout(timeout, follow)
+            .await
+            .map_err(|_| ClientError::TimedOut {
+                what: "the task to end",
+                after: timeout,
+            })?
+    }
+}
+
+/// Every stored event of `task`, in order, read with direct gets (any replica can answer).
+pub async fn read_events(
+    stream: &Stream,
+    names: &Names,
+    task: TaskId,
+) -> Result<Vec<StoredEvent>, ClientError> {
+    let subject = names.events(task);
+    let mut events = Vec::new();
+    let mut next = 1;
+    loop {
+        match stream
+            .direct_get_next_for_subject(subject.clone(), Some(next))
+            .await
+        {
+            Ok(message) => {
+                let event = codec::decode_event(&message.payload).map_err(|e| {
+                    ClientError::Corrupt(format!("event at sequence {}: {e}", message.sequence))
+                })?;
+                next = message.sequence + 1;
+                events.push(StoredEvent {
+                    sequence: message.sequence,
+                    event,
+                });
+            }
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(events),
+            Err(e) => return Err(unreachable(e)),
+        }
+    }
+}
