@@ -355,10 +355,15 @@ impl Client {
         }
     }
 
+    /// The task's stored events, in order (empty for an unknown task).
+    pub async fn history(&self, task_id: TaskId) -> Result<Vec<StoredEvent>, ClientError> {
+        let stream = self.event_stream().await?;
+        read_events(&stream, &self.config.names, task_id).await
+    }
+
     /// The task as its events say now. An unknown task has state `New` and no events.
     pub async fn get(&self, task_id: TaskId) -> Result<TaskSnapshot, ClientError> {
-        let stream = self.event_stream().await?;
-        let events = read_events(&stream, &self.config.names, task_id).await?;
+        let events = self.history(task_id).await?;
         Ok(TaskSnapshot {
             last_sequence: events.last().map_or(0, |e| e.sequence),
             task: Task::replay(events.iter().map(|e| &e.event)),

@@ -38,6 +38,14 @@ struct Cli {
 enum Command {
     /// Run the engine until Ctrl-C or SIGTERM.
     Serve(cli::serve::ServeArgs),
+    /// Launch a task (and with --wait, follow it to the end).
+    Launch(cli::task::LaunchArgs),
+    /// Show a task's current state, read from its events.
+    Show(cli::task::ShowArgs),
+    /// Print a task's events (with --follow, live until it ends).
+    Events(cli::task::EventsArgs),
+    /// Ask for a task to stop.
+    Cancel(cli::task::CancelArgs),
 }
 
 #[tokio::main]
@@ -67,5 +75,9 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => cli::serve::run(global, args).await,
+        Command::Launch(args) => cli::task::launch(global, args).await,
+        Command::Show(args) => cli::task::show(global, args).await,
+        Command::Events(args) => cli::task::events(global, args).await,
+        Command::Cancel(args) => cli::task::cancel(global, args).await,
     }
 }

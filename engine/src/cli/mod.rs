@@ -1,8 +1,10 @@
 //! The operator's CLI, one module per command group; `main.rs` only parses and dispatches.
 //!
 //! - [`serve`]: run the engine.
+//! - [`task`]: launch, show, events, cancel.
 
 pub mod serve;
+pub mod task;
 
 use taskpods_events::Names;
 
