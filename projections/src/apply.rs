@@ -1,0 +1,526 @@
+//! Guarded writes: folding a batch of events into one generation's buckets so that re-delivery,
+//! out-of-order delivery and several projectors at once cannot corrupt or regress a view.
+//!
+//! Per task, in this order:
+//! 1. Read the task view and history (or take them from the cache); events at or below the view's `seq`
+//!    are no-ops.
+//! 2. Fold the newer events. An event's position (from `Nats-Msg-Id`) must be the view's next position;
+//!    when it is further on (an earlier event is still being delivered elsewhere, or was re-delivered
+//!    late), the missing events are read from the task's subject first ("healing"), so the fold never
+//!    skips an event.
+//! 3. Write history and active, each guarded by its own stored `seq` and the KV revision; an active entry
+//!    is deleted when the task ends, and that delete marker is final (nothing re-creates it).
+//! 4. Write the finished entry (create-only: the first writer wins, retries are no-ops), in the batch's
+//!    terminal-sequence order so the index lists tasks in the order they ended.
+//! 5. Write the task view last, with the revision read in step 1. It is the commit record: once it holds
+//!    sequence `s`, every other bucket has everything up to `s`. On a revision conflict the task is
+//!    re-read and done again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv, stream::Stream};
+use futures::StreamExt;
+use taskpods_events::{Names, TaskId};
+use tracing::warn;
+
+use crate::buckets::{BucketError, ViewBuckets, decode_entry};
+use crate::log::{self, LoggedEvent};
+use crate::view::{self, ActiveView, FinishedView, HistoryView, TaskView};
+
+/// How many times a task is re-read and re-done after losing a revision race.
+const CONFLICT_RETRIES: usize = 16;
+
+/// Errors applying events.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A bucket operation failed.
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
+    /// Reading missing events from the stream failed.
+    #[error(transparent)]
+    Log(#[from] log::LogError),
+    /// Other writers kept winning the race for one task.
+    #[error("task {0}: gave up after {CONFLICT_RETRIES} revision conflicts")]
+    Contended(TaskId),
+}
+
+/// Counters of what applying did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Events folded into a view.
+    pub applied: u64,
+    /// Events at or below the view's sequence (re-deliveries, or healed earlier).
+    pub skipped: u64,
+    /// Events of unknown kinds (counted in the view, otherwise skipped).
+    pub unknown: u64,
+    /// Events read from the stream to fill a gap.
+    pub healed: u64,
+    /// Revision conflicts that made a task be re-done.
+    pub conflicts: u64,
+}
+
+impl Applied {
+    fn add(&mut self, o: Applied) {
+        self.applied += o.applied;
+        self.skipped += o.skipped;
+        self.unknown += o.unknown;
+        self.healed += o.healed;
+        self.conflicts += o.conflicts;
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Cached {
+    view: TaskView,
+    rev: u64,
+    history: HistoryView,
+    history_rev: u64,
+}
+
+/// What step 1-3 produced for one task, waiting for its finished entry and commit.
+#[derive(Debug)]
+struct Prepared {
+    task: TaskId,
+    view: TaskView,
+    rev: u64,
+    history: HistoryView,
+    history_rev: u64,
+    finished: Option<FinishedView>,
+    events: Vec<LoggedEvent>,
+    applied: Applied,
+}
+
+/// Applies events to one generation's buckets.
+#[derive(Debug)]
+pub struct Writer {
+    js: jetstream::Context,
+    names: Names,
+    events: Stream,
+    buckets: ViewBuckets,
+    cache: Mutex<HashMap<TaskId, Cached>>,
+    cache_limit: usize,
+    warned_unknown: AtomicU64,
+}
+
+impl Writer {
+    /// A writer into `buckets`, healing gaps from the event stream `events`.
+    pub fn new(
+        js: jetstream::Context,
+        names: Names,
+        events: Stream,
+        buckets: ViewBuckets,
+        cache_limit: usize,
+    ) -> Self {
+        Self {
+            js,
+            names,
+            events,
+            buckets,
+            cache: Mutex::new(HashMap::new()),
+            cache_limit,
+            warned_unknown: AtomicU64::new(0),
+        }
+    }
+
+    /// The generation written.
+    pub fn generation(&self) -> u32 {
+        self.buckets.generation
+    }
+
+    /// Applies `events` (any order, any tasks, duplicates allowed), `concurrency` tasks at a time.
+    pub async fn apply_batch(
+        &self,
+        events: Vec<LoggedEvent>,
+        concurrency: usize,
+    ) -> Result<Applied, ApplyError> {
+        let mut groups: HashMap<TaskId, Vec<LoggedEvent>> = HashMap::new();
+        for e in events {
+            groups.entry(e.task()).or_default().push(e);
+        }
+        let mut total = Applied::default();
+        let prepared: Vec<Result<Result<Prepared, u64>, ApplyError>> =
+            futures::stream::iter(groups.into_iter().map(|(task, mut group)| {
+                group.sort_by_key(|e| e.seq);
+                group.dedup_by_key(|e| e.seq);
+                async move {
+                    let n = group.len() as u64;
+                    Ok(self.prepare(task, group).await?.ok_or(n))
+                }
+            }))
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        let mut ready = Vec::new();
+        for p in prepared {
+            match p? {
+                Ok(p) => ready.push(p),
+                Err(skipped) => total.skipped += skipped,
+            }
+        }
+        // Finished entries in the order the tasks ended, pipelined on one connection so the server
+        // stores them in that order.
+        let mut finished: Vec<&FinishedView> =
+            ready.iter().filter_map(|p| p.finished.as_ref()).collect();
+        finished.sort_by_key(|f| f.seq);
+        self.create_finished(&finished).await?;
+
+        let redo: Vec<Result<Applied, ApplyError>> =
+            futures::stream::iter(ready.into_iter().map(|p| async move {
+                let mut applied = p.applied;
+                if self.commit(&p).await? {
+                    return Ok(applied);
+                }
+                // Lost the race on the task view: someone else moved it; do the task again from what
+                // is stored now.
+                applied.conflicts += 1;
+                let again = self.apply_task(p.task, p.events).await?;
+                Ok(Applied {
+                    conflicts: applied.conflicts + again.conflicts,
+                    ..again
+                })
+            }))
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        for r in redo {
+            total.add(r?);
+        }
+        Ok(total)
+    }
+
+    /// Applies one task's events sequentially, retrying on conflicts (the slow path).
+    pub async fn apply_task(
+        &self,
+        task: TaskId,
+        mut events: Vec<LoggedEvent>,
+    ) -> Result<Applied, ApplyError> {
+        events.sort_by_key(|e| e.seq);
+        for conflicts in 0..CONFLICT_RETRIES as u64 {
+            let Some(p) = self.prepare(task, events.clone()).await? else {
+                return Ok(Applied {
+                    skipped: events.len() as u64,
+                    conflicts,
+                    ..Applied::default()
+                });
+            };
+            if let Some(f) = &p.finished {
+                self.create_finished(&[f]).await?;
+            }
+            if self.commit(&p).await? {
+                return Ok(Applied {
+                    conflicts,
+                    ..p.applied
+                });
+            }
+        }
+        Err(ApplyError::Contended(task))
+    }
+
+    /// Steps 1-3. `None` when every event is already folded.
+    async fn prepare(
+        &self,
+        task: TaskId,
+        events: Vec<LoggedEvent>,
+    ) -> Result<Option<Prepared>, ApplyError> {
+        let mut applied = Applied::default();
+        let key = task.to_string();
+        for attempt in 0..CONFLICT_RETRIES {
+            let cached = if attempt == 0 {
+                self.cached(task)
+            } else {
+                None
+            };
+            let current = match cached {
+                Some(c) => c,
+                None => self.read(task).await?,
+            };
+            let newest = events.last().map_or(0, |e| e.seq);
+            if newest <= current.view.seq {
+                // Nothing new for the task view; the other buckets were written before it (it is the
+                // commit record), so there is nothing to do.
+                return Ok(None);
+            }
+            let mut view = current.view.clone();
+            let mut history = current.history.clone();
+            let was_terminal = view.is_terminal();
+            let mut finished = None;
+            let mut step = Applied::default();
+            for e in &events {
+                if e.seq <= view.seq {
+                    step.skipped += 1;
+                    continue;
+                }
+                if self.gap_before(&view, e).await? {
+                    let missing =
+                        log::read_task(&self.events, &self.names, task, view.seq + 1, e.seq - 1)
+                            .await?;
+                    for m in missing {
+                        match m {
+                            Ok(m) => {
+                                step.healed += 1;
+                                self.fold(&mut view, &mut history, &mut finished, &m, &mut step);
+                            }
+                            Err(err) => warn!(%task, error = %err, "skipping an undecodable event"),
+                        }
+                    }
+                }
+                self.fold(&mut view, &mut history, &mut finished, e, &mut step);
+            }
+            if was_terminal {
+                finished = None;
+            }
+            // History: guarded by its own sequence (it is never behind the task view, see the module
+            // doc), so a conflict here means another projector wrote it; re-read and fold again.
+            let mut history_rev = current.history_rev;
+            if history.seq > current.history.seq {
+                match self
+                    .buckets
+                    .history
+                    .update(&key, encode(&history)?, current.history_rev)
+                    .await
+                {
+                    Ok(rev) => history_rev = rev,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        self.forget(task);
+                        applied.conflicts += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(BucketError::js("write history", &key, e).into()),
+                }
+            }
+            self.write_active(&key, &view).await?;
+            step.conflicts += applied.conflicts;
+            return Ok(Some(Prepared {
+                task,
+                view,
+                rev: current.rev,
+                history,
+                history_rev,
+                finished,
+                events,
+                applied: step,
+            }));
+        }
+        Err(ApplyError::Contended(task))
+    }
+
+    fn fold(
+        &self,
+        view: &mut TaskView,
+        history: &mut HistoryView,
+        finished: &mut Option<FinishedView>,
+        e: &LoggedEvent,
+        step: &mut Applied,
+    ) {
+        let was_terminal = view.is_terminal();
+        view.apply(e);
+        history.apply(e, view);
+        if e.is_unknown() {
+            step.unknown += 1;
+            // One warning per event would flood the log when a newer engine writes many; the count
+            // is in the view (`unknown_events`) and the projector's stats.
+            if self.warned_unknown.fetch_add(1, Ordering::Relaxed) < 16 {
+                warn!(task = %e.task(), seq = e.seq, kind = %e.kind,
+                    "skipping an event of a kind this version does not know");
+            }
+        } else {
+            step.applied += 1;
+        }
+        if !was_terminal && view.is_terminal() {
+            *finished = Some(FinishedView::from_terminal(view, e.seq));
+        }
+    }
+
+    /// Whether events of the task are missing between the view and `e`.
+    async fn gap_before(&self, view: &TaskView, e: &LoggedEvent) -> Result<bool, ApplyError> {
+        match e.position {
+            Some(p) => Ok(p > view.events),
+            // A writer without taskpods message ids: ask the stream for the task's next event.
+            None => {
+                let next = log::read_task(&self.events, &self.names, e.task(), view.seq + 1, e.seq)
+                    .await?;
+                Ok(next.first().is_some_and(|r| match r {
+                    Ok(m) => m.seq < e.seq,
+                    Err(_) => true,
+                }))
+            }
+        }
+    }
+
+    async fn write_active(&self, key: &str, view: &TaskView) -> Result<(), ApplyError> {
+        let active = &self.buckets.active;
+        for _ in 0..CONFLICT_RETRIES {
+            let entry = active
+                .entry(key)
+                .await
+                .map_err(|e| BucketError::js("read active", key, e))?;
+            let result = match entry {
+                // Deleted when the task ended; a task never becomes live again, so the marker is final.
+                Some(e) if e.operation != kv::Operation::Put => return Ok(()),
+                Some(e) => {
+                    let current: ActiveView = decode_entry(active, key, &e.value)?;
+                    if current.seq >= view.seq {
+                        return Ok(());
+                    }
+                    if view.is_terminal() {
+                        active
+                            .delete_expect_revision(key, Some(e.revision))
+                            .await
+                            .map_err(|e| e.to_string())
+                    } else {
+                        active
+                            .update(key, encode(&ActiveView::from(view))?, e.revision)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }
+                }
+                None if view.is_terminal() => {
+                    // Leave a marker so a slower projector's older event cannot create the entry.
+                    active.delete(key).await.map_err(|e| e.to_string())
+                }
+                None => active
+                    .update(key, encode(&ActiveView::from(view))?, 0)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(message) if is_wrong_sequence(&message) => continue,
+                Err(message) => return Err(BucketError::js("write active", key, message).into()),
+            }
+        }
+        Err(BucketError::js("write active", key, "too many concurrent writers").into())
+    }
+
+    /// Writes finished entries create-only, in the given order.
+    async fn create_finished(&self, entries: &[&FinishedView]) -> Result<(), ApplyError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let bucket = &self.buckets.finished;
+        let mut acks = Vec::with_capacity(entries.len());
+        for f in entries {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            let subject = format!("$KV.{}.{}", bucket.name, f.task);
+            // Awaiting the send (not the ack) keeps the order on the wire.
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, encode(f)?)
+                .await
+                .map_err(|e| BucketError::js("write finished", f.task.to_string(), e))?;
+            acks.push((f.task, ack));
+        }
+        for (task, ack) in acks {
+            match ack.await {
+                Ok(_) => {}
+                // Already written by an earlier attempt or another projector: the first one stands.
+                Err(e) if is_wrong_sequence(&e.to_string()) => {}
+                Err(e) => return Err(BucketError::js("write finished", task.to_string(), e).into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5; `false` on a revision conflict.
+    async fn commit(&self, p: &Prepared) -> Result<bool, ApplyError> {
+        let key = p.task.to_string();
+        match self
+            .buckets
+            .tasks
+            .update(&key, encode(&p.view)?, p.rev)
+            .await
+        {
+            Ok(rev) => {
+                self.remember(
+                    p.task,
+                    Cached {
+                        view: p.view.clone(),
+                        rev,
+                        history: p.history.clone(),
+                        history_rev: p.history_rev,
+                    },
+                );
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                self.forget(p.task);
+                Ok(false)
+            }
+            Err(e) => Err(BucketError::js("write task view", &key, e).into()),
+        }
+    }
+
+    async fn read(&self, task: TaskId) -> Result<Cached, ApplyError> {
+        let key = task.to_string();
+        let (tasks, history) = futures::join!(
+            self.buckets.tasks.entry(&key),
+            self.buckets.history.entry(&key)
+        );
+        let tasks = tasks.map_err(|e| BucketError::js("read task view", &key, e))?;
+        let history = history.map_err(|e| BucketError::js("read history", &key, e))?;
+        let (view, rev) = match tasks {
+            Some(e) if e.operation == kv::Operation::Put => (
+                decode_entry(&self.buckets.tasks, &key, &e.value)?,
+                e.revision,
+            ),
+            Some(e) => (TaskView::empty(task), e.revision),
+            None => (TaskView::empty(task), 0),
+        };
+        let (history, history_rev) = match history {
+            Some(e) if e.operation == kv::Operation::Put => (
+                decode_entry(&self.buckets.history, &key, &e.value)?,
+                e.revision,
+            ),
+            Some(e) => (HistoryView::empty(task), e.revision),
+            None => (HistoryView::empty(task), 0),
+        };
+        Ok(Cached {
+            view,
+            rev,
+            history,
+            history_rev,
+        })
+    }
+
+    fn cached(&self, task: TaskId) -> Option<Cached> {
+        self.cache.lock().ok()?.get(&task).cloned()
+    }
+
+    fn remember(&self, task: TaskId, c: Cached) {
+        if let Ok(mut cache) = self.cache.lock() {
+            // A crude bound: a full cache starts over; the cost is one read per task afterwards.
+            if cache.len() >= self.cache_limit {
+                cache.clear();
+            }
+            cache.insert(task, c);
+        }
+    }
+
+    fn forget(&self, task: TaskId) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(&task);
+        }
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<bytes::Bytes, ApplyError> {
+    view::encode(value).map_err(|e| {
+        ApplyError::Bucket(BucketError::Corrupt {
+            bucket: "encode".into(),
+            key: String::new(),
+            message: e.to_string(),
+        })
+    })
+}
+
+/// Whether a publish failed on `Nats-Expected-Last-Subject-Sequence` (the server's error 10071).
+fn is_wrong_sequence(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("wrong last sequence") || m.contains("10071") || m.contains("wrong last revision")
+}

@@ -1,0 +1,412 @@
+//! Projections against a real nats-server: random histories, live views == rebuilt views; re-delivery,
+//! out-of-order delivery and two projectors at once; a projector killed mid-stream; the finished index;
+//! read-your-writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use taskpods_engine::topology::{self, TopologyConfig};
+use taskpods_events::{Event, Names, TaskId};
+use taskpods_harness::{NatsServer, nats_server_version};
+use taskpods_projections::apply::Writer;
+use taskpods_projections::buckets::{self, ViewBuckets};
+use taskpods_projections::generate::{self, Rng};
+use taskpods_projections::log::LoggedEvent;
+use taskpods_projections::rebuild::{self, RebuildConfig};
+use taskpods_projections::{ProjectorConfig, ProjectorStats, TaskView, Views, projector};
+
+fn start_time() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).expect("valid time")
+}
+
+async fn setup() -> (NatsServer, jetstream::Context) {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.connect().await);
+    topology::ensure(&js, &TopologyConfig::default())
+        .await
+        .expect("topology");
+    (server, js)
+}
+
+/// Publishes `count` random histories, interleaved; returns them and the last stream sequence.
+async fn publish_random(
+    js: &jetstream::Context,
+    seed: u64,
+    count: u64,
+) -> (Vec<(u64, Event)>, u64) {
+    let histories = generate::histories(seed, count, start_time(), 10);
+    let events = generate::interleave(&mut Rng::new(seed + 1), &histories);
+    let last = generate::publish(js, &Names::default(), &events, 1024)
+        .await
+        .expect("publish");
+    (events, last)
+}
+
+fn config() -> ProjectorConfig {
+    ProjectorConfig {
+        stop_when_caught_up: true,
+        ..ProjectorConfig::default()
+    }
+}
+
+async fn project_until_caught_up(
+    js: &jetstream::Context,
+    config: ProjectorConfig,
+) -> Arc<ProjectorStats> {
+    let stats = Arc::new(ProjectorStats::default());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        projector::run(js.clone(), config, stats.clone(), std::future::pending()),
+    )
+    .await
+    .expect("the projector catches up within a minute")
+    .expect("projector");
+    stats
+}
+
+async fn all_views(
+    b: &ViewBuckets,
+) -> HashMap<String, (Option<TaskView>, serde_json::Value, bool, bool)> {
+    let mut out = HashMap::new();
+    for key in buckets::all_keys(&b.tasks).await.expect("keys") {
+        let view: Option<TaskView> = buckets::get(&b.tasks, &key).await.expect("view");
+        let history: Option<serde_json::Value> =
+            buckets::get(&b.history, &key).await.expect("history");
+        let active: Option<serde_json::Value> =
+            buckets::get(&b.active, &key).await.expect("active");
+        let finished: Option<serde_json::Value> =
+            buckets::get(&b.finished, &key).await.expect("finished");
+        out.insert(
+            key,
+            (
+                view,
+                serde_json::json!({"history": history, "active": active, "finished": finished}),
+                active.is_some(),
+                finished.is_some(),
+            ),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_histories_live_views_equal_rebuilt_views_field_by_field() {
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    let (events, last) = publish_random(&js, 11, 2000).await;
+    let tasks: std::collections::HashSet<TaskId> = events.iter().map(|(_, e)| e.task).collect();
+
+    let stats = project_until_caught_up(&js, config()).await;
+    assert_eq!(
+        stats.applied.load(Ordering::Relaxed),
+        events.len() as u64,
+        "every event applied once"
+    );
+    let lag = projector::wait_for_sequence(&js, &names, last, Duration::from_secs(10))
+        .await
+        .expect("lag")
+        .expect("the views reach the last event");
+    assert_eq!(lag.events_behind, 0);
+
+    // The live views are what a fresh fold gives, field by field.
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert_eq!(report.tasks, tasks.len() as u64);
+    assert!(
+        report.differences.is_empty(),
+        "server {}: {:#?}",
+        nats_server_version(),
+        &report.differences[..report.differences.len().min(10)]
+    );
+
+    let live = Views::open(&js, &names, Default::default())
+        .await
+        .expect("views");
+    assert_eq!(live.generation(), 1);
+    let live_views = all_views(live.buckets()).await;
+
+    // Rebuild into generation 2: readers switch, and every view is identical.
+    let summary = rebuild::rebuild(&js, &RebuildConfig::default(), |_| {})
+        .await
+        .expect("rebuild");
+    assert_eq!((summary.from_generation, summary.generation), (1, 2));
+    assert_eq!(summary.events, events.len() as u64);
+    assert_eq!(summary.tasks, tasks.len() as u64);
+    let rebuilt = Views::open(&js, &names, Default::default())
+        .await
+        .expect("views");
+    assert_eq!(rebuilt.generation(), 2);
+    let rebuilt_views = all_views(rebuilt.buckets()).await;
+    assert_eq!(live_views.len(), tasks.len());
+    assert_eq!(live_views.len(), rebuilt_views.len());
+    for (key, live) in &live_views {
+        let again = rebuilt_views.get(key).expect("task in the rebuilt views");
+        assert_eq!(live, again, "task {key}");
+    }
+
+    // A projector started now follows generation 2 and applies what comes next.
+    let (more, last2) = publish_random(&js, 12, 100).await;
+    let stats = project_until_caught_up(&js, config()).await;
+    assert_eq!(stats.generation.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.applied.load(Ordering::Relaxed), more.len() as u64);
+    assert!(last2 > last);
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert_eq!(report.generation, 2);
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+
+    // The finished index pages newest first, in the order tasks ended.
+    let mut ended: Vec<(u64, TaskId)> = Vec::new();
+    for key in buckets::all_keys(&rebuilt.buckets().finished)
+        .await
+        .expect("keys")
+    {
+        let f: taskpods_projections::FinishedView = buckets::get(&rebuilt.buckets().finished, &key)
+            .await
+            .expect("read")
+            .expect("present");
+        ended.push((f.seq, f.task));
+    }
+    ended.sort_by(|a, b| b.cmp(a));
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = rebuilt.finished_page(cursor, 100).await.expect("page");
+        assert!(page.entries.len() <= 100);
+        paged.extend(page.entries.iter().map(|f| (f.seq, f.task)));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, ended, "newest first, every finished task once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_out_of_order_and_two_projectors_give_identical_views_and_no_sequence_goes_back()
+{
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    let (events, last) = publish_random(&js, 21, 600).await;
+
+    // Watch every task view; no key's sequence may ever go down.
+    let tasks_bucket = js
+        .get_key_value(names.tasks_bucket())
+        .await
+        .expect("bucket");
+    let mut watch = tasks_bucket.watch_all().await.expect("watch");
+    let watcher = tokio::spawn(async move {
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut backwards = Vec::new();
+        let mut updates = 0u64;
+        while let Ok(Some(Ok(entry))) =
+            tokio::time::timeout(Duration::from_millis(1500), watch.next()).await
+        {
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            updates += 1;
+            let view: TaskView = serde_json::from_slice(&entry.value).expect("a task view");
+            let before = seen.insert(entry.key.clone(), view.seq).unwrap_or(0);
+            if view.seq < before {
+                backwards.push((entry.key, before, view.seq));
+            }
+        }
+        (updates, backwards)
+    });
+
+    // Two projectors share the durable consumer, while a third writer applies every event again, in a
+    // random order (across and within tasks), in random batches.
+    let view_buckets = ViewBuckets::open(&js, &names, 1, Default::default(), true)
+        .await
+        .expect("buckets");
+    let stream = js.get_stream(names.event_stream()).await.expect("stream");
+    let writer = Writer::new(
+        js.clone(),
+        names.clone(),
+        stream.clone(),
+        view_buckets.clone(),
+        10,
+    );
+    let stored = read_all(&stream, &names, last).await;
+    let mut shuffled = stored.clone();
+    let mut rng = Rng::new(5);
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let small_batches = ProjectorConfig {
+        batch: 37,
+        concurrency: 8,
+        ..config()
+    };
+    let (a, b, c) = tokio::join!(
+        project_until_caught_up(&js, small_batches.clone()),
+        project_until_caught_up(&js, small_batches.clone()),
+        async {
+            let mut applied = 0;
+            for chunk in shuffled.chunks(97) {
+                applied += writer
+                    .apply_batch(chunk.to_vec(), 16)
+                    .await
+                    .expect("apply")
+                    .applied;
+            }
+            applied
+        }
+    );
+    let applied_by_projectors =
+        a.applied.load(Ordering::Relaxed) + b.applied.load(Ordering::Relaxed);
+    assert_eq!(
+        applied_by_projectors + c,
+        events.len() as u64,
+        "each event folded exactly once among all writers"
+    );
+    // And everything delivered once more is a no-op.
+    let again = writer.apply_batch(stored, 32).await.expect("apply");
+    assert_eq!(again.applied, 0);
+
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert!(
+        report.differences.is_empty(),
+        "server {}: {:#?}",
+        nats_server_version(),
+        &report.differences[..report.differences.len().min(10)]
+    );
+    let (updates, backwards) = watcher.await.expect("watcher");
+    assert!(updates > 0);
+    assert!(
+        backwards.is_empty(),
+        "sequences went backwards: {backwards:?}"
+    );
+}
+
+async fn read_all(
+    stream: &jetstream::stream::Stream,
+    names: &Names,
+    last: u64,
+) -> Vec<LoggedEvent> {
+    let folded = rebuild::fold_stream(stream, names, last, |_| {})
+        .await
+        .expect("fold");
+    let mut out = Vec::new();
+    for task in folded.tasks.keys() {
+        for e in taskpods_projections::log::read_task(stream, names, *task, 1, last)
+            .await
+            .expect("read")
+        {
+            out.push(e.expect("decodable"));
+        }
+    }
+    out.sort_by_key(|e| e.seq);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_mid_stream_resumes_where_it_stopped() {
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    let (events, last) = publish_random(&js, 31, 1500).await;
+    let total = events.len() as u64;
+
+    let first = Arc::new(ProjectorStats::default());
+    let handle = tokio::spawn(projector::run(
+        js.clone(),
+        ProjectorConfig {
+            batch: 64,
+            concurrency: 8,
+            // What the killed projector had in flight comes back after this long.
+            ack_wait: Duration::from_secs(2),
+            ..ProjectorConfig::default()
+        },
+        first.clone(),
+        std::future::pending(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while first.seen() < total / 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the projector made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Killed: its future is dropped wherever it is, mid-batch or mid-ack.
+    handle.abort();
+    let _ = handle.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = projector::lag(&js, &names).await.expect("lag");
+    assert!(
+        stopped.applied_seq > 0 && stopped.applied_seq < last,
+        "{stopped:?}"
+    );
+
+    // A new projector (a restarted engine) takes over after the ack wait for what was in flight.
+    let second = project_until_caught_up(&js, config()).await;
+    // It started after the ack floor, not from the beginning: it saw what was above the floor (plus, at
+    // most, a batch re-delivered after the short ack wait), and skipped what was applied but not acked.
+    let seen = second.seen();
+    let above_floor = last - stopped.applied_seq;
+    assert!(
+        seen <= above_floor + 64,
+        "saw {seen}, {above_floor} above the floor"
+    );
+    assert!(seen < total, "started over: saw {seen} of {total}");
+    assert_eq!(
+        second.applied.load(Ordering::Relaxed) + second.skipped.load(Ordering::Relaxed),
+        seen
+    );
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+    let lag = projector::lag(&js, &names).await.expect("lag");
+    assert_eq!(lag.applied_seq, last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_waits_for_the_views_and_times_out_without_a_projector() {
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    let (events, last) = publish_random(&js, 41, 20).await;
+    let task = events.last().expect("events").1.task;
+
+    // No projector yet: the wait times out, and the lag says how far behind the views are.
+    let waited = projector::wait_for_sequence(&js, &names, last, Duration::from_millis(200))
+        .await
+        .expect("wait");
+    assert!(waited.is_none());
+    let lag = projector::lag(&js, &names).await.expect("lag");
+    assert_eq!((lag.applied_seq, lag.events_behind), (0, last));
+    assert!(lag.seconds_behind >= 0.0);
+
+    let views = Views::open(&js, &names, Default::default())
+        .await
+        .expect("views");
+    let (view, _) = tokio::join!(
+        views.wait_for_task(task, last, Duration::from_secs(20)),
+        project_until_caught_up(&js, config())
+    );
+    let view = view.expect("wait").expect("the view reaches the sequence");
+    assert_eq!(view.seq, last);
+    let lag = projector::wait_for_sequence(&js, &names, last, Duration::from_secs(5))
+        .await
+        .expect("wait")
+        .expect("reached");
+    assert_eq!((lag.applied_seq, lag.events_behind), (last, 0));
+    assert!(
+        views
+            .active()
+            .await
+            .expect("active")
+            .iter()
+            .all(|a| a.seq <= last)
+    );
+}
