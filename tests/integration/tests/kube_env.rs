@@ -751,3 +751,63 @@ async fn init_containers_run_first_and_on_failure_restarts_until_success() {
         Some("prepared\nprepared\n")
     );
 }
+
+#[tokio::test]
+async fn resource_quota_refuses_pods_beyond_it_and_job_controller_reports_it() {
+    let t = TestNs::new("quota", true).await;
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "pods"}, "spec": {"hard": {"pods": "1"}}
+    }))
+    .expect("quota");
+    let quotas =
+        Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(t.client.clone(), "quota");
+    quotas
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("create quota");
+    // The quota controller must compute the status before the admission plugin admits anything.
+    wait_for("quota status", || async {
+        quotas.get("pods").await.ok().and_then(|q| q.status?.hard)
+    })
+    .await;
+
+    let j = job(
+        "wide",
+        restricted_spec("sleep 300", json!([])),
+        json!({"parallelism": 2, "completions": 2}),
+    );
+    t.jobs()
+        .create(&PostParams::default(), &j)
+        .await
+        .expect("create job");
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(t.client.clone(), "quota");
+    let message = wait_for("FailedCreate event for the Job", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("FailedCreate")
+                    && e.involved_object.name.as_deref() == Some("wide")
+            })
+            .and_then(|e| e.message)
+    })
+    .await;
+    assert!(message.contains("exceeded quota: pods"), "{message}");
+    assert_eq!(
+        pods_of_job(&t, "wide").await.len(),
+        1,
+        "quota allows one pod"
+    );
+
+    let extra = pod("extra", restricted_spec("true", json!([])), json!({}));
+    match t.pods().create(&PostParams::default(), &extra).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403, "{s:?}");
+            assert!(s.message.contains("exceeded quota"), "{}", s.message);
+        }
+        other => panic!("a pod beyond the quota must be refused, got {other:?}"),
+    }
+}
