@@ -811,3 +811,22 @@ async fn resource_quota_refuses_pods_beyond_it_and_job_controller_reports_it() {
         other => panic!("a pod beyond the quota must be refused, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn dropping_a_control_plane_stops_its_servers_and_removes_its_files() {
+    let cp = ControlPlane::start()
+        .await
+        .expect("a second, private control plane starts");
+    let dir = cp.dir().to_path_buf();
+    let addr = cp.server_url().trim_start_matches("https://").to_string();
+    let client = cp.client().await.expect("client");
+    client.apiserver_version().await.expect("it serves");
+    assert!(dir.join("admin.kubeconfig").is_file());
+    drop(client);
+    drop(cp);
+    assert!(!dir.exists(), "{} must be removed", dir.display());
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the API server at {addr} must be gone"
+    );
+}
