@@ -117,6 +117,32 @@ impl Engine {
             }
         });
 
+        // The projector folds events into the KV views; it retries transient failures itself, so it
+        // only ends at shutdown (or when the event stream is missing, which `ensure` just ruled out).
+        loops.spawn({
+            let js = js.clone();
+            let projector = taskpods_projections::ProjectorConfig {
+                names: topology.names.clone(),
+                buckets: taskpods_projections::BucketSettings {
+                    replicas: config.topology.replicas,
+                    storage: config.topology.storage,
+                },
+                ..taskpods_projections::ProjectorConfig::default()
+            };
+            let shutdown = shutdown.clone();
+            async move {
+                let stats = Arc::new(taskpods_projections::ProjectorStats::default());
+                let result = taskpods_projections::projector::run(
+                    js,
+                    projector,
+                    stats,
+                    shutdown.cancelled_owned(),
+                )
+                .await;
+                ("projector", result.map_err(|e| e.to_string()))
+            }
+        });
+
         info!(
             prefix = %topology.names,
             events = %topology.names.event_stream(),

@@ -358,12 +358,12 @@ pub fn render_text(t: &Timeline) -> String {
         "{:>6}  {:<24}  {:<16}  {:<22}  DETAIL",
         "SEQ", "DECIDED AT", "KIND", "STATE AFTER"
     );
+    // Oddities are marked on their line and listed below the table.
     for e in &t.entries {
         let at = e.at.map_or_else(|| "-".to_owned(), fmt_time);
         let marks: Vec<&Oddity> = t.oddities.iter().filter(|o| o.seq == e.seq).collect();
         let flag = if marks.is_empty() { "" } else { "  <-- !" };
-        let _ = writeln!(
-            out,
+        let line = format!(
             "{:>6}  {:<24}  {:<16}  {:<22}  {}{flag}",
             e.seq,
             at,
@@ -371,6 +371,7 @@ pub fn render_text(t: &Timeline) -> String {
             e.state,
             e.detail.as_deref().unwrap_or("")
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     if t.oddities.is_empty() {
         let _ = writeln!(out, "oddities: none");

@@ -382,7 +382,7 @@ pub fn detail(body: &EventBody) -> Option<String> {
             "image {} timeout {}s deadline {}",
             spec.image,
             spec.timeout_secs,
-            deadline.to_rfc3339()
+            deadline.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
         )),
         EventBody::Rejected { problems } => Some(
             problems
