@@ -830,3 +830,41 @@ async fn dropping_a_control_plane_stops_its_servers_and_removes_its_files() {
         "the API server at {addr} must be gone"
     );
 }
+
+#[tokio::test]
+async fn pods_that_do_not_fit_the_node_stay_pending_as_unschedulable() {
+    let t = TestNs::new("unschedulable", true).await;
+    let mut picky = restricted_spec("true", json!([]));
+    picky["nodeSelector"] = json!({"disktype": "ssd"});
+    let mut greedy = restricted_spec("true", json!([]));
+    greedy["containers"][0]["resources"] = json!({"requests": {"cpu": "64", "memory": "32Mi"}, "limits": {"cpu": "64", "memory": "32Mi"}});
+    for (name, spec) in [("picky", picky), ("greedy", greedy)] {
+        t.pods()
+            .create(&PostParams::default(), &pod(name, spec, json!({})))
+            .await
+            .expect("create pod");
+    }
+    for (name, expected) in [
+        ("picky", "didn't match Pod's node affinity/selector"),
+        ("greedy", "Insufficient cpu"),
+    ] {
+        let message = wait_for("PodScheduled=False", || async {
+            let p = t.pods().get(name).await.ok()?;
+            let c = p
+                .status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+            assert_eq!(c.reason.as_deref(), Some("Unschedulable"));
+            c.message
+        })
+        .await;
+        assert!(message.contains(expected), "{name}: {message}");
+        let p = t.pods().get(name).await.expect("pod");
+        assert_eq!(phase(&p), "Pending");
+        assert!(
+            p.spec.and_then(|s| s.node_name).is_none(),
+            "{name} must stay unbound"
+        );
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! Layout of this module:
 //! - [`NodeSimulator`] / [`SimulatorBuilder`]: registers a Ready `Node`, then watches pods (in one
-//!   namespace, or all) and for each event decides: bind it (no scheduler runs), start it, stop it, or
-//!   force-delete it.
+//!   namespace, or all) and for each event decides: bind it (no scheduler runs; the simulator checks
+//!   `nodeSelector` and CPU/memory requests against the node and otherwise marks the pod `Unschedulable`
+//!   as kube-scheduler would), start it, stop it, or force-delete it.
 //! - `PodRun` (private): one task per pod that plays the container runtime: resolves the env the way the
 //!   kubelet does (`value`, `valueFrom` field/secret/config map refs, `envFrom`, `$(VAR)` expansion),
 //!   runs init containers in order and then the containers as process groups, and writes pod status
@@ -109,6 +110,8 @@ struct Inner {
     namespace: Option<String>,
     images: HashMap<String, PathBuf>,
     api_server: Option<(String, u16)>,
+    labels: BTreeMap<String, String>,
+    capacity: Capacity,
     rules: Mutex<Vec<(BTreeMap<String, String>, Fault)>>,
     pods: Mutex<HashMap<String, PodEntry>>,
     work: tempfile::TempDir,
@@ -130,6 +133,17 @@ pub struct SimulatorBuilder {
     namespace: Option<String>,
     images: HashMap<String, PathBuf>,
     api_server: Option<(String, u16)>,
+    labels: BTreeMap<String, String>,
+    capacity: Capacity,
+}
+
+/// What the node offers to pods: the scheduler-side check the simulator does before binding.
+#[derive(Debug, Clone, Copy)]
+struct Capacity {
+    /// CPU in millicores.
+    milli_cpu: u64,
+    /// Memory in bytes.
+    memory: u64,
 }
 
 impl std::fmt::Debug for SimulatorBuilder {
@@ -177,18 +191,45 @@ impl SimulatorBuilder {
         self
     }
 
+    /// Adds a label to the Node, for pods' `nodeSelector` to match.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the node's allocatable CPU and memory as Kubernetes quantities (default `2` and `24Gi`).
+    /// Pods whose requests exceed it stay Pending as `Unschedulable`. Unparseable values are ignored.
+    pub fn capacity(mut self, cpu: &str, memory: &str) -> Self {
+        if let Some(milli_cpu) = parse_quantity(cpu, true) {
+            self.capacity.milli_cpu = milli_cpu;
+        }
+        if let Some(bytes) = parse_quantity(memory, false) {
+            self.capacity.memory = bytes;
+        }
+        self
+    }
+
     /// Registers the node and starts watching pods.
     pub async fn start(self) -> Result<NodeSimulator> {
         let work = tempfile::Builder::new()
             .prefix("taskpods-node-")
             .tempdir()
             .map_err(Error::io("creating node work directory"))?;
+        let mut labels = BTreeMap::from([
+            ("kubernetes.io/hostname".to_string(), self.node.clone()),
+            ("kubernetes.io/os".to_string(), "linux".to_string()),
+            ("kubernetes.io/arch".to_string(), "amd64".to_string()),
+            ("taskpods.dev/simulated".to_string(), "true".to_string()),
+        ]);
+        labels.extend(self.labels);
         let inner = Arc::new(Inner {
             client: self.client,
             node: self.node,
             namespace: self.namespace,
             images: self.images,
             api_server: self.api_server,
+            labels,
+            capacity: self.capacity,
             rules: Mutex::new(Vec::new()),
             pods: Mutex::new(HashMap::new()),
             work,
@@ -215,6 +256,12 @@ impl NodeSimulator {
             namespace: None,
             images: HashMap::new(),
             api_server: None,
+            labels: BTreeMap::new(),
+            // The machine this runs on: 2 cores, 24 GiB.
+            capacity: Capacity {
+                milli_cpu: 2000,
+                memory: 24 << 30,
+            },
         }
     }
 
@@ -309,12 +356,7 @@ async fn register_node(inner: &Inner) -> Result<()> {
     let node = Node {
         metadata: ObjectMeta {
             name: Some(inner.node.clone()),
-            labels: Some(BTreeMap::from([
-                ("kubernetes.io/hostname".to_string(), inner.node.clone()),
-                ("kubernetes.io/os".to_string(), "linux".to_string()),
-                ("kubernetes.io/arch".to_string(), "amd64".to_string()),
-                ("taskpods.dev/simulated".to_string(), "true".to_string()),
-            ])),
+            labels: Some(inner.labels.clone()),
             ..Default::default()
         },
         ..Default::default()
@@ -324,8 +366,12 @@ async fn register_node(inner: &Inner) -> Result<()> {
         Err(kube::Error::Api(status)) if status.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    let resources =
-        json!({"cpu": "2", "memory": "24Gi", "pods": "110", "ephemeral-storage": "100Gi"});
+    let resources = json!({
+        "cpu": format!("{}m", inner.capacity.milli_cpu),
+        "memory": inner.capacity.memory.to_string(),
+        "pods": "110",
+        "ephemeral-storage": "100Gi",
+    });
     let t = now();
     let condition = |kind: &str, status: &str, reason: &str| {
         json!({"type": kind, "status": status, "reason": reason, "message": "simulated",
@@ -393,7 +439,10 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
                 .as_deref()
                 .is_none_or(|s| s == "default-scheduler");
             if ours && pod.metadata.deletion_timestamp.is_none() {
-                bind(&api, &name, &namespace, &inner.node).await?;
+                match unschedulable(inner, &spec) {
+                    None => bind(&api, &name, &namespace, &inner.node).await?,
+                    Some(message) => mark_unschedulable(&api, &pod, &message).await?,
+                }
             }
             Ok(())
         }
@@ -450,6 +499,101 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
         }
         Some(_) => Ok(()),
     }
+}
+
+/// The scheduler's verdict on this node, in its words, if the pod does not fit: `nodeSelector` labels
+/// and CPU/memory requests (summed over containers, or the largest init container if that is more).
+/// Affinity, taints and the requests of pods already on the node are not considered.
+fn unschedulable(inner: &Inner, spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    let selector_ok = spec
+        .node_selector
+        .as_ref()
+        .is_none_or(|sel| sel.iter().all(|(k, v)| inner.labels.get(k) == Some(v)));
+    if !selector_ok {
+        return Some(
+            "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.".into(),
+        );
+    }
+    let request = |c: &Container, name: &str, cpu: bool| {
+        c.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get(name))
+            .and_then(|q| parse_quantity(&q.0, cpu))
+            .unwrap_or(0)
+    };
+    let need = |name: &str, cpu: bool| {
+        let app: u64 = spec.containers.iter().map(|c| request(c, name, cpu)).sum();
+        let init = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| request(c, name, cpu))
+            .max()
+            .unwrap_or(0);
+        app.max(init)
+    };
+    let mut short = Vec::new();
+    if need("cpu", true) > inner.capacity.milli_cpu {
+        short.push("1 Insufficient cpu");
+    }
+    if need("memory", false) > inner.capacity.memory {
+        short.push("1 Insufficient memory");
+    }
+    (!short.is_empty()).then(|| format!("0/1 nodes are available: {}.", short.join(", ")))
+}
+
+/// Records `PodScheduled=False` like kube-scheduler, once (rewriting it would trigger another event).
+async fn mark_unschedulable(api: &Api<Pod>, pod: &Pod, message: &str) -> Result<()> {
+    let already = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "PodScheduled" && c.status == "False")
+        });
+    if already {
+        return Ok(());
+    }
+    let status = json!({"status": {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": message, "lastTransitionTime": now(),
+    }]}});
+    api.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Parses a Kubernetes quantity into millicores (`milli`) or plain units (bytes). Returns None for
+/// forms the simulator does not need (exponents, fractions of binary units).
+fn parse_quantity(q: &str, milli: bool) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "m" => 0.001,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let value = number * factor * if milli { 1000.0 } else { 1.0 };
+    // Round up, as Kubernetes does when converting to a smaller scale.
+    Some(value.ceil() as u64)
 }
 
 async fn bind(api: &Api<Pod>, name: &str, namespace: &str, node: &str) -> Result<()> {
@@ -1399,6 +1543,16 @@ mod tests {
         assert!(restarts("OnFailure", Some(1)));
         assert!(!restarts("OnFailure", Some(0)));
         assert!(restarts("Always", Some(0)));
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("100m", true), Some(100));
+        assert_eq!(parse_quantity("2", true), Some(2000));
+        assert_eq!(parse_quantity("0.5", true), Some(500));
+        assert_eq!(parse_quantity("64Mi", false), Some(64 << 20));
+        assert_eq!(parse_quantity("1G", false), Some(1_000_000_000));
+        assert_eq!(parse_quantity("1e3", false), None);
     }
 
     #[test]
