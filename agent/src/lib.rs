@@ -51,6 +51,44 @@ use crate::sandbox::{Sandbox, SandboxLimits};
 /// The agent's version, reported in its hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The agent's whole program: configuration from the environment, run, exit code (2: bad configuration,
+/// 1: could not run or report, 0 otherwise, whatever the code's own exit code).
+pub fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let config = match Config::from_env(|name| std::env::var(name).ok()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("taskpods-agent: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("taskpods-agent: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("taskpods-agent {VERSION}: task {}", config.task);
+    match runtime.block_on(run(config)) {
+        Ok(outcome) => {
+            eprintln!("taskpods-agent: done, exit code {}", outcome.exit_code);
+            ExitCode::SUCCESS
+        }
+        Err(AgentError::Stopped(reason)) => {
+            eprintln!("taskpods-agent: not running: {reason}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("taskpods-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Everything the agent reads from its environment.
 #[derive(Debug, Clone)]
 pub struct Config {

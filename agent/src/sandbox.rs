@@ -245,6 +245,7 @@ pub fn spawn(
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .current_dir("/")
         .process_group(0)
         .kill_on_drop(true);
     if config.sandbox == Sandbox::None {

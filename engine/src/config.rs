@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::executor::{BackendConfig, ExecutorConfig};
+use crate::gateway::GatewayConfig;
 use crate::intake::IntakeConfig;
 use crate::topology::TopologyConfig;
 
@@ -17,6 +19,14 @@ pub struct EngineConfig {
     pub topology: TopologyConfig,
     /// Command intake: consumer, concurrency, launch policy.
     pub intake: IntakeConfig,
+    /// Agent gateway: hello answers, heartbeat interval and timeout, output cap handed to agents.
+    pub gateway: GatewayConfig,
+    /// Executor: the event consumer that creates, stops and reaps sandboxes.
+    pub executor: ExecutorConfig,
+    /// The backend the executor drives (`None` here: no executor; `taskpods serve` uses `Local`).
+    pub backend: BackendConfig,
+    /// Whether the deadline timers run (they time out live tasks whose deadline has passed).
+    pub timers: bool,
 }
 
 impl Default for EngineConfig {
@@ -26,6 +36,10 @@ impl Default for EngineConfig {
             connect_timeout: Duration::from_secs(30),
             topology: TopologyConfig::default(),
             intake: IntakeConfig::default(),
+            gateway: GatewayConfig::default(),
+            executor: ExecutorConfig::default(),
+            backend: BackendConfig::default(),
+            timers: true,
         }
     }
 }

@@ -2,6 +2,9 @@
 //!
 //! - [`cli`]: the operator's commands, one module per group.
 //! - [`config`]: the engine's configuration, with embedded defaults.
+//! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events.
+//! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
+//! - [`timers`]: deadlines (`TimedOut`).
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
@@ -11,7 +14,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod executor;
+pub mod gateway;
 pub mod intake;
 pub mod server;
 pub mod store;
+pub mod timers;
 pub mod topology;

@@ -46,6 +46,8 @@ enum Command {
     Events(cli::task::EventsArgs),
     /// Ask for a task to stop.
     Cancel(cli::task::CancelArgs),
+    /// Print a task's output (with -f, follow it live until it ends).
+    Logs(cli::logs::LogsArgs),
     /// Replay a task's events from the stream (timeline, --at a point), or list --failed tasks.
     Replay(cli::replay::ReplayArgs),
     /// Rebuild, verify or inspect the KV views.
@@ -83,6 +85,7 @@ async fn main() -> ExitCode {
         Command::Show(args) => cli::task::show(global, args).await,
         Command::Events(args) => cli::task::events(global, args).await,
         Command::Cancel(args) => cli::task::cancel(global, args).await,
+        Command::Logs(args) => cli::logs::run(global, args).await,
         Command::Replay(args) => cli::replay::run(global, args).await,
         Command::Projections(args) => cli::projections::run(global, args).await,
     }

@@ -12,8 +12,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EngineConfig;
+use crate::executor::{self, BackendConfig, local::LocalBackend};
+use crate::gateway;
 use crate::intake::{self, IntakeStats};
 use crate::store::EventStore;
+use crate::timers;
 use crate::topology::{self, Topology, TopologyError};
 
 /// Errors that stop the engine.
@@ -142,6 +145,45 @@ impl Engine {
                 ("projector", result.map_err(|e| e.to_string()))
             }
         });
+
+        loops.spawn({
+            let (client, store, events, config, shutdown) = (
+                client.clone(),
+                store.clone(),
+                topology.events.clone(),
+                config.gateway.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                let result = gateway::run(client, store, events, config, shutdown).await;
+                ("gateway", result.map_err(|e| e.to_string()))
+            }
+        });
+        if config.timers {
+            let (store, events, shutdown) =
+                (store.clone(), topology.events.clone(), shutdown.clone());
+            loops.spawn(async move {
+                let result = timers::run(store, events, timers::wall_clock(), shutdown).await;
+                ("timers", result)
+            });
+        }
+        if let BackendConfig::Local(local) = &config.backend {
+            let backend = Arc::new(LocalBackend::new(
+                local.clone(),
+                topology.names.clone(),
+                &config.nats_urls,
+            ));
+            let (store, events, executor, shutdown) = (
+                store.clone(),
+                topology.events.clone(),
+                config.executor.clone(),
+                shutdown.clone(),
+            );
+            loops.spawn(async move {
+                let result = executor::run(backend, store, events, executor, shutdown).await;
+                ("executor", result.map_err(|e| e.to_string()))
+            });
+        }
 
         info!(
             prefix = %topology.names,

@@ -1,10 +1,12 @@
 //! The operator's CLI, one module per command group; `main.rs` only parses and dispatches.
 //!
 //! - [`serve`]: run the engine.
+//! - [`logs`]: a task's output, stored or live.
 //! - [`replay`]: a task's timeline from the stream; failed tasks since a time.
 //! - [`projections`]: rebuild, verify and status of the KV views.
 //! - [`task`]: launch, show, events, cancel.
 
+pub mod logs;
 pub mod projections;
 pub mod replay;
 pub mod serve;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cli::Global;
 use crate::config::EngineConfig;
+use crate::executor::{BackendConfig, local::LocalConfig};
 use crate::server;
 use crate::topology::TopologyConfig;
 
@@ -17,6 +18,12 @@ pub struct ServeArgs {
     /// Seconds to keep trying to reach NATS at start-up.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_secs: u64,
+    /// Where tasks run: `local` (sandboxed processes on this machine) or `none` (no executor).
+    #[arg(long, env = "TASKPODS_BACKEND", default_value = "local")]
+    pub backend: String,
+    /// The agent binary for the local backend (default: `taskpods-agent` next to this binary).
+    #[arg(long, env = "TASKPODS_AGENT_BIN")]
+    pub agent_bin: Option<std::path::PathBuf>,
 }
 
 /// Runs the engine.
@@ -28,6 +35,20 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
             names: global.names,
             replicas: args.replicas,
             ..TopologyConfig::default()
+        },
+        backend: match args.backend.as_str() {
+            "local" => {
+                let mut local = LocalConfig::default();
+                if let Some(bin) = args.agent_bin {
+                    local.agent_bin = bin;
+                }
+                BackendConfig::Local(local)
+            }
+            "none" => BackendConfig::None,
+            other => {
+                eprintln!("error: unknown backend {other:?}: use local or none");
+                return ExitCode::from(2);
+            }
         },
         ..EngineConfig::default()
     };

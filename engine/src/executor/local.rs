@@ -1,0 +1,304 @@
+//! The local backend (the embedded default): each task runs as a `taskpods-agent` process on this
+//! machine, and the agent runs the user's code inside bubblewrap (see the agent's `sandbox` module for the
+//! isolation).
+//!
+//! The sandbox's name is the task's deterministic Job name (`task-<uuid>`); its state lives in
+//! `<state_dir>/<name>/`: `pid` (the agent's pid and its start time, so a recycled pid is never mistaken
+//! for it) and `agent.log` (the agent's own diagnostics). The agent runs in its own process group, with
+//! no pipe to the engine, so it outlives an engine restart; the restarted engine finds it by name and
+//! adopts it instead of starting a second one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use taskpods_events::{FailureReason, Names, TaskId, TaskSpec};
+use tracing::{info, warn};
+
+use super::{Backend, BackendError};
+
+/// Local backend settings.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// The agent binary; default: `taskpods-agent` next to the running executable, else on `PATH`.
+    pub agent_bin: PathBuf,
+    /// Where sandboxes keep their pid file and agent log.
+    pub state_dir: PathBuf,
+    /// NATS URLs the agents connect to; default: the engine's.
+    pub nats_urls: Option<Vec<String>>,
+    /// `bwrap` (isolate the code) or `none` (only for machines without bubblewrap; unsafe).
+    pub sandbox: String,
+    /// Size of each sandbox's private `/tmp`, bytes.
+    pub tmp_bytes: u64,
+    /// Most processes per sandbox.
+    pub max_procs: u64,
+    /// Largest file a task may write, bytes.
+    pub max_file_bytes: u64,
+    /// How long a stopped agent gets to flush and report before it is killed.
+    pub kill_grace: Duration,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join("taskpods-agent")))
+            .filter(|path| path.exists());
+        let data = std::env::var_os("TASKPODS_DATA")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/taskpods"))
+            })
+            .unwrap_or_else(|| std::env::temp_dir().join("taskpods"));
+        Self {
+            agent_bin: beside.unwrap_or_else(|| PathBuf::from("taskpods-agent")),
+            state_dir: data.join("sandboxes"),
+            nats_urls: None,
+            sandbox: "bwrap".to_owned(),
+            tmp_bytes: 256 << 20,
+            max_procs: 256,
+            max_file_bytes: 128 << 20,
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs tasks as local sandboxed processes.
+#[derive(Debug)]
+pub struct LocalBackend {
+    config: LocalConfig,
+    names: Names,
+    nats_urls: Vec<String>,
+    /// Children this engine spawned, so their exit is collected (no zombies).
+    children: Arc<Mutex<HashMap<u32, ()>>>,
+}
+
+/// A process identity that survives pid reuse: pid and start time (clock ticks since boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    /// The pid.
+    pub pid: u32,
+    /// Its start time, from `/proc/<pid>/stat`.
+    pub start: u64,
+}
+
+/// The state and start time of `pid`, from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+impl ProcessId {
+    /// The identity of a running `pid`.
+    pub fn of(pid: u32) -> Option<Self> {
+        proc_stat(pid).map(|(_, start)| Self { pid, start })
+    }
+
+    /// Whether this very process still runs (not exited, not a zombie, pid not reused).
+    pub fn alive(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((state, start)) if start == self.start && state != 'Z' && state != 'X')
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split_whitespace();
+        Some(Self {
+            pid: parts.next()?.parse().ok()?,
+            start: parts.next()?.parse().ok()?,
+        })
+    }
+}
+
+impl LocalBackend {
+    /// A backend for agents that talk to `nats_urls` under `names`.
+    pub fn new(config: LocalConfig, names: Names, engine_nats_urls: &[String]) -> Self {
+        let nats_urls = config
+            .nats_urls
+            .clone()
+            .unwrap_or_else(|| engine_nats_urls.to_vec());
+        Self {
+            config,
+            names,
+            nats_urls,
+            children: Arc::default(),
+        }
+    }
+
+    /// The sandbox directory of `job`.
+    pub fn dir(&self, job: &str) -> PathBuf {
+        self.config.state_dir.join(job)
+    }
+
+    /// The agent process of `job`, if it runs.
+    pub fn process(&self, job: &str) -> Option<ProcessId> {
+        let text = std::fs::read_to_string(self.dir(job).join("pid")).ok()?;
+        ProcessId::parse(&text).filter(ProcessId::alive)
+    }
+
+    fn spawn(
+        &self,
+        task: TaskId,
+        job: &str,
+        deadline: DateTime<Utc>,
+    ) -> Result<ProcessId, BackendError> {
+        let dir = self.dir(job);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BackendError::transient(format!("create {}: {e}", dir.display())))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .map_err(|e| BackendError::transient(format!("agent log: {e}")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| BackendError::transient(format!("agent log: {e}")))?;
+        let mut command = tokio::process::Command::new(&self.config.agent_bin);
+        command
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+            )
+            .env("TASKPODS_TASK_ID", task.to_string())
+            .env("TASKPODS_NATS_URL", self.nats_urls.join(","))
+            .env("TASKPODS_PREFIX", self.names.prefix())
+            .env("TASKPODS_DEADLINE", deadline.to_rfc3339())
+            .env("TASKPODS_SANDBOX", &self.config.sandbox)
+            .env("TASKPODS_TMP_BYTES", self.config.tmp_bytes.to_string())
+            .env("TASKPODS_MAX_PROCS", self.config.max_procs.to_string())
+            .env(
+                "TASKPODS_MAX_FILE_BYTES",
+                self.config.max_file_bytes.to_string(),
+            )
+            .env(
+                "TASKPODS_KILL_GRACE_MS",
+                self.config.kill_grace.as_millis().to_string(),
+            )
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            // Its own process group: no terminal signal meant for the engine reaches it, and it
+            // outlives the engine (adopted on restart).
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = command.spawn().map_err(|e| {
+            BackendError::fatal(
+                FailureReason::BackendError,
+                format!(
+                    "cannot start the agent {}: {e}",
+                    self.config.agent_bin.display()
+                ),
+            )
+        })?;
+        let pid = child.id().ok_or_else(|| {
+            BackendError::transient("the agent exited before it could be recorded")
+        })?;
+        let id = ProcessId::of(pid)
+            .ok_or_else(|| BackendError::transient("the agent exited at once"))?;
+        let pid_file = dir.join("pid");
+        let tmp = dir.join("pid.tmp");
+        std::fs::write(&tmp, format!("{} {}\n", id.pid, id.start))
+            .and_then(|()| std::fs::rename(&tmp, &pid_file))
+            .map_err(|e| BackendError::transient(format!("pid file: {e}")))?;
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pid, ());
+        let children = self.children.clone();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+        });
+        Ok(id)
+    }
+
+    async fn wait_gone(id: ProcessId, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        while id.alive() {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        true
+    }
+
+    fn pid(id: ProcessId) -> Option<Pid> {
+        i32::try_from(id.pid).ok().map(Pid::from_raw)
+    }
+}
+
+fn remove_dir(dir: &Path) -> Result<(), BackendError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BackendError::transient(format!(
+            "remove {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+impl Backend for LocalBackend {
+    async fn create(
+        &self,
+        task: TaskId,
+        _spec: &TaskSpec,
+        deadline: DateTime<Utc>,
+    ) -> Result<String, BackendError> {
+        let job = task.job_name();
+        if let Some(id) = self.process(&job) {
+            info!(%task, pid = id.pid, "adopting the running sandbox");
+            return Ok(job);
+        }
+        let id = self.spawn(task, &job, deadline)?;
+        info!(%task, pid = id.pid, job, "sandbox started");
+        Ok(job)
+    }
+
+    async fn stop(&self, task: TaskId, job: &str) -> Result<(), BackendError> {
+        let Some(id) = self.process(job) else {
+            return Ok(());
+        };
+        let Some(pid) = Self::pid(id) else {
+            return Ok(());
+        };
+        // The agent forwards the stop to the code (kills the sandbox), flushes output and reports.
+        let _ = kill(pid, Signal::SIGTERM);
+        if !Self::wait_gone(id, self.config.kill_grace).await {
+            warn!(%task, pid = id.pid, "agent did not stop within the grace period; killing");
+            if id.alive() {
+                let _ = killpg(pid, Signal::SIGKILL);
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            if !Self::wait_gone(id, Duration::from_secs(5)).await {
+                return Err(BackendError::transient(format!(
+                    "agent {} of {task} survives SIGKILL",
+                    id.pid
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn reap(&self, task: TaskId, job: &str, grace: Duration) -> Result<(), BackendError> {
+        if let Some(id) = self.process(job)
+            && !Self::wait_gone(id, grace).await
+        {
+            self.stop(task, job).await?;
+        }
+        remove_dir(&self.dir(job))
+    }
+}

@@ -1,0 +1,340 @@
+//! The executor: a durable consumer of the event stream that makes the backend match each task's state.
+//!
+//! It is level-triggered: on any event of a task it loads the task and acts on its *current* state, so a
+//! redelivered or old event never repeats an effect, and every effect is idempotent besides:
+//!
+//! | current state | effect | then executes |
+//! |---|---|---|
+//! | `Accepted` | create the sandbox (or adopt the one with the task's deterministic name) | `JobCreated{job}` |
+//! | `Cancelling` | stop the sandbox | `JobGone` (→ `Cancelled`) |
+//! | terminal, with a Job, not reaped | wait a little for the agent to finish on its own (only after a result it reported), stop it, remove the sandbox | `Reaped` |
+//! | anything else | nothing | |
+//!
+//! A message is acked only after its effect is done and its event appended; a transient failure naks it
+//! for redelivery. Different tasks proceed in parallel (bounded); one task's messages are handled one at
+//! a time. The [`Backend`] trait is what a backend implements: [`local`] (a sandboxed process per task) is
+//! the embedded default; the Kubernetes backend plugs into the same loop.
+
+pub mod local;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use taskpods_events::{Addressed, FailureReason, Input, TaskId, TaskSpec, TaskState};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::store::{EventStore, ExecuteError, LoadedTask};
+
+/// A backend failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// The reason code recorded when the failure ends the task.
+    pub reason: FailureReason,
+    /// Details.
+    pub message: String,
+    /// Whether trying again later may work (the message is redelivered) or the task must fail.
+    pub retryable: bool,
+}
+
+impl BackendError {
+    /// A failure worth retrying.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            reason: FailureReason::BackendError,
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure that ends the task with `reason`.
+    pub fn fatal(reason: FailureReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// What runs tasks: Kubernetes Jobs, or local sandboxed processes. Every method is idempotent.
+pub trait Backend: Send + Sync + 'static {
+    /// Creates the task's sandbox, or adopts the one that already exists under the task's deterministic
+    /// name (never a second one); returns that name (the `job` of `Scheduled`).
+    fn create(
+        &self,
+        task: TaskId,
+        spec: &TaskSpec,
+        deadline: DateTime<Utc>,
+    ) -> impl Future<Output = Result<String, BackendError>> + Send;
+
+    /// Stops the sandbox now (cancel, timeout, lost agent): asks politely, then kills after a grace
+    /// period. Returns once nothing of the task runs any more. Succeeds when there is nothing to stop.
+    fn stop(
+        &self,
+        task: TaskId,
+        job: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Waits up to `grace` for the sandbox to end on its own (the agent flushing its output after its
+    /// result), stops it if it did not, and removes what is left. Succeeds when nothing is left.
+    fn reap(
+        &self,
+        task: TaskId,
+        job: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// Which backend the executor drives.
+#[derive(Debug, Clone, Default)]
+pub enum BackendConfig {
+    /// No executor at all: tasks are accepted and wait (engines that only take commands, tests of other
+    /// loops). The library default; `taskpods serve` picks `Local` unless told otherwise.
+    #[default]
+    None,
+    /// Local sandboxed processes (the embedded default of `taskpods serve`).
+    Local(local::LocalConfig),
+}
+
+/// Executor settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// The durable consumer's name; engine replicas share it.
+    pub durable_name: String,
+    /// Events delivered but not yet acked, at most.
+    pub max_in_flight: usize,
+    /// Tasks worked on at once.
+    pub concurrency: usize,
+    /// How long the server waits for an ack before redelivering (longer than any effect).
+    pub ack_wait: Duration,
+    /// How long before a message that hit a transient failure is redelivered.
+    pub retry_delay: Duration,
+    /// How long a finished task's sandbox may take to end on its own before it is stopped.
+    pub reap_grace: Duration,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            durable_name: "taskpods-executor".to_owned(),
+            max_in_flight: 512,
+            concurrency: 64,
+            ack_wait: Duration::from_secs(60),
+            retry_delay: Duration::from_secs(1),
+            reap_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors that stop the executor.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// The consumer could not be created or read.
+    #[error("executor consumer: {0}")]
+    Consumer(async_nats::Error),
+}
+
+/// What one reconciliation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing was needed.
+    Nothing,
+    /// The sandbox was created (or adopted) and recorded.
+    Created(String),
+    /// The sandbox was stopped and recorded gone.
+    Stopped,
+    /// The sandbox was removed and recorded reaped.
+    Reaped,
+}
+
+/// Makes the backend match the task's current state (see the module table).
+pub async fn reconcile<B: Backend>(
+    backend: &B,
+    store: &EventStore,
+    task_id: TaskId,
+    config: &ExecutorConfig,
+) -> Result<Effect, BackendError> {
+    let loaded = store
+        .load(task_id)
+        .await
+        .map_err(|e| BackendError::transient(e.to_string()))?;
+    let task = &loaded.task;
+    match task.state {
+        TaskState::Accepted => {
+            let (Some(spec), Some(deadline)) = (&task.spec, task.deadline) else {
+                return Ok(Effect::Nothing);
+            };
+            match backend.create(task_id, spec, deadline).await {
+                Ok(job) => {
+                    let input = Input::JobCreated { job: job.clone() };
+                    match execute(store, task_id, &input, Some(loaded.clone())).await? {
+                        Some(after) if after.task.state.is_terminal() => {
+                            // Ended (cancelled) while we created: remove what we made.
+                            backend.stop(task_id, &job).await?;
+                        }
+                        _ => {}
+                    }
+                    Ok(Effect::Created(job))
+                }
+                Err(e) if e.retryable => Err(e),
+                Err(e) => {
+                    let input = Input::BackendFailed {
+                        reason: e.reason,
+                        message: Some(e.message.clone()),
+                    };
+                    execute(store, task_id, &input, Some(loaded.clone())).await?;
+                    Ok(Effect::Nothing)
+                }
+            }
+        }
+        TaskState::Cancelling => {
+            let Some(job) = &task.job else {
+                return Ok(Effect::Nothing);
+            };
+            backend.stop(task_id, job).await?;
+            execute(store, task_id, &Input::JobGone, None).await?;
+            Ok(Effect::Stopped)
+        }
+        state if state.is_terminal() && !task.reaped => {
+            let Some(job) = &task.job else {
+                return Ok(Effect::Nothing);
+            };
+            // After a result the agent reported, it is only flushing and exiting: let it.
+            let reported = matches!(
+                state,
+                TaskState::Succeeded
+                    | TaskState::Failed {
+                        reason: FailureReason::NonZeroExit { .. }
+                    }
+            );
+            let grace = if reported {
+                config.reap_grace
+            } else {
+                Duration::ZERO
+            };
+            backend.reap(task_id, job, grace).await?;
+            execute(store, task_id, &Input::Reaped, None).await?;
+            Ok(Effect::Reaped)
+        }
+        _ => Ok(Effect::Nothing),
+    }
+}
+
+/// Executes `input`; a refusal is fine (someone else moved the task on) and gives the task as it is.
+async fn execute(
+    store: &EventStore,
+    task: TaskId,
+    input: &Input,
+    cached: Option<LoadedTask>,
+) -> Result<Option<LoadedTask>, BackendError> {
+    match store.execute(task, input, Utc::now(), cached).await {
+        Ok(executed) => Ok(Some(executed.task)),
+        Err(ExecuteError::Refused { refusal, task: t }) => {
+            debug!(%task, %refusal, ?input, "executor input refused");
+            Ok(Some(*t))
+        }
+        Err(ExecuteError::Store(e)) => Err(BackendError::transient(e.to_string())),
+    }
+}
+
+/// Runs the executor over `backend` until `shutdown`.
+pub async fn run<B: Backend>(
+    backend: Arc<B>,
+    store: EventStore,
+    events: Stream,
+    config: ExecutorConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ExecutorError> {
+    let names = store.names().clone();
+    let mut messages = events
+        .get_or_create_consumer(
+            &config.durable_name,
+            pull::Config {
+                durable_name: Some(config.durable_name.clone()),
+                filter_subject: names.events_all(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_ack_pending: i64::try_from(config.max_in_flight).unwrap_or(i64::MAX),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| ExecutorError::Consumer(e.into()))?
+        .messages()
+        .await
+        .map_err(|e| ExecutorError::Consumer(e.into()))?;
+    let limit = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
+    let locks: Arc<Mutex<HashMap<TaskId, Arc<tokio::sync::Mutex<()>>>>> = Arc::default();
+    let config = Arc::new(config);
+    info!("executor running");
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = messages.next() => next,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                warn!(error = %e, "executor: consumer error");
+                continue;
+            }
+            None => break,
+        };
+        let Ok(Addressed::Events(task)) = names.parse(&msg.subject) else {
+            let _ = msg.ack().await;
+            continue;
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let lock = locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(task)
+            .or_default()
+            .clone();
+        let (backend, store, config, locks, shutdown) = (
+            backend.clone(),
+            store.clone(),
+            config.clone(),
+            locks.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let guard = lock.lock().await;
+            let work = reconcile(&*backend, &store, task, &config);
+            let result = tokio::select! {
+                result = work => Some(result),
+                () = shutdown.cancelled() => None,
+            };
+            match result {
+                Some(Ok(effect)) => {
+                    if effect != Effect::Nothing {
+                        debug!(%task, ?effect, "executor");
+                    }
+                    let _ = msg.double_ack().await;
+                }
+                Some(Err(e)) => {
+                    warn!(%task, error = %e, "executor: will retry");
+                    let _ = msg.ack_with(AckKind::Nak(Some(config.retry_delay))).await;
+                }
+                // Shutting down mid-effect: leave the message unacked, the next engine redoes it.
+                None => {}
+            }
+            drop(guard);
+            let mut locks = locks.lock().unwrap_or_else(|p| p.into_inner());
+            if Arc::strong_count(&lock) == 2 {
+                locks.remove(&task);
+            }
+            drop(permit);
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,352 @@
+//! The agent gateway: answers agents' hellos and watches their heartbeats.
+//!
+//! - Hello (`<p>.agent.<task>.hello`, request/reply, queue group `taskpods-gateway` so replicas share the
+//!   work): executes `Input::AgentHello` through the store and answers a msgpack [`HelloReply`]: `Run`
+//!   with the instructions when the task is (now) `Running` (a repeated hello is refused as a duplicate
+//!   and answered again), `Wait` while the task is still `Accepted` (the Job is not recorded yet) or the
+//!   store is unavailable, `Stop` when the task has ended, is being cancelled, or does not exist.
+//! - Heartbeats (`<p>.agent.<task>.heartbeat`, core NATS, every replica listens): a task that is
+//!   `Running` and has not been heard from for the heartbeat timeout gets `Input::HeartbeatLost`
+//!   (`Failed{AgentLost}`). Which tasks are running comes from the event stream (last event per task at
+//!   start-up, then every new event), so a restarted engine watches the tasks that were running before,
+//!   counting their silence from its own start.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::stream::Stream;
+use chrono::Utc;
+use futures::StreamExt;
+use taskpods_events::codec;
+use taskpods_events::{
+    Addressed, EventBody, HelloReply, Input, Instructions, Refusal, TaskId, TaskState,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::store::{EventStore, ExecuteError, LoadedTask};
+use crate::timers;
+
+/// Gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// How often agents send heartbeats (handed to them in their instructions).
+    pub heartbeat_interval: Duration,
+    /// Silence after which a running task fails with `AgentLost`.
+    pub heartbeat_timeout: Duration,
+    /// The most output an agent streams before its truncation marker (handed to it).
+    pub output_cap_bytes: u64,
+    /// What `Wait` tells an agent that asked too early.
+    pub hello_retry_after: Duration,
+    /// Hellos handled at once.
+    pub max_concurrent_hellos: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(30),
+            output_cap_bytes: 16 << 20,
+            hello_retry_after: Duration::from_millis(500),
+            max_concurrent_hellos: 64,
+        }
+    }
+}
+
+/// Errors that stop the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A subscription could not be made.
+    #[error("gateway subscription: {0}")]
+    Subscribe(async_nats::Error),
+}
+
+type Watched = Arc<Mutex<HashMap<TaskId, Instant>>>;
+
+/// The instructions for a task the store holds.
+pub fn instructions(
+    task_id: TaskId,
+    task: &LoadedTask,
+    config: &GatewayConfig,
+) -> Option<Instructions> {
+    let spec = task.task.spec.as_ref()?;
+    Some(Instructions {
+        task_id,
+        mode: spec.mode,
+        instructions: spec.instructions.clone(),
+        env: spec.env.clone(),
+        deadline: task.task.deadline?,
+        heartbeat_interval_ms: u64::try_from(config.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+        output_cap_bytes: config.output_cap_bytes,
+    })
+}
+
+/// The answer to a hello, given what executing `AgentHello` gave.
+pub fn answer(
+    task_id: TaskId,
+    result: &Result<LoadedTask, (Option<Refusal>, Option<LoadedTask>)>,
+    config: &GatewayConfig,
+) -> HelloReply {
+    let wait = HelloReply::Wait {
+        retry_after_ms: u64::try_from(config.hello_retry_after.as_millis()).unwrap_or(500),
+    };
+    let task = match result {
+        Ok(task) => task,
+        Err((Some(Refusal::UnknownTask), _)) => {
+            return HelloReply::Stop {
+                reason: "no such task".into(),
+            };
+        }
+        Err((_, Some(task))) => task,
+        Err((_, None)) => return wait,
+    };
+    match task.task.state {
+        TaskState::Running => instructions(task_id, task, config).map_or(wait, HelloReply::Run),
+        TaskState::Accepted | TaskState::New => wait,
+        state if state.is_terminal() || state == TaskState::Cancelling => HelloReply::Stop {
+            reason: format!("the task is {}", state.name()),
+        },
+        _ => wait,
+    }
+}
+
+/// Runs the gateway until `shutdown`.
+pub async fn run(
+    client: async_nats::Client,
+    store: EventStore,
+    events: Stream,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let names = store.names().clone();
+    let mut hellos = client
+        .queue_subscribe(names.agent_hello_all(), "taskpods-gateway".into())
+        .await
+        .map_err(|e| GatewayError::Subscribe(e.into()))?;
+    let mut heartbeats = client
+        .subscribe(names.agent_heartbeat_all())
+        .await
+        .map_err(|e| GatewayError::Subscribe(e.into()))?;
+    let watched: Watched = Arc::default();
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        config.max_concurrent_hellos.max(1),
+    ));
+
+    let _follower = timers::AbortOnDrop(tokio::spawn(follow_running(
+        events,
+        store.clone(),
+        watched.clone(),
+        shutdown.clone(),
+    )));
+    let _checker = timers::AbortOnDrop(tokio::spawn(check_heartbeats(
+        store.clone(),
+        watched.clone(),
+        config.clone(),
+        shutdown.clone(),
+    )));
+    info!("agent gateway running");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(msg) = hellos.next() => {
+                let Ok(Addressed::AgentHello(task)) = names.parse(&msg.subject) else { continue };
+                let Some(reply) = msg.reply.clone() else { continue };
+                let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                let (client, store, config, watched) =
+                    (client.clone(), store.clone(), config.clone(), watched.clone());
+                tokio::spawn(async move {
+                    let result = match store.execute(task, &Input::AgentHello, Utc::now(), None).await {
+                        Ok(executed) => Ok(executed.task),
+                        Err(ExecuteError::Refused { refusal, task }) => Err((Some(refusal), Some(*task))),
+                        Err(ExecuteError::Store(e)) => {
+                            warn!(%task, error = %e, "hello: store unavailable; telling the agent to wait");
+                            Err((None, None))
+                        }
+                    };
+                    let answer = answer(task, &result, &config);
+                    if matches!(answer, HelloReply::Run(_)) {
+                        watched.lock().unwrap_or_else(|p| p.into_inner()).entry(task).or_insert_with(Instant::now);
+                    }
+                    debug!(%task, ?answer, "hello answered");
+                    if let Ok(payload) = codec::to_msgpack(&answer) {
+                        let _ = client.publish(reply, payload.into()).await;
+                    }
+                    drop(permit);
+                });
+            }
+            Some(msg) = heartbeats.next() => {
+                if let Ok(Addressed::AgentHeartbeat(task)) = names.parse(&msg.subject) {
+                    let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(seen) = watched.get_mut(&task) {
+                        *seen = Instant::now();
+                    }
+                }
+            }
+            else => break,
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `watched` to the set of running tasks, from the event stream.
+async fn follow_running(
+    events: Stream,
+    store: EventStore,
+    watched: Watched,
+    shutdown: CancellationToken,
+) {
+    let names = store.names().clone();
+    let mut follow = timers::follow_events(events, names);
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = follow.recv() => next,
+        };
+        let Some((task, body)) = next else { return };
+        let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
+        match body {
+            EventBody::Running | EventBody::Progress { .. } => {
+                watched.entry(task).or_insert_with(Instant::now);
+            }
+            _ => {
+                watched.remove(&task);
+            }
+        }
+    }
+}
+
+async fn check_heartbeats(
+    store: EventStore,
+    watched: Watched,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) {
+    let every = (config.heartbeat_timeout / 4).max(Duration::from_millis(20));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let silent: Vec<TaskId> = {
+            let watched = watched.lock().unwrap_or_else(|p| p.into_inner());
+            watched
+                .iter()
+                .filter(|(_, seen)| seen.elapsed() > config.heartbeat_timeout)
+                .map(|(task, _)| *task)
+                .collect()
+        };
+        for task in silent {
+            match store
+                .execute(task, &Input::HeartbeatLost, Utc::now(), None)
+                .await
+            {
+                Ok(_) => {
+                    info!(%task, "no heartbeat within {:?}: agent lost", config.heartbeat_timeout);
+                    watched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&task);
+                }
+                Err(ExecuteError::Refused { .. }) => {
+                    watched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&task);
+                }
+                Err(ExecuteError::Store(e)) => {
+                    warn!(%task, error = %e, "heartbeat lost but the store is unavailable; retrying");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskpods_events::{LaunchPolicy, LaunchTask, Task, decide, evolve, stamp};
+
+    fn task_in(inputs: &[Input]) -> LoadedTask {
+        let id = TaskId::from_idempotency_key("gateway");
+        let mut task = Task::default();
+        let at = Utc::now();
+        let launch = Input::Launch {
+            spec: LaunchTask::script("echo hi").validate(&LaunchPolicy::default()),
+            at,
+        };
+        for input in std::iter::once(&launch).chain(inputs) {
+            let bodies = decide(&task, input).expect("valid history");
+            for event in stamp(id, &task, at, bodies) {
+                task = evolve(task, &event);
+            }
+        }
+        LoadedTask {
+            task,
+            last_sequence: 1,
+            first_sequence: 1,
+        }
+    }
+
+    #[test]
+    fn hello_answers_follow_the_task_state() {
+        let id = TaskId::from_idempotency_key("gateway");
+        let config = GatewayConfig::default();
+        let job = Input::JobCreated { job: "j".into() };
+        let running = task_in(&[job.clone(), Input::AgentHello]);
+        match answer(id, &Ok(running.clone()), &config) {
+            HelloReply::Run(i) => {
+                assert_eq!(i.instructions, "echo hi");
+                assert_eq!(i.heartbeat_interval_ms, 5000);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            answer(id, &Err((Some(Refusal::Duplicate), Some(running))), &config),
+            HelloReply::Run(_)
+        ));
+        assert!(matches!(
+            answer(
+                id,
+                &Err((Some(Refusal::NotNow("accepted")), Some(task_in(&[])))),
+                &config
+            ),
+            HelloReply::Wait {
+                retry_after_ms: 500
+            }
+        ));
+        let cancelling = task_in(&[
+            job,
+            Input::Cancel(taskpods_events::CancelTask {
+                task_id: id.0,
+                reason: None,
+                requester: None,
+            }),
+        ]);
+        assert_eq!(
+            answer(
+                id,
+                &Err((Some(Refusal::NotNow("cancelling")), Some(cancelling))),
+                &config
+            ),
+            HelloReply::Stop {
+                reason: "the task is cancelling".into()
+            }
+        );
+        assert_eq!(
+            answer(id, &Err((Some(Refusal::UnknownTask), None)), &config),
+            HelloReply::Stop {
+                reason: "no such task".into()
+            }
+        );
+        assert!(matches!(
+            answer(id, &Err((None, None)), &config),
+            HelloReply::Wait { .. }
+        ));
+    }
+}

@@ -1,0 +1,422 @@
+//! The local backend end to end: a real nats-server, the engine (intake, gateway, timers, executor), the
+//! real agent binary and real bubblewrap. Short heartbeat and deadline settings keep it quick.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use taskpods_client::{Client, ClientConfig};
+use taskpods_engine::cli::logs::{self, Piece};
+use taskpods_engine::config::EngineConfig;
+use taskpods_engine::executor::local::{LocalConfig, ProcessId};
+use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
+use taskpods_engine::gateway::GatewayConfig;
+use taskpods_engine::server::Engine;
+use taskpods_events::{EventBody, FailureReason, LaunchTask, Names, TaskId, TaskState};
+use taskpods_harness::{NatsServer, nats_server_version};
+
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn config(server: &NatsServer, state_dir: &Path) -> EngineConfig {
+    EngineConfig {
+        nats_urls: vec![server.url()],
+        gateway: GatewayConfig {
+            heartbeat_interval: Duration::from_millis(200),
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
+            output_cap_bytes: 8 << 20,
+            hello_retry_after: Duration::from_millis(100),
+            ..GatewayConfig::default()
+        },
+        executor: ExecutorConfig {
+            retry_delay: Duration::from_millis(200),
+            reap_grace: Duration::from_secs(3),
+            ..ExecutorConfig::default()
+        },
+        backend: BackendConfig::Local(LocalConfig {
+            agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
+            state_dir: state_dir.to_owned(),
+            tmp_bytes: 4 << 20,
+            max_procs: 64,
+            kill_grace: Duration::from_secs(1),
+            ..LocalConfig::default()
+        }),
+        ..EngineConfig::default()
+    }
+}
+
+struct Setup {
+    server: NatsServer,
+    state: tempfile::TempDir,
+    engine: Option<Engine>,
+    client: Client,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let server = NatsServer::start();
+        let state = tempfile::tempdir().unwrap();
+        let engine = Engine::start(config(&server, state.path()))
+            .await
+            .expect("engine");
+        let client = Client::new(
+            server.connect().await,
+            ClientConfig {
+                reply_timeout: Duration::from_secs(10),
+                ..ClientConfig::default()
+            },
+        );
+        Self {
+            server,
+            state,
+            engine: Some(engine),
+            client,
+        }
+    }
+
+    async fn launch(&self, script: &str, timeout_secs: u32) -> TaskId {
+        let launch = LaunchTask {
+            timeout_secs: Some(timeout_secs),
+            ..LaunchTask::script(script)
+        };
+        self.client.launch(launch).await.expect("launch").task_id
+    }
+
+    async fn kinds(&self, task: TaskId) -> Vec<&'static str> {
+        self.client
+            .history(task)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event.body.kind())
+            .collect()
+    }
+
+    /// Waits until the task has ended and been reaped; returns the event kinds.
+    async fn finished(&self, task: TaskId, within: Duration) -> Vec<&'static str> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let kinds = self.kinds(task).await;
+            if kinds.last() == Some(&"reaped") {
+                return kinds;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "task {task} not reaped within {within:?} (server {}): {kinds:?}",
+                nats_server_version()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn until_state(&self, task: TaskId, state: TaskState, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let now = self.client.get(task).await.unwrap().task.state;
+            if now == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "task {task} is {now:?}, not {state:?}, after {within:?}: {:?}",
+                self.kinds(task).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The agent of a running task, from the sandbox's pid file.
+    fn agent(&self, task: TaskId) -> ProcessId {
+        let text =
+            std::fs::read_to_string(self.state.path().join(task.job_name()).join("pid")).unwrap();
+        let mut parts = text.split_whitespace();
+        ProcessId {
+            pid: parts.next().unwrap().parse().unwrap(),
+            start: parts.next().unwrap().parse().unwrap(),
+        }
+    }
+
+    async fn output(&self, task: TaskId) -> (Vec<u8>, Vec<u8>, Vec<String>) {
+        let js = jetstream::new(self.server.connect().await);
+        let (mut out, mut err, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+        logs::read(
+            &js,
+            &Names::default(),
+            task,
+            false,
+            Duration::from_secs(2),
+            async || true,
+            |piece| match piece {
+                Piece::Stdout(b) => out.extend_from_slice(&b),
+                Piece::Stderr(b) => err.extend_from_slice(&b),
+                Piece::Truncated(t) => marks.push(t),
+                Piece::End => marks.push("end".into()),
+            },
+        )
+        .await
+        .unwrap();
+        (out, err, marks)
+    }
+}
+
+/// Processes of `task` still alive: the agent, bubblewrap, the code (all carry the task id in their
+/// environment).
+fn processes_of(task: TaskId) -> Vec<u32> {
+    let needle = format!("TASKPODS_TASK_ID={task}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let alive = ProcessId::of(pid).is_some_and(|p| p.alive());
+        if alive
+            && environ
+                .split(|b| *b == 0)
+                .any(|var| var == needle.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+async fn gone(task: TaskId, within: Duration) {
+    let until = tokio::time::Instant::now() + within;
+    while !processes_of(task).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "processes of {task} still running: {:?}",
+            processes_of(task)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_script_succeeds_with_ordered_events_progress_and_complete_output() {
+    let setup = Setup::start().await;
+    let script = r#"
+echo "start as $(id -u)"
+echo "::progress:: 10% warming up"
+seq 1 100000
+echo "::progress:: 90% nearly there"
+head -c 100000 /dev/zero | tr '\0' 'L'; echo
+printf '\000\001\002\377\376' >&2
+echo '{"ok": true}' > /tmp/result.json
+"#;
+    let task = setup.launch(script, 120).await;
+    let kinds = setup.finished(task, Duration::from_secs(60)).await;
+    assert_eq!(
+        kinds,
+        [
+            "accepted",
+            "scheduled",
+            "running",
+            "progress",
+            "progress",
+            "succeeded",
+            "reaped"
+        ]
+    );
+    let history = setup.client.history(task).await.unwrap();
+    let EventBody::Succeeded { outcome } = &history[5].event.body else {
+        panic!("{:?}", history[5]);
+    };
+    let EventBody::Progress { message, percent } = &history[3].event.body else {
+        panic!();
+    };
+    assert_eq!((message.as_str(), *percent), ("warming up", Some(10.0)));
+    assert_eq!(outcome.exit_code, 0);
+    assert_eq!(outcome.result, Some(serde_json::json!({"ok": true})));
+
+    let mut expected = b"start as 1000\n::progress:: 10% warming up\n".to_vec();
+    for i in 1..=100_000 {
+        expected.extend_from_slice(format!("{i}\n").as_bytes());
+    }
+    expected.extend_from_slice(b"::progress:: 90% nearly there\n");
+    expected.extend_from_slice(&[b'L'; 100_000]);
+    expected.push(b'\n');
+    let (out, err, marks) = setup.output(task).await;
+    assert_eq!(out.len(), expected.len());
+    assert!(out == expected, "stdout differs from what the script wrote");
+    assert_eq!(err, [0, 1, 2, 255, 254]);
+    assert_eq!(marks, ["end"]);
+    assert_eq!(outcome.stdout_bytes, expected.len() as u64);
+    assert_eq!(outcome.stderr_bytes, 5);
+    assert!(!setup.state.path().join(task.job_name()).exists());
+    gone(task, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn exit_code_3_fails_with_its_code() {
+    let setup = Setup::start().await;
+    let task = setup.launch("echo failing >&2; exit 3", 60).await;
+    let kinds = setup.finished(task, Duration::from_secs(30)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "failed", "reaped"]
+    );
+    let task_now = setup.client.get(task).await.unwrap().task;
+    assert_eq!(
+        task_now.state,
+        TaskState::Failed {
+            reason: FailureReason::NonZeroExit { exit_code: 3 }
+        }
+    );
+    let (_, err, _) = setup.output(task).await;
+    assert_eq!(err, b"failing\n");
+}
+
+#[tokio::test]
+async fn a_script_past_its_deadline_times_out_and_is_killed() {
+    let setup = Setup::start().await;
+    let task = setup.launch("echo sleeping; sleep 300", 2).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    let agent = setup.agent(task);
+    assert!(agent.alive());
+    assert!(!processes_of(task).is_empty());
+    let kinds = setup.finished(task, Duration::from_secs(30)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "timed_out", "reaped"]
+    );
+    assert!(!agent.alive());
+    gone(task, Duration::from_secs(5)).await;
+    let (out, _, _) = setup.output(task).await;
+    assert_eq!(out, b"sleeping\n");
+}
+
+#[tokio::test]
+async fn cancel_while_running_cancels_and_kills() {
+    let setup = Setup::start().await;
+    let task = setup.launch("echo working; sleep 300", 120).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    let agent = setup.agent(task);
+    setup
+        .client
+        .cancel(task, Some("test".into()))
+        .await
+        .expect("cancel");
+    let kinds = setup.finished(task, Duration::from_secs(30)).await;
+    assert_eq!(
+        kinds,
+        [
+            "accepted",
+            "scheduled",
+            "running",
+            "cancel_requested",
+            "cancelled",
+            "reaped"
+        ]
+    );
+    assert!(!agent.alive());
+    gone(task, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn escapes_fail_and_say_so_in_the_output() {
+    let setup = Setup::start().await;
+    let port = setup.server.port();
+    let script = format!(
+        r#"
+bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' && echo "NATS REACHABLE" || echo "network: blocked"
+echo escape > /etc/taskpods-escape && echo "ROOT WRITABLE" || echo "root: read-only"
+head -c 8000000 /dev/zero > /tmp/fill && echo "TMP UNLIMITED" || echo "tmp: full"
+rm -f /tmp/fill
+sh -c 'while :; do sleep 2 & done'
+echo "fork bomb: stopped ($?)"
+"#
+    );
+    let task = setup.launch(&script, 60).await;
+    let kinds = setup.finished(task, Duration::from_secs(40)).await;
+    assert_eq!(kinds[3], "succeeded", "{kinds:?}");
+    let (out, err, _) = setup.output(task).await;
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    for expected in [
+        "network: blocked",
+        "root: read-only",
+        "tmp: full",
+        "fork bomb: stopped (2)",
+    ] {
+        assert!(
+            out.contains(expected),
+            "{expected:?} missing:\n{out}\n{err}"
+        );
+    }
+    for says in [
+        "Read-only file system",
+        "No space left on device",
+        "Cannot fork",
+    ] {
+        assert!(err.contains(says), "{says:?} missing from stderr:\n{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_agent_is_lost_after_the_heartbeat_timeout() {
+    let setup = Setup::start().await;
+    let task = setup.launch("sleep 300", 120).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    let agent = setup.agent(task);
+    let killed = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-KILL", &agent.pid.to_string()])
+        .status()
+        .unwrap();
+    setup
+        .until_state(
+            task,
+            TaskState::Failed {
+                reason: FailureReason::AgentLost,
+            },
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(
+        killed.elapsed() >= HEARTBEAT_TIMEOUT,
+        "lost after {:?}, before the timeout",
+        killed.elapsed()
+    );
+    let kinds = setup.finished(task, Duration::from_secs(20)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "failed", "reaped"]
+    );
+    gone(task, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_engine_restart_mid_run_neither_kills_nor_duplicates_the_task() {
+    let mut setup = Setup::start().await;
+    let task = setup.launch("echo before; sleep 4; echo after", 120).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    let agent = setup.agent(task);
+    setup.engine.take().unwrap().abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(agent.alive(), "the agent must outlive the engine");
+    setup.engine = Some(
+        Engine::start(config(&setup.server, setup.state.path()))
+            .await
+            .expect("engine restarts"),
+    );
+    let kinds = setup.finished(task, Duration::from_secs(40)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "succeeded", "reaped"]
+    );
+    let (out, _, marks) = setup.output(task).await;
+    assert_eq!(out, b"before\nafter\n");
+    assert_eq!(marks, ["end"]);
+    setup.engine.take().unwrap().shutdown().await.unwrap();
+}
