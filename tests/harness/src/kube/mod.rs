@@ -15,6 +15,28 @@
 //!   controller computes Job status from it. Faults (OOM kill, image pull failure, eviction) on request.
 //!
 //! Nothing here imitates the API server: every request goes to the real one built from upstream source.
+//!
+//! Typical use in a test (the binaries must have been built by `tests/kube-env/build.sh`):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use taskpods_harness::kube::{ControlPlane, NodeSimulator, create_namespace};
+//!
+//! let cp = ControlPlane::shared()?; // one per test binary
+//! let client = cp.client().await?; // one per test (clients belong to the test's runtime)
+//! let restricted = [("pod-security.kubernetes.io/enforce", "restricted")];
+//! create_namespace(&client, "baker-tasks", &restricted).await?;
+//! let sim = NodeSimulator::builder(client.clone())
+//!     .namespace("baker-tasks")
+//!     .image("ghcr.invalid/taskpods/agent", "/path/to/taskpods-agent")
+//!     .api_server(cp.server_url())
+//!     .start()
+//!     .await?;
+//! // ... create Jobs through the engine, then assert on Job/Pod status and sim.logs(...)
+//! # drop(sim);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod binaries;
 pub mod control_plane;
