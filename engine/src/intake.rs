@@ -427,7 +427,12 @@ async fn apply(
         }
     };
 
-    let cached = cache.get(&task).cloned();
+    // A launch is almost always for a new task: append with expected sequence 0 straight away and let a
+    // conflict (the task exists) trigger the load. Saves a round trip on the hot path.
+    let cached = cache
+        .get(&task)
+        .cloned()
+        .or_else(|| is_launch.then(LoadedTask::default));
     let reply = match shared.store.execute(task, &input, now, cached).await {
         Ok(executed) => {
             remember(

@@ -167,6 +167,19 @@ impl EventStore {
                 .map_err(|e| publish_error(e.kind(), e.to_string()))?
                 .await
                 .map_err(|e| publish_error(e.kind(), e.to_string()))?;
+            // The server checks the message id before the expected sequence, so a write of this
+            // position by anyone (another replica, or ourselves before a crash) comes back as a
+            // duplicate rather than a conflict: either way the log moved on, so judge again.
+            if ack.duplicate {
+                return Err(StoreError::new(
+                    StoreErrorKind::Conflict,
+                    format!(
+                        "event {} was already written (sequence {})",
+                        event.msg_id(position),
+                        ack.sequence
+                    ),
+                ));
+            }
             last = ack.sequence;
             stored.push(StoredEvent {
                 sequence: ack.sequence,
