@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use taskpods_harness::kube::{
@@ -223,7 +224,7 @@ async fn restricted_namespace_rejects_noncompliant_pod_and_admits_compliant_one(
 
     let good = pod(
         "compliant",
-        restricted_spec("echo admitted", json!([])),
+        restricted_spec("echo admitted as $(id -u):$(id -g)", json!([])),
         json!({}),
     );
     t.pods()
@@ -239,9 +240,19 @@ async fn restricted_namespace_rejects_noncompliant_pod_and_admits_compliant_one(
     })
     .await;
     assert_eq!(terminated(&done), Some((0, "Completed".to_string())));
+    // As root (CI) the simulator runs the container as its runAsUser/runAsGroup, like a runtime would.
+    let user = if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        "1000:1000".to_string()
+    } else {
+        let out = std::process::Command::new("sh")
+            .args(["-c", "echo $(id -u):$(id -g)"])
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
     assert_eq!(
         t.sim.logs("psa", "compliant", "main").as_deref(),
-        Some("admitted\n")
+        Some(format!("admitted as {user}\n").as_str())
     );
 }
 

@@ -16,8 +16,9 @@
 //!
 //! What a container runs: its `command` + `args` (as the image's entrypoint is unknown here); if it has no
 //! `command`, the executable mapped to its image with [`SimulatorBuilder::image`] (this is how task pods
-//! run our agent binary). Processes run as the test's user in a per-pod work directory; there is no
-//! isolation, because the point is the API semantics, not the sandbox.
+//! run our agent binary). Processes run in a per-pod work directory (also their `HOME` and `TMPDIR`), as
+//! the pod's `runAsUser`/`runAsGroup` when the simulator runs as root (as in CI), else as the test's
+//! user; there is no other isolation, because the point is the API semantics, not the sandbox.
 //!
 //! Deletion: with no real kubelet, a pod with a `deletionTimestamp` would never go away. The simulator
 //! stops its processes (SIGTERM, then SIGKILL after the grace period, capped at 10 s), records the final
@@ -215,6 +216,13 @@ impl SimulatorBuilder {
             .prefix("taskpods-node-")
             .tempdir()
             .map_err(Error::io("creating node work directory"))?;
+        // Traversable by the users pods run as (see `PodRun::identity`); each pod's own directory is
+        // then handed to its user.
+        std::fs::set_permissions(
+            work.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(Error::io("opening up node work directory"))?;
         let mut labels = BTreeMap::from([
             ("kubernetes.io/hostname".to_string(), self.node.clone()),
             ("kubernetes.io/os".to_string(), "linux".to_string()),
@@ -1066,6 +1074,29 @@ impl PodRun {
         Ok(argv.iter().map(|a| expand(a, env)).collect())
     }
 
+    /// The user and group a container runs as, from `runAsUser`/`runAsGroup` (container over pod; group
+    /// 0 when unset, as a runtime does for an image without a group). Only when the simulator runs as
+    /// root, which can switch to any user; otherwise processes run as the simulator's own user.
+    fn identity(&self, c: &Container) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        // /proc/self belongs to the effective user of this process: a dependency-free "am I root?".
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        let pod = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref());
+        let ctr = c.security_context.as_ref();
+        let uid = ctr
+            .and_then(|s| s.run_as_user)
+            .or_else(|| pod.and_then(|s| s.run_as_user))?;
+        let gid = ctr
+            .and_then(|s| s.run_as_group)
+            .or_else(|| pod.and_then(|s| s.run_as_group))
+            .unwrap_or(0);
+        (root && uid >= 0 && gid >= 0).then_some((uid as u32, gid as u32))
+    }
+
     /// Starts a container's process; a start failure is recorded as the runtime would (`StartError`, 128).
     async fn spawn(
         &self,
@@ -1133,6 +1164,12 @@ impl PodRun {
             // Own process group, so stopping the container also stops whatever it forked.
             .process_group(0)
             .kill_on_drop(true);
+        if let Some((uid, gid)) = self.identity(&c.spec) {
+            // The pod's directory is its writable scratch space, so it must belong to that user.
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .map_err(Error::io(format!("chown {}", dir.display())))?;
+            command.uid(uid).gid(gid);
+        }
         match command.spawn() {
             Ok(mut child) => {
                 let pgid = child.id().map(|p| p as i32);
