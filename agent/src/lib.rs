@@ -482,9 +482,7 @@ async fn run_code(
     js: &async_nats::jetstream::Context,
     progress: mpsc::Sender<Progress>,
 ) -> Result<(i32, OutputStats, Option<serde_json::Value>), AgentError> {
-    let mut running = sandbox::spawn(config, instructions, &code)
-        .map_err(|e| AgentError::Spawn(format!("{e}")))?;
-    let writer = output::Writer::new(
+    let mut writer = output::Writer::new(
         js.clone(),
         config.names.log(config.task),
         config.task,
@@ -492,6 +490,16 @@ async fn run_code(
         config.flush_interval,
         instructions.output_cap_bytes,
     );
+    let mut running = match sandbox::spawn(config, instructions, &code) {
+        Ok(running) => running,
+        Err(e) => {
+            // Say so where the task's owner looks: in its output.
+            let text = format!("taskpods-agent: cannot start the code: {e}\n");
+            writer.push(output::Kind::Stderr, text.as_bytes()).await;
+            let _ = writer.finish().await;
+            return Err(AgentError::Spawn(e.to_string()));
+        }
+    };
     let pump = output::pump(
         writer,
         running.stdout.take(),

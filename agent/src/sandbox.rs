@@ -75,14 +75,16 @@ impl Code {
 }
 
 /// The shell run inside the sandbox: sets the limits, runs the code, hands back the result document.
-/// Arguments: mode, max processes, max file size in 512-byte blocks, CPU seconds (0: none), the script or
-/// goal, the entrypoint.
+/// Arguments: mode, max processes, max file size in 512-byte blocks, CPU seconds (0: none), the
+/// entrypoint. The script or goal comes in `TASKPODS_CODE` (the environment, unlike the command line, is
+/// not readable by other users of the machine), as does the task's environment.
 const WRAPPER: &str = r#"
+code=$TASKPODS_CODE; unset TASKPODS_CODE
 ulimit -u "$2" 2>/dev/null || ulimit -p "$2" 2>/dev/null || echo "taskpods: cannot limit processes" >&2
 ulimit -f "$3" || echo "taskpods: cannot limit file size" >&2
 if [ "$4" != 0 ]; then ulimit -t "$4" || echo "taskpods: cannot limit CPU time" >&2; fi
 cd /tmp 2>/dev/null
-if [ "$1" = agent ]; then "$6" "$5" </dev/null; else /bin/sh -c "$5" taskpods-script </dev/null; fi
+if [ "$1" = agent ]; then "$5" "$code" </dev/null; else /bin/sh -c "$code" taskpods-script </dev/null; fi
 rc=$?
 if [ -f /tmp/result.json ]; then head -c 1048576 /tmp/result.json >&0 2>/dev/null; fi
 exit $rc
@@ -157,7 +159,6 @@ pub fn command_line(
             .max(1)
             .to_string(),
         cpu.to_string(),
-        code.text.clone(),
         code.entrypoint.clone(),
     ];
     match config.sandbox {
@@ -200,16 +201,12 @@ pub fn command_line(
                     "1000",
                     "--cap-drop",
                     "ALL",
-                    "--clearenv",
                     "--chdir",
                     "/tmp",
                 ]
                 .iter()
                 .map(|s| (*s).to_owned()),
             );
-            for (k, v) in crate::code_env(config, instructions) {
-                args.extend(["--setenv".to_owned(), k, v]);
-            }
             args.push("--".to_owned());
             args.push("/bin/sh".to_owned());
             args.extend(wrapper_args);
@@ -248,11 +245,11 @@ pub fn spawn(
         .current_dir("/")
         .process_group(0)
         .kill_on_drop(true);
-    if config.sandbox == Sandbox::None {
-        command
-            .env_clear()
-            .envs(crate::code_env(config, instructions));
-    }
+    // Only the task's environment: bubblewrap passes it on; never the agent's NATS URL or credentials.
+    command
+        .env_clear()
+        .envs(crate::code_env(config, instructions))
+        .env("TASKPODS_CODE", &code.text);
     let mut child = command
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("{program}: {e}")))?;

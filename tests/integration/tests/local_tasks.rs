@@ -420,3 +420,39 @@ async fn an_engine_restart_mid_run_neither_kills_nor_duplicates_the_task() {
     assert_eq!(marks, ["end"]);
     setup.engine.take().unwrap().shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_agent_that_cannot_start_fails_the_task_with_a_backend_error() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = config(&server, state.path());
+    if let BackendConfig::Local(local) = &mut config.backend {
+        local.agent_bin = state.path().join("no-such-agent");
+    }
+    let engine = Engine::start(config).await.expect("engine");
+    let client = Client::new(server.connect().await, ClientConfig::default());
+    let task = client
+        .launch(LaunchTask::script("echo never"))
+        .await
+        .unwrap()
+        .task_id;
+    let ended = client.wait(task, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        ended.state,
+        TaskState::Failed {
+            reason: FailureReason::BackendError
+        }
+    );
+    let history = client.history(task).await.unwrap();
+    let EventBody::Failed { message, .. } = &history[1].event.body else {
+        panic!("{history:?}");
+    };
+    assert!(
+        message
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot start the agent"),
+        "{message:?}"
+    );
+    engine.shutdown().await.unwrap();
+}
