@@ -879,3 +879,59 @@ async fn pods_that_do_not_fit_the_node_stay_pending_as_unschedulable() {
         );
     }
 }
+
+#[tokio::test]
+async fn pod_failure_policy_ignores_eviction_and_the_job_controller_replaces_the_pod() {
+    let t = TestNs::new("disruption", true).await;
+    let policy = json!({"podFailurePolicy": {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    ]}});
+    let j = job("resilient", restricted_spec("sleep 2", json!([])), policy);
+    t.jobs()
+        .create(&PostParams::default(), &j)
+        .await
+        .expect("create job");
+    let first = wait_for("first pod running", || async {
+        pods_of_job(&t, "resilient")
+            .await
+            .into_iter()
+            .find(|p| phase(p) == "Running")
+    })
+    .await;
+    let first = first.metadata.name.expect("name");
+    assert!(
+        t.sim.evict("disruption", &first),
+        "the simulator runs {first}"
+    );
+    wait_for("Job Complete", || async {
+        t.jobs()
+            .get("resilient")
+            .await
+            .ok()
+            .filter(|j| condition(j, "Complete").is_some())
+    })
+    .await;
+    let status = t
+        .jobs()
+        .get("resilient")
+        .await
+        .expect("job")
+        .status
+        .expect("status");
+    assert_eq!(status.succeeded, Some(1));
+    // The evicted pod matched the Ignore rule: not counted as a failure despite backoffLimit 0.
+    assert_eq!(status.failed.unwrap_or(0), 0);
+    let pods = pods_of_job(&t, "resilient").await;
+    let evicted = pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(first.as_str()))
+        .expect("evicted pod kept");
+    assert_eq!(
+        evicted.status.as_ref().and_then(|s| s.reason.as_deref()),
+        Some("Evicted")
+    );
+    assert!(
+        pods.iter().any(|p| phase(p) == "Succeeded"),
+        "a replacement pod succeeded"
+    );
+}
