@@ -30,6 +30,8 @@
 //! | `TASKPODS_CHUNK_BYTES` | 64 KiB | largest output chunk |
 //! | `TASKPODS_FLUSH_MS` | 200 | longest time output waits before it is sent |
 //! | `TASKPODS_KILL_GRACE_MS` | 5000 | how long past the deadline the agent itself kills the code (the engine's timer acts first) |
+//! | `TASKPODS_TERM_GRACE_MS` | 2000 | on SIGTERM: how long the code gets between the forwarded SIGTERM and SIGKILL |
+//! | `TASKPODS_ENV_FILE` | `/etc/taskpods/agent.env` if it exists | `NAME=value` lines (a mounted file) for any variable above not set in the environment |
 
 pub mod output;
 pub mod sandbox;
@@ -55,7 +57,15 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// 1: could not run or report, 0 otherwise, whatever the code's own exit code).
 pub fn main() -> std::process::ExitCode {
     use std::process::ExitCode;
-    let config = match Config::from_env(|name| std::env::var(name).ok()) {
+    let file = match env_file(std::env::var_os("TASKPODS_ENV_FILE").map(Into::into)) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("taskpods-agent: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let lookup = |name: &str| std::env::var(name).ok().or_else(|| file.get(name).cloned());
+    let config = match Config::from_env(lookup) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("taskpods-agent: configuration: {e}");
@@ -89,6 +99,45 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// The default configuration file (e.g. a mounted Secret in the task pod).
+pub const DEFAULT_ENV_FILE: &str = "/etc/taskpods/agent.env";
+
+/// Reads `NAME=value` lines (blank lines and `#` comments skipped) from `path`, or from
+/// [`DEFAULT_ENV_FILE`] when it exists and no path is given.
+pub fn env_file(path: Option<std::path::PathBuf>) -> Result<BTreeMap<String, String>, ConfigError> {
+    let (path, required) = match path {
+        Some(path) => (path, true),
+        None => (std::path::PathBuf::from(DEFAULT_ENV_FILE), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(BTreeMap::new());
+        }
+        Err(e) => return Err(ConfigError(format!("{}: {e}", path.display()))),
+    };
+    parse_env_file(&text)
+        .map_err(|line| ConfigError(format!("{}: line {line} is not NAME=value", path.display())))
+}
+
+/// Parses `NAME=value` lines; the error is the 1-based number of the first bad line.
+pub fn parse_env_file(text: &str) -> Result<BTreeMap<String, String>, usize> {
+    let mut vars = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line.split_once('=').ok_or(i + 1)?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(i + 1);
+        }
+        vars.insert(name.to_owned(), value.trim().to_owned());
+    }
+    Ok(vars)
+}
+
 /// Everything the agent reads from its environment.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -114,6 +163,8 @@ pub struct Config {
     pub flush_interval: Duration,
     /// How long past the deadline the agent kills the code itself.
     pub kill_grace: Duration,
+    /// How long the code gets between the forwarded SIGTERM and SIGKILL.
+    pub term_grace: Duration,
 }
 
 /// A configuration problem.
@@ -194,6 +245,7 @@ impl Config {
             .unwrap_or(64 << 10),
             flush_interval: Duration::from_millis(num("TASKPODS_FLUSH_MS", 200)?.max(1)),
             kill_grace: Duration::from_millis(num("TASKPODS_KILL_GRACE_MS", 5000)?),
+            term_grace: Duration::from_millis(num("TASKPODS_TERM_GRACE_MS", 2000)?),
         })
     }
 }
@@ -514,8 +566,7 @@ async fn run_code(
         status = running.child.wait() => status.ok(),
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
             eprintln!("taskpods-agent: SIGTERM: stopping the code");
-            running.kill();
-            running.child.wait().await.ok()
+            running.terminate(config.term_grace).await
         }
         () = tokio::time::sleep(hard_stop) => {
             eprintln!("taskpods-agent: past the deadline: killing the code");
@@ -562,4 +613,50 @@ pub fn code_env(config: &Config, instructions: &Instructions) -> BTreeMap<String
         env.insert(k.clone(), v.clone());
     }
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_reads_the_environment_with_defaults() {
+        let task = TaskId::mint();
+        let env = BTreeMap::from([
+            ("TASKPODS_TASK_ID".to_owned(), task.to_string()),
+            (
+                "TASKPODS_NATS_URL".to_owned(),
+                "nats://a:1, nats://b:2".to_owned(),
+            ),
+            ("TASKPODS_SANDBOX".to_owned(), "none".to_owned()),
+            ("TASKPODS_MAX_PROCS".to_owned(), "32".to_owned()),
+        ]);
+        let config = Config::from_env(|n| env.get(n).cloned()).expect("valid");
+        assert_eq!(config.task, task);
+        assert_eq!(config.nats_urls, ["nats://a:1", "nats://b:2"]);
+        assert_eq!(config.sandbox, Sandbox::None);
+        assert_eq!(config.limits.max_procs, 32);
+        assert_eq!(config.chunk_bytes, 64 << 10);
+        assert_eq!(config.names.prefix(), "taskpods");
+        let missing = Config::from_env(|_| None).expect_err("task id required");
+        assert!(missing.0.contains("TASKPODS_TASK_ID"));
+        let bad = Config::from_env(|n| match n {
+            "TASKPODS_TASK_ID" => Some(task.to_string()),
+            "TASKPODS_SANDBOX" => Some("docker".into()),
+            _ => None,
+        })
+        .expect_err("bad sandbox");
+        assert!(bad.0.contains("use bwrap or none"));
+    }
+
+    #[test]
+    fn env_files_are_name_value_lines() {
+        let vars =
+            parse_env_file("# comment\n\nTASKPODS_TASK_ID = x\nTASKPODS_NATS_URL=nats://h:4222\n")
+                .expect("valid");
+        assert_eq!(vars["TASKPODS_TASK_ID"], "x");
+        assert_eq!(vars["TASKPODS_NATS_URL"], "nats://h:4222");
+        assert_eq!(parse_env_file("A=1\nnonsense\n"), Err(2));
+        assert!(env_file(Some("/nonexistent/agent.env".into())).is_err());
+    }
 }

@@ -84,8 +84,12 @@ ulimit -u "$2" 2>/dev/null || ulimit -p "$2" 2>/dev/null || echo "taskpods: cann
 ulimit -f "$3" || echo "taskpods: cannot limit file size" >&2
 if [ "$4" != 0 ]; then ulimit -t "$4" || echo "taskpods: cannot limit CPU time" >&2; fi
 cd /tmp 2>/dev/null
-if [ "$1" = agent ]; then "$5" "$code" </dev/null; else /bin/sh -c "$code" taskpods-script </dev/null; fi
-rc=$?
+if [ "$1" = agent ]; then "$5" "$code" </dev/null & else /bin/sh -c "$code" taskpods-script </dev/null & fi
+child=$!
+term=0
+trap 'term=1; kill -TERM $child 2>/dev/null' TERM
+wait $child; rc=$?
+while [ $term = 1 ]; do term=0; wait $child; rc=$?; done
 if [ -f /tmp/result.json ]; then head -c 1048576 /tmp/result.json >&0 2>/dev/null; fi
 exit $rc
 "#;
@@ -110,6 +114,19 @@ impl Running {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+    }
+
+    /// Forwards SIGTERM to the code's process group (under bubblewrap this ends the sandbox at once),
+    /// waits up to `grace` for it to exit, then kills it; returns its exit status.
+    pub async fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        if let Ok(status) = tokio::time::timeout(grace, self.child.wait()).await {
+            return status.ok();
+        }
+        self.kill();
+        self.child.wait().await.ok()
     }
 
     /// The document the code left in `/tmp/result.json`, once the code has exited.

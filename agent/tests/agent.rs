@@ -24,7 +24,13 @@ struct Run {
     agent_exit: Option<i32>,
 }
 
-async fn run_agent(script: &str, timeout_secs: i64, cap: u64, env: &[(&str, &str)]) -> Run {
+async fn run_agent(
+    script: &str,
+    timeout_secs: i64,
+    cap: u64,
+    env: &[(&str, &str)],
+    term_after: Option<Duration>,
+) -> Run {
     let server = NatsServer::start();
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
@@ -97,9 +103,18 @@ async fn run_agent(script: &str, timeout_secs: i64, cap: u64, env: &[(&str, &str
     for (k, v) in env {
         agent.env(k, v);
     }
+    let mut child = agent.spawn().expect("agent runs");
+    if let Some(after) = term_after {
+        tokio::time::sleep(after).await;
+        let pid = child.id().expect("running").to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+    }
     let status = tokio::time::timeout(
         Duration::from_secs(60 + timeout_secs.unsigned_abs()),
-        agent.status(),
+        child.wait(),
     )
     .await
     .expect("agent finishes")
@@ -198,7 +213,14 @@ echo '{"answer": 42}' > /tmp/result.json
 env | grep -c NATS >&2 || true
 exit 0
 "#;
-    let run = run_agent(script, 60, 64 << 20, &[("TASKPODS_CHUNK_BYTES", "65536")]).await;
+    let run = run_agent(
+        script,
+        60,
+        64 << 20,
+        &[("TASKPODS_CHUNK_BYTES", "65536")],
+        None,
+    )
+    .await;
     assert_eq!(run.agent_exit, Some(0));
     let outcome = run.outcome.expect("result reported");
     assert_eq!(outcome.exit_code, 0);
@@ -221,7 +243,7 @@ exit 0
 
 #[tokio::test]
 async fn exit_code_and_truncation_are_reported() {
-    let run = run_agent("seq 1 100000; echo bye >&2; exit 3", 60, 1000, &[]).await;
+    let run = run_agent("seq 1 100000; echo bye >&2; exit 3", 60, 1000, &[], None).await;
     let outcome = run.outcome.expect("result reported");
     assert_eq!(outcome.exit_code, 3);
     assert!(outcome.output_truncated);
@@ -248,6 +270,7 @@ echo done
         60,
         1 << 20,
         &[],
+        None,
     )
     .await;
     let out = String::from_utf8_lossy(&run.stdout);
@@ -259,4 +282,48 @@ echo done
     assert!(out.contains("bomb stopped: 2"), "{out}\n{err}");
     assert!(out.contains("done"), "{out}\n{err}");
     assert!(run.outcome.is_some());
+}
+
+#[tokio::test]
+async fn sigterm_reaches_the_code_and_output_and_result_still_arrive() {
+    // Without bubblewrap (as in a pod): the code gets the SIGTERM and may clean up within the grace.
+    let script = r#"
+trap 'echo "got TERM, cleaning up"; exit 42' TERM
+echo started
+while :; do sleep 0.1; done
+"#;
+    let run = run_agent(
+        script,
+        60,
+        1 << 20,
+        &[
+            ("TASKPODS_SANDBOX", "none"),
+            ("TASKPODS_TERM_GRACE_MS", "3000"),
+        ],
+        Some(Duration::from_secs(2)),
+    )
+    .await;
+    assert_eq!(run.agent_exit, Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "started\ngot TERM, cleaning up\n"
+    );
+    assert_eq!(run.outcome.expect("result reported").exit_code, 42);
+    assert_eq!(run.kinds.last().map(String::as_str), Some("end"));
+}
+
+#[tokio::test]
+async fn the_deadline_backstop_kills_the_code_when_no_engine_does() {
+    let run = run_agent(
+        "echo waiting; sleep 300",
+        2,
+        1 << 20,
+        &[("TASKPODS_KILL_GRACE_MS", "200")],
+        None,
+    )
+    .await;
+    assert_eq!(run.stdout, b"waiting\n");
+    let outcome = run.outcome.expect("result reported");
+    assert_eq!(outcome.exit_code, 137);
+    assert!(outcome.duration_ms < 10_000, "{}", outcome.duration_ms);
 }

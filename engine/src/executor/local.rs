@@ -182,6 +182,11 @@ impl LocalBackend {
                 "TASKPODS_KILL_GRACE_MS",
                 self.config.kill_grace.as_millis().to_string(),
             )
+            // Half the grace for the code, half for flushing output and reporting.
+            .env(
+                "TASKPODS_TERM_GRACE_MS",
+                (self.config.kill_grace / 2).as_millis().to_string(),
+            )
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
