@@ -456,3 +456,56 @@ async fn an_agent_that_cannot_start_fails_the_task_with_a_backend_error() {
     );
     engine.shutdown().await.unwrap();
 }
+
+/// What `taskpods logs -f` does: follows from the first chunk, live, until the end marker; for an agent
+/// that died without one, until the task has ended and the output has been quiet.
+async fn follow(setup: &Setup, task: TaskId) -> (Vec<u8>, Vec<String>) {
+    let js = jetstream::new(setup.server.connect().await);
+    let (mut out, mut marks) = (Vec::new(), Vec::new());
+    let client = &setup.client;
+    logs::read(
+        &js,
+        &Names::default(),
+        task,
+        true,
+        Duration::from_millis(500),
+        async || client.get(task).await.unwrap().task.state.is_terminal(),
+        |piece| match piece {
+            Piece::Stdout(b) | Piece::Stderr(b) => out.extend_from_slice(&b),
+            Piece::Truncated(t) => marks.push(t),
+            Piece::End => marks.push("end".into()),
+        },
+    )
+    .await
+    .unwrap();
+    (out, marks)
+}
+
+#[tokio::test]
+async fn logs_follow_live_output_to_its_end_even_when_the_agent_dies() {
+    let setup = Setup::start().await;
+    let task = setup
+        .launch("echo one; sleep 1; echo two; sleep 1; echo three", 60)
+        .await;
+    let (out, marks) = tokio::time::timeout(Duration::from_secs(30), follow(&setup, task))
+        .await
+        .expect("follow ends at the end marker");
+    assert_eq!(out, b"one\ntwo\nthree\n");
+    assert_eq!(marks, ["end"]);
+
+    let task = setup.launch("echo last words; sleep 300", 60).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let agent = setup.agent(task);
+    std::process::Command::new("kill")
+        .args(["-KILL", &agent.pid.to_string()])
+        .status()
+        .unwrap();
+    let (out, marks) = tokio::time::timeout(Duration::from_secs(30), follow(&setup, task))
+        .await
+        .expect("follow ends once the task has ended");
+    assert_eq!(out, b"last words\n");
+    assert!(marks.is_empty(), "{marks:?}");
+}
