@@ -10,6 +10,10 @@
 //! root, bubblewrap is started through `setpriv` as UID/GID 1000, because the kernel never applies
 //! `RLIMIT_NPROC` to processes whose real user outside the namespace is root.
 //!
+//! The task's environment and code reach the sandbox through bubblewrap's `--args FD` (a pipe) and the
+//! environment of the processes inside it, never a command line, so other users of the machine cannot
+//! read them in the process list; setpriv and bubblewrap themselves run with `PATH` only.
+//!
 //! The result document: after the code exits, the wrapper copies `/tmp/result.json` (at most 1 MiB) to its
 //! standard input, which is one end of a socket pair whose other end the agent reads. The code itself gets
 //! `/dev/null` as standard input.
@@ -84,7 +88,7 @@ ulimit -u "$2" 2>/dev/null || ulimit -p "$2" 2>/dev/null || echo "taskpods: cann
 ulimit -f "$3" || echo "taskpods: cannot limit file size" >&2
 if [ "$4" != 0 ]; then ulimit -t "$4" || echo "taskpods: cannot limit CPU time" >&2; fi
 cd /tmp 2>/dev/null
-if [ "$1" = agent ]; then "$5" "$code" </dev/null & else /bin/sh -c "$code" taskpods-script </dev/null & fi
+if [ "$1" = agent ]; then "$5" "$code" </dev/null & else TASKPODS_CODE=$code /bin/sh -c 'code=$TASKPODS_CODE; unset TASKPODS_CODE; eval "$code"' taskpods-script </dev/null & fi
 child=$!
 term=0
 trap 'term=1; kill -TERM $child 2>/dev/null' TERM
@@ -147,12 +151,17 @@ impl Running {
     }
 }
 
-/// The command line that runs `code` (program and arguments), for `sandbox`.
+/// Placeholder in the bubblewrap arguments for the descriptor the private options are read from.
+pub const ARGS_FD: &str = "{args-fd}";
+
+/// The command line that runs `code`: program, arguments, and (bubblewrap) the private options passed
+/// through a pipe (`--args FD`, replacing [`ARGS_FD`]) because they hold the task's environment and
+/// code, which must not show in the process list.
 pub fn command_line(
     config: &Config,
     instructions: &Instructions,
     code: &Code,
-) -> (String, Vec<String>) {
+) -> (String, Vec<String>, Vec<String>) {
     let cpu = config.limits.cpu_secs.unwrap_or_else(|| {
         u64::try_from((instructions.deadline - chrono::Utc::now()).num_seconds())
             .unwrap_or(1)
@@ -179,7 +188,7 @@ pub fn command_line(
         code.entrypoint.clone(),
     ];
     match config.sandbox {
-        Sandbox::None => ("/bin/sh".to_owned(), wrapper_args),
+        Sandbox::None => ("/bin/sh".to_owned(), wrapper_args, Vec::new()),
         Sandbox::Bwrap => {
             let mut args: Vec<String> = [
                 "--unshare-all",
@@ -220,10 +229,21 @@ pub fn command_line(
                     "ALL",
                     "--chdir",
                     "/tmp",
+                    "--args",
+                    ARGS_FD,
                 ]
                 .iter()
                 .map(|s| (*s).to_owned()),
             );
+            let mut private = vec!["--clearenv".to_owned()];
+            for (k, v) in crate::code_env(config, instructions) {
+                private.extend(["--setenv".to_owned(), k, v]);
+            }
+            private.extend([
+                "--setenv".to_owned(),
+                "TASKPODS_CODE".to_owned(),
+                code.text.clone(),
+            ]);
             args.push("--".to_owned());
             args.push("/bin/sh".to_owned());
             args.extend(wrapper_args);
@@ -238,9 +258,9 @@ pub fn command_line(
                     "bwrap".to_owned(),
                 ];
                 setpriv.extend(args);
-                return ("setpriv".to_owned(), setpriv);
+                return ("setpriv".to_owned(), setpriv, private);
             }
-            ("bwrap".to_owned(), args)
+            ("bwrap".to_owned(), args, private)
         }
     }
 }
@@ -251,9 +271,35 @@ pub fn spawn(
     instructions: &Instructions,
     code: &Code,
 ) -> std::io::Result<Running> {
-    let (program, args) = command_line(config, instructions, code);
+    let (program, mut args, private) = command_line(config, instructions, code);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut command = Command::new(&program);
+    // The private options travel through a pipe the child inherits (not close-on-exec).
+    let mut private_fd = None;
+    if !private.is_empty() {
+        let (reader, mut writer) = std::io::pipe()?;
+        nix::fcntl::fcntl(
+            &reader,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(std::io::Error::from)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&reader).to_string();
+        for arg in &mut args {
+            if arg == ARGS_FD {
+                arg.clone_from(&fd);
+            }
+        }
+        let mut data = Vec::new();
+        for arg in &private {
+            data.extend_from_slice(arg.as_bytes());
+            data.push(0);
+        }
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = writer.write_all(&data);
+        });
+        private_fd = Some(reader);
+    }
     command
         .args(&args)
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
@@ -262,14 +308,24 @@ pub fn spawn(
         .current_dir("/")
         .process_group(0)
         .kill_on_drop(true);
-    // Only the task's environment: bubblewrap passes it on; never the agent's NATS URL or credentials.
-    command
-        .env_clear()
-        .envs(crate::code_env(config, instructions))
-        .env("TASKPODS_CODE", &code.text);
-    let mut child = command
-        .spawn()
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{program}: {e}")))?;
+    // Never the agent's own environment (NATS URL, credentials). Without bubblewrap the code gets the
+    // task's environment directly; with it, through the private options, so the task's variables
+    // (LD_PRELOAD…) never reach setpriv or bubblewrap themselves.
+    command.env_clear();
+    if private_fd.is_some() {
+        command.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    } else {
+        command
+            .envs(crate::code_env(config, instructions))
+            .env("TASKPODS_CODE", &code.text);
+    }
+    let spawned = command.spawn();
+    drop(private_fd);
+    let mut child =
+        spawned.map_err(|e| std::io::Error::new(e.kind(), format!("{program}: {e}")))?;
     ours.set_nonblocking(true)?;
     let mut ours = tokio::net::UnixStream::from_std(ours)?;
     let result = tokio::spawn(async move {

@@ -509,3 +509,32 @@ async fn logs_follow_live_output_to_its_end_even_when_the_agent_dies() {
     assert_eq!(out, b"last words\n");
     assert!(marks.is_empty(), "{marks:?}");
 }
+
+#[tokio::test]
+async fn the_script_and_its_environment_stay_out_of_the_process_list() {
+    let setup = Setup::start().await;
+    let launch = LaunchTask {
+        timeout_secs: Some(60),
+        env: [("API_TOKEN".to_owned(), "tok-7f3a9c".to_owned())].into(),
+        ..LaunchTask::script("# marker-5e1d\necho \"token ${#API_TOKEN}\"; sleep 300")
+    };
+    let task = setup.client.launch(launch).await.unwrap().task_id;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline);
+            assert!(!text.contains("marker-5e1d"), "script visible: {text}");
+            assert!(!text.contains("tok-7f3a9c"), "env visible: {text}");
+            seen += 1;
+        }
+    }
+    assert!(seen > 0);
+    setup.client.cancel(task, None).await.unwrap();
+    setup.finished(task, Duration::from_secs(20)).await;
+    let (out, _, _) = setup.output(task).await;
+    assert_eq!(out, b"token 10\n");
+}
