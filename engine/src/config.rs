@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::executor::{BackendConfig, ExecutorConfig};
 use crate::gateway::GatewayConfig;
 use crate::intake::IntakeConfig;
+use crate::timers::TimersConfig;
 use crate::topology::TopologyConfig;
 
 /// Everything the engine needs to start.
@@ -25,8 +26,8 @@ pub struct EngineConfig {
     pub executor: ExecutorConfig,
     /// The backend the executor drives (`None` here: no executor; `taskpods serve` uses `Local`).
     pub backend: BackendConfig,
-    /// Whether the deadline timers run (they time out live tasks whose deadline has passed).
-    pub timers: bool,
+    /// Deadline and startup timers.
+    pub timers: TimersConfig,
 }
 
 impl Default for EngineConfig {
@@ -39,7 +40,7 @@ impl Default for EngineConfig {
             gateway: GatewayConfig::default(),
             executor: ExecutorConfig::default(),
             backend: BackendConfig::default(),
-            timers: true,
+            timers: TimersConfig::default(),
         }
     }
 }

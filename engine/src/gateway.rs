@@ -206,9 +206,9 @@ async fn follow_running(
             () = shutdown.cancelled() => return,
             next = follow.recv() => next,
         };
-        let Some((task, body)) = next else { return };
+        let Some((task, event)) = next else { return };
         let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
-        match body {
+        match event.body {
             EventBody::Running | EventBody::Progress { .. } => {
                 watched.entry(task).or_insert_with(Instant::now);
             }

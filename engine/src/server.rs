@@ -159,11 +159,16 @@ impl Engine {
                 ("gateway", result.map_err(|e| e.to_string()))
             }
         });
-        if config.timers {
-            let (store, events, shutdown) =
-                (store.clone(), topology.events.clone(), shutdown.clone());
+        if config.timers.enabled {
+            let (store, events, timers_config, shutdown) = (
+                store.clone(),
+                topology.events.clone(),
+                config.timers.clone(),
+                shutdown.clone(),
+            );
             loops.spawn(async move {
-                let result = timers::run(store, events, timers::wall_clock(), shutdown).await;
+                let clock = timers::wall_clock();
+                let result = timers::run(store, events, timers_config, clock, shutdown).await;
                 ("timers", result)
             });
         }

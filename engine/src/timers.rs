@@ -1,5 +1,7 @@
 //! Timers: every live task's deadline, and `Input::DeadlineReached{now}` when it passes (the state machine
-//! refuses an early firing, so clock skew between replicas cannot time a task out early).
+//! refuses an early firing, so clock skew between replicas cannot time a task out early); and the startup
+//! timeout, `Input::StartupTimedOut` for a task not `Running` within [`TimersConfig::startup_timeout`] of
+//! its acceptance.
 //!
 //! Which tasks are live, and their deadlines, come from the event stream through [`follow_events`]: an
 //! ordered consumer that first delivers the last event of every task (the state at start-up: a task
@@ -15,7 +17,9 @@ use async_nats::jetstream::stream::Stream;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use taskpods_events::codec;
-use taskpods_events::{Addressed, EventBody, Input, Names, TaskId};
+use taskpods_events::{
+    Addressed, Event, EventBody, FailureReason, Input, Names, TaskId, TaskState,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -43,18 +47,18 @@ impl Drop for AbortOnDrop {
 /// The receiving end of [`follow_events`]; dropping it stops the follower.
 #[derive(Debug)]
 pub struct Follower {
-    rx: mpsc::Receiver<(TaskId, EventBody)>,
+    rx: mpsc::Receiver<(TaskId, Event)>,
     _task: AbortOnDrop,
 }
 
 impl Follower {
-    /// The next `(task, event body)`.
-    pub async fn recv(&mut self) -> Option<(TaskId, EventBody)> {
+    /// The next `(task, event)`.
+    pub async fn recv(&mut self) -> Option<(TaskId, Event)> {
         self.rx.recv().await
     }
 }
 
-/// Every task's last event at start-up, then every new event, as `(task, body)`. Reconnects by itself
+/// Every task's last event at start-up, then every new event, as `(task, event)`. Reconnects by itself
 /// (ordered consumer); ends when the [`Follower`] is dropped.
 pub fn follow_events(events: Stream, names: Names) -> Follower {
     let (tx, rx) = mpsc::channel(1024);
@@ -106,7 +110,7 @@ pub fn follow_events(events: Stream, names: Names) -> Follower {
                 let Ok(event) = codec::decode_event(&msg.payload) else {
                     continue;
                 };
-                if tx.send((task, event.body)).await.is_err() {
+                if tx.send((task, event)).await.is_err() {
                     return;
                 }
             }
@@ -176,77 +180,183 @@ impl Deadlines {
     }
 }
 
-/// Runs the deadline timers until `shutdown`.
+/// Timer settings.
+#[derive(Debug, Clone)]
+pub struct TimersConfig {
+    /// Whether the timers run at all.
+    pub enabled: bool,
+    /// How long a task may take from `Accepted` to `Running` (its agent's hello) before it fails:
+    /// `BackendError` when no sandbox was recorded, `AgentLost` when the agent never asked for its
+    /// instructions. A backstop: a backend that can diagnose (unschedulable, image pull) reports first.
+    pub startup_timeout: Duration,
+}
+
+impl Default for TimersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            startup_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Runs the deadline and startup timers until `shutdown`.
 pub async fn run(
     store: EventStore,
     events: Stream,
+    config: TimersConfig,
     clock: Clock,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let mut follow = follow_events(events, store.names().clone());
-    let mut deadlines = Deadlines::default();
-    info!("deadline timers running");
+    let mut timers = Timers {
+        deadlines: Deadlines::default(),
+        startups: Deadlines::default(),
+        startup_timeout: chrono::TimeDelta::from_std(config.startup_timeout)
+            .unwrap_or(chrono::TimeDelta::MAX),
+    };
+    info!("deadline and startup timers running");
     loop {
-        let wait = deadlines
-            .next_in(clock())
+        let now = clock();
+        let wait = [timers.deadlines.next_in(now), timers.startups.next_in(now)]
+            .into_iter()
+            .flatten()
+            .min()
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             next = follow.recv() => {
-                let Some((task, body)) = next else { return Err("event follower ended".into()) };
-                track(&store, &mut deadlines, task, body).await;
+                let Some((task, event)) = next else { return Err("event follower ended".into()) };
+                timers.track(&store, task, event).await;
             }
             () = tokio::time::sleep(wait) => {
-                fire(&store, &mut deadlines, clock()).await;
+                let now = clock();
+                timers.fire_deadlines(&store, now).await;
+                timers.fire_startups(&store, now).await;
             }
         }
     }
 }
 
-async fn track(store: &EventStore, deadlines: &mut Deadlines, task: TaskId, body: EventBody) {
-    match body {
-        EventBody::Accepted { deadline, .. } => deadlines.insert(task, deadline),
-        body if body.is_terminal() || matches!(body, EventBody::Reaped) => deadlines.remove(task),
-        _ if deadlines.contains(task) => {}
-        // A live task seen first by a later event (start-up): load it once for its deadline.
-        _ => match store.load(task).await {
+struct Timers {
+    deadlines: Deadlines,
+    startups: Deadlines,
+    startup_timeout: chrono::TimeDelta,
+}
+
+impl Timers {
+    async fn track(&mut self, store: &EventStore, task: TaskId, event: Event) {
+        match event.body {
+            EventBody::Accepted { deadline, .. } => {
+                self.deadlines.insert(task, deadline);
+                self.startups.insert(task, event.at + self.startup_timeout);
+            }
+            body if body.is_terminal() || matches!(body, EventBody::Reaped) => {
+                self.deadlines.remove(task);
+                self.startups.remove(task);
+            }
+            EventBody::Running | EventBody::CancelRequested { .. } => {
+                self.startups.remove(task);
+                self.load_deadline(store, task).await;
+            }
+            _ => self.load_deadline(store, task).await,
+        }
+    }
+
+    /// A live task seen first by a later event (start-up): load it once for its deadlines.
+    async fn load_deadline(&mut self, store: &EventStore, task: TaskId) {
+        if self.deadlines.contains(task) {
+            return;
+        }
+        match store.load(task).await {
             Ok(loaded) if !loaded.task.state.is_terminal() => {
                 if let Some(deadline) = loaded.task.deadline {
-                    deadlines.insert(task, deadline);
+                    self.deadlines.insert(task, deadline);
+                }
+                let starting = matches!(
+                    loaded.task.state,
+                    TaskState::Accepted | TaskState::Scheduled | TaskState::Starting
+                );
+                if let (true, Some(at)) = (starting, loaded.task.accepted_at) {
+                    self.startups.insert(task, at + self.startup_timeout);
                 }
             }
             Ok(_) => {}
             Err(e) => warn!(%task, error = %e, "timers: cannot load task for its deadline"),
-        },
+        }
     }
-}
 
-async fn fire(store: &EventStore, deadlines: &mut Deadlines, now: DateTime<Utc>) {
-    for task in deadlines.due(now) {
-        match store
-            .execute(task, &Input::DeadlineReached { now }, now, None)
-            .await
-        {
-            Ok(executed) => {
-                info!(%task, state = executed.task.task.state.name(), "deadline reached");
-                deadlines.remove(task);
-            }
-            Err(ExecuteError::Refused {
-                refusal,
-                task: loaded,
-            }) => {
-                debug!(%task, %refusal, "deadline timer refused");
-                match loaded.task.deadline {
-                    // Another replica's clock, or a moved deadline: fire again at the stored one.
-                    Some(d) if d > now && !loaded.task.state.is_terminal() => {
-                        deadlines.insert(task, d)
+    async fn fire_deadlines(&mut self, store: &EventStore, now: DateTime<Utc>) {
+        for task in self.deadlines.due(now) {
+            match store
+                .execute(task, &Input::DeadlineReached { now }, now, None)
+                .await
+            {
+                Ok(executed) => {
+                    info!(%task, state = executed.task.task.state.name(), "deadline reached");
+                    self.deadlines.remove(task);
+                }
+                Err(ExecuteError::Refused {
+                    refusal,
+                    task: loaded,
+                }) => {
+                    debug!(%task, %refusal, "deadline timer refused");
+                    match loaded.task.deadline {
+                        // Another replica's clock, or a moved deadline: fire again at the stored one.
+                        Some(d) if d > now && !loaded.task.state.is_terminal() => {
+                            self.deadlines.insert(task, d);
+                        }
+                        _ => self.deadlines.remove(task),
                     }
-                    _ => deadlines.remove(task),
+                }
+                Err(ExecuteError::Store(e)) => {
+                    warn!(%task, error = %e, "deadline reached but the store is unavailable; retrying");
+                    self.deadlines
+                        .insert(task, now + chrono::TimeDelta::seconds(1));
                 }
             }
-            Err(ExecuteError::Store(e)) => {
-                warn!(%task, error = %e, "deadline reached but the store is unavailable; retrying");
-                deadlines.insert(task, now + chrono::TimeDelta::seconds(1));
+        }
+    }
+
+    async fn fire_startups(&mut self, store: &EventStore, now: DateTime<Utc>) {
+        for task in self.startups.due(now) {
+            let loaded = match store.load(task).await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    warn!(%task, error = %e, "startup timeout but the store is unavailable; retrying");
+                    self.startups
+                        .insert(task, now + chrono::TimeDelta::seconds(1));
+                    continue;
+                }
+            };
+            let waited = self.startup_timeout.to_std().unwrap_or_default();
+            let input = match loaded.task.state {
+                TaskState::Accepted => Input::StartupTimedOut {
+                    reason: FailureReason::BackendError,
+                    message: Some(format!("no sandbox was created within {waited:?}")),
+                },
+                TaskState::Scheduled | TaskState::Starting => Input::StartupTimedOut {
+                    reason: FailureReason::AgentLost,
+                    message: Some(format!(
+                        "the agent did not ask for its instructions within {waited:?}"
+                    )),
+                },
+                _ => {
+                    self.startups.remove(task);
+                    continue;
+                }
+            };
+            match store.execute(task, &input, now, Some(loaded)).await {
+                Ok(_) => {
+                    info!(%task, "startup timed out");
+                    self.startups.remove(task);
+                }
+                Err(ExecuteError::Refused { .. }) => self.startups.remove(task),
+                Err(ExecuteError::Store(e)) => {
+                    warn!(%task, error = %e, "startup timeout not recorded; retrying");
+                    self.startups
+                        .insert(task, now + chrono::TimeDelta::seconds(1));
+                }
             }
         }
     }

@@ -207,8 +207,7 @@ impl LocalBackend {
         let pid = child.id().ok_or_else(|| {
             BackendError::transient("the agent exited before it could be recorded")
         })?;
-        let id = ProcessId::of(pid)
-            .ok_or_else(|| BackendError::transient("the agent exited at once"))?;
+        let id = ProcessId::of(pid).unwrap_or(ProcessId { pid, start: 0 });
         let pid_file = dir.join("pid");
         let tmp = dir.join("pid.tmp");
         std::fs::write(&tmp, format!("{} {}\n", id.pid, id.start))
@@ -264,8 +263,14 @@ impl Backend for LocalBackend {
         deadline: DateTime<Utc>,
     ) -> Result<String, BackendError> {
         let job = task.job_name();
-        if let Some(id) = self.process(&job) {
-            info!(%task, pid = id.pid, "adopting the running sandbox");
+        // The sandbox exists once its pid file does, whether or not its agent still runs (as a Job
+        // exists after its pod died): adopt it, never start a second agent for the task. A dead one is
+        // found by the startup timer or the heartbeat timeout.
+        if self.dir(&job).join("pid").exists() {
+            match self.process(&job) {
+                Some(id) => info!(%task, pid = id.pid, "adopting the running sandbox"),
+                None => warn!(%task, "adopting the sandbox; its agent has already exited"),
+            }
             return Ok(job);
         }
         let id = self.spawn(task, &job, deadline)?;

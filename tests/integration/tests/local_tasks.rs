@@ -538,3 +538,42 @@ async fn the_script_and_its_environment_stay_out_of_the_process_list() {
     let (out, _, _) = setup.output(task).await;
     assert_eq!(out, b"token 10\n");
 }
+
+#[tokio::test]
+async fn an_agent_that_never_says_hello_fails_at_the_startup_timeout() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = config(&server, state.path());
+    if let BackendConfig::Local(local) = &mut config.backend {
+        local.agent_bin = "/bin/true".into();
+    }
+    config.timers.startup_timeout = Duration::from_secs(1);
+    let engine = Engine::start(config).await.expect("engine");
+    let client = Client::new(server.connect().await, ClientConfig::default());
+    let task = client
+        .launch(LaunchTask::script("echo never"))
+        .await
+        .unwrap()
+        .task_id;
+    let ended = client.wait(task, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        ended.state,
+        TaskState::Failed {
+            reason: FailureReason::AgentLost
+        }
+    );
+    let history = client.history(task).await.unwrap();
+    let kinds: Vec<&str> = history.iter().map(|e| e.event.body.kind()).collect();
+    assert_eq!(kinds[..3], ["accepted", "scheduled", "failed"]);
+    let EventBody::Failed { message, .. } = &history[2].event.body else {
+        panic!("{history:?}");
+    };
+    assert!(
+        message
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not ask for its instructions"),
+        "{message:?}"
+    );
+    engine.shutdown().await.unwrap();
+}
