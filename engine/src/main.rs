@@ -52,6 +52,8 @@ enum Command {
     Replay(cli::replay::ReplayArgs),
     /// Rebuild, verify or inspect the KV views.
     Projections(cli::projections::ProjectionsArgs),
+    /// Print the Kubernetes Job the engine would create for a launch (YAML).
+    RenderJob(cli::render::RenderArgs),
 }
 
 #[tokio::main]
@@ -88,5 +90,6 @@ async fn main() -> ExitCode {
         Command::Logs(args) => cli::logs::run(global, args).await,
         Command::Replay(args) => cli::replay::run(global, args).await,
         Command::Projections(args) => cli::projections::run(global, args).await,
+        Command::RenderJob(args) => cli::render::run(global, args),
     }
 }

@@ -2,12 +2,14 @@
 //!
 //! - [`serve`]: run the engine.
 //! - [`logs`]: a task's output, stored or live.
+//! - [`render`]: the Kubernetes Job for a launch, as YAML.
 //! - [`replay`]: a task's timeline from the stream; failed tasks since a time.
 //! - [`projections`]: rebuild, verify and status of the KV views.
 //! - [`task`]: launch, show, events, cancel.
 
 pub mod logs;
 pub mod projections;
+pub mod render;
 pub mod replay;
 pub mod serve;
 pub mod task;

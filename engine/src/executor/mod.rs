@@ -15,6 +15,8 @@
 //! a time. The [`Backend`] trait is what a backend implements: [`local`] (a sandboxed process per task) is
 //! the embedded default; the Kubernetes backend plugs into the same loop.
 
+pub mod job;
+pub mod kubernetes;
 pub mod local;
 
 use std::collections::HashMap;

@@ -1,0 +1,543 @@
+//! The task Job, built as a pure function of the task and the configuration, with the posture of
+//! DESIGN.md section 6 field by field. Nothing here talks to Kubernetes: the same function serves the
+//! backend, `taskpods render-job` and the posture tests.
+//!
+//! | posture | where |
+//! |---|---|
+//! | dedicated ServiceAccount, no token | `serviceAccountName`, `automountServiceAccountToken: false` |
+//! | non-root, UID/GID 1000 | pod and container `runAsNonRoot`, `runAsUser`, `runAsGroup` (+ `fsGroup`) |
+//! | read-only root, writable `/tmp` only | `readOnlyRootFilesystem`, one size-limited `emptyDir` at `/tmp` |
+//! | no privileges | `capabilities.drop: [ALL]`, `allowPrivilegeEscalation: false`, `privileged: false` |
+//! | seccomp | `RuntimeDefault` on the pod and the container |
+//! | bounded | `activeDeadlineSeconds = min(timeout, 1800)`, `backoffLimit: 0`, `restartPolicy: Never` |
+//! | cleaned up | `ttlSecondsAfterFinished` (a backstop: the reaper deletes the Job first) |
+//! | accounted | CPU and memory requests and limits always set |
+//! | selectable | labels on the Job and on the pod template (NetworkPolicies select pods) |
+//! | credentials | the NATS credentials file from a Secret volume mounted read-only into this pod only |
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use taskpods_events::command::MAX_TIMEOUT_SECS;
+use taskpods_events::{Mode, TaskId, TaskSpec};
+
+/// Label with the task id (a UUID, valid as a label value); the watcher and reconciler select on it.
+pub const TASK_LABEL: &str = "taskpods.dev/task-id";
+/// Label with the attempt number (always 1 today: one Job per task, `backoffLimit: 0`).
+pub const ATTEMPT_LABEL: &str = "taskpods.dev/attempt";
+/// The standard managed-by label; its value is [`MANAGED_BY`].
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Who manages task Jobs.
+pub const MANAGED_BY: &str = "taskpods";
+/// The selector for everything the engine manages.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=taskpods";
+/// The task pod's only container.
+pub const CONTAINER: &str = "agent";
+/// The UID and GID task code runs as (the seed's posture).
+pub const TASK_UID: i64 = 1000;
+/// Where the NATS credentials Secret is mounted.
+pub const CREDS_DIR: &str = "/var/run/secrets/taskpods/nats";
+/// The key of the credentials file in that Secret.
+pub const CREDS_KEY: &str = "nats.creds";
+
+/// What the Job builder needs besides the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    /// The namespace task Jobs live in.
+    pub namespace: String,
+    /// The task pods' ServiceAccount (no RoleBindings, token not mounted).
+    pub service_account: String,
+    /// NATS URL(s) the agent connects to, comma-separated.
+    pub nats_url: String,
+    /// Subject prefix.
+    pub prefix: String,
+    /// The Secret holding the agent's NATS credentials (key [`CREDS_KEY`]); `None` for a NATS server
+    /// without authentication (tests).
+    pub nats_credentials_secret: Option<String>,
+    /// Size of the pod's writable `/tmp`, bytes.
+    pub tmp_bytes: u64,
+    /// Seconds a finished Job stays before Kubernetes deletes it (a backstop to the reaper).
+    pub ttl_after_finished_secs: i32,
+    /// Seconds between SIGTERM and SIGKILL when the pod is stopped.
+    pub termination_grace_secs: i64,
+    /// `Always` (a pinned digest makes it cheap) or `IfNotPresent`.
+    pub image_pull_policy: String,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "baker-tasks".to_owned(),
+            service_account: "taskpods-task".to_owned(),
+            nats_url: "nats://nats.taskpods.svc:4222".to_owned(),
+            prefix: "taskpods".to_owned(),
+            nats_credentials_secret: Some("taskpods-task-nats".to_owned()),
+            tmp_bytes: 256 << 20,
+            ttl_after_finished_secs: 3600,
+            termination_grace_secs: 10,
+            image_pull_policy: "Always".to_owned(),
+        }
+    }
+}
+
+/// The labels on the Job and on its pod template.
+pub fn labels(task: TaskId) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (TASK_LABEL.to_owned(), task.to_string()),
+        (ATTEMPT_LABEL.to_owned(), "1".to_owned()),
+        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "taskpods-task".to_owned(),
+        ),
+    ])
+}
+
+/// `activeDeadlineSeconds`: the task's timeout, never more than the seed's 30 minutes.
+pub fn active_deadline_secs(spec: &TaskSpec) -> i64 {
+    i64::from(spec.timeout_secs.clamp(1, MAX_TIMEOUT_SECS))
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn quantities(cpu_millis: u64, memory_bytes: u64) -> BTreeMap<String, Quantity> {
+    BTreeMap::from([
+        ("cpu".to_owned(), Quantity(format!("{cpu_millis}m"))),
+        ("memory".to_owned(), bytes(memory_bytes)),
+    ])
+}
+
+/// Bytes as a Kubernetes quantity, in the largest binary unit that divides them (`512Mi`, not `536870912`).
+pub fn bytes(n: u64) -> Quantity {
+    let text = [("Gi", 30), ("Mi", 20), ("Ki", 10)]
+        .iter()
+        .find(|(_, shift)| n != 0 && n.is_multiple_of(1u64 << shift))
+        .map_or_else(
+            || n.to_string(),
+            |(unit, shift)| format!("{}{unit}", n >> shift),
+        );
+    Quantity(text)
+}
+
+/// The Job for `task`.
+pub fn build(task: TaskId, spec: &TaskSpec, deadline: DateTime<Utc>, config: &JobConfig) -> Job {
+    let name = task.job_name();
+    let labels = labels(task);
+    let mut annotations = BTreeMap::from([
+        (
+            "taskpods.dev/deadline".to_owned(),
+            deadline.to_rfc3339_opts(SecondsFormat::Secs, true),
+        ),
+        (
+            "taskpods.dev/mode".to_owned(),
+            match spec.mode {
+                Mode::Script => "script",
+                Mode::Agent => "agent",
+            }
+            .to_owned(),
+        ),
+        (
+            "taskpods.dev/description".to_owned(),
+            format!("taskpods task {task}; see `taskpods show {task}`"),
+        ),
+    ]);
+    if let Some(requester) = &spec.requester {
+        annotations.insert("taskpods.dev/requester".to_owned(), requester.clone());
+    }
+    if let Some(toolbox) = &spec.toolbox {
+        annotations.insert("taskpods.dev/toolbox".to_owned(), toolbox.clone());
+    }
+    // The caller's labels are for people, so they go in an annotation: as pod labels they could match a
+    // NetworkPolicy selector and widen what the task may reach.
+    if !spec.labels.is_empty()
+        && let Ok(json) = serde_json::to_string(&spec.labels)
+    {
+        annotations.insert("taskpods.dev/labels".to_owned(), json);
+    }
+
+    let mut vars = vec![
+        env("TASKPODS_TASK_ID", task.to_string()),
+        env("TASKPODS_NATS_URL", config.nats_url.clone()),
+        env("TASKPODS_PREFIX", config.prefix.clone()),
+        env(
+            "TASKPODS_DEADLINE",
+            deadline.to_rfc3339_opts(SecondsFormat::Secs, true),
+        ),
+        // The pod is the sandbox: no bubblewrap inside it (it would need privileges the pod lacks).
+        env("TASKPODS_SANDBOX", "none"),
+        env("TASKPODS_TMP_BYTES", config.tmp_bytes.to_string()),
+    ];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".to_owned(),
+        mount_path: "/tmp".to_owned(),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "tmp".to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(bytes(config.tmp_bytes)),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    if let Some(secret) = &config.nats_credentials_secret {
+        // A file, not an environment variable: env leaks into child processes and crash dumps.
+        vars.push(env(
+            "TASKPODS_NATS_CREDS",
+            format!("{CREDS_DIR}/{CREDS_KEY}"),
+        ));
+        mounts.push(VolumeMount {
+            name: "nats-creds".to_owned(),
+            mount_path: CREDS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "nats-creds".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o400),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+
+    let r = &spec.resources;
+    let container = Container {
+        name: CONTAINER.to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        // No command: the image's entrypoint is the agent, which fetches the instructions over NATS
+        // (so the script never appears in the Job, its events or `kubectl describe`).
+        env: Some(vars),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(r.cpu_request_millis, r.memory_request_bytes)),
+            limits: Some(quantities(r.cpu_limit_millis, r.memory_limit_bytes)),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(TASK_UID),
+            run_as_group: Some(TASK_UID),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                localhost_profile: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+
+    let pod = PodSpec {
+        service_account_name: Some(config.service_account.clone()),
+        automount_service_account_token: Some(false),
+        // No Service environment variables: the task has no business knowing the namespace's services.
+        enable_service_links: Some(false),
+        restart_policy: Some("Never".to_owned()),
+        termination_grace_period_seconds: Some(config.termination_grace_secs),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(TASK_UID),
+            run_as_group: Some(TASK_UID),
+            fs_group: Some(TASK_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                localhost_profile: None,
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    };
+
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(config.namespace.clone()),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            active_deadline_seconds: Some(active_deadline_secs(spec)),
+            backoff_limit: Some(0),
+            completions: Some(1),
+            parallelism: Some(1),
+            ttl_seconds_after_finished: Some(config.ttl_after_finished_secs),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Renders a JSON value as block-style YAML. Strings are written as JSON strings, which are valid YAML
+/// double-quoted scalars, so no value can be misread (`"no"`, `"1e3"`, `"0400"`).
+pub fn to_yaml(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_yaml(value, 0, &mut out);
+    out
+}
+
+fn scalar(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value as V;
+    match value {
+        V::Null => Some("null".to_owned()),
+        V::Bool(b) => Some(b.to_string()),
+        V::Number(n) => Some(n.to_string()),
+        V::String(s) => Some(serde_json::Value::String(s.clone()).to_string()),
+        V::Array(a) if a.is_empty() => Some("[]".to_owned()),
+        V::Object(o) if o.is_empty() => Some("{}".to_owned()),
+        _ => None,
+    }
+}
+
+fn key(k: &str) -> String {
+    let plain = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+        && k.starts_with(|c: char| c.is_ascii_alphabetic());
+    if plain {
+        k.to_owned()
+    } else {
+        serde_json::Value::String(k.to_owned()).to_string()
+    }
+}
+
+fn write_yaml(value: &serde_json::Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                match scalar(v) {
+                    Some(s) => out.push_str(&format!("{pad}{}: {s}\n", key(k))),
+                    None => {
+                        out.push_str(&format!("{pad}{}:\n", key(k)));
+                        write_yaml(v, indent + 2, out);
+                    }
+                }
+            }
+        }
+        serde_json::Value::Array(items) if !items.is_empty() => {
+            for item in items {
+                match scalar(item) {
+                    Some(s) => out.push_str(&format!("{pad}- {s}\n")),
+                    None => {
+                        // The item's first line goes after the dash, the rest indented under it.
+                        let mut inner = String::new();
+                        write_yaml(item, indent + 2, &mut inner);
+                        let body = inner.get(indent + 2..).unwrap_or_default();
+                        out.push_str(&format!("{pad}- {body}"));
+                    }
+                }
+            }
+        }
+        other => {
+            if let Some(s) = scalar(other) {
+                out.push_str(&format!("{pad}{s}\n"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use taskpods_events::Resources;
+
+    fn spec(timeout_secs: u32) -> TaskSpec {
+        TaskSpec {
+            image: "registry.example/taskpods/runner:1".to_owned(),
+            toolbox: Some("default".to_owned()),
+            mode: Mode::Script,
+            instructions: "echo secret-script".to_owned(),
+            env: BTreeMap::from([("SECRET_ENV".to_owned(), "v".to_owned())]),
+            timeout_secs,
+            resources: Resources {
+                cpu_request_millis: 250,
+                cpu_limit_millis: 500,
+                memory_request_bytes: 128 << 20,
+                memory_limit_bytes: 256 << 20,
+            },
+            labels: BTreeMap::from([("team".to_owned(), "x".to_owned())]),
+            requester: Some("brain-1".to_owned()),
+            idempotency_key: None,
+        }
+    }
+
+    fn task() -> TaskId {
+        TaskId::from_idempotency_key("posture")
+    }
+
+    /// Every field of DESIGN.md section 6, checked on the serialized Job (what the API server gets).
+    #[test]
+    fn the_job_has_the_full_posture_field_by_field() {
+        let deadline = DateTime::parse_from_rfc3339("2030-01-01T00:10:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let job = build(task(), &spec(600), deadline, &JobConfig::default());
+        let j = serde_json::to_value(&job).unwrap();
+        assert_eq!(j["apiVersion"], "batch/v1");
+        assert_eq!(j["kind"], "Job");
+        assert_eq!(j["metadata"]["name"], task().job_name());
+        assert_eq!(j["metadata"]["namespace"], "baker-tasks");
+        for labels in [
+            &j["metadata"]["labels"],
+            &j["spec"]["template"]["metadata"]["labels"],
+        ] {
+            assert_eq!(labels[TASK_LABEL], task().to_string());
+            assert_eq!(labels[ATTEMPT_LABEL], "1");
+            assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
+            assert!(labels.get("team").is_none(), "caller labels stay off pods");
+        }
+        let ann = &j["metadata"]["annotations"];
+        assert_eq!(ann["taskpods.dev/requester"], "brain-1");
+        assert_eq!(ann["taskpods.dev/deadline"], "2030-01-01T00:10:00Z");
+        assert_eq!(ann["taskpods.dev/labels"], r#"{"team":"x"}"#);
+
+        let s = &j["spec"];
+        assert_eq!(s["activeDeadlineSeconds"], 600);
+        assert_eq!(s["backoffLimit"], 0);
+        assert_eq!(s["completions"], 1);
+        assert_eq!(s["parallelism"], 1);
+        assert_eq!(s["ttlSecondsAfterFinished"], 3600);
+
+        let pod = &s["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "taskpods-task");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(pod["enableServiceLinks"], false);
+        assert_eq!(pod["restartPolicy"], "Never");
+        let psc = &pod["securityContext"];
+        assert_eq!(psc["runAsNonRoot"], true);
+        assert_eq!(psc["runAsUser"], 1000);
+        assert_eq!(psc["runAsGroup"], 1000);
+        assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault");
+        assert!(pod.get("hostNetwork").is_none() && pod.get("hostPID").is_none());
+
+        let containers = pod["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1);
+        let c = &containers[0];
+        assert_eq!(c["image"], "registry.example/taskpods/runner:1");
+        assert!(
+            c.get("command").is_none(),
+            "the image's entrypoint is the agent"
+        );
+        let csc = &c["securityContext"];
+        assert_eq!(csc["allowPrivilegeEscalation"], false);
+        assert_eq!(csc["privileged"], false);
+        assert_eq!(csc["readOnlyRootFilesystem"], true);
+        assert_eq!(csc["runAsNonRoot"], true);
+        assert_eq!(csc["runAsUser"], 1000);
+        assert_eq!(csc["runAsGroup"], 1000);
+        assert_eq!(csc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert!(csc["capabilities"].get("add").is_none());
+        assert_eq!(csc["seccompProfile"]["type"], "RuntimeDefault");
+        let res = &c["resources"];
+        assert_eq!(res["requests"]["cpu"], "250m");
+        assert_eq!(res["requests"]["memory"], "128Mi");
+        assert_eq!(res["limits"]["cpu"], "500m");
+        assert_eq!(res["limits"]["memory"], "256Mi");
+
+        // Only /tmp (size-limited emptyDir) is writable; the credentials are read-only.
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        let writable: Vec<_> = mounts
+            .iter()
+            .filter(|m| m.get("readOnly") != Some(&serde_json::json!(true)))
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        assert_eq!(writable, ["/tmp"]);
+        let volumes = pod["volumes"].as_array().unwrap();
+        let tmp = volumes.iter().find(|v| v["name"] == "tmp").unwrap();
+        assert_eq!(tmp["emptyDir"]["sizeLimit"], "256Mi");
+        assert_eq!(bytes(1000).0, "1000");
+        assert_eq!(bytes(3 << 30).0, "3Gi");
+        let creds = volumes.iter().find(|v| v["name"] == "nats-creds").unwrap();
+        assert_eq!(creds["secret"]["secretName"], "taskpods-task-nats");
+        assert_eq!(creds["secret"]["defaultMode"], 0o400);
+        assert_eq!(volumes.len(), 2, "no other volumes (no hostPath)");
+
+        let env: BTreeMap<&str, &str> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+            .collect();
+        assert_eq!(env["TASKPODS_TASK_ID"], task().to_string());
+        assert_eq!(env["TASKPODS_NATS_URL"], "nats://nats.taskpods.svc:4222");
+        assert_eq!(env["TASKPODS_SANDBOX"], "none");
+        assert_eq!(
+            env["TASKPODS_NATS_CREDS"],
+            "/var/run/secrets/taskpods/nats/nats.creds"
+        );
+        // The instructions and the caller's env travel over NATS, never in the Job.
+        let text = serde_json::to_string(&j).unwrap();
+        assert!(!text.contains("secret-script") && !text.contains("SECRET_ENV"));
+    }
+
+    #[test]
+    fn the_deadline_is_capped_at_30_minutes() {
+        let now = Utc::now();
+        let job = build(task(), &spec(5000), now, &JobConfig::default());
+        let s = job.spec.unwrap();
+        assert_eq!(s.active_deadline_seconds, Some(1800));
+        let job = build(task(), &spec(3), now, &JobConfig::default());
+        assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(3));
+    }
+
+    #[test]
+    fn without_a_credentials_secret_nothing_refers_to_one() {
+        let config = JobConfig {
+            nats_credentials_secret: None,
+            ..JobConfig::default()
+        };
+        let j = serde_json::to_value(build(task(), &spec(60), Utc::now(), &config)).unwrap();
+        let text = j.to_string();
+        assert!(!text.contains("TASKPODS_NATS_CREDS") && !text.contains("nats-creds"));
+    }
+
+    #[test]
+    fn yaml_is_block_style_with_quoted_strings_and_sorted_keys() {
+        let value = serde_json::json!({
+            "a": {"b": [1, "two", {"c": true, "d": [{"e": null}]}], "empty": {}, "none": []},
+            "weird key": "no", "n": "0400", "multi": "x\ny"
+        });
+        let yaml = to_yaml(&value);
+        assert_eq!(
+            yaml,
+            "a:\n  b:\n    - 1\n    - \"two\"\n    - c: true\n      d:\n        - e: null\n  empty: {}\n  none: []\nmulti: \"x\\ny\"\nn: \"0400\"\n\"weird key\": \"no\"\n"
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! The Kubernetes backend: one hardened Job per task (built by [`super::job`]), created under the task's
+//! deterministic name so that a second create finds the first Job and adopts it instead of making another.
+//!
+//! Every effect is safe to repeat after a crash at any point:
+//! - `create`: `AlreadyExists` → read the Job, check its task-id label, adopt it (a Job of that name with
+//!   another task's label is an error, never overwritten);
+//! - `stop`: delete with background propagation (`NotFound` is success), then wait until no pod of the
+//!   task is left, so `Cancelled`/`Reaped` are recorded only once nothing runs;
+//! - `reap`: give the pod a grace period to finish on its own (the agent flushing output), then `stop`.
+//!
+//! What Kubernetes reports about the Jobs and pods is turned into events by [`super::watcher`]; orphans and
+//! lost Jobs are healed by [`crate::reconciler`].
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client};
+use taskpods_events::{FailureReason, TaskId, TaskSpec};
+use tracing::{info, warn};
+
+use super::job::{self, JobConfig, TASK_LABEL};
+use super::{Backend, BackendError};
+
+/// A Kubernetes client, wrapped so configurations stay `Debug`.
+#[derive(Clone)]
+pub struct KubeClient(pub Client);
+
+impl fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KubeClient")
+    }
+}
+
+/// Kubernetes backend settings.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// What goes into each Job (namespace, ServiceAccount, NATS URL, credentials Secret, sizes).
+    pub job: JobConfig,
+    /// The client; `None`: in-cluster configuration or `~/.kube/config` (`kube::Client::try_default`).
+    pub client: Option<KubeClient>,
+    /// A task not running this long after it was accepted fails with the reason it is stuck.
+    pub startup_timeout: Duration,
+    /// How long after its pod's container ended the watcher waits for the agent's own result before it
+    /// records the exit code instead (the result travels through the command stream, maybe later).
+    pub exit_grace: Duration,
+    /// How long `stop` waits for the task's pods to be gone before it reports a (retried) failure.
+    pub stop_timeout: Duration,
+    /// How often the reconciler compares the Jobs with the live tasks.
+    pub reconcile_interval: Duration,
+    /// How long the reconciler's lease lasts without renewal (another replica takes over after it).
+    pub lease_ttl: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            job: JobConfig::default(),
+            client: None,
+            startup_timeout: Duration::from_secs(300),
+            exit_grace: Duration::from_secs(5),
+            stop_timeout: Duration::from_secs(60),
+            reconcile_interval: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// The configured client, or the default one (in-cluster, else kubeconfig).
+    pub async fn client(&self) -> Result<Client, kube::Error> {
+        match &self.client {
+            Some(client) => Ok(client.0.clone()),
+            None => Client::try_default().await,
+        }
+    }
+}
+
+/// Runs tasks as Kubernetes Jobs.
+#[derive(Clone)]
+pub struct KubernetesBackend {
+    config: JobConfig,
+    stop_timeout: Duration,
+    jobs: Api<Job>,
+    pods: Api<Pod>,
+}
+
+impl fmt::Debug for KubernetesBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubernetesBackend")
+            .field("namespace", &self.config.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a Kubernetes API failure affects the task.
+pub fn classify(what: &str, error: kube::Error) -> BackendError {
+    match error {
+        kube::Error::Api(status) => {
+            let message = format!("{what}: {} ({})", status.message, status.code);
+            if status.code == 403 && status.message.contains("exceeded quota") {
+                BackendError::fatal(FailureReason::QuotaExceeded, message)
+            } else if (400..500).contains(&status.code) && !matches!(status.code, 409 | 429) {
+                // Refused for good (invalid, forbidden): retrying changes nothing, the task fails.
+                BackendError::fatal(FailureReason::BackendError, message)
+            } else {
+                BackendError::transient(message)
+            }
+        }
+        other => BackendError::transient(format!("{what}: {other}")),
+    }
+}
+
+fn is_status(error: &kube::Error, code: u16) -> bool {
+    matches!(error, kube::Error::Api(s) if s.code == code)
+}
+
+impl KubernetesBackend {
+    /// A backend creating Jobs in `config.namespace` through `client`.
+    pub fn new(client: Client, config: JobConfig, stop_timeout: Duration) -> Self {
+        Self {
+            jobs: Api::namespaced(client.clone(), &config.namespace),
+            pods: Api::namespaced(client, &config.namespace),
+            config,
+            stop_timeout,
+        }
+    }
+
+    /// The pods of `task`, whatever their state.
+    async fn pods_of(&self, task: TaskId) -> Result<Vec<Pod>, BackendError> {
+        self.pods
+            .list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))
+            .await
+            .map(|list| list.items)
+            .map_err(|e| BackendError::transient(format!("list pods of {task}: {e}")))
+    }
+
+    /// Waits until no pod of `task` passes `keep`, for at most `within`; whether that happened.
+    async fn wait_pods(
+        &self,
+        task: TaskId,
+        within: Duration,
+        keep: impl Fn(&Pod) -> bool,
+    ) -> Result<bool, BackendError> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if !self.pods_of(task).await?.iter().any(&keep) {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Adopts the existing Job `name` if it carries `task`'s label.
+    async fn adopt(&self, task: TaskId, name: &str) -> Result<String, BackendError> {
+        let existing = self
+            .jobs
+            .get_opt(name)
+            .await
+            .map_err(|e| classify(&format!("read Job {name}"), e))?;
+        let Some(existing) = existing else {
+            // Deleted between our create and our read: the next try creates it.
+            return Err(BackendError::transient(format!(
+                "Job {name} vanished while being adopted"
+            )));
+        };
+        let owner = existing
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(TASK_LABEL));
+        if owner.map(String::as_str) == Some(task.to_string().as_str()) {
+            info!(%task, job = name, "adopting the existing Job");
+            Ok(name.to_owned())
+        } else {
+            Err(BackendError::fatal(
+                FailureReason::BackendError,
+                format!(
+                    "a Job named {name} exists in {} but its {TASK_LABEL} label is {owner:?}, not {task}: \
+                     refusing to adopt or replace it",
+                    self.config.namespace
+                ),
+            ))
+        }
+    }
+}
+
+fn pod_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+impl Backend for KubernetesBackend {
+    async fn create(
+        &self,
+        task: TaskId,
+        spec: &TaskSpec,
+        deadline: DateTime<Utc>,
+    ) -> Result<String, BackendError> {
+        let job = job::build(task, spec, deadline, &self.config);
+        let name = task.job_name();
+        match self.jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => {
+                info!(%task, job = name, namespace = %self.config.namespace, "Job created");
+                Ok(name)
+            }
+            Err(e) if is_status(&e, 409) => self.adopt(task, &name).await,
+            Err(e) => Err(classify(&format!("create Job {name}"), e)),
+        }
+    }
+
+    async fn stop(&self, task: TaskId, job: &str) -> Result<(), BackendError> {
+        match self.jobs.delete(job, &DeleteParams::background()).await {
+            Ok(_) => info!(%task, job, "Job deleted"),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(classify(&format!("delete Job {job}"), e)),
+        }
+        // Background propagation returns at once; the garbage collector removes the pods after. We
+        // report stopped only when they are gone, so "Cancelled" means nothing runs any more.
+        if self.wait_pods(task, self.stop_timeout, |_| true).await? {
+            Ok(())
+        } else {
+            warn!(%task, job, "pods still present after the Job was deleted");
+            Err(BackendError::transient(format!(
+                "pods of {job} still present {:?} after its deletion",
+                self.stop_timeout
+            )))
+        }
+    }
+
+    async fn reap(&self, task: TaskId, job: &str, grace: Duration) -> Result<(), BackendError> {
+        if !grace.is_zero() {
+            self.wait_pods(task, grace, |p| !pod_finished(p)).await?;
+        }
+        self.stop(task, job).await
+    }
+}
