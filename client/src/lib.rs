@@ -248,39 +248,15 @@ impl Client {
                 payload,
             )
             .await?;
-        match reply {
-            // A repeat of a rejected launch: the problems are in the task's first event.
-            Some(CommandReply::Applied {
-                state: TaskState::Rejected,
-                ..
-            }) => self.first_event(task_id).await,
-            Some(CommandReply::Applied {
-                task_id,
-                state,
-                sequence,
-                created,
-            }) => Ok(Launched {
-                task_id,
-                state,
-                sequence,
-                created,
-            }),
-            Some(CommandReply::Rejected {
-                task_id, problems, ..
-            }) => Err(ClientError::Rejected { task_id, problems }),
-            Some(CommandReply::Refused {
-                task_id,
-                reason,
-                state,
-            }) => Err(ClientError::Refused {
-                task_id,
-                reason,
-                state,
-            }),
-            Some(CommandReply::Invalid { error }) => Err(ClientError::Invalid(error)),
+        match reply.map(applied) {
             // A repeat inside the duplicate window, or an engine that restarted before replying: the
             // task's own subject has the answer once its first event exists.
             None => self.first_event(task_id).await,
+            // A repeat of a rejected launch: the problems are in the task's first event.
+            Some(Ok(launched)) if launched.state == TaskState::Rejected => {
+                self.first_event(task_id).await
+            }
+            Some(result) => result,
         }
     }
 
@@ -334,20 +310,7 @@ impl Client {
             .command(self.config.names.cancel(task_id), msg_id, payload)
             .await?
         {
-            Some(CommandReply::Applied { state, .. }) => Ok(state),
-            Some(CommandReply::Refused {
-                task_id,
-                reason,
-                state,
-            }) => Err(ClientError::Refused {
-                task_id,
-                reason,
-                state,
-            }),
-            Some(CommandReply::Invalid { error }) => Err(ClientError::Invalid(error)),
-            Some(CommandReply::Rejected {
-                task_id, problems, ..
-            }) => Err(ClientError::Rejected { task_id, problems }),
+            Some(reply) => applied(reply).map(|done| done.state),
             None => Err(ClientError::TimedOut {
                 what: "the engine to answer the cancel (is an engine running?)",
                 after: self.config.reply_timeout,
@@ -415,6 +378,36 @@ impl Client {
                 what: "the task to end",
                 after: timeout,
             })?
+    }
+}
+
+/// An `applied` reply as its result; every other outcome as the error it stands for.
+fn applied(reply: CommandReply) -> Result<Launched, ClientError> {
+    match reply {
+        CommandReply::Applied {
+            task_id,
+            state,
+            sequence,
+            created,
+        } => Ok(Launched {
+            task_id,
+            state,
+            sequence,
+            created,
+        }),
+        CommandReply::Rejected {
+            task_id, problems, ..
+        } => Err(ClientError::Rejected { task_id, problems }),
+        CommandReply::Refused {
+            task_id,
+            reason,
+            state,
+        } => Err(ClientError::Refused {
+            task_id,
+            reason,
+            state,
+        }),
+        CommandReply::Invalid { error } => Err(ClientError::Invalid(error)),
     }
 }
 

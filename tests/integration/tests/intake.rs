@@ -87,8 +87,8 @@ async fn events_of(nats: &async_nats::Client, task: TaskId) -> Vec<EventBody> {
         .collect()
 }
 
-/// Asserts the intake consumer holds nothing: every command was acked.
-async fn assert_nothing_stuck(nats: &async_nats::Client) {
+/// Asserts the intake consumer holds nothing, within `within`: every command was acked.
+async fn assert_nothing_stuck(nats: &async_nats::Client, within: Duration) {
     let js = jetstream::new(nats.clone());
     let stream = js
         .get_stream(Names::default().command_stream())
@@ -98,16 +98,18 @@ async fn assert_nothing_stuck(nats: &async_nats::Client) {
         .get_consumer("taskpods-intake")
         .await
         .expect("consumer");
-    let mut last = None;
-    for _ in 0..50 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
         let info = consumer.info().await.expect("consumer info").clone();
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             return;
         }
-        last = Some(info);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "commands left unacked: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("commands left unacked: {last:?}");
 }
 
 #[tokio::test]
@@ -167,7 +169,7 @@ async fn a_hundred_concurrent_launches_with_one_key_make_one_task() {
     let events = events_of(&nats, task).await;
     assert_eq!(events.len(), 1, "one Accepted event: {events:?}");
     assert!(matches!(events[0], EventBody::Accepted { .. }));
-    assert_nothing_stuck(&nats).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(5)).await;
     assert_eq!(engine.intake_stats.applied.load(Ordering::Relaxed), 1);
     engine.shutdown().await.expect("clean shutdown");
 }
@@ -402,7 +404,7 @@ async fn bad_input_gets_a_precise_reason_and_nothing_is_stuck() {
     );
 
     // Everything was acked, the dead letters are kept with their reasons, and a good launch still works.
-    assert_nothing_stuck(&nats).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(5)).await;
     assert_eq!(engine.intake_stats.dead_lettered.load(Ordering::Relaxed), 3);
     assert_eq!(engine.intake_stats.rejected.load(Ordering::Relaxed), 7);
     let js = jetstream::new(nats.clone());
@@ -520,7 +522,8 @@ async fn a_crash_between_append_and_ack_neither_duplicates_nor_loses_the_answer(
     let engine = Engine::start(config(&server))
         .await
         .expect("engine after crash");
-    assert_nothing_stuck_eventually(&nats).await;
+    // The aborted engine's unacked commands come back after the consumer's ack wait.
+    assert_nothing_stuck(&nats, Duration::from_secs(40)).await;
     for i in 0..300 {
         let events = events_of(&nats, TaskId::from_idempotency_key(&format!("load-{i}"))).await;
         assert_eq!(events.len(), 1, "load-{i}: {events:?}");
@@ -531,28 +534,6 @@ async fn a_crash_between_append_and_ack_neither_duplicates_nor_loses_the_answer(
         "the crash happened mid-stream ({applied_before_crash} applied)"
     );
     engine.shutdown().await.expect("shutdown");
-}
-
-async fn assert_nothing_stuck_eventually(nats: &async_nats::Client) {
-    // The aborted engine's unacked commands come back after the ack wait of the consumer as it was
-    // created (30 s by default); give them that long.
-    for _ in 0..40 {
-        let js = jetstream::new(nats.clone());
-        let stream = js
-            .get_stream(Names::default().command_stream())
-            .await
-            .expect("stream");
-        let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_consumer("taskpods-intake")
-            .await
-            .expect("consumer");
-        let info = consumer.info().await.expect("info").clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    assert_nothing_stuck(nats).await;
 }
 
 #[tokio::test]
