@@ -7,7 +7,7 @@
 //!   store is unavailable, `Stop` when the task has ended, is being cancelled, or does not exist.
 //! - Heartbeats (`<p>.agent.<task>.heartbeat`, core NATS, every replica listens): a task that is
 //!   `Running` and has not been heard from for the heartbeat timeout gets `Input::HeartbeatLost`
-//!   (`Failed{AgentLost}`). Which tasks are running comes from the event stream (last event per task at
+//!   (`Failed{AgentLost}`); time the engine itself was disconnected from NATS does not count. Which tasks are running comes from the event stream (last event per task at
 //!   start-up, then every new event), so a restarted engine watches the tasks that were running before,
 //!   counting their silence from its own start.
 
@@ -143,6 +143,7 @@ pub async fn run(
         shutdown.clone(),
     )));
     let _checker = timers::AbortOnDrop(tokio::spawn(check_heartbeats(
+        client.clone(),
         store.clone(),
         watched.clone(),
         config.clone(),
@@ -220,6 +221,7 @@ async fn follow_running(
 }
 
 async fn check_heartbeats(
+    client: async_nats::Client,
     store: EventStore,
     watched: Watched,
     config: GatewayConfig,
@@ -232,6 +234,15 @@ async fn check_heartbeats(
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // While the engine itself cannot hear NATS, silence proves nothing about the agents: count it
+        // from the reconnection instead.
+        if client.connection_state() != async_nats::connection::State::Connected {
+            let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
+            for seen in watched.values_mut() {
+                *seen = Instant::now();
+            }
+            continue;
         }
         let silent: Vec<TaskId> = {
             let watched = watched.lock().unwrap_or_else(|p| p.into_inner());

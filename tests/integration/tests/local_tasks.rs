@@ -577,3 +577,36 @@ async fn an_agent_that_never_says_hello_fails_at_the_startup_timeout() {
     );
     engine.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_nats_restart_mid_run_loses_and_duplicates_no_output() {
+    let mut setup = Setup::start().await;
+    // Agents reconnect with their own backoff: give them more than the usual test timeout to be heard.
+    setup.engine.take().unwrap().shutdown().await.unwrap();
+    let mut config = config(&setup.server, setup.state.path());
+    config.gateway.heartbeat_timeout = Duration::from_secs(10);
+    setup.engine = Some(Engine::start(config).await.expect("engine"));
+    let task = setup
+        .launch(
+            "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done",
+            120,
+        )
+        .await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    setup.server.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    setup.server.restart();
+    setup.server.wait_for_jetstream().await;
+    let kinds = setup.finished(task, Duration::from_secs(60)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "succeeded", "reaped"]
+    );
+    let (out, _, marks) = setup.output(task).await;
+    let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out), expected);
+    assert_eq!(marks, ["end"]);
+}
