@@ -8,10 +8,8 @@
 //! no pipe to the engine, so it outlives an engine restart; the restarted engine finds it by name and
 //! adopts it instead of starting a second one.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -74,8 +72,6 @@ pub struct LocalBackend {
     config: LocalConfig,
     names: Names,
     nats_urls: Vec<String>,
-    /// Children this engine spawned, so their exit is collected (no zombies).
-    children: Arc<Mutex<HashMap<u32, ()>>>,
 }
 
 /// A process identity that survives pid reuse: pid and start time (clock ticks since boot).
@@ -128,7 +124,6 @@ impl LocalBackend {
             config,
             names,
             nats_urls,
-            children: Arc::default(),
         }
     }
 
@@ -213,17 +208,9 @@ impl LocalBackend {
         std::fs::write(&tmp, format!("{} {}\n", id.pid, id.start))
             .and_then(|()| std::fs::rename(&tmp, &pid_file))
             .map_err(|e| BackendError::transient(format!("pid file: {e}")))?;
-        self.children
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pid, ());
-        let children = self.children.clone();
+        // Collect its exit status when it ends, so it leaves no zombie behind.
         tokio::spawn(async move {
             let _ = child.wait().await;
-            children
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
         });
         Ok(id)
     }
