@@ -39,6 +39,8 @@ pub struct LocalConfig {
     pub max_file_bytes: u64,
     /// How long a stopped agent gets to flush and report before it is killed.
     pub kill_grace: Duration,
+    /// What mode `agent` tasks run with their goal as the argument (the agent's default when `None`).
+    pub agent_entrypoint: Option<String>,
 }
 
 impl Default for LocalConfig {
@@ -62,6 +64,7 @@ impl Default for LocalConfig {
             max_procs: 256,
             max_file_bytes: 128 << 20,
             kill_grace: Duration::from_secs(5),
+            agent_entrypoint: None,
         }
     }
 }
@@ -181,6 +184,12 @@ impl LocalBackend {
             .env(
                 "TASKPODS_TERM_GRACE_MS",
                 (self.config.kill_grace / 2).as_millis().to_string(),
+            )
+            .envs(
+                self.config
+                    .agent_entrypoint
+                    .iter()
+                    .map(|e| ("TASKPODS_AGENT_ENTRYPOINT", e)),
             )
             .current_dir(&dir)
             .stdin(Stdio::null())

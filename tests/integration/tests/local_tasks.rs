@@ -610,3 +610,46 @@ async fn a_nats_restart_mid_run_loses_and_duplicates_no_output() {
     assert_eq!(String::from_utf8_lossy(&out), expected);
     assert_eq!(marks, ["end"]);
 }
+
+#[tokio::test]
+async fn agent_mode_hands_the_goal_to_the_entrypoint() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = config(&server, state.path());
+    if let BackendConfig::Local(local) = &mut config.backend {
+        local.agent_entrypoint = Some("/bin/echo".into());
+    }
+    let engine = Engine::start(config).await.expect("engine");
+    let setup_client = Client::new(server.connect().await, ClientConfig::default());
+    let launch = LaunchTask {
+        mode: taskpods_events::Mode::Agent,
+        goal: Some("summarise the logs; be brief".into()),
+        timeout_secs: Some(60),
+        ..LaunchTask::default()
+    };
+    let task = setup_client.launch(launch).await.unwrap().task_id;
+    let ended = setup_client
+        .wait(task, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(ended.state, TaskState::Succeeded);
+    let js = jetstream::new(server.connect().await);
+    let mut out = Vec::new();
+    logs::read(
+        &js,
+        &Names::default(),
+        task,
+        true,
+        Duration::from_millis(500),
+        async || true,
+        |piece| {
+            if let Piece::Stdout(b) = piece {
+                out.extend_from_slice(&b);
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, b"summarise the logs; be brief\n");
+    engine.shutdown().await.unwrap();
+}
