@@ -179,7 +179,7 @@ pub async fn reconcile<B: Backend>(
                     match execute(store, task_id, &input, Some(loaded.clone())).await? {
                         Some(after) if after.task.state.is_terminal() => {
                             // Ended (cancelled) while we created: remove what we made.
-                            backend.stop(task_id, &job).await?;
+                            backend.reap(task_id, &job, Duration::ZERO).await?;
                         }
                         _ => {}
                     }
