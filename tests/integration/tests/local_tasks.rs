@@ -653,3 +653,31 @@ async fn agent_mode_hands_the_goal_to_the_entrypoint() {
     assert_eq!(out, b"summarise the logs; be brief\n");
     engine.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_cancel_racing_the_sandbox_creation_leaves_nothing_behind() {
+    let setup = Setup::start().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let task = setup.launch("sleep 300", 60).await;
+        let _ = setup.client.cancel(task, None).await;
+        tasks.push(task);
+    }
+    for task in tasks {
+        let ended = setup
+            .client
+            .wait(task, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(ended.state, TaskState::Cancelled);
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while setup.state.path().join(task.job_name()).exists() {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "sandbox of {task} left behind"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gone(task, Duration::from_secs(10)).await;
+    }
+}
