@@ -4,6 +4,7 @@
 //! - [`config`]: the engine's configuration, with embedded defaults.
 //! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events.
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
+//! - [`reconciler`]: heals Jobs and tasks that disagree (orphans, lost Jobs, missed deadlines).
 //! - [`timers`]: deadlines (`TimedOut`).
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod executor;
 pub mod gateway;
 pub mod intake;
+pub mod reconciler;
 pub mod server;
 pub mod store;
 pub mod timers;

@@ -189,6 +189,26 @@ impl Engine {
                 ("executor", result.map_err(|e| e.to_string()))
             });
         }
+        if let BackendConfig::Kubernetes(kube_config) = &config.backend {
+            let buckets = taskpods_projections::BucketSettings {
+                replicas: config.topology.replicas,
+                storage: config.topology.storage,
+            };
+            executor::kubernetes::spawn_loops(
+                &mut loops,
+                kube_config,
+                executor::kubernetes::Shared {
+                    js: js.clone(),
+                    store: store.clone(),
+                    events: topology.events.clone(),
+                    executor: config.executor.clone(),
+                    buckets,
+                    shutdown: shutdown.clone(),
+                },
+            )
+            .await
+            .map_err(|e| ServerError::Loop(format!("kubernetes backend: {e}")))?;
+        }
 
         info!(
             prefix = %topology.names,

@@ -12,7 +12,12 @@
 //! lost Jobs are healed by [`crate::reconciler`].
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::Stream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
@@ -23,7 +28,9 @@ use taskpods_events::{FailureReason, TaskId, TaskSpec};
 use tracing::{info, warn};
 
 use super::job::{self, JobConfig, TASK_LABEL};
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, ExecutorConfig};
+use crate::reconciler::{self, ReconcilerConfig};
+use crate::store::EventStore;
 
 /// A Kubernetes client, wrapped so configurations stay `Debug`.
 #[derive(Clone)]
@@ -242,4 +249,88 @@ impl Backend for KubernetesBackend {
         }
         self.stop(task, job).await
     }
+}
+
+/// What the Kubernetes loops share with the rest of the engine.
+#[derive(Debug)]
+pub struct Shared {
+    /// JetStream (the reconciler's lease and the live-task view).
+    pub js: jetstream::Context,
+    /// The event store.
+    pub store: EventStore,
+    /// The event stream the executor consumes.
+    pub events: Stream,
+    /// Executor settings.
+    pub executor: ExecutorConfig,
+    /// Replicas and storage for the lease bucket.
+    pub buckets: taskpods_projections::BucketSettings,
+    /// The engine's shutdown signal.
+    pub shutdown: CancellationToken,
+}
+
+/// Starts the executor over Kubernetes, the watcher and the reconciler in `loops`.
+pub async fn spawn_loops(
+    loops: &mut JoinSet<(&'static str, Result<(), String>)>,
+    config: &KubernetesConfig,
+    shared: Shared,
+) -> Result<(), kube::Error> {
+    let client = config.client().await?;
+    let mut config = config.clone();
+    // The agents must speak the same subjects as this engine.
+    config.job.prefix = shared.store.names().prefix().to_owned();
+    let backend = KubernetesBackend::new(client.clone(), config.job.clone(), config.stop_timeout);
+
+    loops.spawn({
+        let (backend, store, events, executor, shutdown) = (
+            Arc::new(backend.clone()),
+            shared.store.clone(),
+            shared.events.clone(),
+            shared.executor.clone(),
+            shared.shutdown.clone(),
+        );
+        async move {
+            let result = super::run(backend, store, events, executor, shutdown).await;
+            ("executor", result.map_err(|e| e.to_string()))
+        }
+    });
+    loops.spawn({
+        let (client, store, config, shutdown) = (
+            client.clone(),
+            shared.store.clone(),
+            config.clone(),
+            shared.shutdown.clone(),
+        );
+        async move {
+            let result = super::watcher::run(client, store, config, shutdown).await;
+            ("kubernetes watcher", result.map_err(|e| e.to_string()))
+        }
+    });
+    let holder = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map_or_else(
+            || format!("engine-{}", uuid::Uuid::now_v7()),
+            |h| format!("{h}-{}", uuid::Uuid::now_v7()),
+        );
+    let reconciler_config = ReconcilerConfig {
+        holder,
+        interval: config.reconcile_interval,
+        lease_ttl: config.lease_ttl,
+        buckets: shared.buckets,
+    };
+    let namespace = config.job.namespace.clone();
+    loops.spawn(async move {
+        let result = reconciler::run(
+            shared.js,
+            shared.store,
+            client,
+            backend,
+            namespace,
+            reconciler_config,
+            shared.shutdown,
+        )
+        .await;
+        ("reconciler", result.map_err(|e| e.to_string()))
+    });
+    Ok(())
 }

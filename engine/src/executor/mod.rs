@@ -18,6 +18,7 @@
 pub mod job;
 pub mod kubernetes;
 pub mod local;
+pub mod watcher;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -103,6 +104,8 @@ pub enum BackendConfig {
     None,
     /// Local sandboxed processes (the embedded default of `taskpods serve`).
     Local(local::LocalConfig),
+    /// Kubernetes Jobs (plus the watcher and the reconciler that come with them).
+    Kubernetes(kubernetes::KubernetesConfig),
 }
 
 /// Executor settings.

@@ -1,0 +1,288 @@
+//! The reconciler: at start-up and then periodically, heals what the event log and Kubernetes disagree on
+//! (DESIGN.md invariant 6). Only one engine replica reconciles at a time: it holds a lease in the KV bucket
+//! `<prefix>_leases` (key `reconciler`, value `<holder> <expiry ms>`, written with revision checks), so two
+//! replicas never delete the same Job or append for the same task from two stale pictures.
+//!
+//! One pass:
+//! 1. load every live task (from the `active` view, then the event log, which is the truth);
+//! 2. list the Jobs carrying our labels (after step 1, so a task recorded `Scheduled` has its Job listed:
+//!    the Job is created before `Scheduled` is appended);
+//! 3. a live task past its deadline → `DeadlineReached`; a `Scheduled`/`Starting`/`Running`/`Cancelling`
+//!    task whose Job is missing → `JobGone` (`Failed{JobLost}`, or `Cancelled` when cancelling);
+//! 4. a Job whose task is unknown or ended → an orphan: deleted (waiting for its pods), and `Reaped`
+//!    recorded when the task ended without it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use chrono::{DateTime, TimeDelta, Utc};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use taskpods_events::{Input, TaskId, TaskState};
+use taskpods_projections::{BucketSettings, Views};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::executor::Backend;
+use crate::executor::job::{MANAGED_SELECTOR, TASK_LABEL};
+use crate::executor::kubernetes::KubernetesBackend;
+use crate::store::{EventStore, ExecuteError};
+
+/// Why a pass could not be completed (the next one tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The lease bucket or the live-task view could not be read or written.
+    #[error("lease or views: {0}")]
+    Nats(String),
+    /// The event store failed.
+    #[error("event store: {0}")]
+    Store(String),
+    /// The Jobs could not be listed.
+    #[error("list Jobs: {0}")]
+    Kubernetes(#[from] kube::Error),
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Tasks failed because their Job vanished.
+    pub lost: Vec<TaskId>,
+    /// Tasks timed out past their deadline.
+    pub timed_out: Vec<TaskId>,
+    /// Orphan Jobs deleted.
+    pub orphans: Vec<String>,
+}
+
+/// The reconciler's settings.
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    /// This replica's name in the lease.
+    pub holder: String,
+    /// Time between passes.
+    pub interval: Duration,
+    /// How long a lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// Lease bucket replicas and storage.
+    pub buckets: BucketSettings,
+}
+
+/// A lease in a KV bucket: at most one holder until it expires.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    kv: kv::Store,
+    key: String,
+    holder: String,
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Opens (creating when missing) the lease bucket of `prefix`.
+    pub async fn open(
+        js: &jetstream::Context,
+        prefix: &str,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+        settings: BucketSettings,
+    ) -> Result<Self, ReconcileError> {
+        let bucket = format!("{}_leases", prefix.replace('.', "_"));
+        let kv = taskpods_projections::buckets::ensure_bucket(js, &bucket, settings)
+            .await
+            .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+        Ok(Self {
+            kv,
+            key: key.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+        })
+    }
+
+    /// Takes or renews the lease; whether this holder has it now.
+    pub async fn acquire(&self, now: DateTime<Utc>) -> Result<bool, ReconcileError> {
+        let expiry = now + TimeDelta::from_std(self.ttl).unwrap_or(TimeDelta::seconds(30));
+        let value = format!("{} {}", self.holder, expiry.timestamp_millis());
+        let current = self
+            .kv
+            .entry(&self.key)
+            .await
+            .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+        let result = match current {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let text = String::from_utf8_lossy(&entry.value);
+                let mut parts = text.split_whitespace();
+                let holder = parts.next().unwrap_or_default();
+                let until = parts
+                    .next()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .unwrap_or(0);
+                if holder != self.holder && until > now.timestamp_millis() {
+                    return Ok(false);
+                }
+                self.kv
+                    .update(&self.key, value.into(), entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Some(entry) => self
+                .kv
+                .update(&self.key, value.into(), entry.revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self
+                .kv
+                .create(&self.key, value.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        // A failed conditional write means another replica got there first.
+        Ok(result.is_ok())
+    }
+}
+
+/// One reconciliation pass (the caller holds the lease).
+pub async fn reconcile_once(
+    store: &EventStore,
+    views: &mut Views,
+    jobs: &Api<Job>,
+    backend: &KubernetesBackend,
+) -> Result<Report, ReconcileError> {
+    let mut report = Report::default();
+    let now = Utc::now();
+    let _ = views.refresh().await;
+    let active = views
+        .active()
+        .await
+        .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+    let mut live = Vec::new();
+    for view in active {
+        let loaded = store
+            .load(view.task)
+            .await
+            .map_err(|e| ReconcileError::Store(e.to_string()))?;
+        live.push((view.task, loaded.task));
+    }
+    let listed = jobs
+        .list(&ListParams::default().labels(MANAGED_SELECTOR))
+        .await?;
+    let mut by_task: HashMap<TaskId, String> = HashMap::new();
+    for job in listed.items {
+        let (Some(name), Some(task)) = (
+            job.metadata.name.clone(),
+            job.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(TASK_LABEL))
+                .and_then(|t| t.parse::<TaskId>().ok()),
+        ) else {
+            continue;
+        };
+        by_task.insert(task, name);
+    }
+
+    for (id, task) in &live {
+        if task.state.is_terminal() {
+            continue;
+        }
+        if task.deadline.is_some_and(|d| d <= now) {
+            if settle(store, *id, &Input::DeadlineReached { now }).await? {
+                info!(task = %id, "reconciler: past its deadline");
+                report.timed_out.push(*id);
+            }
+            continue;
+        }
+        let has_job = matches!(
+            task.state,
+            TaskState::Scheduled | TaskState::Starting | TaskState::Running | TaskState::Cancelling
+        );
+        if has_job && !by_task.contains_key(id) && settle(store, *id, &Input::JobGone).await? {
+            info!(task = %id, "reconciler: the task's Job is gone");
+            report.lost.push(*id);
+        }
+    }
+
+    for (id, job) in by_task {
+        let task = match live.iter().find(|(t, _)| *t == id) {
+            Some((_, task)) => task.clone(),
+            None => {
+                store
+                    .load(id)
+                    .await
+                    .map_err(|e| ReconcileError::Store(e.to_string()))?
+                    .task
+            }
+        };
+        let orphan = task.state == TaskState::New || task.state.is_terminal();
+        if !orphan {
+            continue;
+        }
+        info!(task = %id, job, state = task.state.name(), "reconciler: deleting an orphan Job");
+        if let Err(e) = backend.stop(id, &job).await {
+            warn!(task = %id, job, error = %e, "reconciler: orphan not deleted yet");
+            continue;
+        }
+        if task.state.is_terminal() && !task.reaped {
+            settle(store, id, &Input::Reaped).await?;
+        }
+        report.orphans.push(job);
+    }
+    Ok(report)
+}
+
+/// Executes `input`; whether it was appended (a refusal is fine: someone else moved the task on).
+async fn settle(store: &EventStore, task: TaskId, input: &Input) -> Result<bool, ReconcileError> {
+    match store.execute(task, input, Utc::now(), None).await {
+        Ok(_) => Ok(true),
+        Err(ExecuteError::Refused { refusal, .. }) => {
+            debug!(%task, %refusal, ?input, "reconciler input refused");
+            Ok(false)
+        }
+        Err(ExecuteError::Store(e)) => Err(ReconcileError::Store(e.to_string())),
+    }
+}
+
+/// Runs passes every `config.interval` while holding the lease, until `shutdown`.
+pub async fn run(
+    js: jetstream::Context,
+    store: EventStore,
+    client: Client,
+    backend: KubernetesBackend,
+    namespace: String,
+    config: ReconcilerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ReconcileError> {
+    let names = store.names().clone();
+    let lease = Lease::open(
+        &js,
+        names.prefix(),
+        "reconciler",
+        &config.holder,
+        config.lease_ttl,
+        config.buckets,
+    )
+    .await?;
+    let mut views = Views::open(&js, &names, config.buckets)
+        .await
+        .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+    let jobs: Api<Job> = Api::namespaced(client, &namespace);
+    info!(holder = %config.holder, interval = ?config.interval, "reconciler running");
+    loop {
+        match lease.acquire(Utc::now()).await {
+            Ok(true) => match reconcile_once(&store, &mut views, &jobs, &backend).await {
+                Ok(report) if report != Report::default() => info!(?report, "reconciled"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "reconciler pass failed; next pass retries"),
+            },
+            Ok(false) => debug!("reconciler lease held by another replica"),
+            Err(e) => warn!(error = %e, "reconciler lease unavailable"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(config.interval) => {}
+        }
+    }
+}

@@ -1,0 +1,661 @@
+//! The Kubernetes executor end to end: a real nats-server, the engine with the Kubernetes backend (executor,
+//! watcher, reconciler) running under the Role from `deploy/` (a ServiceAccount token, not the admin), the
+//! real API server, Job controller and garbage collector, and the node simulator running our real agent as
+//! the task pod's container.
+//!
+//! Each test gets its own namespace (set up from `deploy/`, rewritten to that namespace), its own node
+//! simulator, NATS server and engine, so tests run in parallel. Short startup/exit/reconcile settings keep
+//! them quick. Needs the binaries built by `tests/kube-env/build.sh` (the tests fail naming the script
+//! otherwise, never skip) and python3 with PyYAML to read `deploy/` (installed with checkov).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
+use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::discovery::ApiResource;
+use kube::{Api, Client};
+use serde_json::json;
+use taskpods_client::{Client as TaskClient, ClientConfig};
+use taskpods_engine::config::EngineConfig;
+use taskpods_engine::executor::job::{JobConfig, TASK_LABEL};
+use taskpods_engine::executor::kubernetes::{KubeClient, KubernetesBackend, KubernetesConfig};
+use taskpods_engine::executor::{Backend, BackendConfig, ExecutorConfig};
+use taskpods_engine::gateway::GatewayConfig;
+use taskpods_engine::server::Engine;
+use taskpods_events::{FailureReason, LaunchPolicy, LaunchTask, TaskId, TaskState};
+use taskpods_harness::NatsServer;
+use taskpods_harness::kube::{
+    ControlPlane, Fault, NodeSimulator, create_namespace, k8s_openapi, kube,
+};
+
+const AGENT_IMAGE: &str = "registry.invalid/taskpods/agent:v1";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The manifests of `deploy/`, as JSON objects.
+fn deploy_manifests() -> Vec<serde_json::Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import glob, json, sys, yaml\n\
+             docs = []\n\
+             for f in sorted(glob.glob(sys.argv[1] + '/*.yaml')):\n\
+             \x20   docs += [d for d in yaml.safe_load_all(open(f)) if d]\n\
+             print(json.dumps(docs))",
+        )
+        .arg(&dir)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "reading deploy/ needs python3 with PyYAML: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+struct Setup {
+    ns: String,
+    admin: Client,
+    engine_client: Client,
+    sim: NodeSimulator,
+    server: NatsServer,
+    engine: Option<Engine>,
+    tasks: TaskClient,
+}
+
+impl Setup {
+    /// A namespace set up from `deploy/`, the engine's ServiceAccount bound by its Role, a simulated node.
+    async fn namespace(ns: &str) -> (Client, Client, NodeSimulator) {
+        let cp = ControlPlane::shared()
+            .expect("control plane starts (run tests/kube-env/build.sh first)");
+        let admin = cp.client().await.expect("admin client");
+        let manifests = deploy_manifests();
+        let namespace = manifests
+            .iter()
+            .find(|m| m["kind"] == "Namespace")
+            .expect("deploy/ has the namespace");
+        let labels: Vec<(String, String)> = namespace["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect();
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        create_namespace(&admin, ns, &labels)
+            .await
+            .expect("namespace");
+        // The engine's ServiceAccount lives in the engine's namespace in production; here, in the test's.
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "taskpods-engine"}})).unwrap();
+        Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &sa)
+            .await
+            .expect("engine service account");
+        for mut m in manifests.into_iter().filter(|m| m["kind"] != "Namespace") {
+            m["metadata"]["namespace"] = json!(ns);
+            if m["kind"] == "RoleBinding" {
+                for s in m["subjects"].as_array_mut().unwrap() {
+                    s["namespace"] = json!(ns);
+                }
+            }
+            let (group, version) = match m["apiVersion"].as_str().unwrap().split_once('/') {
+                Some((g, v)) => (g.to_owned(), v.to_owned()),
+                None => (String::new(), m["apiVersion"].as_str().unwrap().to_owned()),
+            };
+            let kind = m["kind"].as_str().unwrap().to_owned();
+            let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &kind);
+            let plural = format!("{}s", kind.to_lowercase()).replace("policys", "policies");
+            let resource = ApiResource::from_gvk_with_plural(&gvk, &plural);
+            let object: DynamicObject = serde_json::from_value(m).unwrap();
+            Api::<DynamicObject>::namespaced_with(admin.clone(), ns, &resource)
+                .create(&PostParams::default(), &object)
+                .await
+                .unwrap_or_else(|e| panic!("apply {kind}: {e}"));
+        }
+        // The quota admits pods only once the quota controller has computed its status.
+        let quotas = Api::<ResourceQuota>::namespaced(admin.clone(), ns);
+        wait_for("quota status", || async {
+            quotas
+                .get("taskpods-tasks")
+                .await
+                .ok()
+                .and_then(|q| q.status?.hard)
+        })
+        .await;
+
+        let request =
+            serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+                .unwrap();
+        let token = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+            .create_token_request("taskpods-engine", &PostParams::default(), &request)
+            .await
+            .expect("token")
+            .status
+            .and_then(|s| s.token)
+            .expect("token issued");
+        let engine_client = cp.client_with_token(&token).await.expect("engine client");
+        let sim = NodeSimulator::builder(admin.clone())
+            .node_name(format!("sim-{ns}"))
+            .namespace(ns)
+            .api_server(cp.server_url())
+            .image(
+                "registry.invalid/taskpods/agent",
+                env!("CARGO_BIN_EXE_taskpods-agent-under-test"),
+            )
+            .start()
+            .await
+            .expect("node simulator");
+        (admin, engine_client, sim)
+    }
+
+    async fn start(ns: &str) -> Self {
+        let (admin, engine_client, sim) = Self::namespace(ns).await;
+        let server = NatsServer::start();
+        let engine = Engine::start(Self::config(ns, &server, &engine_client, true))
+            .await
+            .expect("engine");
+        let tasks = TaskClient::new(
+            server.connect().await,
+            ClientConfig {
+                reply_timeout: Duration::from_secs(10),
+                ..ClientConfig::default()
+            },
+        );
+        Self {
+            ns: ns.to_owned(),
+            admin,
+            engine_client,
+            sim,
+            server,
+            engine: Some(engine),
+            tasks,
+        }
+    }
+
+    fn job_config(ns: &str, server: &NatsServer) -> JobConfig {
+        JobConfig {
+            namespace: ns.to_owned(),
+            nats_url: server.url(),
+            // The test NATS server has no authentication (per-task credentials are not built yet).
+            nats_credentials_secret: None,
+            tmp_bytes: 16 << 20,
+            termination_grace_secs: 2,
+            image_pull_policy: "IfNotPresent".to_owned(),
+            ..JobConfig::default()
+        }
+    }
+
+    fn config(ns: &str, server: &NatsServer, client: &Client, kubernetes: bool) -> EngineConfig {
+        let mut policy = LaunchPolicy {
+            allow_any_image: true,
+            default_cpu_millis: 100,
+            default_memory_bytes: 64 << 20,
+            ..LaunchPolicy::default()
+        };
+        policy
+            .toolboxes
+            .insert("default".to_owned(), AGENT_IMAGE.to_owned());
+        let mut config = EngineConfig {
+            nats_urls: vec![server.url()],
+            gateway: GatewayConfig {
+                heartbeat_interval: Duration::from_millis(300),
+                heartbeat_timeout: Duration::from_secs(5),
+                output_cap_bytes: 8 << 20,
+                hello_retry_after: Duration::from_millis(100),
+                ..GatewayConfig::default()
+            },
+            executor: ExecutorConfig {
+                retry_delay: Duration::from_millis(300),
+                reap_grace: Duration::from_secs(3),
+                ..ExecutorConfig::default()
+            },
+            backend: if kubernetes {
+                BackendConfig::Kubernetes(KubernetesConfig {
+                    job: Self::job_config(ns, server),
+                    client: Some(KubeClient(client.clone())),
+                    startup_timeout: Duration::from_secs(4),
+                    exit_grace: Duration::from_secs(1),
+                    stop_timeout: Duration::from_secs(30),
+                    reconcile_interval: Duration::from_secs(1),
+                    lease_ttl: Duration::from_secs(5),
+                })
+            } else {
+                BackendConfig::None
+            },
+            ..EngineConfig::default()
+        };
+        config.intake.policy = policy;
+        config
+    }
+
+    fn backend(&self) -> KubernetesBackend {
+        KubernetesBackend::new(
+            self.engine_client.clone(),
+            Self::job_config(&self.ns, &self.server),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    async fn launch(&self, launch: LaunchTask) -> TaskId {
+        self.tasks.launch(launch).await.expect("launch").task_id
+    }
+
+    async fn script(&self, script: &str, timeout_secs: u32) -> TaskId {
+        self.launch(LaunchTask {
+            timeout_secs: Some(timeout_secs),
+            ..LaunchTask::script(script)
+        })
+        .await
+    }
+
+    async fn kinds(&self, task: TaskId) -> Vec<&'static str> {
+        self.tasks
+            .history(task)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event.body.kind())
+            .collect()
+    }
+
+    async fn state(&self, task: TaskId) -> TaskState {
+        self.tasks.get(task).await.unwrap().task.state
+    }
+
+    /// Waits until the task has ended and been reaped; returns its final state and event kinds.
+    async fn finished(&self, task: TaskId) -> (TaskState, Vec<&'static str>) {
+        let until = tokio::time::Instant::now() + WAIT;
+        loop {
+            let kinds = self.kinds(task).await;
+            if kinds.last() == Some(&"reaped") {
+                return (self.state(task).await, kinds);
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "task {task} not reaped within {WAIT:?}: {kinds:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn until_state(&self, task: TaskId, state: TaskState) {
+        let until = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.state(task).await;
+            if now == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "task {task} is {now:?}, not {state:?}: {:?}",
+                self.kinds(task).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn jobs_of(&self, task: TaskId) -> Vec<Job> {
+        self.jobs()
+            .list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))
+            .await
+            .unwrap()
+            .items
+    }
+
+    async fn pods_of(&self, task: TaskId) -> Vec<Pod> {
+        Api::<Pod>::namespaced(self.admin.clone(), &self.ns)
+            .list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))
+            .await
+            .unwrap()
+            .items
+    }
+
+    /// Asserts the task's Job and pods are gone (now or within the wait).
+    async fn all_gone(&self, task: TaskId) {
+        wait_for("Job and pods gone", || async {
+            (self.jobs_of(task).await.is_empty() && self.pods_of(task).await.is_empty())
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn failed(reason: FailureReason) -> TaskState {
+    TaskState::Failed { reason }
+}
+
+#[tokio::test]
+async fn a_task_runs_to_success_in_a_hardened_job_and_is_reaped() {
+    let s = Setup::start("kx-success").await;
+    let task = s
+        .script(
+            "echo \"hello from $(id -u)\"; echo '{\"ok\": 1}' > /tmp/result.json",
+            60,
+        )
+        .await;
+    let job = wait_for("the Job", || async {
+        s.jobs_of(task).await.into_iter().next()
+    })
+    .await;
+    let pod = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.service_account_name.as_deref(), Some("taskpods-task"));
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    assert_eq!(kinds.first(), Some(&"accepted"));
+    assert!(
+        kinds.contains(&"scheduled") && kinds.contains(&"running"),
+        "{kinds:?}"
+    );
+    s.all_gone(task).await;
+}
+
+fn spec(script: &str) -> taskpods_events::TaskSpec {
+    LaunchTask {
+        image: Some(AGENT_IMAGE.into()),
+        timeout_secs: Some(60),
+        ..LaunchTask::script(script)
+    }
+    .validate(&LaunchPolicy {
+        allow_any_image: true,
+        default_cpu_millis: 100,
+        default_memory_bytes: 64 << 20,
+        ..LaunchPolicy::default()
+    })
+    .expect("valid spec")
+}
+
+#[tokio::test]
+async fn the_same_launch_twice_makes_one_job_and_a_repeated_create_adopts() {
+    let s = Setup::start("kx-twice").await;
+    let launch = LaunchTask {
+        idempotency_key: Some("kx-twice-1".into()),
+        timeout_secs: Some(60),
+        ..LaunchTask::script("sleep 3")
+    };
+    let a = s.launch(launch.clone()).await;
+    let b = s.launch(launch).await;
+    assert_eq!(a, b);
+    let job = wait_for("the Job", || async {
+        s.jobs_of(a).await.into_iter().next()
+    })
+    .await;
+    let uid = job.metadata.uid.clone();
+    // The effect itself, repeated (a redelivered event, a second replica): adopts, never a second Job.
+    let backend = s.backend();
+    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
+    for _ in 0..2 {
+        let name = backend
+            .create(a, &spec("sleep 3"), deadline)
+            .await
+            .expect("adopt");
+        assert_eq!(name, a.job_name());
+    }
+    let jobs = s.jobs_of(a).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].metadata.uid, uid, "the same Job, not a replacement");
+    let (state, kinds) = s.finished(a).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "scheduled").count(), 1);
+    s.all_gone(a).await;
+
+    // A Job under the task's name but labelled for another task is never adopted.
+    let other = TaskId::from_idempotency_key("kx-twice-other");
+    let mut foreign = taskpods_engine::executor::job::build(
+        other,
+        &spec("true"),
+        deadline,
+        &Setup::job_config(&s.ns, &s.server),
+    );
+    foreign
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert(TASK_LABEL.into(), a.to_string());
+    foreign
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .metadata
+        .as_mut()
+        .unwrap()
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert(TASK_LABEL.into(), a.to_string());
+    s.jobs()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("foreign job");
+    let err = backend
+        .create(other, &spec("true"), deadline)
+        .await
+        .expect_err("must not adopt another task's Job");
+    assert!(
+        !err.retryable && err.message.contains("refusing to adopt"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_created_by_an_engine_that_crashed_before_recording_it_is_adopted() {
+    let (admin, engine_client, _sim) = Setup::namespace("kx-adopt").await;
+    let server = NatsServer::start();
+    // An engine that only takes commands: the task is accepted, nothing runs it.
+    let first = Engine::start(Setup::config("kx-adopt", &server, &engine_client, false))
+        .await
+        .expect("engine");
+    let tasks = TaskClient::new(server.connect().await, ClientConfig::default());
+    let task = tasks
+        .launch(LaunchTask {
+            timeout_secs: Some(60),
+            ..LaunchTask::script("echo adopted")
+        })
+        .await
+        .expect("launch")
+        .task_id;
+    // The "crashed" engine created the Job, then died before appending `Scheduled`.
+    let backend = KubernetesBackend::new(
+        engine_client.clone(),
+        Setup::job_config("kx-adopt", &server),
+        Duration::from_secs(30),
+    );
+    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
+    backend
+        .create(task, &spec("echo adopted"), deadline)
+        .await
+        .expect("create");
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), "kx-adopt");
+    let uid = jobs.get(&task.job_name()).await.unwrap().metadata.uid;
+    first.abort();
+
+    let engine = Engine::start(Setup::config("kx-adopt", &server, &engine_client, true))
+        .await
+        .expect("restarted engine");
+    let until = tokio::time::Instant::now() + WAIT;
+    let kinds = loop {
+        let kinds: Vec<&str> = tasks
+            .history(task)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event.body.kind())
+            .collect();
+        if kinds.last() == Some(&"reaped") {
+            break kinds;
+        }
+        if let Ok(Some(j)) = jobs.get_opt(&task.job_name()).await {
+            assert_eq!(j.metadata.uid, uid, "never a second Job");
+        }
+        assert!(tokio::time::Instant::now() < until, "{kinds:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        tasks.get(task).await.unwrap().task.state,
+        TaskState::Succeeded,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "scheduled").count(), 1);
+    engine.shutdown().await.ok();
+}
+
+#[tokio::test]
+async fn a_job_deleted_behind_our_back_fails_the_task_with_job_lost() {
+    let s = Setup::start("kx-lost").await;
+    let task = s.script("echo up; sleep 300", 120).await;
+    s.until_state(task, TaskState::Running).await;
+    s.jobs()
+        .delete(&task.job_name(), &DeleteParams::background())
+        .await
+        .expect("delete behind the engine's back");
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, failed(FailureReason::JobLost), "{kinds:?}");
+    s.all_gone(task).await;
+}
+
+#[tokio::test]
+async fn exit_code_3_fails_with_non_zero_exit_3() {
+    let s = Setup::start("kx-exit").await;
+    let task = s.script("echo failing >&2; exit 3", 60).await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(
+        state,
+        failed(FailureReason::NonZeroExit { exit_code: 3 }),
+        "{kinds:?}"
+    );
+    s.all_gone(task).await;
+}
+
+#[tokio::test]
+async fn cancel_while_running_cancels_and_the_job_is_gone() {
+    let s = Setup::start("kx-cancel").await;
+    let task = s.script("echo working; sleep 300", 120).await;
+    s.until_state(task, TaskState::Running).await;
+    s.tasks
+        .cancel(task, Some("test".into()))
+        .await
+        .expect("cancel");
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::Cancelled, "{kinds:?}");
+    assert!(kinds.contains(&"cancel_requested"), "{kinds:?}");
+    // Cancelled is recorded only once the pod is gone.
+    assert!(s.pods_of(task).await.is_empty());
+    s.all_gone(task).await;
+    assert!(s.sim.running().is_empty(), "{:?}", s.sim.running());
+}
+
+#[tokio::test]
+async fn past_its_deadline_a_task_times_out_and_its_job_is_gone() {
+    let s = Setup::start("kx-deadline").await;
+    let task = s.script("echo sleeping; sleep 300", 3).await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::TimedOut, "{kinds:?}");
+    s.all_gone(task).await;
+}
+
+#[tokio::test]
+async fn oom_kill_and_image_pull_failure_are_mapped_to_their_reasons() {
+    let s = Setup::start("kx-faults").await;
+    let oom = TaskId::from_idempotency_key("kx-faults-oom");
+    let pull = TaskId::from_idempotency_key("kx-faults-pull");
+    s.sim.inject(
+        BTreeMap::from([(TASK_LABEL.to_owned(), oom.to_string())]),
+        Fault::OomKilled,
+    );
+    s.sim.inject(
+        BTreeMap::from([(TASK_LABEL.to_owned(), pull.to_string())]),
+        Fault::ImagePull,
+    );
+    for key in ["kx-faults-oom", "kx-faults-pull"] {
+        s.launch(LaunchTask {
+            idempotency_key: Some(key.into()),
+            timeout_secs: Some(120),
+            ..LaunchTask::script("sleep 300")
+        })
+        .await;
+    }
+    let (state, kinds) = s.finished(oom).await;
+    assert_eq!(state, failed(FailureReason::OomKilled), "{kinds:?}");
+    let (state, kinds) = s.finished(pull).await;
+    assert_eq!(state, failed(FailureReason::ImagePull), "{kinds:?}");
+    s.all_gone(oom).await;
+    s.all_gone(pull).await;
+}
+
+#[tokio::test]
+async fn an_exhausted_quota_fails_the_task_with_quota_exceeded_not_a_hang() {
+    let s = Setup::start("kx-quota").await;
+    let full: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "full"}, "spec": {"hard": {"pods": "0"}}}),
+    )
+    .unwrap();
+    let quotas = Api::<ResourceQuota>::namespaced(s.admin.clone(), &s.ns);
+    quotas
+        .create(&PostParams::default(), &full)
+        .await
+        .expect("quota");
+    wait_for("quota status", || async {
+        quotas.get("full").await.ok().and_then(|q| q.status?.hard)
+    })
+    .await;
+    let task = s.script("echo never", 120).await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, failed(FailureReason::QuotaExceeded), "{kinds:?}");
+    let history = s.tasks.history(task).await.unwrap();
+    let text = format!(
+        "{:?}",
+        history.iter().map(|e| &e.event.body).collect::<Vec<_>>()
+    );
+    assert!(text.contains("exceeded quota"), "{text}");
+    s.all_gone(task).await;
+}
+
+#[tokio::test]
+async fn an_orphan_job_left_by_a_crash_is_reaped_by_the_reconciler() {
+    let s = Setup::start("kx-orphan").await;
+    // A Job with our labels for a task the log does not know (its engine crashed, its stream was lost).
+    let orphan = TaskId::from_idempotency_key("kx-orphan-1");
+    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
+    s.backend()
+        .create(orphan, &spec("sleep 300"), deadline)
+        .await
+        .expect("orphan Job");
+    s.all_gone(orphan).await;
+    // And a live task alongside is left alone.
+    let task = s.script("echo fine", 60).await;
+    let (state, _) = s.finished(task).await;
+    assert_eq!(state, TaskState::Succeeded);
+    let _ = &s.engine;
+}
