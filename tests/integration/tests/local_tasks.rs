@@ -16,7 +16,7 @@ use taskpods_engine::server::Engine;
 use taskpods_events::{EventBody, FailureReason, LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
 
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1500);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn config(server: &NatsServer, state_dir: &Path) -> EngineConfig {
     EngineConfig {
