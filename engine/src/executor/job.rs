@@ -9,7 +9,7 @@
 //! | read-only root, writable `/tmp` only | `readOnlyRootFilesystem`, one size-limited `emptyDir` at `/tmp` |
 //! | no privileges | `capabilities.drop: [ALL]`, `allowPrivilegeEscalation: false`, `privileged: false` |
 //! | seccomp | `RuntimeDefault` on the pod and the container |
-//! | bounded | `activeDeadlineSeconds = min(timeout, 1800)`, `backoffLimit: 0`, `restartPolicy: Never` |
+//! | bounded | `activeDeadlineSeconds = min(timeout + 2, 1800)` (see [`active_deadline_secs`]), `backoffLimit: 0`, `restartPolicy: Never` |
 //! | cleaned up | `ttlSecondsAfterFinished` (a backstop: the reaper deletes the Job first) |
 //! | accounted | CPU and memory requests and limits always set |
 //! | selectable | labels on the Job and on the pod template (NetworkPolicies select pods) |
@@ -101,9 +101,21 @@ pub fn labels(task: TaskId) -> BTreeMap<String, String> {
     ])
 }
 
-/// `activeDeadlineSeconds`: the task's timeout, never more than the seed's 30 minutes.
+/// Seconds Kubernetes' deadline trails the engine's own.
+pub const BACKSTOP_MARGIN_SECS: u32 = 2;
+
+/// `activeDeadlineSeconds`: the task's timeout plus [`BACKSTOP_MARGIN_SECS`], never more than the seed's
+/// 30 minutes. The Job's deadline is the backstop to the engine's timer, which must act first: Kubernetes
+/// counts from the Job's `startTime`, kept to the second (truncated), so with exactly the timeout it
+/// killed the pod up to a second before the engine's deadline, and the killed code's exit 143 was
+/// recorded as a failure instead of `TimedOut`. At the 1800 s cap the margin shrinks to what is left.
 pub fn active_deadline_secs(spec: &TaskSpec) -> i64 {
-    i64::from(spec.timeout_secs.clamp(1, MAX_TIMEOUT_SECS))
+    i64::from(
+        spec.timeout_secs
+            .clamp(1, MAX_TIMEOUT_SECS)
+            .saturating_add(BACKSTOP_MARGIN_SECS)
+            .min(MAX_TIMEOUT_SECS),
+    )
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -429,7 +441,7 @@ mod tests {
         assert_eq!(ann["taskpods.dev/labels"], r#"{"team":"x"}"#);
 
         let s = &j["spec"];
-        assert_eq!(s["activeDeadlineSeconds"], 600);
+        assert_eq!(s["activeDeadlineSeconds"], 602);
         assert_eq!(s["backoffLimit"], 0);
         assert_eq!(s["completions"], 1);
         assert_eq!(s["parallelism"], 1);
@@ -514,7 +526,9 @@ mod tests {
         let s = job.spec.unwrap();
         assert_eq!(s.active_deadline_seconds, Some(1800));
         let job = build(task(), &spec(3), now, &JobConfig::default());
-        assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(3));
+        assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(5));
+        let job = build(task(), &spec(1799), now, &JobConfig::default());
+        assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(1800));
     }
 
     #[test]

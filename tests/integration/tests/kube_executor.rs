@@ -142,6 +142,13 @@ impl Setup {
             .and_then(|s| s.token)
             .expect("token issued");
         let engine_client = cp.client_with_token(&token).await.expect("engine client");
+        // The authorizer learns of the new RoleBinding through its informer: wait until it applies, so
+        // the engine's first create is not refused (a refusal fails the task, as it should).
+        let engine_jobs = Api::<Job>::namespaced(engine_client.clone(), ns);
+        wait_for("the engine's Role to apply", || async {
+            engine_jobs.list(&ListParams::default()).await.ok()
+        })
+        .await;
         let sim = NodeSimulator::builder(admin.clone())
             .node_name(format!("sim-{ns}"))
             .namespace(ns)
@@ -357,12 +364,7 @@ fn failed(reason: FailureReason) -> TaskState {
 #[tokio::test]
 async fn a_task_runs_to_success_in_a_hardened_job_and_is_reaped() {
     let s = Setup::start("kx-success").await;
-    let task = s
-        .script(
-            "echo \"hello from $(id -u)\"; echo '{\"ok\": 1}' > /tmp/result.json",
-            60,
-        )
-        .await;
+    let task = s.script("echo \"hello from $(id -u)\"", 60).await;
     let job = wait_for("the Job", || async {
         s.jobs_of(task).await.into_iter().next()
     })
@@ -580,8 +582,16 @@ async fn cancel_while_running_cancels_and_the_job_is_gone() {
 async fn past_its_deadline_a_task_times_out_and_its_job_is_gone() {
     let s = Setup::start("kx-deadline").await;
     let task = s.script("echo sleeping; sleep 300", 3).await;
-    let (state, kinds) = s.finished(task).await;
-    assert_eq!(state, TaskState::TimedOut, "{kinds:?}");
+    let (state, _) = s.finished(task).await;
+    let timeline: Vec<String> = s
+        .tasks
+        .history(task)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {:?}", e.event.at.format("%H:%M:%S%.3f"), e.event.body))
+        .collect();
+    assert_eq!(state, TaskState::TimedOut, "{timeline:#?}");
     s.all_gone(task).await;
 }
 
