@@ -611,3 +611,60 @@ async fn cancels_of_unknown_finished_and_cancelling_tasks_are_refused_without_ev
     assert_eq!(engine.intake_stats.refused.load(Ordering::Relaxed), 3);
     engine.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn commands_for_one_task_apply_in_the_order_they_were_published() {
+    let server = NatsServer::start();
+    let engine = Engine::start(config(&server)).await.expect("engine");
+    let nats = server.connect().await;
+    let js = jetstream::new(nats.clone());
+
+    // For each of 200 tasks a launch and, right behind it, a cancel, all published in one burst without
+    // waiting: if the intake reordered a task's commands, the cancel would find no task and be refused.
+    let publishes = (0..200).map(|i| {
+        let js = js.clone();
+        async move {
+            let key = format!("order-{i}");
+            let task = TaskId::from_idempotency_key(&key);
+            let launch = codec::to_msgpack(&LaunchTask {
+                idempotency_key: Some(key),
+                ..LaunchTask::script("sleep 60")
+            })
+            .expect("encodable");
+            let launched = js
+                .publish(Names::default().launch(), launch.into())
+                .await
+                .expect("publish");
+            let cancelled = js
+                .publish(Names::default().cancel(task), "".into())
+                .await
+                .expect("publish");
+            launched.await.expect("stored");
+            cancelled.await.expect("stored");
+            task
+        }
+    });
+    let tasks = join_all(publishes).await;
+
+    let client = client(&server).await;
+    for task in tasks {
+        let ended = client
+            .wait(task, Duration::from_secs(20))
+            .await
+            .expect("ends");
+        assert_eq!(ended.state, TaskState::Cancelled, "{task}");
+        let kinds: Vec<&str> = events_of(&nats, task)
+            .await
+            .iter()
+            .map(EventBody::kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            ["accepted", "cancel_requested", "cancelled"],
+            "{task}"
+        );
+    }
+    assert_eq!(engine.intake_stats.refused.load(Ordering::Relaxed), 0);
+    assert_eq!(engine.intake_stats.applied.load(Ordering::Relaxed), 400);
+    engine.shutdown().await.expect("shutdown");
+}
