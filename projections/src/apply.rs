@@ -8,8 +8,10 @@
 //!    when it is further on (an earlier event is still being delivered elsewhere, or was re-delivered
 //!    late), the missing events are read from the task's subject first ("healing"), so the fold never
 //!    skips an event.
-//! 3. Write history and active, each guarded by its own stored `seq` and the KV revision; an active entry
-//!    is deleted when the task ends, and that delete marker is final (nothing re-creates it).
+//! 3. Write history and active (concurrently), each guarded by its own stored `seq` and the KV revision;
+//!    an active entry is deleted when the task ends, and that delete marker is final (nothing re-creates
+//!    it). A writer remembers the revisions it wrote, so in the common case (one projector) these are
+//!    blind writes with a revision check, not read-modify-write round trips.
 //! 4. Write the finished entry (create-only: the first writer wins, retries are no-ops), in the batch's
 //!    terminal-sequence order so the index lists tasks in the order they ended.
 //! 5. Write the task view last, with the revision read in step 1. It is the commit record: once it holds
@@ -72,12 +74,31 @@ impl Applied {
     }
 }
 
+/// What a writer knows about a task's active entry without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActiveHint {
+    /// Nothing: read it first.
+    Unknown,
+    /// It was at revision `rev` (0: absent) holding sequence `seq` when we last wrote or read it. The
+    /// sequence matters as much as the revision: a writer whose task view is stale must not
+    /// overwrite a newer entry just because nobody has written it since.
+    Rev {
+        /// KV revision (0: absent).
+        rev: u64,
+        /// The `seq` the entry holds.
+        seq: u64,
+    },
+    /// Deleted when the task ended; final.
+    Gone,
+}
+
 #[derive(Clone, Debug)]
 struct Cached {
     view: TaskView,
     rev: u64,
     history: HistoryView,
     history_rev: u64,
+    active: ActiveHint,
 }
 
 /// What step 1-3 produced for one task, waiting for its finished entry and commit.
@@ -88,6 +109,7 @@ struct Prepared {
     rev: u64,
     history: HistoryView,
     history_rev: u64,
+    active: ActiveHint,
     finished: Option<FinishedView>,
     events: Vec<LoggedEvent>,
     applied: Applied,
@@ -272,26 +294,36 @@ impl Writer {
             if was_terminal {
                 finished = None;
             }
-            // History: guarded by its own sequence (it is never behind the task view, see the module
-            // doc), so a conflict here means another projector wrote it; re-read and fold again.
-            let mut history_rev = current.history_rev;
-            if history.seq > current.history.seq {
-                match self
-                    .buckets
-                    .history
-                    .update(&key, encode(&history)?, current.history_rev)
-                    .await
-                {
-                    Ok(rev) => history_rev = rev,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        self.forget(task);
-                        applied.conflicts += 1;
-                        continue;
+            // History and active are independent of each other, so they are written concurrently.
+            // History is guarded by its own sequence (never behind the task view's listed events, see
+            // the module doc); a conflict means another projector wrote it: re-read and fold again.
+            let history_write = async {
+                if history.seq > current.history.seq {
+                    let bytes = encode(&history)?;
+                    match self
+                        .buckets
+                        .history
+                        .update(&key, bytes, current.history_rev)
+                        .await
+                    {
+                        Ok(rev) => Ok(Some(rev)),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+                        Err(e) => Err(ApplyError::from(BucketError::js("write history", &key, e))),
                     }
-                    Err(e) => return Err(BucketError::js("write history", &key, e).into()),
+                } else {
+                    Ok(Some(current.history_rev))
                 }
-            }
-            self.write_active(&key, &view).await?;
+            };
+            let (history_rev, active) = futures::join!(
+                history_write,
+                self.write_active(&key, &view, current.active)
+            );
+            let active = active?;
+            let Some(history_rev) = history_rev? else {
+                self.forget(task);
+                applied.conflicts += 1;
+                continue;
+            };
             step.conflicts += applied.conflicts;
             return Ok(Some(Prepared {
                 task,
@@ -299,6 +331,7 @@ impl Writer {
                 rev: current.rev,
                 history,
                 history_rev,
+                active,
                 finished,
                 events,
                 applied: step,
@@ -350,47 +383,67 @@ impl Writer {
         }
     }
 
-    async fn write_active(&self, key: &str, view: &TaskView) -> Result<(), ApplyError> {
+    /// Brings the active entry in line with `view`; returns what is known about it afterwards.
+    async fn write_active(
+        &self,
+        key: &str,
+        view: &TaskView,
+        hint: ActiveHint,
+    ) -> Result<ActiveHint, ApplyError> {
         let active = &self.buckets.active;
+        let mut hint = hint;
         for _ in 0..CONFLICT_RETRIES {
-            let entry = active
-                .entry(key)
-                .await
-                .map_err(|e| BucketError::js("read active", key, e))?;
-            let result = match entry {
-                // Deleted when the task ended; a task never becomes live again, so the marker is final.
-                Some(e) if e.operation != kv::Operation::Put => return Ok(()),
-                Some(e) => {
-                    let current: ActiveView = decode_entry(active, key, &e.value)?;
-                    if current.seq >= view.seq {
-                        return Ok(());
-                    }
-                    if view.is_terminal() {
-                        active
-                            .delete_expect_revision(key, Some(e.revision))
-                            .await
-                            .map_err(|e| e.to_string())
-                    } else {
-                        active
-                            .update(key, encode(&ActiveView::from(view))?, e.revision)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
+            // With a revision we wrote ourselves (or 0 for a task we have never seen), write directly;
+            // if anyone else wrote since, the revision check fails and we read what is there.
+            let (rev, stored_seq) = match hint {
+                ActiveHint::Gone => return Ok(ActiveHint::Gone),
+                ActiveHint::Rev { rev, seq } => (rev, seq),
+                ActiveHint::Unknown => {
+                    let entry = active
+                        .entry(key)
+                        .await
+                        .map_err(|e| BucketError::js("read active", key, e))?;
+                    match entry {
+                        // Deleted when the task ended; a task never becomes live again, so the
+                        // marker is final.
+                        Some(e) if e.operation != kv::Operation::Put => {
+                            return Ok(ActiveHint::Gone);
+                        }
+                        Some(e) => {
+                            let current: ActiveView = decode_entry(active, key, &e.value)?;
+                            (e.revision, current.seq)
+                        }
+                        None => (0, 0),
                     }
                 }
-                None if view.is_terminal() => {
+            };
+            if stored_seq >= view.seq {
+                return Ok(ActiveHint::Rev {
+                    rev,
+                    seq: stored_seq,
+                });
+            }
+            let result = if view.is_terminal() {
+                if rev == 0 {
                     // Leave a marker so a slower projector's older event cannot create the entry.
                     active.delete(key).await.map_err(|e| e.to_string())
+                } else {
+                    active
+                        .delete_expect_revision(key, Some(rev))
+                        .await
+                        .map_err(|e| e.to_string())
                 }
-                None => active
-                    .update(key, encode(&ActiveView::from(view))?, 0)
+                .map(|()| ActiveHint::Gone)
+            } else {
+                active
+                    .update(key, encode(&ActiveView::from(view))?, rev)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                    .map(|rev| ActiveHint::Rev { rev, seq: view.seq })
+                    .map_err(|e| e.to_string())
             };
             match result {
-                Ok(()) => return Ok(()),
-                Err(message) if is_wrong_sequence(&message) => continue,
+                Ok(hint) => return Ok(hint),
+                Err(message) if is_wrong_sequence(&message) => hint = ActiveHint::Unknown,
                 Err(message) => return Err(BucketError::js("write active", key, message).into()),
             }
         }
@@ -444,6 +497,7 @@ impl Writer {
                         rev,
                         history: p.history.clone(),
                         history_rev: p.history_rev,
+                        active: p.active,
                     },
                 );
                 Ok(true)
@@ -480,11 +534,19 @@ impl Writer {
             Some(e) => (HistoryView::empty(task), e.revision),
             None => (HistoryView::empty(task), 0),
         };
+        // A task nobody has written yet has no active entry either (if a concurrent projector has
+        // just created one, the revision check on our write finds it).
+        let active = if rev == 0 && history_rev == 0 {
+            ActiveHint::Rev { rev: 0, seq: 0 }
+        } else {
+            ActiveHint::Unknown
+        };
         Ok(Cached {
             view,
             rev,
             history,
             history_rev,
+            active,
         })
     }
 

@@ -454,7 +454,7 @@ pub async fn verify(
         .state
         .last_sequence;
     projector::wait_for_sequence(js, names, upto, settle).await?;
-    let mut folded = fold_stream(&events, names, upto, &mut progress).await?;
+    let folded = fold_stream(&events, names, upto, &mut progress).await?;
     let b = views.buckets();
     let mut report = VerifyReport {
         generation: views.generation(),
@@ -464,13 +464,18 @@ pub async fn verify(
     };
     let total = folded.tasks.len() as u64;
     let mut done = 0u64;
-    for (task, fresh) in folded.tasks.iter_mut() {
+    // One task's comparison is a handful of reads; run many at once.
+    let events_ref = &events;
+    let mut checks = futures::stream::iter(folded.tasks.iter().map(|(task, fresh)| async move {
+        let mut fresh = fresh.clone();
+        let mut out = VerifyReport::default();
         let key = task.to_string();
         let live: Option<TaskView> = buckets::get(&b.tasks, &key).await?;
         if let Some(live) = &live
             && live.seq > fresh.view.seq
         {
-            for e in log::read_task(&events, names, *task, fresh.view.seq + 1, live.seq)
+            // The task moved on while we compared: fold its newer events too.
+            for e in log::read_task(events_ref, names, *task, fresh.view.seq + 1, live.seq)
                 .await
                 .map_err(|e| RebuildError::Stream(e.to_string()))?
                 .into_iter()
@@ -479,10 +484,10 @@ pub async fn verify(
                 fresh.apply(&e);
             }
         }
-        compare(&mut report, &key, "tasks", live.as_ref(), Some(&fresh.view));
+        compare(&mut out, &key, "tasks", live.as_ref(), Some(&fresh.view));
         let history: Option<HistoryView> = buckets::get(&b.history, &key).await?;
         compare(
-            &mut report,
+            &mut out,
             &key,
             "history",
             history.as_ref(),
@@ -490,7 +495,7 @@ pub async fn verify(
         );
         let active: Option<ActiveView> = buckets::get(&b.active, &key).await?;
         compare(
-            &mut report,
+            &mut out,
             &key,
             "active",
             active.as_ref(),
@@ -498,12 +503,17 @@ pub async fn verify(
         );
         let finished: Option<FinishedView> = buckets::get(&b.finished, &key).await?;
         compare(
-            &mut report,
+            &mut out,
             &key,
             "finished",
             finished.as_ref(),
             fresh.finished.as_ref(),
         );
+        Ok::<_, RebuildError>(out.differences)
+    }))
+    .buffer_unordered(64);
+    while let Some(differences) = checks.next().await {
+        report.differences.extend(differences?);
         done += 1;
         if done.is_multiple_of(1024) {
             progress(Progress {
@@ -513,6 +523,7 @@ pub async fn verify(
             });
         }
     }
+    drop(checks);
     // Views of tasks the log does not have.
     for (bucket, store) in [
         ("tasks", &b.tasks),

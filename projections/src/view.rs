@@ -331,7 +331,7 @@ pub struct HistoryEntry {
 pub struct HistoryView {
     /// The task.
     pub task: TaskId,
-    /// Stream sequence of the last event folded in (progress included).
+    /// Stream sequence of the last entry.
     pub seq: u64,
     /// The transitions, oldest first.
     pub entries: Vec<HistoryEntry>,
@@ -356,10 +356,12 @@ impl HistoryView {
         if logged.seq <= self.seq {
             return;
         }
-        self.seq = logged.seq;
+        // Progress is not listed, and does not move `seq` either: the history is only rewritten when
+        // it gains an entry.
         if matches!(logged.event.body, EventBody::Progress { .. }) {
             return;
         }
+        self.seq = logged.seq;
         if self.entries.len() >= MAX_HISTORY_ENTRIES {
             // Keep the first entry (acceptance) and drop the oldest after it.
             self.entries.remove(1);

@@ -69,11 +69,9 @@ async fn project_until_caught_up(
     stats
 }
 
-async fn all_views(
-    b: &ViewBuckets,
-) -> HashMap<String, (Option<TaskView>, serde_json::Value, bool, bool)> {
-    let mut out = HashMap::new();
-    for key in buckets::all_keys(&b.tasks).await.expect("keys") {
+async fn all_views(b: &ViewBuckets) -> HashMap<String, (Option<TaskView>, serde_json::Value)> {
+    let keys = buckets::all_keys(&b.tasks).await.expect("keys");
+    futures::stream::iter(keys.into_iter().map(|key| async move {
         let view: Option<TaskView> = buckets::get(&b.tasks, &key).await.expect("view");
         let history: Option<serde_json::Value> =
             buckets::get(&b.history, &key).await.expect("history");
@@ -81,17 +79,12 @@ async fn all_views(
             buckets::get(&b.active, &key).await.expect("active");
         let finished: Option<serde_json::Value> =
             buckets::get(&b.finished, &key).await.expect("finished");
-        out.insert(
-            key,
-            (
-                view,
-                serde_json::json!({"history": history, "active": active, "finished": finished}),
-                active.is_some(),
-                finished.is_some(),
-            ),
-        );
-    }
-    out
+        let rest = serde_json::json!({"history": history, "active": active, "finished": finished});
+        (key, (view, rest))
+    }))
+    .buffer_unordered(64)
+    .collect()
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,13 +195,27 @@ async fn redelivery_out_of_order_and_two_projectors_give_identical_views_and_no_
         .await
         .expect("bucket");
     let mut watch = tasks_bucket.watch_all().await.expect("watch");
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let watcher = tokio::spawn(async move {
         let mut seen: HashMap<String, u64> = HashMap::new();
         let mut backwards = Vec::new();
         let mut updates = 0u64;
-        while let Ok(Some(Ok(entry))) =
-            tokio::time::timeout(Duration::from_millis(1500), watch.next()).await
-        {
+        let mut stopping = false;
+        loop {
+            // Until told to stop, wait as long as it takes; then drain what is still in flight.
+            let idle = if stopping {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(120)
+            };
+            let entry = tokio::select! {
+                _ = &mut stopped, if !stopping => {
+                    stopping = true;
+                    continue;
+                }
+                entry = tokio::time::timeout(idle, watch.next()) => entry,
+            };
+            let Ok(Some(Ok(entry))) = entry else { break };
             if entry.operation != kv::Operation::Put {
                 continue;
             }
@@ -281,6 +288,7 @@ async fn redelivery_out_of_order_and_two_projectors_give_identical_views_and_no_
         nats_server_version(),
         &report.differences[..report.differences.len().min(10)]
     );
+    let _ = stop.send(());
     let (updates, backwards) = watcher.await.expect("watcher");
     assert!(updates > 0);
     assert!(
@@ -352,10 +360,11 @@ async fn a_projector_killed_mid_stream_resumes_where_it_stopped() {
     let second = project_until_caught_up(&js, config()).await;
     // It started after the ack floor, not from the beginning: it saw what was above the floor (plus, at
     // most, a batch re-delivered after the short ack wait), and skipped what was applied but not acked.
+    let batch = ProjectorConfig::default().batch as u64;
     let seen = second.seen();
     let above_floor = last - stopped.applied_seq;
     assert!(
-        seen <= above_floor + 64,
+        seen <= above_floor + batch,
         "saw {seen}, {above_floor} above the floor"
     );
     assert!(seen < total, "started over: saw {seen} of {total}");
