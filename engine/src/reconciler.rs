@@ -9,7 +9,7 @@
 //!    the Job is created before `Scheduled` is appended);
 //! 3. a live task past its deadline → `DeadlineReached`; a `Scheduled`/`Starting`/`Running`/`Cancelling`
 //!    task whose Job is missing → `JobGone` (`Failed{JobLost}`, or `Cancelled` when cancelling);
-//! 4. a Job whose task is unknown or ended → an orphan: deleted (waiting for its pods), and `Reaped`
+//! 4. a Job whose task is unknown, or ended more than `orphan_grace` ago → an orphan: deleted (waiting for its pods), and `Reaped`
 //!    recorded when the task ended without it.
 
 use std::collections::HashMap;
@@ -66,6 +66,8 @@ pub struct ReconcilerConfig {
     pub lease_ttl: Duration,
     /// Lease bucket replicas and storage.
     pub buckets: BucketSettings,
+    /// How long after a task ended its leftover Job counts as an orphan (before, the executor reaps it).
+    pub orphan_grace: Duration,
 }
 
 /// A lease in a KV bucket: at most one holder until it expires.
@@ -150,6 +152,7 @@ pub async fn reconcile_once(
     views: &mut Views,
     jobs: &Api<Job>,
     backend: &KubernetesBackend,
+    orphan_grace: Duration,
 ) -> Result<Report, ReconcileError> {
     let mut report = Report::default();
     let now = Utc::now();
@@ -216,7 +219,16 @@ pub async fn reconcile_once(
                     .task
             }
         };
-        let orphan = task.state == TaskState::New || task.state.is_terminal();
+        // A just-finished task's Job is the executor's to reap, after its flush grace: only a Job still
+        // there `orphan_grace` after the end is an orphan.
+        let ended_long_ago = task.state.is_terminal()
+            && task.finished_at.is_none_or(|at| {
+                TimeDelta::from_std(orphan_grace)
+                    .ok()
+                    .and_then(|grace| at.checked_add_signed(grace))
+                    .is_some_and(|until| until <= now)
+            });
+        let orphan = task.state == TaskState::New || ended_long_ago;
         if !orphan {
             continue;
         }
@@ -272,11 +284,14 @@ pub async fn run(
     info!(holder = %config.holder, interval = ?config.interval, "reconciler running");
     loop {
         match lease.acquire(Utc::now()).await {
-            Ok(true) => match reconcile_once(&store, &mut views, &jobs, &backend).await {
-                Ok(report) if report != Report::default() => info!(?report, "reconciled"),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "reconciler pass failed; next pass retries"),
-            },
+            Ok(true) => {
+                match reconcile_once(&store, &mut views, &jobs, &backend, config.orphan_grace).await
+                {
+                    Ok(report) if report != Report::default() => info!(?report, "reconciled"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "reconciler pass failed; next pass retries"),
+                }
+            }
             Ok(false) => debug!("reconciler lease held by another replica"),
             Err(e) => warn!(error = %e, "reconciler lease unavailable"),
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cli::Global;
 use crate::config::EngineConfig;
+use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::{BackendConfig, local::LocalConfig};
 use crate::server;
 use crate::topology::TopologyConfig;
@@ -18,12 +19,19 @@ pub struct ServeArgs {
     /// Seconds to keep trying to reach NATS at start-up.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_secs: u64,
-    /// Where tasks run: `local` (sandboxed processes on this machine) or `none` (no executor).
+    /// Where tasks run: `local` (sandboxed processes on this machine), `kubernetes` (a hardened Job per
+    /// task, in-cluster configuration or ~/.kube/config) or `none` (no executor).
     #[arg(long, env = "TASKPODS_BACKEND", default_value = "local")]
     pub backend: String,
     /// The agent binary for the local backend (default: `taskpods-agent` next to this binary).
     #[arg(long, env = "TASKPODS_AGENT_BIN")]
     pub agent_bin: Option<std::path::PathBuf>,
+    /// Kubernetes backend: the namespace task Jobs run in (see deploy/).
+    #[arg(long, env = "TASKPODS_NAMESPACE", default_value = "baker-tasks")]
+    pub namespace: String,
+    /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
+    #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
+    pub agent_nats_url: Option<String>,
 }
 
 /// Runs the engine.
@@ -44,9 +52,17 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
                 }
                 BackendConfig::Local(local)
             }
+            "kubernetes" => {
+                let mut kubernetes = KubernetesConfig::default();
+                kubernetes.job.namespace = args.namespace;
+                if let Some(url) = args.agent_nats_url {
+                    kubernetes.job.nats_url = url;
+                }
+                BackendConfig::Kubernetes(kubernetes)
+            }
             "none" => BackendConfig::None,
             other => {
-                eprintln!("error: unknown backend {other:?}: use local or none");
+                eprintln!("error: unknown backend {other:?}: use local, kubernetes or none");
                 return ExitCode::from(2);
             }
         },

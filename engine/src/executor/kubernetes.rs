@@ -58,8 +58,11 @@ pub struct KubernetesConfig {
     pub stop_timeout: Duration,
     /// How often the reconciler compares the Jobs with the live tasks.
     pub reconcile_interval: Duration,
-    /// How long the reconciler's lease lasts without renewal (another replica takes over after it).
+    /// How long the reconciler's lease lasts without renewal (another replica takes over after it);
+    /// longer than `reconcile_interval`, so the holder keeps it between passes.
     pub lease_ttl: Duration,
+    /// How long after a task ended the reconciler leaves its Job to the executor's reaper.
+    pub orphan_grace: Duration,
 }
 
 impl Default for KubernetesConfig {
@@ -71,7 +74,8 @@ impl Default for KubernetesConfig {
             exit_grace: Duration::from_secs(5),
             stop_timeout: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(60),
-            lease_ttl: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(150),
+            orphan_grace: Duration::from_secs(120),
         }
     }
 }
@@ -317,6 +321,7 @@ pub async fn spawn_loops(
         interval: config.reconcile_interval,
         lease_ttl: config.lease_ttl,
         buckets: shared.buckets,
+        orphan_grace: config.orphan_grace,
     };
     let namespace = config.job.namespace.clone();
     loops.spawn(async move {

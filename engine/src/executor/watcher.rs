@@ -9,7 +9,7 @@
 //! | container waiting `ImagePullBackOff` / `InvalidImageName` / `ErrImageNeverPull` | now | `BackendFailed{ImagePull}` (Kubernetes already retried) |
 //! | pod `Failed` with reason `Evicted` | now | `BackendFailed{Evicted}` |
 //! | Job condition `FailureTarget` or `Failed` with reason `DeadlineExceeded` | now | `BackendFailed{DeadlineExceeded}` → `TimedOut` |
-//! | Job deleted | now | `JobGone` (→ `Cancelled` when cancelling, else `Failed{JobLost}`) |
+//! | Job deleted (task not cancelling: a cancel records `JobGone` itself once the pods are gone) | now | `JobGone` → `Failed{JobLost}` |
 //! | `PodScheduled=False` `Unschedulable`; `ErrImagePull`; `CreateContainerConfigError` | stuck | |
 //! | Job event `FailedCreate` "exceeded quota" | stuck | |
 //!
@@ -303,7 +303,10 @@ impl Watcher {
             let Some(accepted) = t.accepted_at else {
                 continue;
             };
-            if now < accepted + timeout {
+            if accepted
+                .checked_add_signed(timeout)
+                .is_none_or(|until| now < until)
+            {
                 continue;
             }
             let Some(tracked) = self.tracked.get(&task) else {
@@ -414,8 +417,17 @@ pub async fn run(
                 }
                 E::Delete(job) => {
                     if let Some(task) = task_label(&job.metadata) {
-                        info!(%task, "Job deleted");
-                        execute(&w.store, task, &Input::JobGone).await;
+                        // A cancel deletes the Job itself and records `JobGone` once the pods are gone
+                        // too ("Cancelled" means nothing runs); with background propagation the Job
+                        // vanishes first, so the watcher leaves cancelling tasks to the executor.
+                        let cancelling = matches!(
+                            w.store.load(task).await.map(|l| l.task.state),
+                            Ok(TaskState::Cancelling)
+                        );
+                        if !cancelling {
+                            info!(%task, "Job deleted");
+                            execute(&w.store, task, &Input::JobGone).await;
+                        }
                         w.forget(task);
                     }
                 }

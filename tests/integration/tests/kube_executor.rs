@@ -234,6 +234,7 @@ impl Setup {
                     stop_timeout: Duration::from_secs(30),
                     reconcile_interval: Duration::from_secs(1),
                     lease_ttl: Duration::from_secs(5),
+                    orphan_grace: Duration::from_secs(5),
                 })
             } else {
                 BackendConfig::None
@@ -581,11 +582,15 @@ async fn cancel_while_running_cancels_and_the_job_is_gone() {
         .cancel(task, Some("test".into()))
         .await
         .expect("cancel");
+    s.until_state(task, TaskState::Cancelled).await;
+    // Cancelled is recorded only once the pod is gone (the Job alone vanishes first).
+    assert!(
+        s.pods_of(task).await.is_empty(),
+        "cancelled while the pod is still there"
+    );
     let (state, kinds) = s.finished(task).await;
     assert_eq!(state, TaskState::Cancelled, "{kinds:?}");
     assert!(kinds.contains(&"cancel_requested"), "{kinds:?}");
-    // Cancelled is recorded only once the pod is gone.
-    assert!(s.pods_of(task).await.is_empty());
     s.all_gone(task).await;
     assert!(s.sim.running().is_empty(), "{:?}", s.sim.running());
 }
@@ -755,4 +760,60 @@ async fn a_job_deleted_while_the_engine_was_down_is_found_lost_by_the_reconciler
     s.engine = Some(restarted);
     let (state, kinds) = s.finished(task).await;
     assert_eq!(state, failed(FailureReason::JobLost), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn a_job_left_for_a_task_that_ended_without_it_is_deleted_and_reaped() {
+    let (admin, engine_client, _sim) = Setup::namespace("kx-leftover").await;
+    let server = NatsServer::start();
+    let first = Engine::start(Setup::config("kx-leftover", &server, &engine_client, false))
+        .await
+        .expect("engine");
+    let tasks = TaskClient::new(server.connect().await, ClientConfig::default());
+    let task = tasks
+        .launch(LaunchTask {
+            timeout_secs: Some(120),
+            ..LaunchTask::script("sleep 300")
+        })
+        .await
+        .expect("launch")
+        .task_id;
+    // An engine created the Job and crashed before recording it; the task was then cancelled (before any
+    // Job was recorded, so nothing stops it): the Job is left over.
+    let backend = KubernetesBackend::new(
+        engine_client.clone(),
+        Setup::job_config("kx-leftover", &server),
+        Duration::from_secs(30),
+    );
+    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(120);
+    backend
+        .create(task, &spec("sleep 300"), deadline)
+        .await
+        .expect("create");
+    tasks.cancel(task, None).await.expect("cancel");
+    first.shutdown().await.ok();
+    let engine = Engine::start(Setup::config("kx-leftover", &server, &engine_client, true))
+        .await
+        .expect("kubernetes engine");
+    let jobs: Api<Job> = Api::namespaced(admin, "kx-leftover");
+    wait_for("the leftover Job deleted", || async {
+        jobs.get_opt(&task.job_name())
+            .await
+            .ok()
+            .and_then(|j| j.is_none().then_some(()))
+    })
+    .await;
+    let kinds = wait_for("reaped", || async {
+        let kinds: Vec<&str> = tasks
+            .history(task)
+            .await
+            .ok()?
+            .iter()
+            .map(|e| e.event.body.kind())
+            .collect();
+        (kinds.last() == Some(&"reaped")).then_some(kinds)
+    })
+    .await;
+    assert!(kinds.contains(&"cancelled"), "{kinds:?}");
+    engine.shutdown().await.ok();
 }
