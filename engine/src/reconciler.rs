@@ -301,3 +301,54 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use taskpods_harness::NatsServer;
+
+    /// Against a real nats-server: one holder at a time, renewals keep it, expiry hands it over.
+    #[tokio::test]
+    async fn the_lease_has_one_holder_until_it_expires() {
+        let server = NatsServer::start();
+        let js = jetstream::new(server.connect().await);
+        let ttl = Duration::from_secs(10);
+        let open = |holder: &'static str| {
+            let js = js.clone();
+            async move {
+                Lease::open(
+                    &js,
+                    "taskpods",
+                    "reconciler",
+                    holder,
+                    ttl,
+                    BucketSettings::default(),
+                )
+                .await
+                .expect("lease bucket")
+            }
+        };
+        let (a, b) = (open("a").await, open("b").await);
+        let t0 = Utc::now();
+        assert!(a.acquire(t0).await.unwrap(), "a takes the free lease");
+        assert!(
+            !b.acquire(t0).await.unwrap(),
+            "b is refused while a holds it"
+        );
+        assert!(
+            a.acquire(t0 + TimeDelta::seconds(5)).await.unwrap(),
+            "a renews"
+        );
+        // Still within a's renewed term (5 s + 10 s).
+        assert!(!b.acquire(t0 + TimeDelta::seconds(14)).await.unwrap());
+        assert!(
+            b.acquire(t0 + TimeDelta::seconds(16)).await.unwrap(),
+            "b takes over after expiry"
+        );
+        assert!(
+            !a.acquire(t0 + TimeDelta::seconds(16)).await.unwrap(),
+            "a lost it"
+        );
+    }
+}

@@ -49,7 +49,9 @@ pub struct KubernetesConfig {
     pub job: JobConfig,
     /// The client; `None`: in-cluster configuration or `~/.kube/config` (`kube::Client::try_default`).
     pub client: Option<KubeClient>,
-    /// A task not running this long after it was accepted fails with the reason it is stuck.
+    /// A task not running this long after it was accepted fails with the reason Kubernetes gave for it
+    /// being stuck. Shorter than the generic startup timer's ([`crate::timers::TimersConfig`], 300 s),
+    /// which only knows "no sandbox" or "no hello", so the specific reason is recorded first.
     pub startup_timeout: Duration,
     /// How long after its pod's container ended the watcher waits for the agent's own result before it
     /// records the exit code instead (the result travels through the command stream, maybe later).
@@ -70,7 +72,7 @@ impl Default for KubernetesConfig {
         Self {
             job: JobConfig::default(),
             client: None,
-            startup_timeout: Duration::from_secs(300),
+            startup_timeout: Duration::from_secs(240),
             exit_grace: Duration::from_secs(5),
             stop_timeout: Duration::from_secs(60),
             reconcile_interval: Duration::from_secs(60),
