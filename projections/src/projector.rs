@@ -435,10 +435,11 @@ pub struct Lag {
 /// The projector's lag, from the current generation's consumer.
 pub async fn lag(js: &jetstream::Context, names: &Names) -> Result<Lag, ProjectorError> {
     let meta = buckets::open_bucket(js, &buckets::meta_bucket(names)).await;
-    let generation = match meta {
-        Ok(meta) => buckets::read_pointer(&meta).await?.0.generation,
-        Err(_) => 1,
+    let pointer = match meta {
+        Ok(meta) => buckets::read_pointer(&meta).await?.0,
+        Err(_) => buckets::Pointer::default(),
     };
+    let generation = pointer.generation;
     let mut events = js
         .get_stream(names.event_stream())
         .await
@@ -450,8 +451,19 @@ pub async fn lag(js: &jetstream::Context, names: &Names) -> Result<Lag, Projecto
         .state
         .last_sequence;
     let name = buckets::consumer_name(names, generation);
+    // The stream was read first: if the consumer then has nothing pending or unacked, everything up to
+    // that sequence is in the views. A rebuilt generation's consumer starts after what the rebuild
+    // folded, and reports an ack floor of 0 until it has acked something; the pointer says what it
+    // covered.
     let applied_seq = match events.get_consumer::<pull::Config>(&name).await {
-        Ok(consumer) => consumer.cached_info().ack_floor.stream_sequence,
+        Ok(consumer) => {
+            let info = consumer.cached_info();
+            let mut applied = info.ack_floor.stream_sequence.max(pointer.covered_seq);
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                applied = applied.max(stream_seq);
+            }
+            applied
+        }
         // No projector has ever run: nothing is in the views.
         Err(_) => 0,
     };

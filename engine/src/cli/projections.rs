@@ -199,10 +199,15 @@ pub async fn run_to(
                 writeln!(out).map_err(io)?;
             } else {
                 for d in &report.differences {
+                    let field = if d.field == "." {
+                        String::new()
+                    } else {
+                        format!(".{}", d.field)
+                    };
                     writeln!(
                         out,
-                        "task {} {}.{}: live {} fresh {}",
-                        d.task, d.bucket, d.field, d.live, d.fresh
+                        "task {} {}{field}: live {} fresh {}",
+                        d.task, d.bucket, d.live, d.fresh
                     )
                     .map_err(io)?;
                 }

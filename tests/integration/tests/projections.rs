@@ -419,3 +419,69 @@ async fn read_your_writes_waits_for_the_views_and_times_out_without_a_projector(
             .all(|a| a.seq <= last)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_prints_every_difference_and_fails() {
+    use taskpods_engine::cli::Global;
+    use taskpods_engine::cli::projections::{ProjectionsArgs, ProjectionsCommand, run_to};
+
+    let (server, js) = setup().await;
+    let names = Names::default();
+    let (events, _) = publish_random(&js, 61, 30).await;
+    project_until_caught_up(&js, config()).await;
+    let views = Views::open(&js, &names, Default::default())
+        .await
+        .expect("views");
+    let b = views.buckets();
+    let task = events[0].1.task;
+    let key = task.to_string();
+
+    // Tamper: a wrong field in a task view, a stray view without events.
+    let mut view: TaskView = buckets::get(&b.tasks, &key)
+        .await
+        .expect("read")
+        .expect("view");
+    view.job = Some("not-the-job".into());
+    b.tasks
+        .put(&key, serde_json::to_vec(&view).expect("json").into())
+        .await
+        .expect("tamper");
+    let stray = TaskId::from_idempotency_key("stray").to_string();
+    b.tasks.put(&stray, "{}".into()).await.expect("stray");
+
+    let global = Global {
+        nats_urls: vec![server.url()],
+        names: names.clone(),
+    };
+    let args = ProjectionsArgs {
+        command: ProjectionsCommand::Verify {
+            settle_secs: 5,
+            json: false,
+        },
+    };
+    let mut out = Vec::new();
+    let code = run_to(&global, &args, &mut out).await.expect("verify runs");
+    let text = String::from_utf8(out).expect("utf-8");
+    assert_eq!(code, std::process::ExitCode::from(1), "{text}");
+    assert!(
+        text.contains(&format!("task {key} tasks.job: live \"not-the-job\"")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "task {stray} tasks: live present fresh absent (no events)"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("2 difference(s)"), "{text}");
+
+    // A rebuild repairs it.
+    rebuild::rebuild(&js, &RebuildConfig::default(), |_| {})
+        .await
+        .expect("rebuild");
+    let mut out = Vec::new();
+    let code = run_to(&global, &args, &mut out).await.expect("verify runs");
+    let text = String::from_utf8(out).expect("utf-8");
+    assert_eq!(code, std::process::ExitCode::SUCCESS, "{text}");
+    assert!(text.contains("verified generation 2"), "{text}");
+}
