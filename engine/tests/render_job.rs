@@ -161,3 +161,58 @@ fn checkov_finds_nothing_but_the_accepted_uid_finding() {
         "{failed:?}"
     );
 }
+
+#[test]
+fn a_launch_from_stdin_renders_its_resources_and_keeps_its_script_and_env_out_of_the_job() {
+    let launch = r#"{"script": "echo s3cret-script", "image": "registry.example/x:1",
+        "env": {"API_TOKEN": "s3cret-env"}, "timeout_secs": 90,
+        "resources": {"cpu_request": "250m", "cpu_limit": "1", "memory_request": "128Mi", "memory_limit": "256Mi"},
+        "idempotency_key": "render-1", "requester": "brain-7"}"#;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskpods"))
+        .args([
+            "render-job",
+            "--launch",
+            "-",
+            "--nats-credentials-secret",
+            "",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), launch.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let task = taskpods_events::TaskId::from_idempotency_key("render-1");
+    for expected in [
+        format!("name: \"{}\"", task.job_name()),
+        format!("taskpods.dev/task-id: \"{task}\""),
+        "activeDeadlineSeconds: 92".to_owned(),
+        "cpu: \"250m\"".to_owned(),
+        "cpu: \"1000m\"".to_owned(),
+        "memory: \"128Mi\"".to_owned(),
+        "memory: \"256Mi\"".to_owned(),
+        "image: \"registry.example/x:1\"".to_owned(),
+        "taskpods.dev/requester: \"brain-7\"".to_owned(),
+    ] {
+        assert!(yaml.contains(&expected), "{expected} missing from:\n{yaml}");
+    }
+    assert!(
+        !yaml.contains("s3cret"),
+        "script and env travel over NATS only:\n{yaml}"
+    );
+    assert!(!yaml.contains("TASKPODS_NATS_CREDS"), "{yaml}");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_taskpods"))
+        .args(["render-job", "--launch", "/nonexistent/launch.json"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot read /nonexistent/launch.json"));
+}
