@@ -164,11 +164,16 @@ impl Setup {
     }
 
     async fn start(ns: &str) -> Self {
+        Self::start_with(ns, |_| {}).await
+    }
+
+    /// Like [`Setup::start`], with the engine's configuration adjusted by `tweak`.
+    async fn start_with(ns: &str, tweak: impl FnOnce(&mut EngineConfig)) -> Self {
         let (admin, engine_client, sim) = Self::namespace(ns).await;
         let server = NatsServer::start();
-        let engine = Engine::start(Self::config(ns, &server, &engine_client, true))
-            .await
-            .expect("engine");
+        let mut config = Self::config(ns, &server, &engine_client, true);
+        tweak(&mut config);
+        let engine = Engine::start(config).await.expect("engine");
         let tasks = TaskClient::new(
             server.connect().await,
             ClientConfig {
@@ -816,4 +821,21 @@ async fn a_job_left_for_a_task_that_ended_without_it_is_deleted_and_reaped() {
     .await;
     assert!(kinds.contains(&"cancelled"), "{kinds:?}");
     engine.shutdown().await.ok();
+}
+
+#[tokio::test]
+async fn the_reconciler_times_out_a_task_past_its_deadline_when_no_timer_did() {
+    // No deadline timers in this engine: only the reconciler's pass can notice (Kubernetes' own deadline
+    // trails by 2 s and would say `kubernetes`).
+    let s = Setup::start_with("kx-overdue", |c| c.timers.enabled = false).await;
+    let task = s.script("echo sleeping; sleep 300", 3).await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::TimedOut, "{kinds:?}");
+    let history = s.tasks.history(task).await.unwrap();
+    let detected_by = history.iter().find_map(|e| match &e.event.body {
+        taskpods_events::EventBody::TimedOut { detected_by } => Some(detected_by.clone()),
+        _ => None,
+    });
+    assert_eq!(detected_by, Some(Some("engine".to_owned())));
+    s.all_gone(task).await;
 }
