@@ -283,7 +283,10 @@ async fn drain(
             _ = idle.tick(), if config.stop_when_caught_up => {
                 // Asking the server costs a request; only ask when the last message said nothing was
                 // left, or when nothing has come for a while (another projector took the rest).
-                if last_pending != 0 && last_message.elapsed() < Duration::from_secs(1) {
+                if last_pending != 0
+                    && last_pending != u64::MAX
+                    && last_message.elapsed() < Duration::from_secs(1)
+                {
                     continue;
                 }
                 let mut c = consumer.clone();
