@@ -485,3 +485,88 @@ async fn verify_prints_every_difference_and_fails() {
     assert_eq!(code, std::process::ExitCode::SUCCESS, "{text}");
     assert!(text.contains("verified generation 2"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_half_built_generation_while_a_rebuild_runs_under_appends() {
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    let (events, _) = publish_random(&js, 71, 800).await;
+    project_until_caught_up(&js, config()).await;
+    let mut sample: Vec<TaskId> = events.iter().map(|(_, e)| e.task).collect();
+    sample.sort();
+    sample.dedup();
+    sample.truncate(40);
+
+    // A live projector, as in a running engine, and appends while the rebuild runs.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let live = tokio::spawn(projector::run(
+        js.clone(),
+        ProjectorConfig::default(),
+        Arc::new(ProjectorStats::default()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let appender = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            for seed in 0..5 {
+                last = publish_random(&js, 80 + seed, 40).await.1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            last
+        })
+    };
+    // A reader following the pointer: every sampled task is always there, in whichever generation.
+    let (done, mut finished) = tokio::sync::watch::channel(false);
+    let reader = {
+        let js = js.clone();
+        let names = names.clone();
+        let sample = sample.clone();
+        tokio::spawn(async move {
+            let mut generations = Vec::new();
+            let mut missing = Vec::new();
+            loop {
+                // Read the flag first, so the last round opens the views after the rebuild ended.
+                let last_round = *finished.borrow_and_update();
+                let views = Views::open(&js, &names, Default::default())
+                    .await
+                    .expect("views");
+                for task in &sample {
+                    if views.task(*task).await.expect("read").is_none() {
+                        missing.push((views.generation(), *task));
+                    }
+                }
+                generations.push(views.generation());
+                if last_round {
+                    return (generations, missing);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let summary = rebuild::rebuild(&js, &RebuildConfig::default(), |_| {})
+        .await
+        .expect("rebuild");
+    let last = appender.await.expect("appender");
+    let _ = done.send(true);
+    let (generations, missing) = reader.await.expect("reader");
+    assert!(missing.is_empty(), "a reader saw a half view: {missing:?}");
+    assert_eq!(generations.first(), Some(&1));
+    assert_eq!(generations.last(), Some(&summary.generation));
+    assert!(generations.windows(2).all(|w| w[0] <= w[1]));
+
+    // The live projector followed the switch and applied what came after.
+    projector::wait_for_sequence(&js, &names, last, Duration::from_secs(30))
+        .await
+        .expect("wait")
+        .expect("the views reach the last append");
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert_eq!(report.generation, 2);
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+    let _ = stop.send(());
+    live.await.expect("join").expect("projector");
+}
