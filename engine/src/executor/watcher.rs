@@ -295,7 +295,10 @@ impl Watcher {
                 TaskState::Accepted | TaskState::Scheduled | TaskState::Starting
             );
             if !starting {
-                if t.state.is_terminal() || t.state == TaskState::Running {
+                if t.state.is_terminal() {
+                    // Nothing more to judge: drop what we remember (bounded memory).
+                    self.forget(task);
+                } else if t.state == TaskState::Running {
                     self.tracked.remove(&task);
                 }
                 continue;

@@ -371,7 +371,8 @@ fn failed(reason: FailureReason) -> TaskState {
 #[tokio::test]
 async fn a_task_runs_to_success_in_a_hardened_job_and_is_reaped() {
     let s = Setup::start("kx-success").await;
-    let task = s.script("echo \"hello from $(id -u)\"", 60).await;
+    // The sleep keeps the Job around long enough to be looked at (it is reaped right after).
+    let task = s.script("echo \"hello from $(id -u)\"; sleep 2", 60).await;
     let until = tokio::time::Instant::now() + WAIT;
     let job = loop {
         if let Some(job) = s.jobs_of(task).await.into_iter().next() {
@@ -838,4 +839,44 @@ async fn the_reconciler_times_out_a_task_past_its_deadline_when_no_timer_did() {
     });
     assert_eq!(detected_by, Some(Some("engine".to_owned())));
     s.all_gone(task).await;
+}
+
+#[tokio::test]
+async fn a_quota_refusing_the_job_itself_fails_the_task_at_once_with_quota_exceeded() {
+    let s = Setup::start("kx-jobquota").await;
+    let full: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}),
+    )
+    .unwrap();
+    let quotas = Api::<ResourceQuota>::namespaced(s.admin.clone(), &s.ns);
+    quotas
+        .create(&PostParams::default(), &full)
+        .await
+        .expect("quota");
+    wait_for("quota status", || async {
+        quotas
+            .get("no-jobs")
+            .await
+            .ok()
+            .and_then(|q| q.status?.hard)
+    })
+    .await;
+    let task = s.script("echo never", 120).await;
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let state = s.state(task).await;
+        if state.is_terminal() {
+            assert_eq!(
+                state,
+                failed(FailureReason::QuotaExceeded),
+                "{:?}",
+                s.kinds(task).await
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "{state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.kinds(task).await, ["accepted", "failed"]);
+    assert!(s.jobs_of(task).await.is_empty());
 }
