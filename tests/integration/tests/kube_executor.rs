@@ -880,3 +880,65 @@ async fn a_quota_refusing_the_job_itself_fails_the_task_at_once_with_quota_excee
     assert_eq!(s.kinds(task).await, ["accepted", "failed"]);
     assert!(s.jobs_of(task).await.is_empty());
 }
+
+#[tokio::test]
+async fn the_engine_role_grants_nothing_beyond_what_the_executor_needs() {
+    let (_admin, engine, _sim) = Setup::namespace("kx-rbac").await;
+    let forbidden = |what: &str, r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("{what} must be forbidden to the engine, got {other:?}"),
+    };
+    forbidden(
+        "reading Secrets",
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(engine.clone(), "kx-rbac")
+            .list(&ListParams::default())
+            .await
+            .map(|_| ()),
+    );
+    forbidden(
+        "deleting pods",
+        Api::<Pod>::namespaced(engine.clone(), "kx-rbac")
+            .delete("any", &DeleteParams::default())
+            .await
+            .map(|_| ()),
+    );
+    forbidden(
+        "patching Jobs",
+        Api::<Job>::namespaced(engine.clone(), "kx-rbac")
+            .patch(
+                "any",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await
+            .map(|_| ()),
+    );
+    forbidden(
+        "Jobs in another namespace",
+        Api::<Job>::namespaced(engine.clone(), "default")
+            .list(&ListParams::default())
+            .await
+            .map(|_| ()),
+    );
+    forbidden(
+        "creating pods directly",
+        Api::<Pod>::namespaced(engine.clone(), "kx-rbac")
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "p"},
+                    "spec": {"containers": [{"name": "c", "image": "x"}]}}))
+                .unwrap(),
+            )
+            .await
+            .map(|_| ()),
+    );
+    // What it needs works.
+    Api::<Job>::namespaced(engine.clone(), "kx-rbac")
+        .list(&ListParams::default())
+        .await
+        .expect("list Jobs");
+    Api::<Pod>::namespaced(engine, "kx-rbac")
+        .list(&ListParams::default())
+        .await
+        .expect("list pods");
+}
