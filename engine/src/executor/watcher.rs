@@ -7,7 +7,7 @@
 //! | container terminated `OOMKilled` | now | `BackendFailed{OomKilled}` |
 //! | container terminated otherwise | after [`KubernetesConfig::exit_grace`] | `PodExited{exit_code}` (the agent's own result, if it arrives first, wins) |
 //! | container waiting `ImagePullBackOff` / `InvalidImageName` / `ErrImageNeverPull` | now | `BackendFailed{ImagePull}` (Kubernetes already retried) |
-//! | pod `Failed` with reason `Evicted` | now | `BackendFailed{Evicted}` |
+//! | pod `Failed` with reason `Evicted`, or condition `DisruptionTarget` (set before the kill) | now | `BackendFailed{Evicted}` |
 //! | Job condition `FailureTarget` or `Failed` with reason `DeadlineExceeded` | now | `BackendFailed{DeadlineExceeded}` → `TimedOut` |
 //! | Job deleted (task not cancelling: a cancel records `JobGone` itself once the pods are gone) | now | `JobGone` → `Failed{JobLost}` |
 //! | `PodScheduled=False` `Unschedulable`; `ErrImagePull`; `CreateContainerConfigError` | stuck | |
@@ -94,6 +94,23 @@ pub fn observe_pod(pod: &Pod) -> Option<(TaskId, Vec<Observation>)> {
         out.push(Observation::Now(Input::BackendFailed {
             reason: FailureReason::Evicted,
             message: Some(message),
+        }));
+        return Some((task, out));
+    }
+    // The kubelet, the eviction API, preemption and the taint manager mark a pod `DisruptionTarget`
+    // *before* killing it: recording the eviction then beats the agent's report of the SIGTERM's exit 143.
+    if let Some(c) = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "DisruptionTarget"))
+        && c.status == "True"
+    {
+        out.push(Observation::Now(Input::BackendFailed {
+            reason: FailureReason::Evicted,
+            message: Some(format!(
+                "{}: {}",
+                c.reason.as_deref().unwrap_or("DisruptionTarget"),
+                c.message.as_deref().unwrap_or("the pod is being evicted")
+            )),
         }));
         return Some((task, out));
     }
@@ -561,6 +578,19 @@ mod tests {
             Observation::Now(Input::BackendFailed {
                 reason: FailureReason::Evicted,
                 message: Some("low on memory".into())
+            })
+        );
+        let (_, obs) = observe_pod(&pod(
+            bound(),
+            json!({"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]}),
+        ))
+        .unwrap();
+        assert_eq!(
+            obs[1],
+            Observation::Now(Input::BackendFailed {
+                reason: FailureReason::Evicted,
+                message: Some("EvictionByEvictionAPI: Eviction API: evicting".into())
             })
         );
         // Not ours: no task label.
