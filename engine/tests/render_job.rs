@@ -36,7 +36,9 @@ fn validators() -> PathBuf {
 
 /// A directory with the rendered Job and every manifest of `deploy/`.
 fn manifests(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    // Not under the target dir: CI keeps that in ~/.cache, and checkov skips hidden directories.
+    let dir =
+        std::env::temp_dir().join(format!("taskpods-manifests-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_taskpods"))
