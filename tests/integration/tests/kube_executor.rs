@@ -6,7 +6,8 @@
 //! Each test gets its own namespace (set up from `deploy/`, rewritten to that namespace), its own node
 //! simulator, NATS server and engine, so tests run in parallel. Short startup/exit/reconcile settings keep
 //! them quick. Needs the binaries built by `tests/kube-env/build.sh` (the tests fail naming the script
-//! otherwise, never skip) and python3 with PyYAML to read `deploy/` (installed with checkov).
+//! otherwise, never skip) and PyYAML to read `deploy/` (the validators' virtualenv from
+//! `scripts/install-deps` has it; else the system's python3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -38,7 +39,13 @@ const WAIT: Duration = Duration::from_secs(60);
 /// The manifests of `deploy/`, as JSON objects.
 fn deploy_manifests() -> Vec<serde_json::Value> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
-    let out = std::process::Command::new("python3")
+    // The validators' virtualenv (scripts/install-deps) has PyYAML for sure; else the system's python3.
+    let venv = std::env::var_os("TASKPODS_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/taskpods")))
+        .map(|cache| cache.join("validators/bin/python"))
+        .filter(|p| p.exists());
+    let out = std::process::Command::new(venv.unwrap_or_else(|| "python3".into()))
         .arg("-c")
         .arg(
             "import glob, json, sys, yaml\n\
