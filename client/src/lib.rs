@@ -4,6 +4,7 @@
 //! - [`Client::get`], [`Client::events`], [`Client::wait`]: read a task from its event subject (the log of
 //!   record), follow it live, wait until it ends.
 //! - [`Client::cancel`]: ask for a task to stop.
+//! - [`Client::view`]: the task's view from the KV views, once they include a given event (read your writes).
 //! - [`read_events`]: a task's stored events, shared with the engine's event store.
 //!
 //! Everything is keyed by task id; a launch without an id or idempotency key gets a fresh UUIDv7 here, so
@@ -24,6 +25,7 @@ use taskpods_events::{
     CancelTask, CommandReply, Encoding, Event, HEADER_REPLY_TO, LaunchTask, Names, Problem, Task,
     TaskId, TaskState, evolve,
 };
+use taskpods_projections::{BucketSettings, TaskView, Views};
 
 /// What kind of failure a [`ClientError`] is, for callers that branch on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,6 +359,27 @@ impl Client {
                     .map_err(|e| ClientError::Corrupt(format!("sequence {sequence}: {e}")))?;
                 Ok(StoredEvent { sequence, event })
             }))
+    }
+
+    /// The task's view as UIs read it (the `tasks` bucket), once the projector has folded at least the
+    /// event at stream sequence `at_least` (e.g. [`Launched::sequence`]): read-your-writes on the views.
+    pub async fn view(
+        &self,
+        task_id: TaskId,
+        at_least: u64,
+        timeout: Duration,
+    ) -> Result<TaskView, ClientError> {
+        let views = Views::open(&self.js, &self.config.names, BucketSettings::default())
+            .await
+            .map_err(unreachable)?;
+        views
+            .wait_for_task(task_id, at_least, timeout)
+            .await
+            .map_err(unreachable)?
+            .ok_or(ClientError::TimedOut {
+                what: "the views to reach the sequence (is a projector running?)",
+                after: timeout,
+            })
     }
 
     /// Follows the task until it ends (or `timeout` passes) and returns it.

@@ -428,6 +428,23 @@ async fn bad_input_gets_a_precise_reason_and_nothing_is_stuck() {
         .await
         .expect("a good launch");
     assert!(ok.created);
+    // Read-your-writes on the views: the caller waits for the sequence its launch answered with.
+    let view = client
+        .view(ok.task_id, ok.sequence, Duration::from_secs(10))
+        .await
+        .expect("the views catch up");
+    assert_eq!(view.task, ok.task_id);
+    assert_eq!(view.state, TaskState::Accepted);
+    assert!(view.seq >= ok.sequence);
+    let rejected = client
+        .view(
+            TaskId::from_idempotency_key("zero"),
+            1,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("a rejected task has a view too");
+    assert_eq!(rejected.state, TaskState::Rejected);
     engine.shutdown().await.expect("shutdown");
 }
 
