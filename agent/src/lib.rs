@@ -499,6 +499,8 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
         stderr_bytes: stats.stderr_bytes,
         output_truncated: stats.dropped_bytes > 0,
         result: result_doc,
+        output_tail: (!stats.tail.is_empty())
+            .then(|| String::from_utf8_lossy(&stats.tail).into_owned()),
     };
     let reported = publish_result(&js, &config, &outcome).await;
     heartbeat.abort();

@@ -64,8 +64,11 @@ impl Kind {
     }
 }
 
+/// How much of the end of the output the result carries.
+pub const TAIL_BYTES: usize = 2048;
+
 /// Counters for the result.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutputStats {
     /// Bytes the code wrote to stdout.
     pub stdout_bytes: u64,
@@ -73,6 +76,8 @@ pub struct OutputStats {
     pub stderr_bytes: u64,
     /// Bytes not stored because of the cap (or a broken connection).
     pub dropped_bytes: u64,
+    /// The last [`TAIL_BYTES`] of output, stdout and stderr as they arrived, stored or not.
+    pub tail: Vec<u8>,
 }
 
 /// A progress line, parsed.
@@ -188,6 +193,11 @@ impl Writer {
             Kind::Stdout => self.stats.stdout_bytes += data.len() as u64,
             Kind::Stderr => self.stats.stderr_bytes += data.len() as u64,
         }
+        let tail = &mut self.stats.tail;
+        tail.extend_from_slice(&data[data.len().saturating_sub(TAIL_BYTES)..]);
+        if tail.len() > TAIL_BYTES {
+            tail.drain(..tail.len() - TAIL_BYTES);
+        }
         let room = self.cap.saturating_sub(self.stored);
         let keep = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
         self.stored += keep as u64;
@@ -235,7 +245,7 @@ impl Writer {
     /// Flushes and sends the `end` message; returns the counters (or why output is incomplete).
     pub async fn finish(mut self) -> Result<OutputStats, String> {
         self.flush().await;
-        let stats = self.stats;
+        let stats = self.stats.clone();
         self.send(
             "end",
             &[

@@ -237,6 +237,12 @@ exit 0
     assert_eq!(outcome.stderr_bytes, 12);
     assert!(!outcome.output_truncated);
     assert_eq!(outcome.result, Some(serde_json::json!({"answer": 42})));
+    let tail = outcome.output_tail.expect("a tail");
+    assert!(tail.len() <= 2048 + 8, "{}", tail.len());
+    assert!(
+        tail.contains(&"x".repeat(1000)),
+        "the end of stdout is in the tail"
+    );
     assert_eq!(run.progress, [("halfway".to_owned(), Some(50.0))]);
     assert_eq!(run.kinds.last().map(String::as_str), Some("end"));
 }
@@ -247,6 +253,12 @@ async fn exit_code_and_truncation_are_reported() {
     let outcome = run.outcome.expect("result reported");
     assert_eq!(outcome.exit_code, 3);
     assert!(outcome.output_truncated);
+    // The tail shows how the output ended, even though the stored output stops at the cap.
+    let tail = outcome.output_tail.expect("a tail");
+    assert!(
+        tail.contains("99999\n100000\n") && tail.contains("bye\n"),
+        "{tail}"
+    );
     assert_eq!(run.stdout.len() + run.stderr.len(), 1000);
     assert!(run.kinds.contains(&"truncated".to_owned()));
     assert_eq!(run.kinds.last().map(String::as_str), Some("end"));

@@ -145,6 +145,10 @@ pub struct TaskOutcome {
     pub output_truncated: bool,
     /// The JSON document the script left in `/tmp/result.json`, if any.
     pub result: Option<serde_json::Value>,
+    /// The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
+    /// output beyond the cap: what a person looks at first when a task failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tail: Option<String>,
 }
 
 /// The limits and defaults launches are validated against (engine configuration).

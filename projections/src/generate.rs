@@ -73,6 +73,9 @@ fn outcome(rng: &mut Rng, exit_code: i32) -> TaskOutcome {
         result: rng
             .chance(30)
             .then(|| serde_json::json!({"answer": rng.below(100)})),
+        output_tail: rng
+            .chance(50)
+            .then(|| format!("line {}\n", rng.below(1000))),
     }
 }
 

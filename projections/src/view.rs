@@ -121,6 +121,9 @@ pub struct TaskView {
     /// Whether output beyond the cap was dropped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub output_truncated: bool,
+    /// The last 2 KiB of output, as the agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tail: Option<String>,
     /// The result document the script left, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
@@ -172,6 +175,7 @@ impl TaskView {
             duration_ms: None,
             output_bytes: None,
             output_truncated: false,
+            output_tail: None,
             result: None,
             progress: None,
             progress_count: 0,
@@ -304,6 +308,7 @@ impl TaskView {
             self.duration_ms = Some(o.duration_ms);
             self.output_bytes = Some(o.stdout_bytes.saturating_add(o.stderr_bytes));
             self.output_truncated = o.output_truncated;
+            self.output_tail.clone_from(&o.output_tail);
             self.result.clone_from(&o.result);
         }
     }

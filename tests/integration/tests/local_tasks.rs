@@ -246,6 +246,16 @@ echo '{"ok": true}' > /tmp/result.json
     assert_eq!(marks, ["end"]);
     assert_eq!(outcome.stdout_bytes, expected.len() as u64);
     assert_eq!(outcome.stderr_bytes, 5);
+    // The task's view, as a UI reads it, carries the output size and a short tail.
+    let view = setup
+        .client
+        .view(task, history[5].sequence, Duration::from_secs(10))
+        .await
+        .expect("the views include the result");
+    assert_eq!(view.output_bytes, Some(expected.len() as u64 + 5));
+    let tail = view.output_tail.expect("a tail in the view");
+    assert!(tail.contains(&"L".repeat(1500)), "the tail ends the output");
+    assert!(tail.len() <= 2048 + 8, "{}", tail.len());
     assert!(!setup.state.path().join(task.job_name()).exists());
     gone(task, Duration::from_secs(5)).await;
 }
