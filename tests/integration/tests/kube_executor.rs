@@ -701,10 +701,6 @@ async fn an_orphan_job_left_by_a_crash_is_reaped_by_the_reconciler() {
 }
 
 #[tokio::test]
-#[ignore = "known race in the simulator: it kills the agent first and marks the pod DisruptionTarget/Evicted \
-            after, so the agent's report of exit 143 (SIGTERM) is recorded first as Failed{NonZeroExit(143)}; \
-            a kubelet sets DisruptionTarget before the kill, which the watcher maps to Evicted (unit-tested in \
-            executor::watcher). Fix: the simulator's eviction should patch the condition before stopping"]
 async fn an_evicted_pod_fails_the_task_as_evicted() {
     let s = Setup::start("kx-evict").await;
     let task = TaskId::from_idempotency_key("kx-evict-1");

@@ -1437,6 +1437,20 @@ impl PodRun {
                 .unwrap_or(MAX_GRACE)
                 .min(MAX_GRACE),
         };
+        if matches!(stop, Stop::Evict) {
+            // A kubelet marks the pod as a disruption target before it kills anything, so whoever
+            // watches the pod learns why its containers are about to die before they report dying.
+            let mut marked = self.status(base, "Running", inits, ctrs, None);
+            if let Some(conditions) = marked["conditions"].as_array_mut() {
+                conditions.push(json!({"type": "DisruptionTarget", "status": "True",
+                    "reason": "TerminationByKubelet", "lastTransitionTime": now(),
+                    "message": "The node was low on resource: memory. (simulated eviction)"}));
+            }
+            match self.patch(marked).await {
+                Ok(()) | Err(Error::Kube(kube::Error::Api(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let running = |inits: &[Ctr], ctrs: &[Ctr]| {
             inits
                 .iter()
