@@ -183,18 +183,16 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             ..base.clone()
         },
     ];
+    // The view buckets are shaped by the projections crate, which also creates later generations of
+    // them: one definition, so a rebuilt generation and the topology can never disagree.
+    let settings = taskpods_projections::BucketSettings {
+        replicas: config.replicas,
+        storage: config.storage,
+    };
     for bucket in names.buckets() {
-        streams.push(stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            retention: RetentionPolicy::Limits,
-            max_messages_per_subject: 1,
-            discard: DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            ..base.clone()
-        });
+        streams.push(taskpods_projections::buckets::kv_stream_config(
+            &bucket, settings,
+        ));
     }
     streams
 }
