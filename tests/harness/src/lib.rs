@@ -13,3 +13,23 @@ pub mod kube;
 mod nats;
 
 pub use nats::{NatsCluster, NatsServer, nats_server_bin, nats_server_version};
+
+/// Retries `op` every 200 ms for up to 20 s (a cluster electing leaders after losing a node), then panics
+/// with the last error.
+pub async fn eventually<T, E, F>(what: &str, mut op: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Debug,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut last = None;
+    for _ in 0..100 {
+        match op().await {
+            Ok(value) => return value,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("{what} kept failing: {last:?}");
+}

@@ -9,29 +9,11 @@ use async_nats::jetstream;
 use chrono::DateTime;
 use taskpods_engine::topology::{self, TopologyConfig};
 use taskpods_events::Names;
-use taskpods_harness::NatsCluster;
+use taskpods_harness::{NatsCluster, eventually};
 use taskpods_projections::buckets::{self, BucketSettings};
 use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::rebuild::{self, RebuildConfig};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, projector};
-
-/// Retries `op` for up to 20 s while the cluster elects leaders.
-async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    mut op: impl FnMut() -> F,
-) -> T {
-    let mut last = None;
-    for _ in 0..100 {
-        match op().await {
-            Ok(value) => return value,
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    panic!("{what} kept failing: {last:?}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_views_are_projected_and_rebuilt_with_three_replicas() {

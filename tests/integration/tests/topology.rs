@@ -7,7 +7,7 @@ use futures::future::join_all;
 use taskpods_engine::server::{self, ServerError};
 use taskpods_engine::topology::{self, TopologyConfig, TopologyError};
 use taskpods_events::Names;
-use taskpods_harness::{NatsCluster, NatsServer, nats_server_version};
+use taskpods_harness::{NatsCluster, NatsServer, eventually, nats_server_version};
 
 #[tokio::test]
 async fn ensure_creates_everything_once_and_is_idempotent_under_races() {
@@ -202,7 +202,7 @@ async fn three_node_cluster_with_r3_streams_survives_losing_a_node() {
         replicas: 3,
         ..TopologyConfig::default()
     };
-    let topology = ensure_with_retry(&js, &config).await;
+    let topology = eventually("ensure", || topology::ensure(&js, &config)).await;
     let mut events = topology.events.clone();
     let info = events.info().await.expect("info");
     assert_eq!(info.config.num_replicas, 3);
@@ -233,37 +233,5 @@ async fn three_node_cluster_with_r3_streams_survives_losing_a_node() {
     assert!(rev >= 1);
 
     // And ensure still answers (it only reads when everything exists).
-    ensure_with_retry(&js, &config).await;
-}
-
-/// Retries `op` for up to 20 s while a cluster elects leaders.
-async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    mut op: impl FnMut() -> F,
-) -> T {
-    let mut last = None;
-    for _ in 0..100 {
-        match op().await {
-            Ok(value) => return value,
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    panic!("{what} kept failing with a node down: {last:?}");
-}
-
-async fn ensure_with_retry(js: &jetstream::Context, config: &TopologyConfig) -> topology::Topology {
-    let mut last = None;
-    for _ in 0..50 {
-        match topology::ensure(js, config).await {
-            Ok(t) => return t,
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    panic!("ensure on the cluster kept failing: {last:?}");
+    eventually("ensure", || topology::ensure(&js, &config)).await;
 }
