@@ -160,10 +160,7 @@ impl Setup {
             .node_name(format!("sim-{ns}"))
             .namespace(ns)
             .api_server(cp.server_url())
-            .image(
-                "registry.invalid/taskpods/agent",
-                env!("CARGO_BIN_EXE_taskpods-agent-under-test"),
-            )
+            .image("registry.invalid/taskpods/agent", agent_for_pods())
             .start()
             .await
             .expect("node simulator");
@@ -944,4 +941,27 @@ async fn the_engine_role_grants_nothing_beyond_what_the_executor_needs() {
         .list(&ListParams::default())
         .await
         .expect("list pods");
+}
+
+/// The agent binary where a pod's user (UID 1000) can run it. The build directory may sit where that user
+/// cannot go (CI keeps it under root's home, mode 700), so a copy is placed in the system temp dir once.
+fn agent_for_pods() -> std::path::PathBuf {
+    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join("taskpods-kube-agent");
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("agent dir mode");
+        // Copy, then rename into place: a run never sees a half-written binary, and reruns reuse the path.
+        let staging = dir.join(format!("taskpods-agent.{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_taskpods-agent-under-test"), &staging)
+            .expect("copy the agent");
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))
+            .expect("agent mode");
+        let copy = dir.join("taskpods-agent");
+        std::fs::rename(&staging, &copy).expect("agent in place");
+        copy
+    })
+    .clone()
 }
