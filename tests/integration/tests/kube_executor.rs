@@ -681,20 +681,29 @@ async fn an_exhausted_quota_fails_the_task_with_quota_exceeded_not_a_hang() {
 
 #[tokio::test]
 async fn an_orphan_job_left_by_a_crash_is_reaped_by_the_reconciler() {
-    let s = Setup::start("kx-orphan").await;
-    // A Job with our labels for a task the log does not know (its engine crashed, its stream was lost).
+    let mut s = Setup::start("kx-orphan").await;
+    // A Job with our labels for a task the log does not know, left while no engine ran (its engine
+    // crashed, its stream was lost): by the time an engine is back, the Job controller has made its pod.
+    s.engine.take().expect("engine").abort();
     let orphan = TaskId::from_idempotency_key("kx-orphan-1");
     let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
     s.backend()
         .create(orphan, &spec("sleep 300"), deadline)
         .await
         .expect("orphan Job");
+    wait_for("the orphan's pod", || async {
+        (!s.pods_of(orphan).await.is_empty()).then_some(())
+    })
+    .await;
+    let restarted = Engine::start(Setup::config(&s.ns, &s.server, &s.engine_client, true))
+        .await
+        .expect("restarted engine");
+    s.engine = Some(restarted);
     s.all_gone(orphan).await;
     // And a live task alongside is left alone.
     let task = s.script("echo fine", 60).await;
     let (state, _) = s.finished(task).await;
     assert_eq!(state, TaskState::Succeeded);
-    let _ = &s.engine;
 }
 
 #[tokio::test]
