@@ -72,6 +72,14 @@ impl TestNs {
     }
 }
 
+/// Waits until pod `name` reaches `phase` (bounded by [`WAIT`]) and returns it.
+async fn pod_in_phase(pods: &Api<Pod>, name: &str, wanted: &str) -> Pod {
+    wait_for(&format!("pod {name} {wanted}"), || async {
+        pods.get(name).await.ok().filter(|p| phase(p) == wanted)
+    })
+    .await
+}
+
 /// Polls `probe` every 200 ms until it yields a value; panics after [`WAIT`].
 async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
 where
@@ -231,14 +239,7 @@ async fn restricted_namespace_rejects_noncompliant_pod_and_admits_compliant_one(
         .create(&PostParams::default(), &good)
         .await
         .expect("compliant pod is admitted");
-    let done = wait_for("compliant pod to succeed", || async {
-        t.pods()
-            .get("compliant")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Succeeded")
-    })
-    .await;
+    let done = pod_in_phase(&t.pods(), "compliant", "Succeeded").await;
     assert_eq!(terminated(&done), Some((0, "Completed".to_string())));
     // As root (CI) the simulator runs the container as its runAsUser/runAsGroup, like a runtime would.
     let user = if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
@@ -515,14 +516,7 @@ async fn simulator_reports_oom_kill_image_pull_failure_and_eviction() {
             .expect("create pod");
     }
 
-    let oom = wait_for("OOMKilled", || async {
-        t.pods()
-            .get("oom")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Failed")
-    })
-    .await;
+    let oom = pod_in_phase(&t.pods(), "oom", "Failed").await;
     assert_eq!(terminated(&oom), Some((137, "OOMKilled".to_string())));
 
     wait_for("ImagePullBackOff", || async {
@@ -542,39 +536,18 @@ async fn simulator_reports_oom_kill_image_pull_failure_and_eviction() {
         "Pending"
     );
 
-    let evicted = wait_for("Evicted", || async {
-        t.pods()
-            .get("evict")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Failed")
-    })
-    .await;
+    let evicted = pod_in_phase(&t.pods(), "evict", "Failed").await;
     assert_eq!(
         evicted.status.as_ref().and_then(|s| s.reason.as_deref()),
         Some("Evicted")
     );
 
-    wait_for("on-request pod running", || async {
-        t.pods()
-            .get("on-request")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Running")
-    })
-    .await;
+    pod_in_phase(&t.pods(), "on-request", "Running").await;
     assert!(
         t.sim.evict("faults", "on-request"),
         "the simulator runs the pod"
     );
-    let evicted = wait_for("evicted on request", || async {
-        t.pods()
-            .get("on-request")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Failed")
-    })
-    .await;
+    let evicted = pod_in_phase(&t.pods(), "on-request", "Failed").await;
     assert_eq!(
         evicted.status.as_ref().and_then(|s| s.reason.as_deref()),
         Some("Evicted")
@@ -621,14 +594,7 @@ async fn deleting_a_running_pod_stops_its_process_and_removes_it() {
         .create(&PostParams::default(), &p)
         .await
         .expect("create pod");
-    wait_for("running", || async {
-        t.pods()
-            .get("sleeper")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Running")
-    })
-    .await;
+    pod_in_phase(&t.pods(), "sleeper", "Running").await;
     assert_eq!(t.sim.running(), vec!["delete/sleeper".to_string()]);
     t.pods()
         .delete("sleeper", &DeleteParams::default().grace_period(2))
@@ -701,13 +667,7 @@ async fn mapped_image_runs_local_executable_with_secret_and_config_map_env() {
     pods.create(&PostParams::default(), &p)
         .await
         .expect("create pod");
-    let done = wait_for("task pod succeeded", || async {
-        pods.get("task-pod")
-            .await
-            .ok()
-            .filter(|p| phase(p) == "Succeeded")
-    })
-    .await;
+    let done = pod_in_phase(&pods, "task-pod", "Succeeded").await;
     assert_eq!(terminated(&done), Some((0, "Completed".to_string())));
     assert_eq!(
         sim.logs("agent", "task-pod", "agent").as_deref(),
