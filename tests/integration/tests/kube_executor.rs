@@ -496,32 +496,15 @@ async fn the_same_launch_twice_makes_one_job_and_a_repeated_create_adopts() {
 
 #[tokio::test]
 async fn a_job_created_by_an_engine_that_crashed_before_recording_it_is_adopted() {
-    let (admin, engine_client, _sim) = Setup::namespace("kx-adopt").await;
-    let server = NatsServer::start();
-    // An engine that only takes commands: the task is accepted, nothing runs it.
-    let first = Engine::start(Setup::config("kx-adopt", &server, &engine_client, false))
-        .await
-        .expect("engine");
-    let tasks = TaskClient::new(server.connect().await, ClientConfig::default());
-    let task = tasks
-        .launch(LaunchTask {
-            timeout_secs: Some(60),
-            ..LaunchTask::script("echo adopted")
-        })
-        .await
-        .expect("launch")
-        .task_id;
-    // The "crashed" engine created the Job, then died before appending `Scheduled`.
-    let backend = KubernetesBackend::new(
-        engine_client.clone(),
-        Setup::job_config("kx-adopt", &server),
-        Duration::from_secs(30),
-    );
-    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
-    backend
-        .create(task, &spec("echo adopted"), deadline)
-        .await
-        .expect("create");
+    let CrashedCreate {
+        admin,
+        engine_client,
+        _sim,
+        server,
+        first,
+        tasks,
+        task,
+    } = job_created_before_a_crash("kx-adopt", "echo adopted", 60).await;
     let jobs: Api<Job> = Api::namespaced(admin.clone(), "kx-adopt");
     let uid = jobs.get(&task.job_name()).await.unwrap().metadata.uid;
     first.abort();
@@ -779,32 +762,17 @@ async fn a_job_deleted_while_the_engine_was_down_is_found_lost_by_the_reconciler
 
 #[tokio::test]
 async fn a_job_left_for_a_task_that_ended_without_it_is_deleted_and_reaped() {
-    let (admin, engine_client, _sim) = Setup::namespace("kx-leftover").await;
-    let server = NatsServer::start();
-    let first = Engine::start(Setup::config("kx-leftover", &server, &engine_client, false))
-        .await
-        .expect("engine");
-    let tasks = TaskClient::new(server.connect().await, ClientConfig::default());
-    let task = tasks
-        .launch(LaunchTask {
-            timeout_secs: Some(120),
-            ..LaunchTask::script("sleep 300")
-        })
-        .await
-        .expect("launch")
-        .task_id;
     // An engine created the Job and crashed before recording it; the task was then cancelled (before any
     // Job was recorded, so nothing stops it): the Job is left over.
-    let backend = KubernetesBackend::new(
-        engine_client.clone(),
-        Setup::job_config("kx-leftover", &server),
-        Duration::from_secs(30),
-    );
-    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(120);
-    backend
-        .create(task, &spec("sleep 300"), deadline)
-        .await
-        .expect("create");
+    let CrashedCreate {
+        admin,
+        engine_client,
+        _sim,
+        server,
+        first,
+        tasks,
+        task,
+    } = job_created_before_a_crash("kx-leftover", "sleep 300", 120).await;
     tasks.cancel(task, None).await.expect("cancel");
     first.shutdown().await.ok();
     let engine = Engine::start(Setup::config("kx-leftover", &server, &engine_client, true))
@@ -973,4 +941,52 @@ fn agent_for_pods() -> std::path::PathBuf {
         copy
     })
     .clone()
+}
+
+/// What a crash right after creating a task's Job leaves: the task accepted by an engine that only takes
+/// commands, its Job created through the engine's Role, and no `Scheduled` recorded.
+struct CrashedCreate {
+    admin: Client,
+    engine_client: Client,
+    _sim: NodeSimulator,
+    server: NatsServer,
+    first: Engine,
+    tasks: TaskClient,
+    task: TaskId,
+}
+
+async fn job_created_before_a_crash(ns: &str, script: &str, timeout_secs: u32) -> CrashedCreate {
+    let (admin, engine_client, _sim) = Setup::namespace(ns).await;
+    let server = NatsServer::start();
+    let first = Engine::start(Setup::config(ns, &server, &engine_client, false))
+        .await
+        .expect("engine");
+    let tasks = TaskClient::new(server.connect().await, ClientConfig::default());
+    let task = tasks
+        .launch(LaunchTask {
+            timeout_secs: Some(timeout_secs),
+            ..LaunchTask::script(script)
+        })
+        .await
+        .expect("launch")
+        .task_id;
+    let backend = KubernetesBackend::new(
+        engine_client.clone(),
+        Setup::job_config(ns, &server),
+        Duration::from_secs(30),
+    );
+    let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(i64::from(timeout_secs));
+    backend
+        .create(task, &spec(script), deadline)
+        .await
+        .expect("create");
+    CrashedCreate {
+        admin,
+        engine_client,
+        _sim,
+        server,
+        first,
+        tasks,
+        task,
+    }
 }
