@@ -16,6 +16,16 @@ pub mod task;
 
 use taskpods_events::Names;
 
+impl Global {
+    /// Connects to NATS for a one-shot command; the error names the URLs tried.
+    pub async fn connect(&self) -> Result<async_nats::Client, String> {
+        let urls = self.nats_urls.join(",");
+        async_nats::connect(urls.as_str())
+            .await
+            .map_err(|e| format!("cannot reach NATS at {urls}: {e}"))
+    }
+}
+
 /// Options every command shares.
 #[derive(Debug, Clone)]
 pub struct Global {

@@ -119,9 +119,7 @@ pub async fn run_to(
     args: &ProjectionsArgs,
     out: &mut impl Write,
 ) -> Result<ExitCode, String> {
-    let client = async_nats::connect(global.nats_urls.join(","))
-        .await
-        .map_err(|e| format!("cannot reach NATS at {}: {e}", global.nats_urls.join(",")))?;
+    let client = global.connect().await?;
     let js = jetstream::new(client);
     let names = &global.names;
     let io = |e: std::io::Error| e.to_string();

@@ -58,9 +58,7 @@ pub async fn run_to(
         .map(str::parse::<At>)
         .transpose()
         .map_err(|e| e.to_string())?;
-    let client = async_nats::connect(global.nats_urls.join(","))
-        .await
-        .map_err(|e| format!("cannot reach NATS at {}: {e}", global.nats_urls.join(",")))?;
+    let client = global.connect().await?;
     let js = jetstream::new(client);
     let names = &global.names;
     let events = js

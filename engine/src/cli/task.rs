@@ -86,9 +86,7 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 }
 
 async fn connect(global: &Global) -> Result<Client, ClientError> {
-    let nats = async_nats::connect(global.nats_urls.join(","))
-        .await
-        .map_err(|e| ClientError::Unreachable(format!("{}: {e}", global.nats_urls.join(","))))?;
+    let nats = global.connect().await.map_err(ClientError::Unreachable)?;
     Ok(Client::new(
         nats,
         ClientConfig {
