@@ -199,87 +199,43 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
 
 /// The fields of `existing` that differ from `wanted`, among those the engine relies on.
 pub fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<Difference> {
-    let mut out = Vec::new();
-    let mut check = |field: &'static str, existing: String, wanted: String| {
-        if existing != wanted {
-            out.push(Difference {
+    // Each field as the engine cares about it, rendered the same way for both sides.
+    let fields: [(&'static str, Render); 13] = [
+        ("subjects", |c| {
+            let mut subjects = c.subjects.clone();
+            subjects.sort();
+            format!("{subjects:?}")
+        }),
+        ("retention", |c| format!("{:?}", c.retention)),
+        ("storage", |c| format!("{:?}", c.storage)),
+        ("replicas", |c| c.num_replicas.to_string()),
+        ("max_age", |c| format!("{:?}", c.max_age)),
+        ("max_bytes", |c| limit(c.max_bytes)),
+        ("max_messages_per_subject", |c| {
+            limit(c.max_messages_per_subject)
+        }),
+        ("discard", |c| format!("{:?}", c.discard)),
+        ("allow_rollup", |c| c.allow_rollup.to_string()),
+        ("deny_delete", |c| c.deny_delete.to_string()),
+        ("allow_direct", |c| c.allow_direct.to_string()),
+        ("duplicate_window", |c| format!("{:?}", c.duplicate_window)),
+        ("max_message_size", |c| limit(c.max_message_size.into())),
+    ];
+    fields
+        .into_iter()
+        .filter_map(|(field, render)| {
+            let (existing, wanted) = (render(existing), render(wanted));
+            (existing != wanted).then_some(Difference {
                 field,
                 existing,
                 wanted,
-            });
-        }
-    };
-    let mut existing_subjects = existing.subjects.clone();
-    let mut wanted_subjects = wanted.subjects.clone();
-    existing_subjects.sort();
-    wanted_subjects.sort();
-    check(
-        "subjects",
-        format!("{existing_subjects:?}"),
-        format!("{wanted_subjects:?}"),
-    );
-    check(
-        "retention",
-        format!("{:?}", existing.retention),
-        format!("{:?}", wanted.retention),
-    );
-    check(
-        "storage",
-        format!("{:?}", existing.storage),
-        format!("{:?}", wanted.storage),
-    );
-    check(
-        "replicas",
-        existing.num_replicas.to_string(),
-        wanted.num_replicas.to_string(),
-    );
-    check(
-        "max_age",
-        format!("{:?}", existing.max_age),
-        format!("{:?}", wanted.max_age),
-    );
-    check(
-        "max_bytes",
-        limit(existing.max_bytes),
-        limit(wanted.max_bytes),
-    );
-    check(
-        "max_messages_per_subject",
-        limit(existing.max_messages_per_subject),
-        limit(wanted.max_messages_per_subject),
-    );
-    check(
-        "discard",
-        format!("{:?}", existing.discard),
-        format!("{:?}", wanted.discard),
-    );
-    check(
-        "allow_rollup",
-        existing.allow_rollup.to_string(),
-        wanted.allow_rollup.to_string(),
-    );
-    check(
-        "deny_delete",
-        existing.deny_delete.to_string(),
-        wanted.deny_delete.to_string(),
-    );
-    check(
-        "allow_direct",
-        existing.allow_direct.to_string(),
-        wanted.allow_direct.to_string(),
-    );
-    check(
-        "duplicate_window",
-        format!("{:?}", existing.duplicate_window),
-        format!("{:?}", wanted.duplicate_window),
-    );
-    check(
-        "max_message_size",
-        limit(existing.max_message_size.into()),
-        limit(wanted.max_message_size.into()),
-    );
-    out
+            })
+        })
+        .collect()
 }
+
+/// Renders one field of a stream configuration for comparison and for the conflict message.
+type Render = fn(&stream::Config) -> String;
 
 /// Servers store "no limit" as -1 whether it was sent as 0 or -1.
 fn limit(value: i64) -> String {
