@@ -2,9 +2,10 @@
 //!
 //! - [`cli`]: the operator's commands, one module per group.
 //! - [`config`]: the engine's configuration, with embedded defaults.
-//! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events.
+//! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events; the
+//!   Kubernetes backend (`executor/kubernetes/`) brings its Job builder, watcher and reconciler (which heals
+//!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
-//! - [`reconciler`]: heals Jobs and tasks that disagree (orphans, lost Jobs, missed deadlines).
 //! - [`timers`]: deadlines (`TimedOut`).
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
@@ -18,7 +19,6 @@ pub mod config;
 pub mod executor;
 pub mod gateway;
 pub mod intake;
-pub mod reconciler;
 pub mod server;
 pub mod store;
 pub mod timers;

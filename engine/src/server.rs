@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, stream::Stream};
 use tracing::info;
 
 use std::sync::Arc;
@@ -12,7 +12,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EngineConfig;
-use crate::executor::{self, BackendConfig, local::LocalBackend};
+use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
+use crate::executor::kubernetes::{KubernetesBackend, KubernetesConfig, watcher};
+use crate::executor::{self, BackendConfig, ExecutorConfig, local::LocalBackend};
 use crate::gateway;
 use crate::intake::{self, IntakeStats};
 use crate::store::EventStore;
@@ -194,10 +196,10 @@ impl Engine {
                 replicas: config.topology.replicas,
                 storage: config.topology.storage,
             };
-            executor::kubernetes::spawn_loops(
+            spawn_kubernetes_loops(
                 &mut loops,
                 kube_config,
-                executor::kubernetes::Shared {
+                KubernetesShared {
                     js: js.clone(),
                     store: store.clone(),
                     events: topology.events.clone(),
@@ -259,6 +261,91 @@ impl Engine {
             None => ServerError::Loop("no loops running".into()),
         }
     }
+}
+
+/// What the Kubernetes loops share with the rest of the engine.
+#[derive(Debug)]
+struct KubernetesShared {
+    /// JetStream (the reconciler's lease and the live-task view).
+    js: jetstream::Context,
+    /// The event store.
+    store: EventStore,
+    /// The event stream the executor consumes.
+    events: Stream,
+    /// Executor settings.
+    executor: ExecutorConfig,
+    /// Replicas and storage for the lease bucket.
+    buckets: taskpods_projections::BucketSettings,
+    /// The engine's shutdown signal.
+    shutdown: CancellationToken,
+}
+
+/// Starts the executor over Kubernetes, the watcher and the reconciler in `loops`.
+async fn spawn_kubernetes_loops(
+    loops: &mut JoinSet<(&'static str, Result<(), String>)>,
+    config: &KubernetesConfig,
+    shared: KubernetesShared,
+) -> Result<(), kube::Error> {
+    let client = config.client().await?;
+    let mut config = config.clone();
+    // The agents must speak the same subjects as this engine.
+    config.job.prefix = shared.store.names().prefix().to_owned();
+    let backend = KubernetesBackend::new(client.clone(), config.job.clone(), config.stop_timeout);
+
+    loops.spawn({
+        let (backend, store, events, executor, shutdown) = (
+            Arc::new(backend.clone()),
+            shared.store.clone(),
+            shared.events.clone(),
+            shared.executor.clone(),
+            shared.shutdown.clone(),
+        );
+        async move {
+            let result = executor::run(backend, store, events, executor, shutdown).await;
+            ("executor", result.map_err(|e| e.to_string()))
+        }
+    });
+    loops.spawn({
+        let (client, store, config, shutdown) = (
+            client.clone(),
+            shared.store.clone(),
+            config.clone(),
+            shared.shutdown.clone(),
+        );
+        async move {
+            let result = watcher::run(client, store, config, shutdown).await;
+            ("kubernetes watcher", result.map_err(|e| e.to_string()))
+        }
+    });
+    let holder = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map_or_else(
+            || format!("engine-{}", uuid::Uuid::now_v7()),
+            |h| format!("{h}-{}", uuid::Uuid::now_v7()),
+        );
+    let reconciler_config = ReconcilerConfig {
+        holder,
+        interval: config.reconcile_interval,
+        lease_ttl: config.lease_ttl,
+        buckets: shared.buckets,
+        orphan_grace: config.orphan_grace,
+    };
+    let namespace = config.job.namespace.clone();
+    loops.spawn(async move {
+        let result = reconciler::run(
+            shared.js,
+            shared.store,
+            client,
+            backend,
+            namespace,
+            reconciler_config,
+            shared.shutdown,
+        )
+        .await;
+        ("reconciler", result.map_err(|e| e.to_string()))
+    });
+    Ok(())
 }
 
 /// Runs the engine until `shutdown` completes or a loop fails.

@@ -14,6 +14,9 @@ pub const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_3a2e_9b7d_4e55_8a
 /// Namespace for deterministic event ids, so that a retried append produces byte-identical ids.
 const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x0b8e_51d4_6f2a_4c77_9d3e_15a0_c4b2_7f66);
 
+/// What every task's Job name starts with (see [`TaskId::job_name`]).
+const JOB_NAME_PREFIX: &str = "task-";
+
 /// The identity of one task: a UUID (v7 when we mint it, v5 when derived from an idempotency key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -41,7 +44,15 @@ impl TaskId {
     /// The Kubernetes Job name for this task: deterministic, so a second create finds the first Job
     /// (DNS-1123 label, 45 characters).
     pub fn job_name(&self) -> String {
-        format!("task-{}", self.0.as_simple())
+        format!("{JOB_NAME_PREFIX}{}", self.0.as_simple())
+    }
+
+    /// The task a Job name stands for: the inverse of [`TaskId::job_name`] (`None` for any other name).
+    pub fn from_job_name(name: &str) -> Option<Self> {
+        let simple = name.strip_prefix(JOB_NAME_PREFIX)?;
+        (simple.len() == 32)
+            .then(|| Uuid::try_parse(simple).ok().map(Self))
+            .flatten()
     }
 }
 
@@ -82,5 +93,7 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         );
         assert_eq!(a.to_string().parse::<TaskId>().ok(), Some(a));
+        assert_eq!(TaskId::from_job_name(&job), Some(a));
+        assert_eq!(TaskId::from_job_name("task-nope"), None);
     }
 }

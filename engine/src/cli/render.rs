@@ -9,7 +9,7 @@ use chrono::{TimeDelta, Utc};
 use taskpods_events::{LaunchPolicy, LaunchTask, TaskId};
 
 use crate::cli::Global;
-use crate::executor::job::{self, JobConfig};
+use crate::executor::kubernetes::job::{self, JobConfig};
 
 /// Arguments of `taskpods render-job`.
 #[derive(clap::Args, Debug)]

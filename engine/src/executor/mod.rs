@@ -12,88 +12,36 @@
 //!
 //! A message is acked only after its effect is done and its event appended; a transient failure naks it
 //! for redelivery. Different tasks proceed in parallel (bounded); one task's messages are handled one at
-//! a time. The [`Backend`] trait is what a backend implements: [`local`] (a sandboxed process per task) is
-//! the embedded default; the Kubernetes backend plugs into the same loop.
+//! a time. The [`Backend`] trait ([`backend`]) is what a backend implements: [`local`] (a sandboxed process per
+//! task) is the embedded default; [`kubernetes`] (a Job per task, with its watcher and reconciler) plugs into
+//! the same loop.
+//!
+//! Layout (imports point one way: `mod.rs` → {`local`, `kubernetes`} → `backend`; inside `kubernetes/`,
+//! {`watcher`, `reconciler`} → `kubernetes/mod.rs` → `job`; nothing imports back up):
+//! - `mod.rs`: the executor loop ([`run`], [`reconcile`]) and [`BackendConfig`];
+//! - [`backend`]: the [`Backend`] trait and [`BackendError`];
+//! - [`local`]: the local backend;
+//! - [`kubernetes`]: the Kubernetes backend, its Job ([`kubernetes::job`]), watcher
+//!   ([`kubernetes::watcher`]) and reconciler ([`kubernetes::reconciler`]).
 
-pub mod job;
+pub mod backend;
 pub mod kubernetes;
 pub mod local;
-pub mod watcher;
+
+pub use backend::{Backend, BackendError};
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::StreamExt;
-use taskpods_events::{Addressed, FailureReason, Input, TaskId, TaskSpec, TaskState};
+use taskpods_events::{Addressed, FailureReason, Input, TaskId, TaskState};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::store::{EventStore, ExecuteError, LoadedTask};
-
-/// A backend failure.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct BackendError {
-    /// The reason code recorded when the failure ends the task.
-    pub reason: FailureReason,
-    /// Details.
-    pub message: String,
-    /// Whether trying again later may work (the message is redelivered) or the task must fail.
-    pub retryable: bool,
-}
-
-impl BackendError {
-    /// A failure worth retrying.
-    pub fn transient(message: impl Into<String>) -> Self {
-        Self {
-            reason: FailureReason::BackendError,
-            message: message.into(),
-            retryable: true,
-        }
-    }
-
-    /// A failure that ends the task with `reason`.
-    pub fn fatal(reason: FailureReason, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            message: message.into(),
-            retryable: false,
-        }
-    }
-}
-
-/// What runs tasks: Kubernetes Jobs, or local sandboxed processes. Every method is idempotent.
-pub trait Backend: Send + Sync + 'static {
-    /// Creates the task's sandbox, or adopts the one that already exists under the task's deterministic
-    /// name (never a second one); returns that name (the `job` of `Scheduled`).
-    fn create(
-        &self,
-        task: TaskId,
-        spec: &TaskSpec,
-        deadline: DateTime<Utc>,
-    ) -> impl Future<Output = Result<String, BackendError>> + Send;
-
-    /// Stops the sandbox now (cancel, timeout, lost agent): asks politely, then kills after a grace
-    /// period. Returns once nothing of the task runs any more. Succeeds when there is nothing to stop.
-    fn stop(
-        &self,
-        task: TaskId,
-        job: &str,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
-
-    /// Waits up to `grace` for the sandbox to end on its own (the agent flushing its output after its
-    /// result), stops it if it did not, and removes what is left. Succeeds when nothing is left.
-    fn reap(
-        &self,
-        task: TaskId,
-        job: &str,
-        grace: Duration,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
-}
 
 /// Which backend the executor drives.
 #[derive(Debug, Clone, Default)]

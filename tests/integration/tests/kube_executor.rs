@@ -22,7 +22,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use taskpods_client::{Client as TaskClient, ClientConfig};
 use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::job::{JobConfig, TASK_LABEL};
+use taskpods_engine::executor::kubernetes::job::{JobConfig, TASK_LABEL};
 use taskpods_engine::executor::kubernetes::{KubeClient, KubernetesBackend, KubernetesConfig};
 use taskpods_engine::executor::{Backend, BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
@@ -456,7 +456,7 @@ async fn the_same_launch_twice_makes_one_job_and_a_repeated_create_adopts() {
 
     // A Job under the task's name but labelled for another task is never adopted.
     let other = TaskId::from_idempotency_key("kx-twice-other");
-    let mut foreign = taskpods_engine::executor::job::build(
+    let mut foreign = taskpods_engine::executor::kubernetes::job::build(
         other,
         &spec("true"),
         deadline,

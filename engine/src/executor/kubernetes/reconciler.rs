@@ -25,9 +25,9 @@ use taskpods_projections::{BucketSettings, Views};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::executor::Backend;
-use crate::executor::job::{MANAGED_SELECTOR, TASK_LABEL};
-use crate::executor::kubernetes::KubernetesBackend;
+use super::KubernetesBackend;
+use super::job::{MANAGED_SELECTOR, TASK_LABEL};
+use crate::executor::backend::Backend;
 use crate::store::{EventStore, ExecuteError};
 
 /// Why a pass could not be completed (the next one tries again).

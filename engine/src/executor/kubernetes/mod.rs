@@ -1,4 +1,4 @@
-//! The Kubernetes backend: one hardened Job per task (built by [`super::job`]), created under the task's
+//! The Kubernetes backend: one hardened Job per task (built by [`job`]), created under the task's
 //! deterministic name so that a second create finds the first Job and adopts it instead of making another.
 //!
 //! Every effect is safe to repeat after a crash at any point:
@@ -8,16 +8,18 @@
 //!   task is left, so `Cancelled`/`Reaped` are recorded only once nothing runs;
 //! - `reap`: give the pod a grace period to finish on its own (the agent flushing output), then `stop`.
 //!
-//! What Kubernetes reports about the Jobs and pods is turned into events by [`super::watcher`]; orphans and
-//! lost Jobs are healed by [`crate::reconciler`].
+//! What Kubernetes reports about the Jobs and pods is turned into events by [`watcher`]; orphans and
+//! lost Jobs are healed by [`reconciler`]. The engine's server starts both beside the executor.
+//!
+//! Layout: `mod.rs` (this: the configuration and [`KubernetesBackend`]) → [`job`] (the Job, pure);
+//! [`watcher`] and [`reconciler`] import from here and from [`job`], never the other way.
+
+pub mod job;
+pub mod reconciler;
+pub mod watcher;
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
-
-use async_nats::jetstream::{self, stream::Stream};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
@@ -27,10 +29,8 @@ use kube::{Api, Client};
 use taskpods_events::{FailureReason, TaskId, TaskSpec};
 use tracing::{info, warn};
 
-use super::job::{self, JobConfig, TASK_LABEL};
-use super::{Backend, BackendError, ExecutorConfig};
-use crate::reconciler::{self, ReconcilerConfig};
-use crate::store::EventStore;
+use self::job::{JobConfig, TASK_LABEL};
+use super::backend::{Backend, BackendError};
 
 /// A Kubernetes client, wrapped so configurations stay `Debug`.
 #[derive(Clone)]
@@ -255,89 +255,4 @@ impl Backend for KubernetesBackend {
         }
         self.stop(task, job).await
     }
-}
-
-/// What the Kubernetes loops share with the rest of the engine.
-#[derive(Debug)]
-pub struct Shared {
-    /// JetStream (the reconciler's lease and the live-task view).
-    pub js: jetstream::Context,
-    /// The event store.
-    pub store: EventStore,
-    /// The event stream the executor consumes.
-    pub events: Stream,
-    /// Executor settings.
-    pub executor: ExecutorConfig,
-    /// Replicas and storage for the lease bucket.
-    pub buckets: taskpods_projections::BucketSettings,
-    /// The engine's shutdown signal.
-    pub shutdown: CancellationToken,
-}
-
-/// Starts the executor over Kubernetes, the watcher and the reconciler in `loops`.
-pub async fn spawn_loops(
-    loops: &mut JoinSet<(&'static str, Result<(), String>)>,
-    config: &KubernetesConfig,
-    shared: Shared,
-) -> Result<(), kube::Error> {
-    let client = config.client().await?;
-    let mut config = config.clone();
-    // The agents must speak the same subjects as this engine.
-    config.job.prefix = shared.store.names().prefix().to_owned();
-    let backend = KubernetesBackend::new(client.clone(), config.job.clone(), config.stop_timeout);
-
-    loops.spawn({
-        let (backend, store, events, executor, shutdown) = (
-            Arc::new(backend.clone()),
-            shared.store.clone(),
-            shared.events.clone(),
-            shared.executor.clone(),
-            shared.shutdown.clone(),
-        );
-        async move {
-            let result = super::run(backend, store, events, executor, shutdown).await;
-            ("executor", result.map_err(|e| e.to_string()))
-        }
-    });
-    loops.spawn({
-        let (client, store, config, shutdown) = (
-            client.clone(),
-            shared.store.clone(),
-            config.clone(),
-            shared.shutdown.clone(),
-        );
-        async move {
-            let result = super::watcher::run(client, store, config, shutdown).await;
-            ("kubernetes watcher", result.map_err(|e| e.to_string()))
-        }
-    });
-    let holder = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .map_or_else(
-            || format!("engine-{}", uuid::Uuid::now_v7()),
-            |h| format!("{h}-{}", uuid::Uuid::now_v7()),
-        );
-    let reconciler_config = ReconcilerConfig {
-        holder,
-        interval: config.reconcile_interval,
-        lease_ttl: config.lease_ttl,
-        buckets: shared.buckets,
-        orphan_grace: config.orphan_grace,
-    };
-    let namespace = config.job.namespace.clone();
-    loops.spawn(async move {
-        let result = reconciler::run(
-            shared.js,
-            shared.store,
-            client,
-            backend,
-            namespace,
-            reconciler_config,
-            shared.shutdown,
-        )
-        .await;
-        ("reconciler", result.map_err(|e| e.to_string()))
-    });
-    Ok(())
 }

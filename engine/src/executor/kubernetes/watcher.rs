@@ -18,7 +18,7 @@
 //! reason (`Unschedulable`, `QuotaExceeded`, ...), instead of waiting: quota or capacity may free up
 //! within the timeout, so these are not failed at once. Without a diagnosis the generic startup timer
 //! ([`crate::timers`]) decides. Refused inputs (late observations) are normal. What the watcher misses
-//! while disconnected (a Job deleted then) is healed by [`crate::reconciler`].
+//! while disconnected (a Job deleted then) is healed by [`super::reconciler`].
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -33,10 +33,9 @@ use kube::{Api, Client};
 use taskpods_events::{FailureReason, Input, TaskId, TaskState};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use uuid::Uuid;
 
+use super::KubernetesConfig;
 use super::job::{MANAGED_SELECTOR, TASK_LABEL};
-use super::kubernetes::KubernetesConfig;
 use crate::store::{EventStore, ExecuteError};
 
 /// Errors that stop the watcher.
@@ -58,14 +57,6 @@ pub enum Observation {
     Stuck(FailureReason, String),
     /// The pod looks healthy: any earlier pod diagnosis is stale.
     Fine,
-}
-
-/// The task a Job name stands for (`task-<uuid without dashes>`, see [`TaskId::job_name`]).
-pub fn task_of_job_name(name: &str) -> Option<TaskId> {
-    let simple = name.strip_prefix("task-")?;
-    (simple.len() == 32)
-        .then(|| Uuid::try_parse(simple).ok().map(TaskId))
-        .flatten()
 }
 
 fn task_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<TaskId> {
@@ -203,7 +194,7 @@ pub fn observe_event(event: &KubeEvent) -> Option<(TaskId, Observation)> {
     {
         return None;
     }
-    let task = task_of_job_name(event.involved_object.name.as_deref()?)?;
+    let task = TaskId::from_job_name(event.involved_object.name.as_deref()?)?;
     let message = event.message.clone().unwrap_or_default();
     let reason = if message.contains("exceeded quota") {
         FailureReason::QuotaExceeded
@@ -628,7 +619,5 @@ mod tests {
             obs,
             Observation::Stuck(FailureReason::QuotaExceeded, _)
         ));
-        assert_eq!(task_of_job_name(&task().job_name()), Some(task()));
-        assert_eq!(task_of_job_name("task-nope"), None);
     }
 }
