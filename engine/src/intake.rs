@@ -336,10 +336,7 @@ fn launch_identity(payload: &[u8], encoding: Encoding) -> Option<TaskId> {
         #[serde(default)]
         idempotency_key: Option<String>,
     }
-    let identity: Identity = match encoding {
-        Encoding::Json => serde_json::from_slice(payload).ok()?,
-        Encoding::Msgpack => rmp_serde::from_slice(payload).ok()?,
-    };
+    let identity: Identity = codec::decode("launch identity", payload, encoding).ok()?;
     identity.task_id.map(TaskId).or_else(|| {
         identity
             .idempotency_key

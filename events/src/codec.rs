@@ -87,9 +87,18 @@ pub enum CodecError {
     },
 }
 
-/// Encodes as msgpack with named fields (stable across field reordering, readable by any client).
+/// Encodes as msgpack with named fields (stable across field reordering, readable by any client), in the
+/// human-readable form: a task id is its hyphenated string, as in JSON and in the documentation, not the
+/// 16 raw bytes rmp-serde writes for a `Uuid` by default.
 pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    rmp_serde::to_vec_named(value).map_err(|e| CodecError::Encode(e.to_string()))
+    let mut bytes = Vec::new();
+    let mut serializer = rmp_serde::Serializer::new(&mut bytes)
+        .with_struct_map()
+        .with_human_readable();
+    value
+        .serialize(&mut serializer)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(bytes)
 }
 
 /// Encodes in `encoding`.
@@ -118,10 +127,13 @@ pub fn decode<T: DeserializeOwned>(
     };
     match encoding {
         Encoding::Msgpack => {
-            let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+            // Human-readable, so ids are read as strings; uuid's string visitor also takes the 16-byte
+            // form that events written before ids were strings carry.
+            let mut cursor = std::io::Cursor::new(bytes);
+            let mut de = rmp_serde::Deserializer::new(&mut cursor).with_human_readable();
             let value: T = serde_path_to_error::deserialize(&mut de)
                 .map_err(|e| error(e.path().to_string(), e.inner().to_string()))?;
-            let used = usize::try_from(de.position()).unwrap_or(usize::MAX);
+            let used = usize::try_from(cursor.position()).unwrap_or(usize::MAX);
             if used < bytes.len() {
                 return Err(error(
                     ".".into(),

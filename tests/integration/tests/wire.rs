@@ -1,0 +1,350 @@
+//! The wire as a Brain in another language sees it: every message kind taskpods writes in msgpack is
+//! decoded by Python's `msgpack` package (not Rust) and must equal its JSON form, ids included as
+//! hyphenated strings.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::Serialize;
+use taskpods_events::codec::{self, Encoding};
+use taskpods_events::{
+    AgentReport, CancelTask, CommandReply, Event, EventBody, FailureReason, HelloReply,
+    Instructions, LaunchTask, Mode, Problem, ResourceRequest, Resources, TaskId, TaskOutcome,
+    TaskSpec, TaskState,
+};
+
+const PYTHON_CHECK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/check_msgpack.py");
+
+fn at() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-28T12:00:00.250Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn task() -> TaskId {
+    TaskId::from_idempotency_key("brain-42/turn-7/step-3")
+}
+
+fn outcome(exit_code: i32) -> TaskOutcome {
+    TaskOutcome {
+        exit_code,
+        duration_ms: 1234,
+        stdout_bytes: 12,
+        stderr_bytes: 3,
+        output_truncated: false,
+        result: Some(serde_json::json!({"answer": 42, "files": ["a.txt"]})),
+        output_tail: Some("step 3\ndone\n".into()),
+    }
+}
+
+fn spec() -> TaskSpec {
+    TaskSpec {
+        image: "ghcr.io/taskpods/task-runner:latest".into(),
+        toolbox: Some("default".into()),
+        mode: Mode::Script,
+        instructions: "echo hello".into(),
+        env: BTreeMap::from([("INPUT".into(), "x".into())]),
+        timeout_secs: 600,
+        resources: Resources {
+            cpu_request_millis: 250,
+            cpu_limit_millis: 1000,
+            memory_request_bytes: 256 << 20,
+            memory_limit_bytes: 512 << 20,
+        },
+        labels: BTreeMap::from([("team".into(), "ml".into())]),
+        requester: Some("brain-42".into()),
+        idempotency_key: Some("brain-42/turn-7/step-3".into()),
+    }
+}
+
+/// One message of every kind taskpods writes or reads, named `<schema>--<label>`.
+fn samples() -> Vec<(String, serde_json::Value, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut add = |schema: &str, label: &str, value: &dyn erased::Both| {
+        out.push((format!("{schema}--{label}"), value.json(), value.msgpack()));
+    };
+    let problems = vec![Problem {
+        field: "timeout_secs".into(),
+        message: "is 3600; at most 1800 seconds (30 minutes) are allowed".into(),
+    }];
+    let bodies = vec![
+        EventBody::Accepted {
+            spec: spec(),
+            deadline: at() + TimeDelta::seconds(600),
+        },
+        EventBody::Rejected {
+            problems: problems.clone(),
+        },
+        EventBody::Scheduled {
+            job: task().job_name(),
+        },
+        EventBody::Started {
+            pod: format!("{}-x7k2p", task().job_name()),
+            node: Some("node-1".into()),
+        },
+        EventBody::Running,
+        EventBody::Progress {
+            message: "compiling".into(),
+            percent: Some(42.5),
+        },
+        EventBody::CancelRequested {
+            reason: Some("the user changed their mind".into()),
+            requester: Some("brain-42".into()),
+        },
+        EventBody::Succeeded {
+            outcome: outcome(0),
+        },
+        EventBody::Failed {
+            reason: FailureReason::NonZeroExit { exit_code: 3 },
+            message: Some("the code exited 3".into()),
+            outcome: Some(outcome(3)),
+        },
+        EventBody::Failed {
+            reason: FailureReason::OomKilled,
+            message: None,
+            outcome: None,
+        },
+        EventBody::TimedOut {
+            detected_by: Some("engine".into()),
+        },
+        EventBody::Cancelled {
+            outcome: Some(outcome(143)),
+        },
+        EventBody::Reaped,
+    ];
+    for (position, body) in bodies.into_iter().enumerate() {
+        let label = format!("{position:02}-{}", body.kind());
+        add(
+            "event",
+            &label,
+            &Event::new(task(), position as u64, at(), body),
+        );
+    }
+    add(
+        "launch-task",
+        "full",
+        &LaunchTask {
+            task_id: Some(task().0),
+            idempotency_key: Some("brain-42/turn-7/step-3".into()),
+            toolbox: Some("default".into()),
+            mode: Mode::Script,
+            script: Some("echo hello".into()),
+            env: BTreeMap::from([("INPUT".into(), "x".into())]),
+            timeout_secs: Some(600),
+            resources: ResourceRequest {
+                cpu_request: Some("250m".into()),
+                cpu_limit: Some("1".into()),
+                memory_request: Some("256Mi".into()),
+                memory_limit: Some("512Mi".into()),
+            },
+            labels: BTreeMap::from([("team".into(), "ml".into())]),
+            requester: Some("brain-42".into()),
+            ..LaunchTask::default()
+        },
+    );
+    add(
+        "cancel-task",
+        "full",
+        &CancelTask {
+            task_id: task().0,
+            reason: Some("no longer needed".into()),
+            requester: Some("brain-42".into()),
+        },
+    );
+    let replies = [
+        CommandReply::Applied {
+            task_id: task(),
+            state: TaskState::Accepted,
+            sequence: 17,
+            created: true,
+        },
+        CommandReply::Rejected {
+            task_id: task(),
+            problems,
+            sequence: 18,
+        },
+        CommandReply::Refused {
+            task_id: task(),
+            reason: "the task has already ended (failed)".into(),
+            state: TaskState::Failed {
+                reason: FailureReason::NonZeroExit { exit_code: 3 },
+            },
+        },
+        CommandReply::Invalid {
+            error: "unsupported content type \"text/yaml\"".into(),
+        },
+    ];
+    for reply in &replies {
+        let label = serde_json::to_value(reply).unwrap()["outcome"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        add("command-reply", &label, reply);
+    }
+    let reports = [
+        AgentReport::Hello {
+            agent_version: Some("0.1.0".into()),
+        },
+        AgentReport::Progress {
+            message: "compiling".into(),
+            percent: Some(40.0),
+        },
+        AgentReport::Heartbeat,
+        AgentReport::Result(outcome(0)),
+    ];
+    for report in &reports {
+        let label = serde_json::to_value(report).unwrap()["report"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        add("agent-report", &label, report);
+    }
+    let hellos = [
+        HelloReply::Run(Instructions {
+            task_id: task(),
+            mode: Mode::Script,
+            instructions: "echo hello".into(),
+            env: BTreeMap::from([("INPUT".into(), "x".into())]),
+            deadline: at() + TimeDelta::seconds(600),
+            heartbeat_interval_ms: 5000,
+            output_cap_bytes: 16 << 20,
+        }),
+        HelloReply::Wait {
+            retry_after_ms: 500,
+        },
+        HelloReply::Stop {
+            reason: "the task is cancelled".into(),
+        },
+    ];
+    for hello in &hellos {
+        let label = serde_json::to_value(hello).unwrap()["answer"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        add("hello-reply", &label, hello);
+    }
+    out
+}
+
+/// Both encodings of a value, for a list of values of different types.
+mod erased {
+    use super::*;
+
+    pub trait Both {
+        fn json(&self) -> serde_json::Value;
+        fn msgpack(&self) -> Vec<u8>;
+    }
+
+    impl<T: Serialize> Both for T {
+        fn json(&self) -> serde_json::Value {
+            let bytes = codec::encode(self, Encoding::Json).expect("JSON");
+            serde_json::from_slice(&bytes).expect("valid JSON")
+        }
+        fn msgpack(&self) -> Vec<u8> {
+            codec::encode(self, Encoding::Msgpack).expect("msgpack")
+        }
+    }
+}
+
+/// Writes the samples into `dir` as the Python check expects them.
+fn write_samples(dir: &Path) -> usize {
+    let samples = samples();
+    for (name, json, msgpack) in &samples {
+        std::fs::write(dir.join(format!("{name}.msgpack")), msgpack).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_vec_pretty(json).unwrap(),
+        )
+        .unwrap();
+    }
+    samples.len()
+}
+
+fn python_check(args: &[&Path]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg(PYTHON_CHECK)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the Python check failed (scripts/install-deps installs its `msgpack` and `jsonschema`):\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn every_message_kind_decodes_with_a_foreign_msgpack_library_as_its_json_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = write_samples(dir.path());
+    let report = python_check(&[dir.path()]);
+    assert!(
+        report.contains(&format!("summary: {count} messages ok, 0 wrong")),
+        "{report}"
+    );
+    // Every event kind this version writes is among them.
+    for kind in [
+        "accepted",
+        "rejected",
+        "scheduled",
+        "started",
+        "running",
+        "progress",
+        "cancel_requested",
+        "succeeded",
+        "failed",
+        "timed_out",
+        "cancelled",
+        "reaped",
+    ] {
+        assert!(report.contains(&format!("-{kind}\n")), "{kind}: {report}");
+    }
+}
+
+#[test]
+fn the_check_catches_binary_ids_as_written_before() {
+    // The v1 fixtures were written when rmp-serde put a Uuid as 16 bytes: our decoder still reads
+    // them, but a foreign decoder sees bytes, and the check says so.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../events/tests/fixtures/v1/03-running.msgpack"
+    );
+    let bytes = std::fs::read(fixture).unwrap();
+    let event = codec::decode_event(&bytes).expect("old binary ids still decode");
+    assert_eq!(event.body, EventBody::Running);
+    std::fs::write(dir.path().join("event--old.msgpack"), &bytes).unwrap();
+    std::fs::write(
+        dir.path().join("event--old.json"),
+        codec::encode(&event, Encoding::Json).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(PYTHON_CHECK)
+        .arg(dir.path())
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("task is b'") && stdout.contains("not a hyphenated UUID string"),
+        "{stdout}"
+    );
+    // Re-encoded today, the same event carries strings.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("event--new.msgpack"),
+        codec::encode_event(&event).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("event--new.json"),
+        codec::encode(&event, Encoding::Json).unwrap(),
+    )
+    .unwrap();
+    assert!(python_check(&[dir.path()]).contains("summary: 1 messages ok, 0 wrong"));
+}
