@@ -5,7 +5,10 @@
 //!   record), follow it live, wait until it ends.
 //! - [`Client::cancel`]: ask for a task to stop.
 //! - [`Client::view`]: the task's view from the KV views, once they include a given event (read your writes).
-//! - [`read_events`]: a task's stored events, shared with the engine's event store.
+//!
+//! The event log itself (the stored-event type, reading a task's events, following them) belongs to
+//! [`taskpods_projections::log`]; [`StoredEvent`] is re-exported from there and [`read_events`]
+//! wraps its reader.
 //!
 //! Everything is keyed by task id; a launch without an id or idempotency key gets a fresh UUIDv7 here, so
 //! the caller can always read its own write.
@@ -13,19 +16,18 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{
-    self,
-    consumer::{DeliverPolicy, pull},
-    stream::{DirectGetErrorKind, Stream},
-};
+use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID, MSGPACK};
 use taskpods_events::{
-    CancelTask, CommandReply, Encoding, Event, HEADER_REPLY_TO, LaunchTask, Names, Problem, Task,
-    TaskId, TaskState, evolve,
+    CancelTask, CommandReply, Encoding, HEADER_REPLY_TO, LaunchTask, Names, Problem, Task, TaskId,
+    TaskState, evolve,
 };
+use taskpods_projections::log::{self, LogError};
 use taskpods_projections::{BucketSettings, TaskView, Views};
+
+pub use taskpods_projections::log::StoredEvent;
 
 /// What kind of failure a [`ClientError`] is, for callers that branch on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,13 +104,12 @@ fn unreachable(e: impl std::fmt::Display) -> ClientError {
     ClientError::Unreachable(e.to_string())
 }
 
-/// An event as stored, with its stream sequence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
-    /// Stream sequence.
-    pub sequence: u64,
-    /// The event.
-    pub event: Event,
+/// A failure reading the event log: unreadable stream → `Unreachable`, unusable event → `Corrupt`.
+fn log_error(e: LogError) -> ClientError {
+    match e {
+        LogError::Read(_) => unreachable(e),
+        _ => ClientError::Corrupt(e.to_string()),
+    }
 }
 
 /// The answer to a launch.
@@ -342,23 +343,18 @@ impl Client {
     ) -> Result<impl futures::Stream<Item = Result<StoredEvent, ClientError>> + use<>, ClientError>
     {
         let stream = self.event_stream().await?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.config.names.events(task_id),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(unreachable)?;
-        let messages = consumer.messages().await.map_err(unreachable)?;
-        Ok(messages
-            .map_err(unreachable)
-            .and_then(|message| async move {
-                let sequence = message.info().map_err(unreachable)?.stream_sequence;
-                let event = codec::decode_event(&message.payload)
-                    .map_err(|e| ClientError::Corrupt(format!("sequence {sequence}: {e}")))?;
-                Ok(StoredEvent { sequence, event })
-            }))
+        let messages = log::ordered(
+            &stream,
+            &self.config.names,
+            Some(task_id),
+            log::Start::First,
+        )
+        .await
+        .map_err(log_error)?;
+        let names = self.config.names.clone();
+        Ok(messages.map(move |message| {
+            log::decode_message(&names, &message.map_err(unreachable)?).map_err(log_error)
+        }))
     }
 
     /// The task's view as UIs read it (the `tasks` bucket), once the projector has folded at least the
@@ -440,26 +436,7 @@ pub async fn read_events(
     names: &Names,
     task: TaskId,
 ) -> Result<Vec<StoredEvent>, ClientError> {
-    let subject = names.events(task);
-    let mut events = Vec::new();
-    let mut next = 1;
-    loop {
-        match stream
-            .direct_get_next_for_subject(subject.clone(), Some(next))
-            .await
-        {
-            Ok(message) => {
-                let event = codec::decode_event(&message.payload).map_err(|e| {
-                    ClientError::Corrupt(format!("event at sequence {}: {e}", message.sequence))
-                })?;
-                next = message.sequence + 1;
-                events.push(StoredEvent {
-                    sequence: message.sequence,
-                    event,
-                });
-            }
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(events),
-            Err(e) => return Err(unreachable(e)),
-        }
-    }
+    log::read_events(stream, names, task)
+        .await
+        .map_err(log_error)
 }

@@ -7,15 +7,11 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::Stream};
 use chrono::{DateTime, Utc};
-use taskpods_client::ClientErrorKind;
-use taskpods_events::codec::{
-    self, HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_KIND, HEADER_MSG_ID,
-    MSGPACK,
-};
+use taskpods_events::codec::{self, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
 use taskpods_events::{Event, Input, Names, Refusal, Task, TaskId, decide, evolve, stamp};
+use taskpods_projections::log::{self, LogError};
 
 /// How many times `execute` reloads and decides again after losing a race.
 const CONFLICT_RETRIES: usize = 8;
@@ -85,7 +81,7 @@ pub struct LoadedTask {
     pub first_sequence: u64,
 }
 
-pub use taskpods_client::StoredEvent;
+pub use taskpods_projections::log::StoredEvent;
 
 /// The outcome of a successful `execute`.
 #[derive(Debug, Clone)]
@@ -117,12 +113,12 @@ impl EventStore {
 
     /// Every event of `task`, in order, with stream sequences.
     pub async fn read(&self, task: TaskId) -> Result<Vec<StoredEvent>, StoreError> {
-        taskpods_client::read_events(&self.stream, &self.names, task)
+        log::read_events(&self.stream, &self.names, task)
             .await
             .map_err(|e| {
-                let kind = match e.kind() {
-                    ClientErrorKind::Corrupt => StoreErrorKind::Corrupt,
-                    _ => StoreErrorKind::Unavailable,
+                let kind = match e {
+                    LogError::Read(_) => StoreErrorKind::Unavailable,
+                    _ => StoreErrorKind::Corrupt,
                 };
                 StoreError::new(kind, e.to_string())
             })
@@ -152,10 +148,7 @@ impl EventStore {
             let position = expected.task.events + i as u64;
             let payload = codec::encode_event(event)
                 .map_err(|e| StoreError::new(StoreErrorKind::Other, e.to_string()))?;
-            let mut headers = HeaderMap::new();
-            headers.insert(HEADER_MSG_ID, event.msg_id(position).as_str());
-            headers.insert(HEADER_CONTENT_TYPE, MSGPACK);
-            headers.insert(HEADER_KIND, event.body.kind());
+            let mut headers = log::headers(event, position);
             headers.insert(
                 HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 last.to_string().as_str(),
@@ -175,7 +168,7 @@ impl EventStore {
                     StoreErrorKind::Conflict,
                     format!(
                         "event {} was already written (sequence {})",
-                        event.msg_id(position),
+                        log::msg_id(event.task, position, event.body.kind()),
                         ack.sequence
                     ),
                 ));
@@ -183,6 +176,9 @@ impl EventStore {
             last = ack.sequence;
             stored.push(StoredEvent {
                 sequence: ack.sequence,
+                stored_at: None,
+                position: Some(position),
+                kind: event.body.kind().to_owned(),
                 event: event.clone(),
             });
         }

@@ -12,14 +12,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use async_nats::jetstream::stream::Stream;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use taskpods_events::codec;
-use taskpods_events::{
-    Addressed, Event, EventBody, FailureReason, Input, Names, TaskId, TaskState,
-};
+use taskpods_events::{Event, EventBody, FailureReason, Input, Names, TaskId, TaskState};
+use taskpods_projections::log;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -64,27 +61,12 @@ pub fn follow_events(events: Stream, names: Names) -> Follower {
     let (tx, rx) = mpsc::channel(1024);
     let task = tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
-        let mut start = DeliverPolicy::LastPerSubject;
+        let mut start = log::Start::LastOfEachTask;
         loop {
-            let consumer = events
-                .create_consumer(OrderedConfig {
-                    filter_subject: names.events_all(),
-                    deliver_policy: start,
-                    ..Default::default()
-                })
-                .await;
-            let mut messages = match consumer {
-                Ok(c) => match c.messages().await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(error = %e, "event follower: cannot read; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                },
+            let mut messages = match log::ordered(&events, &names, None, start).await {
+                Ok(m) => m,
                 Err(e) => {
-                    warn!(error = %e, "event follower: cannot create consumer; retrying");
+                    warn!(error = %e, "event follower: cannot read; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                     continue;
@@ -100,17 +82,12 @@ pub fn follow_events(events: Stream, names: Names) -> Follower {
                     }
                 };
                 if let Ok(info) = msg.info() {
-                    start = DeliverPolicy::ByStartSequence {
-                        start_sequence: info.stream_sequence + 1,
-                    };
+                    start = log::Start::Sequence(info.stream_sequence + 1);
                 }
-                let Ok(Addressed::Events(task)) = names.parse(&msg.subject) else {
+                let Ok(stored) = log::decode_message(&names, &msg) else {
                     continue;
                 };
-                let Ok(event) = codec::decode_event(&msg.payload) else {
-                    continue;
-                };
-                if tx.send((task, event)).await.is_err() {
+                if tx.send((stored.task(), stored.event)).await.is_err() {
                     return;
                 }
             }

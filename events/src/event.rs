@@ -42,17 +42,6 @@ impl Event {
             body,
         }
     }
-
-    /// The `Nats-Msg-Id` for this event at `position`: the same task, position and kind always give the
-    /// same id, so JetStream drops a retried append inside its duplicate window.
-    pub fn msg_id(&self, position: u64) -> String {
-        msg_id(self.task, position, self.body.kind())
-    }
-}
-
-/// The `Nats-Msg-Id` of the event of `kind` at `position` of `task`.
-pub fn msg_id(task: TaskId, position: u64, kind: &str) -> String {
-    format!("{task}:{position}:{kind}")
 }
 
 /// What happened to a task. The tag is `kind`, in snake_case.

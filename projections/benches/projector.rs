@@ -194,7 +194,7 @@ async fn main() {
         let ack = js
             .publish_with_headers(
                 names.events(event.task),
-                generate::headers(event, *position),
+                taskpods_projections::log::headers(event, *position),
                 taskpods_events::codec::encode_event(event)
                     .expect("encode")
                     .into(),

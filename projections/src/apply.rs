@@ -29,7 +29,7 @@ use taskpods_events::{Names, TaskId};
 use tracing::warn;
 
 use crate::buckets::{BucketError, ViewBuckets, decode_entry};
-use crate::log::{self, LoggedEvent};
+use crate::log::{self, StoredEvent};
 use crate::view::{self, ActiveView, FinishedView, HistoryView, TaskView};
 
 /// How many times a task is re-read and re-done after losing a revision race.
@@ -111,7 +111,7 @@ struct Prepared {
     history_rev: u64,
     active: ActiveHint,
     finished: Option<FinishedView>,
-    events: Vec<LoggedEvent>,
+    events: Vec<StoredEvent>,
     applied: Applied,
 }
 
@@ -155,18 +155,18 @@ impl Writer {
     /// Applies `events` (any order, any tasks, duplicates allowed), `concurrency` tasks at a time.
     pub async fn apply_batch(
         &self,
-        events: Vec<LoggedEvent>,
+        events: Vec<StoredEvent>,
         concurrency: usize,
     ) -> Result<Applied, ApplyError> {
-        let mut groups: HashMap<TaskId, Vec<LoggedEvent>> = HashMap::new();
+        let mut groups: HashMap<TaskId, Vec<StoredEvent>> = HashMap::new();
         for e in events {
             groups.entry(e.task()).or_default().push(e);
         }
         let mut total = Applied::default();
         let prepared: Vec<Result<Result<Prepared, u64>, ApplyError>> =
             futures::stream::iter(groups.into_iter().map(|(task, mut group)| {
-                group.sort_by_key(|e| e.seq);
-                group.dedup_by_key(|e| e.seq);
+                group.sort_by_key(|e| e.sequence);
+                group.dedup_by_key(|e| e.sequence);
                 async move {
                     let n = group.len() as u64;
                     Ok(self.prepare(task, group).await?.ok_or(n))
@@ -217,9 +217,9 @@ impl Writer {
     pub async fn apply_task(
         &self,
         task: TaskId,
-        mut events: Vec<LoggedEvent>,
+        mut events: Vec<StoredEvent>,
     ) -> Result<Applied, ApplyError> {
-        events.sort_by_key(|e| e.seq);
+        events.sort_by_key(|e| e.sequence);
         for conflicts in 0..CONFLICT_RETRIES as u64 {
             let Some(p) = self.prepare(task, events.clone()).await? else {
                 return Ok(Applied {
@@ -245,7 +245,7 @@ impl Writer {
     async fn prepare(
         &self,
         task: TaskId,
-        events: Vec<LoggedEvent>,
+        events: Vec<StoredEvent>,
     ) -> Result<Option<Prepared>, ApplyError> {
         let mut applied = Applied::default();
         let key = task.to_string();
@@ -259,7 +259,7 @@ impl Writer {
                 Some(c) => c,
                 None => self.read(task).await?,
             };
-            let newest = events.last().map_or(0, |e| e.seq);
+            let newest = events.last().map_or(0, |e| e.sequence);
             if newest <= current.view.seq {
                 // Nothing new for the task view; the other buckets were written before it (it is the
                 // commit record), so there is nothing to do.
@@ -271,14 +271,19 @@ impl Writer {
             let mut finished = None;
             let mut step = Applied::default();
             for e in &events {
-                if e.seq <= view.seq {
+                if e.sequence <= view.seq {
                     step.skipped += 1;
                     continue;
                 }
                 if self.gap_before(&view, e).await? {
-                    let missing =
-                        log::read_task(&self.events, &self.names, task, view.seq + 1, e.seq - 1)
-                            .await?;
+                    let missing = log::read_task(
+                        &self.events,
+                        &self.names,
+                        task,
+                        view.seq + 1,
+                        e.sequence - 1,
+                    )
+                    .await?;
                     for m in missing {
                         match m {
                             Ok(m) => {
@@ -345,7 +350,7 @@ impl Writer {
         view: &mut TaskView,
         history: &mut HistoryView,
         finished: &mut Option<FinishedView>,
-        e: &LoggedEvent,
+        e: &StoredEvent,
         step: &mut Applied,
     ) {
         let was_terminal = view.is_terminal();
@@ -356,27 +361,33 @@ impl Writer {
             // One warning per event would flood the log when a newer engine writes many; the count
             // is in the view (`unknown_events`) and the projector's stats.
             if self.warned_unknown.fetch_add(1, Ordering::Relaxed) < 16 {
-                warn!(task = %e.task(), seq = e.seq, kind = %e.kind,
+                warn!(task = %e.task(), seq = e.sequence, kind = %e.kind,
                     "skipping an event of a kind this version does not know");
             }
         } else {
             step.applied += 1;
         }
         if !was_terminal && view.is_terminal() {
-            *finished = Some(FinishedView::from_terminal(view, e.seq));
+            *finished = Some(FinishedView::from_terminal(view, e.sequence));
         }
     }
 
     /// Whether events of the task are missing between the view and `e`.
-    async fn gap_before(&self, view: &TaskView, e: &LoggedEvent) -> Result<bool, ApplyError> {
+    async fn gap_before(&self, view: &TaskView, e: &StoredEvent) -> Result<bool, ApplyError> {
         match e.position {
             Some(p) => Ok(p > view.events),
             // A writer without taskpods message ids: ask the stream for the task's next event.
             None => {
-                let next = log::read_task(&self.events, &self.names, e.task(), view.seq + 1, e.seq)
-                    .await?;
+                let next = log::read_task(
+                    &self.events,
+                    &self.names,
+                    e.task(),
+                    view.seq + 1,
+                    e.sequence,
+                )
+                .await?;
                 Ok(next.first().is_some_and(|r| match r {
-                    Ok(m) => m.seq < e.seq,
+                    Ok(m) => m.sequence < e.sequence,
                     Err(_) => true,
                 }))
             }

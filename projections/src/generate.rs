@@ -4,10 +4,9 @@
 //!
 //! Deterministic for a seed (a small xorshift generator: no dependency, same histories on every machine).
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use chrono::{DateTime, TimeDelta, Utc};
-use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_KIND, HEADER_MSG_ID, MSGPACK};
+use taskpods_events::codec;
 use taskpods_events::{
     CancelTask, Event, FailureReason, Input, Mode, Names, Problem, Resources, Task, TaskId,
     TaskOutcome, TaskSpec, decide, evolve, stamp,
@@ -207,15 +206,6 @@ pub fn interleave(rng: &mut Rng, histories: &[Vec<Event>]) -> Vec<(u64, Event)> 
     out
 }
 
-/// The headers the event store writes for the event at `position`.
-pub fn headers(event: &Event, position: u64) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(HEADER_MSG_ID, event.msg_id(position).as_str());
-    headers.insert(HEADER_CONTENT_TYPE, MSGPACK);
-    headers.insert(HEADER_KIND, event.body.kind());
-    headers
-}
-
 /// Appends `events` in order, `window` publishes in flight; returns the last stream sequence.
 pub async fn publish(
     js: &jetstream::Context,
@@ -231,7 +221,7 @@ pub async fn publish(
             acks.push(
                 js.publish_with_headers(
                     names.events(event.task),
-                    headers(event, *position),
+                    crate::log::headers(event, *position),
                     payload.into(),
                 )
                 .await?,

@@ -1,8 +1,9 @@
 //! Projections: folding the task event log into the KV views that UIs and callers read, rebuilding them,
 //! and replaying a task's log for an operator.
 //!
-//! - [`log`]: a stored message → [`log::LoggedEvent`] (sequence, position from `Nats-Msg-Id`, the kind as
-//!   written even when this build does not know it); reading one task's events from its subject.
+//! - [`log`]: the event log's one owner (the engine's store and the client use it too): the stored-event
+//!   type [`log::StoredEvent`] (sequence, position from `Nats-Msg-Id`, the kind as written even when this
+//!   build does not know it), message ids built and parsed, a task's events read, ordered consumers.
 //! - [`view`]: the views (`TaskView`, `HistoryView`, `ActiveView`, `FinishedView`) and the pure fold;
 //!   the state always comes from `taskpods_events::evolve`.
 //! - [`buckets`]: view generations and the pointer readers follow; [`buckets::Views`] for readers

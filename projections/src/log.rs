@@ -1,12 +1,29 @@
-//! Reading the event log: a stored message (from a consumer or a direct get) becomes a [`LoggedEvent`],
-//! keeping what the envelope alone does not say: the stream sequence, when the server stored it, the
-//! task position from `Nats-Msg-Id`, and the kind named in `Taskpods-Kind` (which survives when this build
-//! does not know the kind and decodes the body as `Unknown`).
+//! The event log: the one owner of how task events sit on the event stream. Every writer and reader goes
+//! through here: the engine's event store (appends, loads), the client (a task's history, following it
+//! live), the projector, rebuild and replay.
+//!
+//! - [`StoredEvent`]: an event as stored: stream sequence, when the server stored it, the task position
+//!   from `Nats-Msg-Id`, the kind named in `Taskpods-Kind` (which survives when this build does not know
+//!   the kind and decodes the body as `Unknown`), and the envelope.
+//! - [`msg_id`] / [`parse_msg_id`]: the deterministic message id `<task>:<position>:<kind>` built for an
+//!   append and parsed back; [`headers`]: every header an append carries.
+//! - [`decode`] / [`decode_message`]: a stored message (direct get or consumer) → [`StoredEvent`].
+//! - [`read_events`] (all of a task's events, strictly) and [`read_task`] (a range, each message decoded
+//!   or its error in place): direct gets on the task's subject, which any replica answers.
+//! - [`ordered`]: an ordered consumer on one task's subject or all of them, from a [`Start`].
+//!
+//! Why in `taskpods-projections` rather than a crate of its own: both the client (views) and the engine
+//! already depend on this crate and it is the log's main reader, so the engine reads its own store
+//! without going through the client, and a separate crate would cut no dependency.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::stream::{DirectGetErrorKind, Stream};
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull},
+    stream::{DirectGetErrorKind, Stream},
+};
 use chrono::{DateTime, Utc};
-use taskpods_events::codec::{self, HEADER_KIND, HEADER_MSG_ID};
+use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_KIND, HEADER_MSG_ID, MSGPACK};
 use taskpods_events::{Addressed, Event, EventBody, Names, TaskId};
 
 /// Why a stored message is not a usable event.
@@ -45,11 +62,12 @@ pub enum LogError {
 
 /// One event as stored on the stream.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoggedEvent {
+pub struct StoredEvent {
     /// Stream sequence.
-    pub seq: u64,
-    /// When the server stored it.
-    pub stored_at: DateTime<Utc>,
+    pub sequence: u64,
+    /// When the server stored it; `None` for an event this process just appended (the publish
+    /// acknowledgement does not say).
+    pub stored_at: Option<DateTime<Utc>>,
     /// The event's position in its task (0 for the first), from `Nats-Msg-Id`; `None` when the writer
     /// did not set a taskpods message id.
     pub position: Option<u64>,
@@ -60,7 +78,7 @@ pub struct LoggedEvent {
     pub event: Event,
 }
 
-impl LoggedEvent {
+impl StoredEvent {
     /// The task it belongs to.
     pub fn task(&self) -> TaskId {
         self.event.task
@@ -72,7 +90,41 @@ impl LoggedEvent {
     }
 }
 
-/// Decodes a stored message. `time` is the server's storage time.
+/// The `Nats-Msg-Id` of the event of `kind` at `position` of `task`: the same task, position and kind
+/// always give the same id, so JetStream drops a retried append inside its duplicate window.
+pub fn msg_id(task: TaskId, position: u64, kind: &str) -> String {
+    format!("{task}:{position}:{kind}")
+}
+
+/// The task, position and kind of a message id built by [`msg_id`]; `None` for any other id.
+pub fn parse_msg_id(msg_id: &str) -> Option<(TaskId, u64, &str)> {
+    let mut parts = msg_id.splitn(3, ':');
+    let task = parts.next()?.parse::<TaskId>().ok()?;
+    let position = parts.next()?.parse().ok()?;
+    let kind = parts.next()?;
+    Some((task, position, kind))
+}
+
+/// The position in a taskpods message id of `task` (`None` when the id is another task's or not ours).
+pub fn position_from_msg_id(task: TaskId, msg_id: &str) -> Option<u64> {
+    parse_msg_id(msg_id)
+        .filter(|(id, _, _)| *id == task)
+        .map(|(_, position, _)| position)
+}
+
+/// The headers an append of `event` at `position` carries: its message id, the content type and kind.
+pub fn headers(event: &Event, position: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        HEADER_MSG_ID,
+        msg_id(event.task, position, event.body.kind()).as_str(),
+    );
+    headers.insert(HEADER_CONTENT_TYPE, MSGPACK);
+    headers.insert(HEADER_KIND, event.body.kind());
+    headers
+}
+
+/// Decodes a stored message. `stored_at` is the server's storage time.
 pub fn decode(
     names: &Names,
     subject: &str,
@@ -80,7 +132,7 @@ pub fn decode(
     headers: Option<&HeaderMap>,
     payload: &[u8],
     stored_at: DateTime<Utc>,
-) -> Result<LoggedEvent, LogError> {
+) -> Result<StoredEvent, LogError> {
     let subject_task = match names.parse(subject) {
         Ok(Addressed::Events(task)) => task,
         _ => {
@@ -110,25 +162,31 @@ pub fn decode(
     let kind = header(HEADER_KIND)
         .filter(|k| !k.is_empty())
         .unwrap_or_else(|| event.body.kind().to_owned());
-    Ok(LoggedEvent {
-        seq,
-        stored_at,
+    Ok(StoredEvent {
+        sequence: seq,
+        stored_at: Some(stored_at),
         position,
         kind,
         event,
     })
 }
 
-/// The position in a taskpods message id `<task>:<position>:<kind>` of `task`.
-pub fn position_from_msg_id(task: TaskId, msg_id: &str) -> Option<u64> {
-    let mut parts = msg_id.splitn(3, ':');
-    let id = parts.next()?;
-    let position = parts.next()?;
-    parts.next()?;
-    if id.parse::<TaskId>().ok()? != task {
-        return None;
-    }
-    position.parse().ok()
+/// Decodes a message delivered by a consumer on the event stream.
+pub fn decode_message(
+    names: &Names,
+    message: &jetstream::Message,
+) -> Result<StoredEvent, LogError> {
+    let info = message
+        .info()
+        .map_err(|e| LogError::Read(format!("message metadata: {e}")))?;
+    decode(
+        names,
+        message.subject.as_str(),
+        info.stream_sequence,
+        message.headers.as_ref(),
+        &message.payload,
+        to_chrono(info.published.unix_timestamp_nanos()),
+    )
 }
 
 /// Converts the client's timestamp type (from the `time` crate) without naming that crate.
@@ -143,7 +201,7 @@ pub fn to_chrono(nanos: i128) -> DateTime<Utc> {
 
 /// One stored message of a task's subject read with a direct get: the decoded event, or why it is not
 /// usable (the replay tool shows those instead of stopping).
-pub type Read = Result<LoggedEvent, LogError>;
+pub type Read = Result<StoredEvent, LogError>;
 
 /// Every event of `task` with a stream sequence in `from..=to` (`to`: `u64::MAX` for all), in order.
 /// Messages that do not decode are returned as errors in place, so callers decide whether to skip them.
@@ -181,4 +239,84 @@ pub async fn read_task(
         }
     }
     Ok(out)
+}
+
+/// Every event of `task`, in order (empty for an unknown task). Strict: the first message that is not a
+/// usable event of this task is the error, so nothing is folded from a log that cannot be read whole.
+pub async fn read_events(
+    stream: &Stream,
+    names: &Names,
+    task: TaskId,
+) -> Result<Vec<StoredEvent>, LogError> {
+    read_task(stream, names, task, 1, u64::MAX)
+        .await?
+        .into_iter()
+        .collect()
+}
+
+/// Where an [`ordered`] consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The first stored event.
+    First,
+    /// The event at this stream sequence (or the next one after it).
+    Sequence(u64),
+    /// The first event stored at or after this time.
+    Time(DateTime<Utc>),
+    /// The last event of every task, then every new one (the state at start-up, then live).
+    LastOfEachTask,
+}
+
+/// An ordered consumer (ephemeral, flow-controlled, recreated by the client after a gap) on the events of
+/// `task`, or of every task when `None`, from `start`. Decode what it delivers with [`decode_message`].
+pub async fn ordered(
+    stream: &Stream,
+    names: &Names,
+    task: Option<TaskId>,
+    start: Start,
+) -> Result<pull::Ordered, LogError> {
+    let deliver_policy = match start {
+        Start::First => DeliverPolicy::All,
+        Start::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+        Start::Time(at) => DeliverPolicy::ByStartTime {
+            start_time: to_time(at),
+        },
+        Start::LastOfEachTask => DeliverPolicy::LastPerSubject,
+    };
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: task.map_or_else(|| names.events_all(), |t| names.events(t)),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| LogError::Read(format!("ordered consumer: {e}")))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|e| LogError::Read(format!("ordered consumer: {e}")))
+}
+
+/// A start time for the server, to the second (a scan from it may include the rest of that second).
+fn to_time(at: DateTime<Utc>) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(at.timestamp())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_built_and_parsed_back() {
+        let task = TaskId::from_idempotency_key("log-test");
+        let id = msg_id(task, 7, "accepted");
+        assert_eq!(id, format!("{task}:7:accepted"));
+        assert_eq!(parse_msg_id(&id), Some((task, 7, "accepted")));
+        assert_eq!(position_from_msg_id(task, &id), Some(7));
+        assert_eq!(position_from_msg_id(TaskId::mint(), &id), None);
+        assert_eq!(parse_msg_id("launch:whatever"), None);
+        assert_eq!(parse_msg_id(&format!("{task}:x:accepted")), None);
+        assert_eq!(parse_msg_id(&format!("{task}:7")), None);
+    }
 }

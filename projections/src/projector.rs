@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::apply::{ApplyError, Writer};
 use crate::buckets::{self, BucketError, BucketSettings, ViewBuckets};
-use crate::log::{self, LoggedEvent};
+use crate::log::{self, StoredEvent};
 
 /// Errors that stop a projector or a lag query.
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +355,11 @@ async fn drain(
             continue;
         }
         failures = 0;
-        let last = batch.iter().map(|e: &LoggedEvent| e.seq).max().unwrap_or(0);
+        let last = batch
+            .iter()
+            .map(|e: &StoredEvent| e.sequence)
+            .max()
+            .unwrap_or(0);
         let applied = writer.apply_batch(batch, config.concurrency).await?;
         // Ack only now: the views hold every event of the batch.
         let acks = messages.iter().map(|m| m.ack());

@@ -13,12 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{
-    self,
-    consumer::{DeliverPolicy, pull},
-    kv,
-    stream::Stream,
-};
+use async_nats::jetstream::{self, kv, stream::Stream};
 use chrono::Utc;
 use futures::StreamExt;
 use serde::Serialize;
@@ -94,16 +89,7 @@ pub async fn fold_stream(
     if upto == 0 {
         return Ok(out);
     }
-    let consumer = events
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: names.events_all(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| RebuildError::Stream(e.to_string()))?;
-    let mut messages = consumer
-        .messages()
+    let mut messages = log::ordered(events, names, None, log::Start::First)
         .await
         .map_err(|e| RebuildError::Stream(e.to_string()))?;
     let mut seen = 0u64;

@@ -10,16 +10,13 @@
 use std::fmt::Write as _;
 use std::str::FromStr;
 
-use async_nats::jetstream::{
-    consumer::{DeliverPolicy, pull},
-    stream::Stream,
-};
+use async_nats::jetstream::stream::Stream;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 use taskpods_events::{EventBody, Names, TaskId, TaskState};
 
-use crate::log::{self, LogError, LoggedEvent, Read};
+use crate::log::{self, LogError, Read, StoredEvent};
 use crate::view::{TaskView, detail};
 
 /// Errors replaying.
@@ -160,7 +157,7 @@ pub fn timeline(task: TaskId, reads: &[Read], at: Option<At>) -> Timeline {
     let mut reaped = false;
     for read in reads {
         let seq = match read {
-            Ok(e) => e.seq,
+            Ok(e) => e.sequence,
             Err(LogError::Undecodable { seq, .. })
             | Err(LogError::Foreign { seq, .. })
             | Err(LogError::WrongTask { seq, .. }) => *seq,
@@ -200,9 +197,9 @@ pub fn timeline(task: TaskId, reads: &[Read], at: Option<At>) -> Timeline {
         last_at = Some(last_at.map_or(e.event.at, |t| t.max(e.event.at)));
         view.apply(e);
         entries.push(Entry {
-            seq: e.seq,
+            seq: e.sequence,
             at: Some(e.event.at),
-            stored_at: Some(e.stored_at),
+            stored_at: e.stored_at,
             position: e.position,
             kind: e.kind.clone(),
             payload: payload(e),
@@ -225,7 +222,7 @@ fn state_label(state: &TaskState) -> String {
     }
 }
 
-fn payload(e: &LoggedEvent) -> serde_json::Value {
+fn payload(e: &StoredEvent) -> serde_json::Value {
     let mut value = serde_json::to_value(&e.event.body).unwrap_or(serde_json::Value::Null);
     if let serde_json::Value::Object(map) = &mut value {
         map.remove("kind");
@@ -259,7 +256,7 @@ fn allowed(state: &TaskState, kind: &str) -> bool {
 }
 
 fn check(
-    e: &LoggedEvent,
+    e: &StoredEvent,
     before: &TaskView,
     index: u64,
     last_at: Option<DateTime<Utc>>,
@@ -268,7 +265,7 @@ fn check(
 ) {
     let mut odd = |kind, message: String| {
         oddities.push(Oddity {
-            seq: e.seq,
+            seq: e.sequence,
             kind,
             message,
         });
@@ -480,17 +477,7 @@ pub async fn failed_since(
     if info.state.messages == 0 {
         return Ok(report);
     }
-    let start = time_from_chrono(since);
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: names.events_all(),
-            deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?;
-    let mut messages = consumer
-        .messages()
+    let mut messages = log::ordered(&stream, names, None, log::Start::Time(since))
         .await
         .map_err(|e| ReplayError::Stream(e.to_string()))?;
     loop {
@@ -553,11 +540,6 @@ pub async fn failed_since(
     }
     progress(last, last);
     Ok(report)
-}
-
-fn time_from_chrono(t: DateTime<Utc>) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(t.timestamp())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Failed tasks as text.

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use taskpods_events::{EventBody, FailureReason, Mode, Problem, Task, TaskId, TaskState, evolve};
 
-use crate::log::LoggedEvent;
+use crate::log::StoredEvent;
 
 /// Most history entries kept per task; beyond this the oldest non-first entries are dropped and counted
 /// (a KV value must stay well under the server's 1 MiB message limit).
@@ -200,8 +200,8 @@ impl TaskView {
 
     /// Folds one event in. The caller guarantees order (each task's events by stream sequence); an event
     /// at or below `seq` is ignored, so folding a re-delivered event is harmless.
-    pub fn apply(&mut self, logged: &LoggedEvent) {
-        if logged.seq <= self.seq {
+    pub fn apply(&mut self, logged: &StoredEvent) {
+        if logged.sequence <= self.seq {
             return;
         }
         let event = &logged.event;
@@ -217,9 +217,9 @@ impl TaskView {
         self.events = after.events;
         self.reaped = after.reaped;
         if self.first_seq == 0 {
-            self.first_seq = logged.seq;
+            self.first_seq = logged.sequence;
         }
-        self.seq = logged.seq;
+        self.seq = logged.sequence;
         self.updated_at = event.at;
         if matches!(event.body, EventBody::Unknown) {
             self.unknown_events += 1;
@@ -357,8 +357,8 @@ impl HistoryView {
     }
 
     /// Appends the entry for `logged`, given the task view after it. Ignores events at or below `seq`.
-    pub fn apply(&mut self, logged: &LoggedEvent, after: &TaskView) {
-        if logged.seq <= self.seq {
+    pub fn apply(&mut self, logged: &StoredEvent, after: &TaskView) {
+        if logged.sequence <= self.seq {
             return;
         }
         // Progress is not listed, and does not move `seq` either: the history is only rewritten when
@@ -366,14 +366,14 @@ impl HistoryView {
         if matches!(logged.event.body, EventBody::Progress { .. }) {
             return;
         }
-        self.seq = logged.seq;
+        self.seq = logged.sequence;
         if self.entries.len() >= MAX_HISTORY_ENTRIES {
             // Keep the first entry (acceptance) and drop the oldest after it.
             self.entries.remove(1);
             self.dropped += 1;
         }
         self.entries.push(HistoryEntry {
-            seq: logged.seq,
+            seq: logged.sequence,
             at: logged.event.at,
             kind: logged.kind.clone(),
             state: after.state.name().to_owned(),
@@ -549,15 +549,15 @@ impl Folded {
     }
 
     /// Folds one event into every view.
-    pub fn apply(&mut self, logged: &LoggedEvent) {
-        if logged.seq <= self.view.seq {
+    pub fn apply(&mut self, logged: &StoredEvent) {
+        if logged.sequence <= self.view.seq {
             return;
         }
         let was_terminal = self.view.is_terminal();
         self.view.apply(logged);
         self.history.apply(logged, &self.view);
         if !was_terminal && self.view.is_terminal() {
-            self.finished = Some(FinishedView::from_terminal(&self.view, logged.seq));
+            self.finished = Some(FinishedView::from_terminal(&self.view, logged.sequence));
         }
     }
 
@@ -584,10 +584,10 @@ mod tests {
     use crate::generate;
     use taskpods_events::codec;
 
-    fn logged(seq: u64, position: u64, event: &taskpods_events::Event) -> LoggedEvent {
-        LoggedEvent {
-            seq,
-            stored_at: event.at,
+    fn logged(seq: u64, position: u64, event: &taskpods_events::Event) -> StoredEvent {
+        StoredEvent {
+            sequence: seq,
+            stored_at: Some(event.at),
             position: Some(position),
             kind: event.body.kind().to_owned(),
             event: event.clone(),

@@ -135,7 +135,7 @@ pub async fn run(global: Global, args: LogsArgs) -> ExitCode {
     };
     let names = global.names.clone();
     let task = args.task;
-    let ended = async || match taskpods_client::read_events(&events, &names, task).await {
+    let ended = async || match taskpods_projections::log::read_events(&events, &names, task).await {
         Ok(stored) => taskpods_events::Task::replay(stored.iter().map(|e| &e.event))
             .state
             .is_terminal(),

@@ -16,7 +16,7 @@ use taskpods_harness::{NatsServer, nats_server_version};
 use taskpods_projections::apply::Writer;
 use taskpods_projections::buckets::{self, ViewBuckets};
 use taskpods_projections::generate::{self, Rng};
-use taskpods_projections::log::LoggedEvent;
+use taskpods_projections::log::StoredEvent;
 use taskpods_projections::rebuild::{self, RebuildConfig};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, TaskView, Views, projector};
 
@@ -301,7 +301,7 @@ async fn read_all(
     stream: &jetstream::stream::Stream,
     names: &Names,
     last: u64,
-) -> Vec<LoggedEvent> {
+) -> Vec<StoredEvent> {
     let folded = rebuild::fold_stream(stream, names, last, |_| {})
         .await
         .expect("fold");
@@ -314,7 +314,7 @@ async fn read_all(
             out.push(e.expect("decodable"));
         }
     }
-    out.sort_by_key(|e| e.seq);
+    out.sort_by_key(|e| e.sequence);
     out
 }
 

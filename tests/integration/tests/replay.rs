@@ -112,7 +112,7 @@ async fn publish_fixed(js: &jetstream::Context, names: &Names, task: TaskId) -> 
         let (payload, headers) = match event {
             Some(e) => (
                 codec::encode_event(&e).expect("encode"),
-                generate::headers(&e, position),
+                taskpods_projections::log::headers(&e, position),
             ),
             None => {
                 let mut headers = async_nats::HeaderMap::new();
