@@ -2,7 +2,8 @@
 //! how both travel (codec, subjects), and the lifecycle rules (the state machine).
 //!
 //! - [`ids`]: task ids, idempotency keys → ids, deterministic event ids and Job names.
-//! - [`command`]: `LaunchTask`, `CancelTask`, agent reports, and launch validation against a policy.
+//! - [`command`]: `LaunchTask`, `CancelTask`, agent reports, the validated `TaskSpec`, command replies.
+//! - [`policy`]: `LaunchPolicy`, launch validation (every problem with its field), quantity parsing.
 //! - [`event`]: the versioned envelope and event kinds, failure reason codes.
 //! - [`machine`]: `decide` (input → events or refusal) and `evolve` (event → task).
 //! - [`codec`]: msgpack/JSON encoding with field-path errors; header names.
@@ -13,14 +14,16 @@ pub mod command;
 pub mod event;
 pub mod ids;
 pub mod machine;
+pub mod policy;
 pub mod subject;
 
 pub use codec::{CodecError, Encoding};
 pub use command::{
-    AgentReport, CancelTask, CommandReply, HEADER_REPLY_TO, HelloReply, Instructions, LaunchPolicy,
-    LaunchTask, Mode, Problem, ResourceRequest, Resources, TaskOutcome, TaskSpec,
+    AgentReport, CancelTask, CommandReply, HEADER_REPLY_TO, HelloReply, Instructions, LaunchTask,
+    Mode, ResourceRequest, Resources, TaskOutcome, TaskSpec,
 };
 pub use event::{Event, EventBody, FailureReason};
 pub use ids::TaskId;
 pub use machine::{Input, Refusal, Task, TaskState, decide, evolve, stamp};
+pub use policy::{LaunchPolicy, Problem};
 pub use subject::{Addressed, Names, SubjectError};
