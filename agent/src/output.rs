@@ -177,7 +177,9 @@ impl Writer {
         }
         let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
         let len = payload.len() as u64;
-        match crate::publish_acked(&self.js, self.subject.clone(), map, payload, give_up).await {
+        match crate::protocol::publish_acked(&self.js, self.subject.clone(), map, payload, give_up)
+            .await
+        {
             Ok(()) => self.seq += 1,
             Err(e) => {
                 eprintln!("taskpods-agent: output stream broken: {e}");

@@ -1,0 +1,207 @@
+//! The agent's configuration: its environment variables, with an optional `NAME=value` file for any not
+//! set (see the table in the crate documentation).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use taskpods_events::{Names, TaskId};
+
+use crate::sandbox::{Sandbox, SandboxLimits};
+
+/// The default configuration file (e.g. a mounted Secret in the task pod).
+pub const DEFAULT_ENV_FILE: &str = "/etc/taskpods/agent.env";
+
+/// Reads `NAME=value` lines (blank lines and `#` comments skipped) from `path`, or from
+/// [`DEFAULT_ENV_FILE`] when it exists and no path is given.
+pub fn env_file(path: Option<std::path::PathBuf>) -> Result<BTreeMap<String, String>, ConfigError> {
+    let (path, required) = match path {
+        Some(path) => (path, true),
+        None => (std::path::PathBuf::from(DEFAULT_ENV_FILE), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(BTreeMap::new());
+        }
+        Err(e) => return Err(ConfigError(format!("{}: {e}", path.display()))),
+    };
+    parse_env_file(&text)
+        .map_err(|line| ConfigError(format!("{}: line {line} is not NAME=value", path.display())))
+}
+
+/// Parses `NAME=value` lines; the error is the 1-based number of the first bad line.
+pub fn parse_env_file(text: &str) -> Result<BTreeMap<String, String>, usize> {
+    let mut vars = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line.split_once('=').ok_or(i + 1)?;
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(i + 1);
+        }
+        vars.insert(name.to_owned(), value.trim().to_owned());
+    }
+    Ok(vars)
+}
+
+/// Everything the agent reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The task.
+    pub task: TaskId,
+    /// NATS URLs.
+    pub nats_urls: Vec<String>,
+    /// Credentials file, if any.
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// Subject names.
+    pub names: Names,
+    /// Stop asking for instructions after this.
+    pub deadline: DateTime<Utc>,
+    /// How the code is isolated.
+    pub sandbox: Sandbox,
+    /// Limits for the code.
+    pub limits: SandboxLimits,
+    /// What mode `agent` runs.
+    pub agent_entrypoint: String,
+    /// Largest output chunk, bytes.
+    pub chunk_bytes: usize,
+    /// Longest an output byte waits before it is sent.
+    pub flush_interval: Duration,
+    /// How long past the deadline the agent kills the code itself.
+    pub kill_grace: Duration,
+    /// How long the code gets between the forwarded SIGTERM and SIGKILL.
+    pub term_grace: Duration,
+}
+
+/// A configuration problem.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the configuration through `var` (the process environment in `main`).
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let err = |name: &str, what: &str| ConfigError(format!("{name}: {what}"));
+        let num = |name: &str, default: u64| -> Result<u64, ConfigError> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => v.trim().parse().map_err(|_| err(name, "not a number")),
+            }
+        };
+        let task = var("TASKPODS_TASK_ID")
+            .ok_or_else(|| err("TASKPODS_TASK_ID", "is required"))?
+            .parse::<TaskId>()
+            .map_err(|_| err("TASKPODS_TASK_ID", "not a UUID"))?;
+        let nats_urls = var("TASKPODS_NATS_URL")
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into())
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let names = Names::new(&var("TASKPODS_PREFIX").unwrap_or_else(|| "taskpods".into()))
+            .map_err(|e| err("TASKPODS_PREFIX", &e.to_string()))?;
+        let deadline = match var("TASKPODS_DEADLINE") {
+            None => Utc::now() + chrono::TimeDelta::minutes(30),
+            Some(v) => DateTime::parse_from_rfc3339(v.trim())
+                .map_err(|_| err("TASKPODS_DEADLINE", "not an RFC 3339 time"))?
+                .with_timezone(&Utc),
+        };
+        let sandbox = match var("TASKPODS_SANDBOX").as_deref().unwrap_or("bwrap") {
+            "bwrap" => Sandbox::Bwrap,
+            "none" => Sandbox::None,
+            other => {
+                return Err(err(
+                    "TASKPODS_SANDBOX",
+                    &format!("{other:?}: use bwrap or none"),
+                ));
+            }
+        };
+        let limits = SandboxLimits {
+            tmp_bytes: num("TASKPODS_TMP_BYTES", 64 << 20)?,
+            max_procs: num("TASKPODS_MAX_PROCS", 256)?,
+            max_file_bytes: num("TASKPODS_MAX_FILE_BYTES", 64 << 20)?,
+            cpu_secs: var("TASKPODS_CPU_SECS")
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .map_err(|_| err("TASKPODS_CPU_SECS", "not a number"))
+                })
+                .transpose()?,
+        };
+        Ok(Self {
+            task,
+            nats_urls,
+            nats_creds: var("TASKPODS_NATS_CREDS").map(Into::into),
+            names,
+            deadline,
+            sandbox,
+            limits,
+            agent_entrypoint: var("TASKPODS_AGENT_ENTRYPOINT")
+                .unwrap_or_else(|| "/usr/local/bin/taskpods-goal".into()),
+            chunk_bytes: usize::try_from(
+                num("TASKPODS_CHUNK_BYTES", 64 << 10)?.clamp(1, 512 << 10),
+            )
+            .unwrap_or(64 << 10),
+            flush_interval: Duration::from_millis(num("TASKPODS_FLUSH_MS", 200)?.max(1)),
+            kill_grace: Duration::from_millis(num("TASKPODS_KILL_GRACE_MS", 5000)?),
+            term_grace: Duration::from_millis(num("TASKPODS_TERM_GRACE_MS", 2000)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_reads_the_environment_with_defaults() {
+        let task = TaskId::mint();
+        let env = BTreeMap::from([
+            ("TASKPODS_TASK_ID".to_owned(), task.to_string()),
+            (
+                "TASKPODS_NATS_URL".to_owned(),
+                "nats://a:1, nats://b:2".to_owned(),
+            ),
+            ("TASKPODS_SANDBOX".to_owned(), "none".to_owned()),
+            ("TASKPODS_MAX_PROCS".to_owned(), "32".to_owned()),
+        ]);
+        let config = Config::from_env(|n| env.get(n).cloned()).expect("valid");
+        assert_eq!(config.task, task);
+        assert_eq!(config.nats_urls, ["nats://a:1", "nats://b:2"]);
+        assert_eq!(config.sandbox, Sandbox::None);
+        assert_eq!(config.limits.max_procs, 32);
+        assert_eq!(config.chunk_bytes, 64 << 10);
+        assert_eq!(config.names.prefix(), "taskpods");
+        let missing = Config::from_env(|_| None).expect_err("task id required");
+        assert!(missing.0.contains("TASKPODS_TASK_ID"));
+        let bad = Config::from_env(|n| match n {
+            "TASKPODS_TASK_ID" => Some(task.to_string()),
+            "TASKPODS_SANDBOX" => Some("docker".into()),
+            _ => None,
+        })
+        .expect_err("bad sandbox");
+        assert!(bad.0.contains("use bwrap or none"));
+    }
+
+    #[test]
+    fn env_files_are_name_value_lines() {
+        let vars =
+            parse_env_file("# comment\n\nTASKPODS_TASK_ID = x\nTASKPODS_NATS_URL=nats://h:4222\n")
+                .expect("valid");
+        assert_eq!(vars["TASKPODS_TASK_ID"], "x");
+        assert_eq!(vars["TASKPODS_NATS_URL"], "nats://h:4222");
+        assert_eq!(parse_env_file("A=1\nnonsense\n"), Err(2));
+        assert!(env_file(Some("/nonexistent/agent.env".into())).is_err());
+    }
+}

@@ -1,0 +1,197 @@
+//! Running one task: hello, the code in its sandbox, output and progress streaming, heartbeats, and the
+//! result report.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use taskpods_events::codec;
+use taskpods_events::{AgentReport, Instructions, TaskOutcome};
+use tokio::sync::mpsc;
+
+use crate::output::{self, OutputStats, Progress};
+use crate::protocol::{
+    connect, hello, progress_msg_id, publish_acked, publish_result, report_headers, until,
+};
+use crate::sandbox;
+use crate::{AgentError, Config};
+
+/// Runs the whole task: hello, code, output, heartbeats, result. Returns the outcome it reported.
+pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
+    let client = connect(&config).await?;
+    let instructions = hello(&client, &config).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let task = config.task;
+
+    // Heartbeats (core NATS: cheap, and a lost one is harmless).
+    let heartbeat = {
+        let client = client.clone();
+        let subject = config.names.agent_heartbeat(task);
+        let every = Duration::from_millis(instructions.heartbeat_interval_ms.max(50));
+        let payload: bytes::Bytes = codec::to_msgpack(&AgentReport::Heartbeat)
+            .unwrap_or_default()
+            .into();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let _ = client.publish(subject.clone(), payload.clone()).await;
+                let _ = client.flush().await;
+            }
+        })
+    };
+
+    // Progress: latest wins while a report is in flight; ordered, deduplicated by msg id.
+    let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(64);
+    let progress_task = {
+        let js = js.clone();
+        let subject = config.names.agent_report(task, "progress");
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(mut p) = progress_rx.recv().await {
+                while let Ok(newer) = progress_rx.try_recv() {
+                    p = newer;
+                }
+                let report = AgentReport::Progress {
+                    message: p.message,
+                    percent: p.percent,
+                };
+                let Ok(payload) = codec::to_msgpack(&report) else {
+                    continue;
+                };
+                let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+                let headers = report_headers(&progress_msg_id(task, n), "progress");
+                if let Err(e) =
+                    publish_acked(&js, subject.clone(), headers, payload.into(), give_up).await
+                {
+                    eprintln!("taskpods-agent: progress report lost: {e}");
+                }
+                n += 1;
+                // At most a few reports a second reach the event log.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    let started = tokio::time::Instant::now();
+    let code = sandbox::Code::from_instructions(&instructions, &config);
+    let (exit_code, stats, result_doc) =
+        match run_code(&config, &instructions, code, &js, progress_tx).await {
+            Ok(done) => done,
+            Err(e) => {
+                heartbeat.abort();
+                // Report the failure as a result so the task ends now rather than at its deadline.
+                let outcome = TaskOutcome {
+                    exit_code: 127,
+                    duration_ms: 0,
+                    ..TaskOutcome::default()
+                };
+                let _ = publish_result(&js, &config, &outcome).await;
+                return Err(e);
+            }
+        };
+    let _ = progress_task.await;
+
+    let outcome = TaskOutcome {
+        exit_code,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        stdout_bytes: stats.stdout_bytes,
+        stderr_bytes: stats.stderr_bytes,
+        output_truncated: stats.dropped_bytes > 0,
+        result: result_doc,
+        output_tail: (!stats.tail.is_empty())
+            .then(|| String::from_utf8_lossy(&stats.tail).into_owned()),
+    };
+    let reported = publish_result(&js, &config, &outcome).await;
+    heartbeat.abort();
+    client.flush().await.ok();
+    reported.map(|()| outcome)
+}
+
+/// Runs the code and streams its output; returns exit code, output counters and the result document.
+async fn run_code(
+    config: &Config,
+    instructions: &Instructions,
+    code: sandbox::Code,
+    js: &async_nats::jetstream::Context,
+    progress: mpsc::Sender<Progress>,
+) -> Result<(i32, OutputStats, Option<serde_json::Value>), AgentError> {
+    let mut writer = output::Writer::new(
+        js.clone(),
+        config.names.log(config.task),
+        config.task,
+        config.chunk_bytes,
+        config.flush_interval,
+        instructions.output_cap_bytes,
+    );
+    let mut running = match sandbox::spawn(config, instructions, &code) {
+        Ok(running) => running,
+        Err(e) => {
+            // Say so where the task's owner looks: in its output.
+            let text = format!("taskpods-agent: cannot start the code: {e}\n");
+            writer.push(output::Kind::Stderr, text.as_bytes()).await;
+            let _ = writer.finish().await;
+            return Err(AgentError::Spawn(e.to_string()));
+        }
+    };
+    let pump = output::pump(
+        writer,
+        running.stdout.take(),
+        running.stderr.take(),
+        progress,
+    );
+    let pump = tokio::spawn(pump);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let hard_stop = until(instructions.deadline) + config.kill_grace;
+    let status = tokio::select! {
+        status = running.child.wait() => status.ok(),
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+            eprintln!("taskpods-agent: SIGTERM: stopping the code");
+            running.terminate(config.term_grace).await
+        }
+        () = tokio::time::sleep(hard_stop) => {
+            eprintln!("taskpods-agent: past the deadline: killing the code");
+            running.kill();
+            running.child.wait().await.ok()
+        }
+    };
+    // Background processes outside a pid namespace could hold the pipes open: end the group.
+    running.kill();
+    let exit_code = status.map_or(137, sandbox::exit_code);
+    let stats = match tokio::time::timeout(Duration::from_secs(30), pump).await {
+        Ok(Ok(Ok(stats))) => stats,
+        Ok(Ok(Err(e))) => {
+            eprintln!("taskpods-agent: output incomplete: {e}");
+            OutputStats::default()
+        }
+        _ => {
+            eprintln!("taskpods-agent: output did not finish in time");
+            OutputStats::default()
+        }
+    };
+    let result = running.result_document().await;
+    Ok((exit_code, stats, result))
+}
+
+/// The environment the user's code sees: the task's env plus a few taskpods variables, never the NATS
+/// URL or credentials.
+pub fn code_env(config: &Config, instructions: &Instructions) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        (
+            "PATH".to_owned(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        ),
+        ("HOME".to_owned(), "/tmp".to_owned()),
+        ("TMPDIR".to_owned(), "/tmp".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ("TASKPODS_TASK_ID".to_owned(), config.task.to_string()),
+        (
+            "TASKPODS_DEADLINE".to_owned(),
+            instructions.deadline.to_rfc3339(),
+        ),
+    ]);
+    for (k, v) in &instructions.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env
+}
