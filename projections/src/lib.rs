@@ -12,10 +12,12 @@
 //! - [`projector`]: the durable consumer loop, its lag, and `wait_for_sequence`.
 //! - [`rebuild`]: fold the whole stream into a fresh generation and switch readers; `verify`.
 //! - [`replay`]: a task's timeline, its state at a point, oddities; failed tasks since a time.
-//! - [`generate`]: random valid task histories and a pipelined publisher, for tests and benchmarks.
+//! - `generate` (feature `test-util`): random valid task histories and a pipelined publisher, for tests
+//!   and benchmarks; not part of the library's normal build.
 
 pub mod apply;
 pub mod buckets;
+#[cfg(any(test, feature = "test-util"))]
 pub mod generate;
 pub mod log;
 pub mod projector;
