@@ -24,6 +24,6 @@ pub use command::{
 };
 pub use event::{Event, EventBody, FailureReason};
 pub use ids::TaskId;
-pub use machine::{Input, Refusal, Task, TaskState, decide, evolve, stamp};
+pub use machine::{Input, MAX_PROGRESS_EVENTS, Refusal, Task, TaskState, decide, evolve, stamp};
 pub use policy::{LaunchPolicy, Problem};
 pub use subject::{Addressed, Names, SubjectError};

@@ -103,7 +103,14 @@ pub struct Task {
     pub finished_at: Option<DateTime<Utc>>,
     /// Whether the Job and pod are known to be gone.
     pub reaped: bool,
+    /// How many `Progress` events the task has recorded (capped at [`MAX_PROGRESS_EVENTS`]).
+    pub progress: u64,
 }
+
+/// The most `Progress` events one task records. The last one recorded says the cap was reached; later
+/// reports are refused ([`Refusal::LimitReached`]), so one chatty or hostile task cannot grow its history
+/// (and the cost of every replay of it) without bound.
+pub const MAX_PROGRESS_EVENTS: u64 = 1000;
 
 impl Task {
     /// Folds a whole history from scratch.
@@ -202,6 +209,9 @@ pub enum Refusal {
     /// A timer fired before its time (clock skew, or a timer from an older deadline).
     #[error("the deadline has not passed yet")]
     NotYet,
+    /// The task already recorded as many of these as one task may (e.g. progress reports).
+    #[error("the task reached its limit of {0}")]
+    LimitReached(&'static str),
 }
 
 /// Judges `input` against `task`: the events to append (in order), or why there are none.
@@ -282,6 +292,18 @@ pub fn decide(task: &Task, input: &Input) -> Result<Vec<EventBody>, Refusal> {
         },
 
         Input::AgentProgress { message, percent } => match state {
+            S::Running | S::Cancelling if task.progress >= MAX_PROGRESS_EVENTS => {
+                return Err(Refusal::LimitReached("progress reports"));
+            }
+            // The last one the cap allows says so, so the timeline shows why progress stopped.
+            S::Running | S::Cancelling if task.progress + 1 == MAX_PROGRESS_EVENTS => {
+                vec![E::Progress {
+                    message: format!(
+                        "progress limit reached: {MAX_PROGRESS_EVENTS} reports recorded, later ones are not"
+                    ),
+                    percent: *percent,
+                }]
+            }
             S::Running | S::Cancelling => vec![E::Progress {
                 message: message.clone(),
                 percent: *percent,
@@ -431,7 +453,8 @@ pub fn evolve(mut task: Task, event: &Event) -> Task {
             task.pod = Some(pod.clone());
         }
         E::Running => task.state = S::Running,
-        E::Progress { .. } | E::Reaped | E::Unknown => {}
+        E::Progress { .. } => task.progress += 1,
+        E::Reaped | E::Unknown => {}
         E::CancelRequested { .. } => task.state = S::Cancelling,
         E::Succeeded { .. } => task.state = S::Succeeded,
         E::Failed { reason, .. } => task.state = S::Failed { reason: *reason },
