@@ -7,18 +7,26 @@
 //! different tasks proceed in parallel, bounded by the consumer's max ack pending and the shard queues.
 //! A command that cannot be read is acked, kept in the dead-letter stream with its reason, and counted;
 //! a launch that can be tied to a task id is also recorded as `Rejected`, so its caller learns why.
+//!
+//! Hostile input never stops the intake: every header value and log line built from input is escaped
+//! and bounded ([`escape_bounded`]); a panic while handling one message is caught, the message
+//! dead-lettered (`panicked`) and the worker carries on (a worker that dies anyway is respawned); a
+//! message delivered `max_deliver` times without being handled is dead-lettered (`exhausted`) instead of
+//! being redelivered forever. Agent progress reports are capped in size and rate per task here, and in
+//! count per task by the state machine.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
+use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
 use taskpods_events::{
@@ -26,8 +34,9 @@ use taskpods_events::{
     LaunchPolicy, LaunchTask, Names, Problem, Refusal, TaskId,
 };
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::store::{EventStore, ExecuteError, LoadedTask, StoreErrorKind};
 
@@ -35,6 +44,8 @@ use crate::store::{EventStore, ExecuteError, LoadedTask, StoreErrorKind};
 pub const HEADER_DEAD_REASON: &str = "Taskpods-Dead-Reason";
 /// Header on a dead letter: where the command was published.
 pub const HEADER_ORIGINAL_SUBJECT: &str = "Taskpods-Original-Subject";
+/// The longest header value (and log field) the intake builds from input, in bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 1024;
 
 /// Intake settings.
 #[derive(Debug, Clone)]
@@ -55,6 +66,15 @@ pub struct IntakeConfig {
     pub policy: LaunchPolicy,
     /// Tasks whose latest state each worker keeps in memory, to skip a load per command.
     pub cache_per_worker: usize,
+    /// Deliveries of one command at most; a command still not handled at the last one (transient
+    /// failures, or a crash while handling it) is dead-lettered as `exhausted`, never redelivered forever.
+    pub max_deliver: i64,
+    /// The longest progress message recorded, in bytes; longer ones are cut and marked.
+    pub max_progress_bytes: usize,
+    /// Progress reports one task may send per second, on average; faster ones are dropped (counted).
+    pub progress_per_second: f64,
+    /// Progress reports one task may send in a burst above the average rate.
+    pub progress_burst: u32,
 }
 
 impl Default for IntakeConfig {
@@ -68,6 +88,10 @@ impl Default for IntakeConfig {
             max_payload_bytes: 1 << 20,
             policy: LaunchPolicy::default(),
             cache_per_worker: 4096,
+            max_deliver: 5,
+            max_progress_bytes: 1024,
+            progress_per_second: 10.0,
+            progress_burst: 50,
         }
     }
 }
@@ -93,6 +117,16 @@ pub struct IntakeStats {
     pub dead_lettered: AtomicU64,
     /// Transient failures (the command was left for redelivery).
     pub retried: AtomicU64,
+    /// Commands whose handling panicked (dead-lettered as `panicked`; the worker carried on).
+    pub panicked: AtomicU64,
+    /// Commands dead-lettered after `max_deliver` deliveries (`exhausted`).
+    pub exhausted: AtomicU64,
+    /// Progress reports dropped for exceeding their task's rate.
+    pub progress_rate_limited: AtomicU64,
+    /// Progress reports cut to the size cap.
+    pub progress_truncated: AtomicU64,
+    /// Progress reports refused because their task reached the per-task count cap.
+    pub progress_over_count: AtomicU64,
 }
 
 /// Everything a worker needs.
@@ -124,6 +158,7 @@ pub async fn run(
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
                 max_ack_pending: i64::try_from(config.max_in_flight).unwrap_or(i64::MAX),
+                max_deliver: config.max_deliver.max(2),
                 ..Default::default()
             },
         )
@@ -146,9 +181,9 @@ pub async fn run(
     let mut queues = Vec::with_capacity(workers);
     let mut handles = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (tx, rx) = mpsc::channel::<Routed>(64);
+        let (tx, handle) = spawn_worker(&shared);
         queues.push(tx);
-        handles.push(tokio::spawn(worker(shared.clone(), rx)));
+        handles.push(handle);
     }
     info!(
         workers,
@@ -173,8 +208,16 @@ pub async fn run(
         };
         let routed = route(&shared, message);
         let shard = routed.shard(workers);
-        if queues[shard].send(routed).await.is_err() {
-            break;
+        if let Err(mpsc::error::SendError(routed)) = queues[shard].send(routed).await {
+            // The worker is gone (it can only end by panicking outside the per-message guard): start a
+            // new one for its shard, so one bad message never stops the intake.
+            error!(shard, "intake worker died; restarting it");
+            let (tx, handle) = spawn_worker(&shared);
+            queues[shard] = tx;
+            handles[shard] = handle;
+            if queues[shard].send(routed).await.is_err() {
+                break;
+            }
         }
     }
     drop(queues);
@@ -183,6 +226,11 @@ pub async fn run(
     }
     info!("intake stopped");
     Ok(())
+}
+
+fn spawn_worker(shared: &Arc<Shared>) -> (mpsc::Sender<Routed>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<Routed>(64);
+    (tx, tokio::spawn(worker(shared.clone(), rx)))
 }
 
 /// A command with what routing learned about it.
@@ -246,26 +294,45 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 
 /// Works out what a message is and which task it is for, without touching the network.
 fn route(shared: &Shared, message: jetstream::Message) -> Routed {
-    let kind = classify(shared, &message);
+    let classified = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        classify(
+            &shared.names,
+            &shared.config,
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            &message.payload,
+        )
+    }));
+    let kind = classified.unwrap_or_else(|panic| {
+        shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
+        Err(DeadLetter {
+            reason: "panicked",
+            detail: format!("reading the command panicked: {}", panic_text(&*panic)),
+        })
+    });
     Routed { message, kind }
 }
 
-fn classify(shared: &Shared, message: &jetstream::Message) -> Result<Command, DeadLetter> {
+/// Works out what a command is and which task it is for, from its subject, headers and payload alone.
+fn classify(
+    names: &Names,
+    config: &IntakeConfig,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<Command, DeadLetter> {
     let dead = |reason, detail: String| DeadLetter { reason, detail };
-    let addressed = shared
-        .names
-        .parse(message.subject.as_str())
+    let addressed = names
+        .parse(subject)
         .map_err(|e| dead("bad_subject", e.to_string()))?;
-    let headers = message.headers.as_ref();
     let encoding = Encoding::from_content_type(header(headers, HEADER_CONTENT_TYPE))
         .map_err(|e| dead("content_type", e.to_string()))?;
-    let payload = &message.payload;
-    if payload.len() > shared.config.max_payload_bytes {
+    if payload.len() > config.max_payload_bytes {
         return Err(dead(
             "too_large",
             CodecError::TooLarge {
                 size: payload.len(),
-                max: shared.config.max_payload_bytes,
+                max: config.max_payload_bytes,
             }
             .to_string(),
         ));
@@ -346,13 +413,45 @@ fn launch_identity(payload: &[u8], encoding: Encoding) -> Option<TaskId> {
 }
 
 async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
-    let mut cache: HashMap<TaskId, LoadedTask> = HashMap::new();
+    let mut local = WorkerState::default();
     while let Some(routed) = queue.recv().await {
         let Routed { message, kind } = routed;
-        let disposition = match kind {
-            Ok(command) => apply(&shared, &mut cache, command, &message).await,
-            Err(dead) => dead_letter(&shared, &message, dead).await,
+        let delivered = message.info().map_or(1, |info| info.delivered);
+        let handled = AssertUnwindSafe(handle(&shared, &mut local, kind, &message))
+            .catch_unwind()
+            .await;
+        let mut disposition = match handled {
+            Ok(disposition) => disposition,
+            Err(panic) => {
+                // What the worker held may be half-updated: forget it, keep the message for operators.
+                local = WorkerState::default();
+                shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
+                let detail = format!("handling the command panicked: {}", panic_text(&*panic));
+                error!(subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), detail = %escape_bounded(&detail, MAX_HEADER_VALUE_BYTES), "intake worker caught a panic");
+                let dead = DeadLetter {
+                    reason: "panicked",
+                    detail,
+                };
+                AssertUnwindSafe(dead_letter(&shared, &message, dead))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or(Disposition::Retry)
+            }
         };
+        if matches!(disposition, Disposition::Retry) && delivered >= shared.config.max_deliver {
+            // The server will not deliver it again: keep it with the reason rather than strand it.
+            shared.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+            let dead = DeadLetter {
+                reason: "exhausted",
+                detail: format!(
+                    "not handled after {delivered} deliveries (transient failures); kept here instead of retried forever"
+                ),
+            };
+            disposition = AssertUnwindSafe(dead_letter(&shared, &message, dead))
+                .catch_unwind()
+                .await
+                .unwrap_or(Disposition::Retry);
+        }
         let ack = match disposition {
             Disposition::Done => AckKind::Ack,
             Disposition::Retry => {
@@ -362,9 +461,103 @@ async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
         };
         if let Err(e) = message.ack_with(ack).await {
             // The command will be redelivered; applying it again is a no-op.
-            warn!(error = %e, subject = %message.subject, "ack failed");
+            warn!(error = %e, subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), "ack failed");
         }
     }
+}
+
+/// What one worker keeps between commands (its tasks only: a task always maps to the same worker).
+#[derive(Debug, Default)]
+struct WorkerState {
+    /// Tasks' latest state, to skip a load per command.
+    cache: HashMap<TaskId, LoadedTask>,
+    /// Each task's progress allowance.
+    progress: HashMap<TaskId, ProgressBucket>,
+}
+
+/// A token bucket: `tokens` reports may be sent now; it refills at the configured rate.
+#[derive(Debug, Clone, Copy)]
+struct ProgressBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl WorkerState {
+    /// Takes one progress token for `task`; false when the task is over its rate.
+    fn allow_progress(&mut self, task: TaskId, config: &IntakeConfig) -> bool {
+        let now = Instant::now();
+        let burst = f64::from(config.progress_burst.max(1));
+        if self.progress.len() >= config.cache_per_worker.max(1)
+            && !self.progress.contains_key(&task)
+        {
+            // Bounded like the cache; a forgotten bucket starts full again, which only forgives.
+            self.progress.clear();
+        }
+        let bucket = self.progress.entry(task).or_insert(ProgressBucket {
+            tokens: burst,
+            at: now,
+        });
+        let refill =
+            now.duration_since(bucket.at).as_secs_f64() * config.progress_per_second.max(0.0);
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Applies a classified command or dead-letters an unreadable one.
+async fn handle(
+    shared: &Shared,
+    local: &mut WorkerState,
+    kind: Result<Command, DeadLetter>,
+    message: &jetstream::Message,
+) -> Disposition {
+    match kind {
+        Ok(command) => apply(shared, local, command, message).await,
+        Err(dead) => dead_letter(shared, message, dead).await,
+    }
+}
+
+/// The text of a caught panic's payload.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// `text` safe to put in a header value or a log line: control characters (CR, LF, NUL, escape, ...)
+/// and Unicode line separators written as escapes, cut to at most `max` bytes (marked with `…`).
+pub fn escape_bounded(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let piece: String = if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > max.saturating_sub('…'.len_utf8()) {
+            out.push('…');
+            return out;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
+/// A header value built from input: escaped and bounded, so it can never fail (or panic) to encode.
+pub fn header_value(text: &str) -> HeaderValue {
+    escape_bounded(text, MAX_HEADER_VALUE_BYTES)
+        .parse()
+        .unwrap_or_default()
 }
 
 enum Disposition {
@@ -376,7 +569,7 @@ enum Disposition {
 
 async fn apply(
     shared: &Shared,
-    cache: &mut HashMap<TaskId, LoadedTask>,
+    local: &mut WorkerState,
     command: Command,
     message: &jetstream::Message,
 ) -> Disposition {
@@ -391,7 +584,8 @@ async fn apply(
             let spec = match *launch {
                 Ok(launch) => launch.validate(&shared.config.policy),
                 Err(e) => Err(vec![decode_problem(&e)]),
-            };
+            }
+            .map_err(bounded_problems);
             (task, encoding, Input::Launch { spec, at: now }, true)
         }
         Command::Cancel {
@@ -410,12 +604,36 @@ async fn apply(
         } => {
             let input = match report {
                 Ok(AgentReport::Progress { message, percent }) => {
+                    if !local.allow_progress(task, &shared.config) {
+                        shared
+                            .stats
+                            .progress_rate_limited
+                            .fetch_add(1, Ordering::Relaxed);
+                        debug!(%task, "progress report over the task's rate: dropped");
+                        return Disposition::Done;
+                    }
+                    let message = match cut_progress(&message, shared.config.max_progress_bytes) {
+                        Some(cut) => {
+                            shared
+                                .stats
+                                .progress_truncated
+                                .fetch_add(1, Ordering::Relaxed);
+                            cut
+                        }
+                        None => message,
+                    };
                     Input::AgentProgress { message, percent }
                 }
                 Ok(AgentReport::Result(outcome)) => Input::AgentResult(outcome),
                 Ok(other) => {
-                    debug!(%task, ?other, "agent report kind not handled by intake");
-                    return Disposition::Done;
+                    let dead = DeadLetter {
+                        reason: "bad_report",
+                        detail: format!(
+                            "{} reports are not commands: agents send them to the gateway subjects",
+                            report_name(&other)
+                        ),
+                    };
+                    return dead_letter(shared, message, dead).await;
                 }
                 Err(e) => return dead_letter(shared, message, undecodable(&e)).await,
             };
@@ -426,6 +644,7 @@ async fn apply(
 
     // A launch is almost always for a new task: append with expected sequence 0 straight away and let a
     // conflict (the task exists) trigger the load. Saves a round trip on the hot path.
+    let cache = &mut local.cache;
     let cached = cache
         .get(&task)
         .cloned()
@@ -474,6 +693,12 @@ async fn apply(
                 shared.config.cache_per_worker,
             );
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            if matches!(refusal, Refusal::LimitReached(_)) {
+                shared
+                    .stats
+                    .progress_over_count
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             match (refusal, is_launch) {
                 // A repeated launch is answered with the task it names: that is the idempotency promise.
                 (Refusal::AlreadyExists, true) => CommandReply::Applied {
@@ -516,6 +741,57 @@ fn remember(cache: &mut HashMap<TaskId, LoadedTask>, task: TaskId, loaded: Loade
     cache.insert(task, loaded);
 }
 
+/// Problems recorded on a `Rejected` event at most; the rest are counted in one last problem.
+pub const MAX_PROBLEMS: usize = 32;
+/// The longest problem field path or message recorded, in bytes.
+pub const MAX_PROBLEM_TEXT_BYTES: usize = 512;
+
+/// `problems` cut to [`MAX_PROBLEMS`] entries of bounded, escaped text: problems quote input, and a
+/// rejection must stay far below the stream's largest message however large the launch was.
+pub fn bounded_problems(problems: Vec<Problem>) -> Vec<Problem> {
+    let total = problems.len();
+    let mut kept: Vec<Problem> = problems
+        .into_iter()
+        .take(MAX_PROBLEMS)
+        .map(|p| Problem {
+            field: escape_bounded(&p.field, MAX_PROBLEM_TEXT_BYTES),
+            message: escape_bounded(&p.message, MAX_PROBLEM_TEXT_BYTES),
+        })
+        .collect();
+    if total > MAX_PROBLEMS {
+        kept.push(Problem {
+            field: ".".to_owned(),
+            message: format!(
+                "{} more problems not listed; fix these and send again",
+                total - MAX_PROBLEMS
+            ),
+        });
+    }
+    kept
+}
+
+fn report_name(report: &AgentReport) -> &'static str {
+    match report {
+        AgentReport::Hello { .. } => "hello",
+        AgentReport::Progress { .. } => "progress",
+        AgentReport::Heartbeat => "heartbeat",
+        AgentReport::Result(_) => "result",
+    }
+}
+
+/// `message` cut to at most `max` bytes with a marker saying how long it was; `None` when it fits.
+fn cut_progress(message: &str, max: usize) -> Option<String> {
+    if message.len() <= max {
+        return None;
+    }
+    let marker = format!("… [cut: {} bytes]", message.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(format!("{}{marker}", &message[..end]))
+}
+
 fn undecodable(error: &CodecError) -> DeadLetter {
     DeadLetter {
         reason: "undecodable",
@@ -541,11 +817,17 @@ async fn dead_letter(
     message: &jetstream::Message,
     dead: DeadLetter,
 ) -> Disposition {
-    warn!(subject = %message.subject, reason = dead.reason, detail = %dead.detail, "dead-lettering command");
+    // Subject and detail quote input: escaped, so a log line is one line and a header cannot break.
+    warn!(
+        subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES),
+        reason = dead.reason,
+        detail = %escape_bounded(&dead.detail, MAX_HEADER_VALUE_BYTES),
+        "dead-lettering command"
+    );
     let original = message.headers.as_ref();
     let mut headers = original.cloned().unwrap_or_default();
-    headers.insert(HEADER_DEAD_REASON, dead.detail.as_str());
-    headers.insert(HEADER_ORIGINAL_SUBJECT, message.subject.as_str());
+    headers.insert(HEADER_DEAD_REASON, header_value(&dead.detail));
+    headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(&message.subject));
     // The original Nats-Msg-Id makes a redelivered dead letter a duplicate, not a second record.
     let subject = shared.names.dead_letter(dead.reason);
     let stored = async {
@@ -563,13 +845,8 @@ async fn dead_letter(
     let encoding = Encoding::from_content_type(header(original, HEADER_CONTENT_TYPE))
         .unwrap_or(Encoding::Json);
     let reply_to = header(original, HEADER_REPLY_TO).map(str::to_owned);
-    send_reply(
-        shared,
-        reply_to,
-        encoding,
-        &CommandReply::Invalid { error: dead.detail },
-    )
-    .await;
+    let error = escape_bounded(&dead.detail, MAX_HEADER_VALUE_BYTES);
+    send_reply(shared, reply_to, encoding, &CommandReply::Invalid { error }).await;
     Disposition::Done
 }
 

@@ -37,6 +37,9 @@ impl Encoding {
         let Some(value) = value else {
             return Ok(Self::Msgpack);
         };
+        if value.contains(char::is_control) {
+            return Err(CodecError::UnsupportedContentType(value.to_owned()));
+        }
         let media = value.split(';').next().unwrap_or("").trim();
         match media.to_ascii_lowercase().as_str() {
             "" | "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
