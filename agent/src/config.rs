@@ -57,6 +57,8 @@ pub struct Config {
     pub nats_urls: Vec<String>,
     /// Credentials file, if any.
     pub nats_creds: Option<std::path::PathBuf>,
+    /// The credentials themselves, once read ([`Config::read_credentials`]).
+    pub nats_credentials: Option<Secret>,
     /// Subject names.
     pub names: Names,
     /// Stop asking for instructions after this.
@@ -75,6 +77,16 @@ pub struct Config {
     pub kill_grace: Duration,
     /// How long the code gets between the forwarded SIGTERM and SIGKILL.
     pub term_grace: Duration,
+}
+
+/// A secret text (NATS credentials) that `Debug` never shows.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// A configuration problem.
@@ -143,6 +155,7 @@ impl Config {
             task,
             nats_urls,
             nats_creds: var("TASKPODS_NATS_CREDS").map(Into::into),
+            nats_credentials: None,
             names,
             deadline,
             sandbox,
@@ -157,6 +170,30 @@ impl Config {
             kill_grace: Duration::from_millis(num("TASKPODS_KILL_GRACE_MS", 5000)?),
             term_grace: Duration::from_millis(num("TASKPODS_TERM_GRACE_MS", 2000)?),
         })
+    }
+}
+
+impl Config {
+    /// Reads the credentials `nats_creds` names, once: from standard input for `-` (the local
+    /// backend's pipe, which nothing else can read afterwards), else from the file.
+    pub fn read_credentials(mut self) -> Result<Self, ConfigError> {
+        let Some(path) = &self.nats_creds else {
+            return Ok(self);
+        };
+        let text = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| ConfigError(format!("TASKPODS_NATS_CREDS: standard input: {e}")))?;
+            text
+        } else {
+            std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("TASKPODS_NATS_CREDS: {}: {e}", path.display())))?
+        };
+        if text.trim().is_empty() {
+            return Err(ConfigError("TASKPODS_NATS_CREDS: the credentials are empty".into()));
+        }
+        self.nats_credentials = Some(Secret(text));
+        Ok(self)
     }
 }
 

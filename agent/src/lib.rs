@@ -18,7 +18,7 @@
 //! |---|---|---|
 //! | `TASKPODS_TASK_ID` | required | the task |
 //! | `TASKPODS_NATS_URL` | `nats://127.0.0.1:4222` | NATS server URL(s), comma-separated |
-//! | `TASKPODS_NATS_CREDS` | none | a NATS credentials file (scoped to the task's subjects) |
+//! | `TASKPODS_NATS_CREDS` | none | a NATS credentials file (the task's own identity); `-`: read once from standard input (the local backend) |
 //! | `TASKPODS_PREFIX` | `taskpods` | subject prefix |
 //! | `TASKPODS_DEADLINE` | now + 30 min | RFC 3339; the agent stops asking for instructions after it |
 //! | `TASKPODS_SANDBOX` | `bwrap` | `bwrap` (local backend) or `none` (the pod is the sandbox) |
@@ -61,7 +61,7 @@ pub fn main() -> std::process::ExitCode {
         }
     };
     let lookup = |name: &str| std::env::var(name).ok().or_else(|| file.get(name).cloned());
-    let config = match Config::from_env(lookup) {
+    let config = match Config::from_env(lookup).and_then(Config::read_credentials) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("taskpods-agent: configuration: {e}");

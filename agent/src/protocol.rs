@@ -20,12 +20,12 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, AgentError> 
     loop {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("taskpods-agent {}", config.task))
+            .custom_inbox_prefix(taskpods_events::subject::task_inbox_prefix(config.task))
             .retry_on_initial_connect();
-        if let Some(creds) = &config.nats_creds {
+        if let Some(crate::config::Secret(creds)) = &config.nats_credentials {
             options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|e| AgentError::Connect(format!("credentials {creds:?}: {e}")))?;
+                .credentials(creds)
+                .map_err(|e| AgentError::Connect(format!("credentials: {e}")))?;
         }
         let addrs: Vec<async_nats::ServerAddr> = config
             .nats_urls

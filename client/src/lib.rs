@@ -152,6 +152,9 @@ impl Default for ClientConfig {
     }
 }
 
+/// The environment variable naming a NATS credentials file for [`Client::connect`].
+pub const CREDS_ENV: &str = "TASKPODS_CREDS";
+
 /// A connection to a taskpods installation.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -161,9 +164,26 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `url` with the default configuration.
+    /// Connects to `url` with the default configuration, with the credentials file named by
+    /// `TASKPODS_CREDS` when it is set (as the `nats` CLI reads `NATS_CREDS`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let nats = async_nats::connect(url).await.map_err(unreachable)?;
+        let creds = std::env::var_os(CREDS_ENV).map(std::path::PathBuf::from);
+        Self::connect_with_credentials(url, creds.as_deref()).await
+    }
+
+    /// Connects to `url` with the default configuration and, when given, a NATS credentials file (a
+    /// Brain's identity: see `taskpods auth init`).
+    pub async fn connect_with_credentials(
+        url: &str,
+        creds: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(creds) = creds {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                ClientError::Unreachable(format!("credentials {}: {e}", creds.display()))
+            })?;
+        }
+        let nats = options.connect(url).await.map_err(unreachable)?;
         Ok(Self::new(nats, ClientConfig::default()))
     }
 

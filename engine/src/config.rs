@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::credentials::AuthConfig;
 use crate::executor::{BackendConfig, ExecutorConfig};
 use crate::gateway::GatewayConfig;
 use crate::intake::IntakeConfig;
@@ -14,6 +15,9 @@ use crate::topology::TopologyConfig;
 pub struct EngineConfig {
     /// NATS server URLs (comma-separated in the CLI).
     pub nats_urls: Vec<String>,
+    /// The engine's NATS credentials file (`engine.creds` from `taskpods auth init`); none on a server
+    /// without authorization.
+    pub nats_creds: Option<std::path::PathBuf>,
     /// How long to keep trying to reach NATS at start-up before giving up.
     pub connect_timeout: Duration,
     /// Streams, buckets and the subject prefix.
@@ -28,12 +32,15 @@ pub struct EngineConfig {
     pub backend: BackendConfig,
     /// Deadline and startup timers.
     pub timers: TimersConfig,
+    /// Per-task NATS identities (the task signer) and their limits.
+    pub auth: AuthConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             nats_urls: vec!["nats://127.0.0.1:4222".to_owned()],
+            nats_creds: None,
             connect_timeout: Duration::from_secs(30),
             topology: TopologyConfig::default(),
             intake: IntakeConfig::default(),
@@ -41,6 +48,7 @@ impl Default for EngineConfig {
             executor: ExecutorConfig::default(),
             backend: BackendConfig::default(),
             timers: TimersConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

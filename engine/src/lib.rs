@@ -2,6 +2,7 @@
 //!
 //! - [`cli`]: the operator's commands, one module per group.
 //! - [`config`]: the engine's configuration, with embedded defaults.
+//! - [`credentials`]: per-task NATS identities, minted with the account signing key.
 //! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events; the
 //!   Kubernetes backend (`executor/kubernetes/`) brings its Job builder, watcher and reconciler (which heals
 //!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
@@ -16,6 +17,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod executor;
 pub mod gateway;
 pub mod intake;

@@ -22,6 +22,10 @@ struct Cli {
         global = true
     )]
     nats_url: String,
+    /// NATS credentials file (from `taskpods auth init`: `engine.creds` for `serve`, `brain.creds` or
+    /// `operator.creds` for the other commands), as the `nats` CLI's `--creds`.
+    #[arg(long, env = "TASKPODS_CREDS", global = true)]
+    creds: Option<std::path::PathBuf>,
     /// Subject prefix (streams and buckets are named after it).
     #[arg(
         long,
@@ -52,6 +56,8 @@ enum Command {
     Replay(cli::replay::ReplayArgs),
     /// Rebuild, verify or inspect the KV views.
     Projections(cli::projections::ProjectionsArgs),
+    /// Generate NATS identities and the nats-server authorization config (`auth init DIR`).
+    Auth(cli::auth::AuthArgs),
     /// Print the Kubernetes Job the engine would create for a launch (YAML).
     RenderJob(cli::render::RenderArgs),
 }
@@ -79,6 +85,7 @@ async fn main() -> ExitCode {
             .split(',')
             .map(|s| s.trim().to_owned())
             .collect(),
+        creds: cli.creds,
         names,
     };
     match cli.command {
@@ -91,5 +98,6 @@ async fn main() -> ExitCode {
         Command::Replay(args) => cli::replay::run(global, args).await,
         Command::Projections(args) => cli::projections::run(global, args).await,
         Command::RenderJob(args) => cli::render::run(global, args),
+        Command::Auth(args) => cli::auth::run(&global, args),
     }
 }

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EngineConfig;
+use crate::credentials::TaskCredentials;
 use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
 use crate::executor::kubernetes::{KubernetesBackend, KubernetesConfig, watcher};
 use crate::executor::{self, BackendConfig, ExecutorConfig, local::LocalBackend};
@@ -34,6 +35,24 @@ pub enum ServerError {
         /// The last error.
         source: async_nats::ConnectError,
     },
+    /// The credentials file could not be read.
+    #[error("cannot read the NATS credentials {path}")]
+    Credentials {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The task signer could not be loaded.
+    #[error(transparent)]
+    Signer(#[from] taskpods_auth::SignerError),
+    /// The engine authenticates but cannot mint identities for agents, which then could not connect.
+    #[error(
+        "the engine connects with credentials but has no task signer: agents could not connect \
+         (pass --task-signer, the task-signer.nk from `taskpods auth init`)"
+    )]
+    NoTaskSigner,
     /// A URL is not a NATS URL.
     #[error("invalid NATS URL {0:?}")]
     BadUrl(String),
@@ -45,9 +64,19 @@ pub enum ServerError {
     Loop(String),
 }
 
-/// Connects to NATS, retrying until `timeout` (the server may be starting alongside us).
+/// Connects to NATS without credentials, retrying until `timeout` (the server may be starting alongside
+/// us).
 pub async fn connect(
     urls: &[String],
+    timeout: Duration,
+) -> Result<async_nats::Client, ServerError> {
+    connect_as(urls, None, timeout).await
+}
+
+/// Connects to NATS with the credentials file `creds` (when given), retrying until `timeout`.
+pub async fn connect_as(
+    urls: &[String],
+    creds: Option<&std::path::Path>,
     timeout: Duration,
 ) -> Result<async_nats::Client, ServerError> {
     let addrs = urls
@@ -60,11 +89,18 @@ pub async fn connect(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(50);
     loop {
-        match async_nats::ConnectOptions::new()
-            .name("taskpods-engine")
-            .connect(addrs.clone())
-            .await
-        {
+        let mut options = async_nats::ConnectOptions::new().name("taskpods-engine");
+        if let Some(creds) = creds {
+            // A missing or malformed file is a configuration error: no point in retrying.
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|source| ServerError::Credentials {
+                    path: creds.display().to_string(),
+                    source,
+                })?;
+        }
+        match options.connect(addrs.clone()).await {
             Ok(client) => return Ok(client),
             Err(source) if tokio::time::Instant::now() + delay > deadline => {
                 return Err(ServerError::Connect {
@@ -95,7 +131,19 @@ pub struct Engine {
 impl Engine {
     /// Connects, ensures the topology and starts every loop.
     pub async fn start(config: EngineConfig) -> Result<Self, ServerError> {
-        let client = connect(&config.nats_urls, config.connect_timeout).await?;
+        let client = connect_as(
+            &config.nats_urls,
+            config.nats_creds.as_deref(),
+            config.connect_timeout,
+        )
+        .await?;
+        let task_credentials = TaskCredentials::load(&config.auth, &config.topology.names)?;
+        if config.nats_creds.is_some()
+            && task_credentials.is_none()
+            && !matches!(config.backend, BackendConfig::None)
+        {
+            return Err(ServerError::NoTaskSigner);
+        }
         let js = jetstream::new(client.clone());
         let topology = topology::ensure(&js, &config.topology).await?;
         let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone());
@@ -175,11 +223,10 @@ impl Engine {
             });
         }
         if let BackendConfig::Local(local) = &config.backend {
-            let backend = Arc::new(LocalBackend::new(
-                local.clone(),
-                topology.names.clone(),
-                &config.nats_urls,
-            ));
+            let backend = Arc::new(
+                LocalBackend::new(local.clone(), topology.names.clone(), &config.nats_urls)
+                    .with_task_credentials(task_credentials.clone()),
+            );
             let (store, events, executor, shutdown) = (
                 store.clone(),
                 topology.events.clone(),

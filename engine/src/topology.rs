@@ -148,6 +148,7 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             ),
             subjects: vec![names.commands_all()],
             retention: RetentionPolicy::WorkQueue,
+            deny_purge: true,
             ..base.clone()
         },
         stream::Config {
@@ -158,6 +159,7 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             max_age: config.event_max_age,
             allow_direct: true,
             deny_delete: true,
+            deny_purge: true,
             ..base.clone()
         },
         stream::Config {
@@ -200,7 +202,7 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
 /// The fields of `existing` that differ from `wanted`, among those the engine relies on.
 pub fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<Difference> {
     // Each field as the engine cares about it, rendered the same way for both sides.
-    let fields: [(&'static str, Render); 13] = [
+    let fields: [(&'static str, Render); 14] = [
         ("subjects", |c| {
             let mut subjects = c.subjects.clone();
             subjects.sort();
@@ -217,6 +219,7 @@ pub fn differences(existing: &stream::Config, wanted: &stream::Config) -> Vec<Di
         ("discard", |c| format!("{:?}", c.discard)),
         ("allow_rollup", |c| c.allow_rollup.to_string()),
         ("deny_delete", |c| c.deny_delete.to_string()),
+        ("deny_purge", |c| c.deny_purge.to_string()),
         ("allow_direct", |c| c.allow_direct.to_string()),
         ("duplicate_window", |c| format!("{:?}", c.duplicate_window)),
         ("max_message_size", |c| limit(c.max_message_size.into())),
@@ -304,6 +307,18 @@ async fn ensure_stream(
                 if differences.is_empty() {
                     return Ok(stream);
                 }
+                if only_tightens(&differences) {
+                    // A stream from before purges were refused: refusing them now loses nothing and
+                    // servers accept it (they refuse only the reverse).
+                    tracing::info!(stream = %name, "refusing purges on the existing stream");
+                    return js.update_stream(wanted).await.map(|_| stream).map_err(|e| {
+                        TopologyError::JetStream {
+                            operation: "update stream",
+                            name,
+                            source: e.into(),
+                        }
+                    });
+                }
                 return Err(TopologyError::Conflict {
                     stream: name,
                     differences,
@@ -334,6 +349,13 @@ async fn ensure_stream(
         name,
         source: "created concurrently but could not be read back".into(),
     })
+}
+
+/// Whether the only differences turn on `deny_purge`, which is safe to apply to a live stream.
+fn only_tightens(differences: &[Difference]) -> bool {
+    differences
+        .iter()
+        .all(|d| d.field == "deny_purge" && d.existing == "false" && d.wanted == "true")
 }
 
 fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {

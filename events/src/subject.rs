@@ -60,6 +60,12 @@ impl Default for Names {
     }
 }
 
+/// The inbox prefix of `task`'s agent (`_INBOX_<task>`): its identity may receive only below it, so it
+/// never sees another task's replies. Independent of the installation's subject prefix.
+pub fn task_inbox_prefix(task: TaskId) -> String {
+    format!("_INBOX_{task}")
+}
+
 impl fmt::Display for Names {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.prefix)

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cli::Global;
 use crate::config::EngineConfig;
+use crate::credentials::AuthConfig;
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::{BackendConfig, local::LocalConfig};
 use crate::server;
@@ -29,6 +30,10 @@ pub struct ServeArgs {
     /// Kubernetes backend: the namespace task Jobs run in (see deploy/).
     #[arg(long, env = "TASKPODS_NAMESPACE", default_value = "baker-tasks")]
     pub namespace: String,
+    /// The task signer (`task-signer.nk` from `taskpods auth init`): each task's agent gets its own NATS
+    /// identity, limited to the task's subjects and expiring after its deadline. Required with --creds.
+    #[arg(long, env = "TASKPODS_TASK_SIGNER")]
+    pub task_signer: Option<std::path::PathBuf>,
     /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
     #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
     pub agent_nats_url: Option<String>,
@@ -38,6 +43,11 @@ pub struct ServeArgs {
 pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
     let config = EngineConfig {
         nats_urls: global.nats_urls,
+        nats_creds: global.creds,
+        auth: AuthConfig {
+            task_signer: args.task_signer,
+            ..AuthConfig::default()
+        },
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         topology: TopologyConfig {
             names: global.names,

@@ -19,6 +19,7 @@ use taskpods_events::{FailureReason, Names, TaskId, TaskSpec};
 use tracing::{info, warn};
 
 use super::{Backend, BackendError};
+use crate::credentials::TaskCredentials;
 
 /// Local backend settings.
 #[derive(Debug, Clone)]
@@ -75,6 +76,7 @@ pub struct LocalBackend {
     config: LocalConfig,
     names: Names,
     nats_urls: Vec<String>,
+    credentials: Option<TaskCredentials>,
 }
 
 /// A process identity that survives pid reuse: pid and start time (clock ticks since boot).
@@ -127,7 +129,14 @@ impl LocalBackend {
             config,
             names,
             nats_urls,
+            credentials: None,
         }
+    }
+
+    /// Gives each agent its own NATS identity, minted by `credentials` (a server with authorization).
+    pub fn with_task_credentials(mut self, credentials: Option<TaskCredentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// The sandbox directory of `job`.
@@ -158,6 +167,25 @@ impl LocalBackend {
         let log_err = log
             .try_clone()
             .map_err(|e| BackendError::transient(format!("agent log: {e}")))?;
+        // The task's identity reaches the agent through a pipe on its standard input, read once at
+        // start: no file or environment variable the sandboxed code (or another user) could read.
+        let credentials = match &self.credentials {
+            Some(minter) => Some(minter.mint(task, deadline).map_err(|e| {
+                BackendError::fatal(
+                    FailureReason::BackendError,
+                    format!("cannot mint the task's NATS credentials: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let (stdin, credentials_pipe) = match &credentials {
+            Some(_) => {
+                let (reader, writer) = std::io::pipe()
+                    .map_err(|e| BackendError::transient(format!("credentials pipe: {e}")))?;
+                (Stdio::from(reader), Some(writer))
+            }
+            None => (Stdio::null(), None),
+        };
         let mut command = tokio::process::Command::new(&self.config.agent_bin);
         command
             .env_clear()
@@ -191,8 +219,9 @@ impl LocalBackend {
                     .iter()
                     .map(|e| ("TASKPODS_AGENT_ENTRYPOINT", e)),
             )
+            .envs(credentials.iter().map(|_| ("TASKPODS_NATS_CREDS", "-")))
             .current_dir(&dir)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
             // Its own process group: no terminal signal meant for the engine reaches it, and it
@@ -208,6 +237,12 @@ impl LocalBackend {
                 ),
             )
         })?;
+        if let (Some(mut pipe), Some(credentials)) = (credentials_pipe, credentials) {
+            use std::io::Write;
+            // A credentials file is far smaller than a pipe's buffer: this never blocks.
+            pipe.write_all(credentials.to_file().as_bytes())
+                .map_err(|e| BackendError::transient(format!("hand the agent its credentials: {e}")))?;
+        }
         let pid = child.id().ok_or_else(|| {
             BackendError::transient("the agent exited before it could be recorded")
         })?;

@@ -48,6 +48,7 @@ pub struct NatsServer {
     child: Option<Child>,
     port: Option<u16>,
     cluster: Option<ClusterRole>,
+    secured: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -60,10 +61,17 @@ struct ClusterRole {
 impl NatsServer {
     /// Starts a standalone server and waits until it accepts clients.
     pub fn start() -> Self {
-        Self::spawn("n1".to_owned(), None)
+        Self::spawn("n1".to_owned(), None, false)
     }
 
-    fn spawn(name: String, cluster: Option<ClusterRole>) -> Self {
+    /// Starts a standalone server with authorization as deployed: `taskpods auth init` material for the
+    /// `taskpods` prefix in [`Self::auth_dir`], the server in operator mode trusting it. The harness's own
+    /// connections ([`Self::connect`]) use the admin identity; [`Self::creds`] names each role's file.
+    pub fn start_secured() -> Self {
+        Self::spawn("n1".to_owned(), None, true)
+    }
+
+    fn spawn(name: String, cluster: Option<ClusterRole>, secured: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("taskpods-nats-")
             .tempdir()
@@ -74,7 +82,14 @@ impl NatsServer {
             child: None,
             port: None,
             cluster,
+            secured,
         };
+        if secured {
+            let names = taskpods_events::Names::new("taskpods").expect("default prefix");
+            taskpods_auth::Material::generate()
+                .and_then(|m| m.write(&server.auth_dir(), &names, false))
+                .expect("auth material");
+        }
         server.launch();
         server
     }
@@ -106,11 +121,34 @@ impl NatsServer {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Connects a client.
+    /// Where the auth material of a secured server lives (see [`Self::start_secured`]).
+    pub fn auth_dir(&self) -> PathBuf {
+        self.dir.path().join("auth")
+    }
+
+    /// The credentials file of `role` (`admin`, `engine`, `brain`, `operator`) on a secured server.
+    pub fn creds(&self, role: &str) -> PathBuf {
+        self.auth_dir().join(format!("{role}.creds"))
+    }
+
+    /// Connects a client (as admin on a secured server).
     pub async fn connect(&self) -> async_nats::Client {
+        if self.secured {
+            return self.connect_as("admin").await;
+        }
         async_nats::connect(self.url())
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    /// Connects with the credentials of `role` on a secured server.
+    pub async fn connect_as(&self, role: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::with_credentials_file(self.creds(role))
+            .await
+            .unwrap_or_else(|e| panic!("{role} credentials: {e}"))
+            .connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {} as {role}: {e}", self.url()))
     }
 
     /// Waits until JetStream answers (leader elected, store ready), with a bounded wait. Asks the raw
@@ -173,6 +211,12 @@ impl NatsServer {
             ports = self.ports_dir(),
             store = store,
         );
+        if self.secured {
+            let auth = self
+                .auth_dir()
+                .join(taskpods_auth::material::files::SERVER_CONFIG);
+            config.push_str(&fs::read_to_string(&auth).expect("auth server config"));
+        }
         if let Some(cluster) = &self.cluster {
             let routes: Vec<String> = cluster
                 .routes
@@ -280,6 +324,7 @@ impl NatsCluster {
                         listen_port: cluster_ports[i],
                         routes: cluster_ports.clone(),
                     }),
+                    false,
                 )
             })
             .collect();

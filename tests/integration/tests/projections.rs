@@ -451,6 +451,7 @@ async fn verify_prints_every_difference_and_fails() {
 
     let global = Global {
         nats_urls: vec![server.url()],
+        creds: None,
         names: names.clone(),
     };
     let args = ProjectionsArgs {

@@ -146,6 +146,7 @@ async fn setup() -> (NatsServer, jetstream::Context, Global) {
         .expect("topology");
     let global = Global {
         nats_urls: vec![server.url()],
+        creds: None,
         names: Names::default(),
     };
     (server, js, global)

@@ -235,3 +235,35 @@ async fn three_node_cluster_with_r3_streams_survives_losing_a_node() {
     // And ensure still answers (it only reads when everything exists).
     eventually("ensure", || topology::ensure(&js, &config)).await;
 }
+
+#[tokio::test]
+async fn streams_refuse_purges_and_an_older_stream_is_tightened_in_place() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.connect().await);
+    let config = TopologyConfig::default();
+    let names = config.names.clone();
+    // The event stream as an engine from before purges were refused created it, with one event in it.
+    let mut older = topology::wanted_streams(&config)
+        .into_iter()
+        .find(|s| s.name == names.event_stream())
+        .expect("event stream");
+    older.deny_purge = false;
+    js.create_stream(older).await.expect("older stream");
+    js.publish(names.events(taskpods_events::TaskId::mint()), "e".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let topology = topology::ensure(&js, &config)
+        .await
+        .expect("tightened, no conflict");
+    for stream in [&topology.events, &topology.commands] {
+        let mut stream = stream.clone();
+        assert!(stream.info().await.expect("info").config.deny_purge);
+    }
+    let purge = topology.events.purge().await;
+    assert!(purge.is_err(), "a purge must be refused");
+    let mut events = topology.events.clone();
+    assert_eq!(events.info().await.expect("info").state.messages, 1);
+}

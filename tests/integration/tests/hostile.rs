@@ -1,0 +1,368 @@
+//! Attacks from inside a task, against nats-server running with authorization as deployed (operator
+//! mode, `taskpods auth init` material, the engine minting one identity per task).
+//!
+//! On the local backend the user's code runs under bubblewrap with no network: it cannot reach NATS at
+//! all and never sees its agent's credentials (shown first). The attacks then assume the worst, a code
+//! that has taken over its agent: the agent binary is wrapped so the credentials the engine handed it are
+//! kept (as a compromised agent would hold them), and every attack is made with them. Each is refused by
+//! the server with a permission error; the task's own work still succeeds; the other task is untouched.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use taskpods_client::{Client, ClientConfig};
+use taskpods_engine::config::EngineConfig;
+use taskpods_engine::credentials::AuthConfig;
+use taskpods_engine::executor::local::LocalConfig;
+use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
+use taskpods_engine::gateway::GatewayConfig;
+use taskpods_engine::server::Engine;
+use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
+use taskpods_harness::{NatsServer, nats_server_version};
+use tokio::sync::mpsc;
+
+/// How long past its deadline a task's identity lasts in these tests.
+const GRACE: Duration = Duration::from_secs(1);
+
+struct Setup {
+    server: NatsServer,
+    state: tempfile::TempDir,
+    stolen: tempfile::TempDir,
+    _engine: Engine,
+    brain: Client,
+    names: Names,
+}
+
+/// An agent wrapper that keeps the credentials the engine hands the agent on its standard input, as a
+/// compromised agent would, then runs the real agent with them.
+fn compromised_agent(dir: &Path) -> PathBuf {
+    let wrapper = dir.join("agent.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nstolen=\"{dir}/$TASKPODS_TASK_ID.creds\"\ncat > \"$stolen\"\nexec \"{agent}\" < \"$stolen\"\n",
+            dir = dir.display(),
+            agent = env!("CARGO_BIN_EXE_taskpods-agent-under-test"),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let server = NatsServer::start_secured();
+        server.wait_for_jetstream().await;
+        let state = tempfile::tempdir().unwrap();
+        let stolen = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            nats_urls: vec![server.url()],
+            nats_creds: Some(server.creds("engine")),
+            auth: AuthConfig {
+                task_signer: Some(
+                    server
+                        .auth_dir()
+                        .join(taskpods_auth::material::files::TASK_SIGNER),
+                ),
+                task_credentials_grace: GRACE,
+                ..AuthConfig::default()
+            },
+            gateway: GatewayConfig {
+                heartbeat_interval: Duration::from_millis(200),
+                hello_retry_after: Duration::from_millis(100),
+                ..GatewayConfig::default()
+            },
+            executor: ExecutorConfig {
+                retry_delay: Duration::from_millis(200),
+                reap_grace: Duration::from_secs(3),
+                ..ExecutorConfig::default()
+            },
+            backend: BackendConfig::Local(LocalConfig {
+                agent_bin: compromised_agent(stolen.path()),
+                state_dir: state.path().to_owned(),
+                tmp_bytes: 4 << 20,
+                kill_grace: Duration::from_secs(1),
+                ..LocalConfig::default()
+            }),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(config).await.expect("engine");
+        let brain = Client::new(
+            server.connect_as("brain").await,
+            ClientConfig {
+                reply_timeout: Duration::from_secs(10),
+                ..ClientConfig::default()
+            },
+        );
+        Self {
+            server,
+            state,
+            stolen,
+            _engine: engine,
+            brain,
+            names: Names::default(),
+        }
+    }
+
+    async fn launch(&self, script: &str, timeout_secs: u32) -> TaskId {
+        let launch = LaunchTask {
+            timeout_secs: Some(timeout_secs),
+            ..LaunchTask::script(script)
+        };
+        self.brain.launch(launch).await.expect("launch").task_id
+    }
+
+    async fn until_state(&self, task: TaskId, state: TaskState, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let now = self.brain.get(task).await.unwrap().task.state;
+            if now == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "task {task} is {now:?}, not {state:?}, after {within:?} (server {})",
+                nats_server_version()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The credentials the engine handed `task`'s agent.
+    fn stolen(&self, task: TaskId) -> String {
+        std::fs::read_to_string(self.stolen.path().join(format!("{task}.creds"))).unwrap()
+    }
+
+    /// Everything `task` wrote to its output.
+    async fn stdout(&self, task: TaskId) -> String {
+        let js = jetstream::new(self.server.connect().await);
+        let mut out = Vec::new();
+        taskpods_engine::cli::logs::read(
+            &js,
+            &self.names,
+            task,
+            false,
+            Duration::from_secs(2),
+            async || true,
+            |piece| {
+                if let taskpods_engine::cli::logs::Piece::Stdout(b) = piece {
+                    out.extend_from_slice(&b);
+                }
+            },
+        )
+        .await
+        .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// A connection with `creds` that records the server's error messages (permission violations arrive
+/// that way), with the inbox prefix `inbox` (a task's agent uses `_INBOX_<task>`).
+async fn connect_recording(
+    url: &str,
+    creds: &str,
+    inbox: Option<String>,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut options = async_nats::ConnectOptions::with_credentials(creds)
+        .expect("credentials")
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        });
+    if let Some(prefix) = inbox {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    (options.connect(url).await.expect("connect"), rx)
+}
+
+/// Waits for the server's permission error for `action` (`publish` or `subscription`) on `subject`.
+async fn refused(errors: &mut mpsc::UnboundedReceiver<String>, action: &str, subject: &str) {
+    let wanted = format!("permissions violation for {action} to \"{subject}\"").to_lowercase();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, errors.recv()).await {
+            Ok(Some(error)) if error.to_lowercase().contains(&wanted) => return,
+            Ok(Some(other)) => seen.push(other),
+            _ => panic!("the server did not refuse: {wanted} (it said {seen:?})"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn code_in_a_local_task_sees_no_credentials_and_cannot_reach_nats() {
+    let setup = Setup::start().await;
+    let auth = setup.server.auth_dir();
+    let script = format!(
+        r#"
+env | grep -i -E 'nats|jwt|seed|creds' && echo LEAK:env
+grep -l -s -a 'NATS USER JWT' /proc/[0-9]*/environ /proc/[0-9]*/cmdline /proc/[0-9]*/fd/0 && echo LEAK:proc
+ls "{state}" 2>/dev/null && echo LEAK:state
+cat "{auth}/task-signer.nk" "{auth}/engine.creds" 2>/dev/null && echo LEAK:auth
+python3 -c 'import socket; socket.create_connection(("127.0.0.1", {port}), 2)' 2>/dev/null && echo LEAK:network
+echo checked
+"#,
+        state = setup.state.path().display(),
+        auth = auth.display(),
+        port = setup.server.port(),
+    );
+    let task = setup.launch(&script, 60).await;
+    let ended = setup
+        .brain
+        .wait(task, Duration::from_secs(60))
+        .await
+        .expect("task ends");
+    assert!(
+        matches!(ended.state, TaskState::Succeeded),
+        "{:?}",
+        ended.state
+    );
+    let out = setup.stdout(task).await;
+    assert!(out.contains("checked"), "the script ran: {out}");
+    assert!(!out.contains("LEAK"), "the code found a way out: {out}");
+    // The agent did get an identity of its own, outside the sandbox.
+    assert!(setup.stolen(task).contains("BEGIN NATS USER JWT"));
+}
+
+#[tokio::test]
+async fn a_compromised_agent_can_do_nothing_but_its_own_task() {
+    let setup = Setup::start().await;
+    let names = &setup.names;
+    let mine = setup.launch("echo mine; sleep 4; echo mine-done", 60).await;
+    let theirs = setup
+        .launch(
+            "echo theirs; sleep 4; echo '{\"ok\": true}' > /tmp/result.json",
+            60,
+        )
+        .await;
+    setup
+        .until_state(mine, TaskState::Running, Duration::from_secs(30))
+        .await;
+    setup
+        .until_state(theirs, TaskState::Running, Duration::from_secs(30))
+        .await;
+    let (client, mut errors) = connect_recording(
+        &setup.server.url(),
+        &setup.stolen(mine),
+        Some(taskpods_events::subject::task_inbox_prefix(mine)),
+    )
+    .await;
+
+    // Read another task's instructions.
+    let _ = client
+        .publish_with_reply(names.agent_hello(theirs), "_INBOX_x.y", "".into())
+        .await;
+    refused(&mut errors, "publish", &names.agent_hello(theirs)).await;
+    // Listen to every reply.
+    let _all = client.subscribe("_INBOX.>").await.unwrap();
+    refused(&mut errors, "subscription", "_INBOX.>").await;
+    // Forge another task's result, progress and output.
+    for subject in [
+        names.agent_report(theirs, "result"),
+        names.agent_report(theirs, "progress"),
+        names.log(theirs),
+        names.agent_heartbeat(theirs),
+        // Publish an event, launch, cancel.
+        names.events(theirs),
+        names.launch(),
+        names.cancel(theirs),
+        // Purge the event stream, read and write a KV bucket, call the JetStream API at all.
+        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
+        format!(
+            "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
+            b = names.tasks_bucket()
+        ),
+        format!("$KV.{}.{theirs}", names.tasks_bucket()),
+        "$JS.API.INFO".to_owned(),
+    ] {
+        client.publish(subject.clone(), "x".into()).await.unwrap();
+        refused(&mut errors, "publish", &subject).await;
+    }
+
+    // Its own work still succeeds: a progress report of its own is stored (acked on its own inbox).
+    let js = jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{mine}:progress:own"));
+    js.publish_with_headers(
+        names.agent_report(mine, "progress"),
+        headers,
+        taskpods_events::codec::to_msgpack(&taskpods_events::AgentReport::Progress {
+            message: "own".into(),
+            percent: Some(50.0),
+        })
+        .unwrap()
+        .into(),
+    )
+    .await
+    .expect("own publish")
+    .await
+    .expect("own report stored");
+
+    // Both tasks end as their own code decided; the other task's result is its own.
+    let theirs_ended = setup
+        .brain
+        .wait(theirs, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(theirs_ended.state, TaskState::Succeeded));
+    let view = setup.brain.get(theirs).await.unwrap();
+    let result = format!("{:?}", view.task.state);
+    assert!(result.contains("Succeeded"), "{result}");
+    let mine_ended = setup
+        .brain
+        .wait(mine, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(mine_ended.state, TaskState::Succeeded));
+    assert!(setup.stdout(theirs).await.contains("theirs"));
+}
+
+#[tokio::test]
+async fn a_task_identity_expires_shortly_after_the_deadline() {
+    let setup = Setup::start().await;
+    let task = setup.launch("sleep 30", 2).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(30))
+        .await;
+    let creds = setup.stolen(task);
+    // Still valid while the task runs.
+    let (early, _) = connect_recording(&setup.server.url(), &creds, None).await;
+    drop(early);
+    let ended = match setup.brain.wait(task, Duration::from_secs(30)).await {
+        Ok(ended) => ended,
+        Err(e) => panic!(
+            "{e}: {:?}\n{}",
+            setup.brain.get(task).await,
+            setup.server.log_tail(40)
+        ),
+    };
+    assert!(
+        matches!(ended.state, TaskState::TimedOut),
+        "{:?}",
+        ended.state
+    );
+    let deadline = ended.deadline.unwrap();
+    let expiry = deadline + chrono::TimeDelta::from_std(GRACE).unwrap();
+    let wait =
+        (expiry - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(1500);
+    tokio::time::sleep(wait).await;
+    let refused = async_nats::ConnectOptions::with_credentials(&creds)
+        .unwrap()
+        .connect(setup.server.url())
+        .await
+        .expect_err("an expired task identity must be refused");
+    assert!(
+        refused.to_string().to_lowercase().contains("authorization"),
+        "{refused}"
+    );
+}
