@@ -92,13 +92,12 @@ pub async fn connect_as(
         let mut options = async_nats::ConnectOptions::new().name("taskpods-engine");
         if let Some(creds) = creds {
             // A missing or malformed file is a configuration error: no point in retrying.
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|source| ServerError::Credentials {
+            options = options.credentials_file(creds).await.map_err(|source| {
+                ServerError::Credentials {
                     path: creds.display().to_string(),
                     source,
-                })?;
+                }
+            })?;
         }
         match options.connect(addrs.clone()).await {
             Ok(client) => return Ok(client),

@@ -118,7 +118,13 @@ pub async fn read(
 
 /// Runs `taskpods logs`.
 pub async fn run(global: Global, args: LogsArgs) -> ExitCode {
-    let client = match crate::server::connect_as(&global.nats_urls, global.creds.as_deref(), Duration::from_secs(5)).await {
+    let client = match crate::server::connect_as(
+        &global.nats_urls,
+        global.creds.as_deref(),
+        Duration::from_secs(5),
+    )
+    .await
+    {
         Ok(client) => client,
         Err(e) => {
             eprintln!("error: {e}");

@@ -24,10 +24,9 @@ impl Global {
         let urls = self.nats_urls.join(",");
         let mut options = async_nats::ConnectOptions::new();
         if let Some(creds) = &self.creds {
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|e| format!("cannot read the NATS credentials {}: {e}", creds.display()))?;
+            options = options.credentials_file(creds).await.map_err(|e| {
+                format!("cannot read the NATS credentials {}: {e}", creds.display())
+            })?;
         }
         options
             .connect(urls.as_str())

@@ -241,7 +241,9 @@ impl LocalBackend {
             use std::io::Write;
             // A credentials file is far smaller than a pipe's buffer: this never blocks.
             pipe.write_all(credentials.to_file().as_bytes())
-                .map_err(|e| BackendError::transient(format!("hand the agent its credentials: {e}")))?;
+                .map_err(|e| {
+                    BackendError::transient(format!("hand the agent its credentials: {e}"))
+                })?;
         }
         let pid = child.id().ok_or_else(|| {
             BackendError::transient("the agent exited before it could be recorded")
