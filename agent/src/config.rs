@@ -190,7 +190,9 @@ impl Config {
                 .map_err(|e| ConfigError(format!("TASKPODS_NATS_CREDS: {}: {e}", path.display())))?
         };
         if text.trim().is_empty() {
-            return Err(ConfigError("TASKPODS_NATS_CREDS: the credentials are empty".into()));
+            return Err(ConfigError(
+                "TASKPODS_NATS_CREDS: the credentials are empty".into(),
+            ));
         }
         self.nats_credentials = Some(Secret(text));
         Ok(self)
