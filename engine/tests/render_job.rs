@@ -34,7 +34,7 @@ fn validators() -> PathBuf {
     bin
 }
 
-/// A directory with the rendered Job and every manifest of `deploy/`.
+/// A directory with the rendered Job and every manifest of `deploy/tasks/` (the task namespace).
 fn manifests(name: &str) -> PathBuf {
     // Not under the target dir: CI keeps that in ~/.cache, and checkov skips hidden directories.
     let dir =
@@ -57,10 +57,13 @@ fn manifests(name: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(dir.join("job.yaml"), &out.stdout).unwrap();
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tasks");
     for entry in std::fs::read_dir(deploy).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
+        // kustomization.yaml lists the files; it is not a Kubernetes object.
+        if path.extension().is_some_and(|e| e == "yaml")
+            && path.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
             std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
         }
     }
