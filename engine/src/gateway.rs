@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     pub hello_retry_after: Duration,
     /// Hellos handled at once.
     pub max_concurrent_hellos: usize,
+    /// Callers' inbox prefix. A hello's reply subject must be below it or below the task's own inbox
+    /// prefix (`_INBOX_<task>.`); any other hello is ignored and counted.
+    pub reply_prefix: String,
 }
 
 impl Default for GatewayConfig {
@@ -52,8 +55,23 @@ impl Default for GatewayConfig {
             output_cap_bytes: 16 << 20,
             hello_retry_after: Duration::from_millis(500),
             max_concurrent_hellos: 64,
+            reply_prefix: "_INBOX.".to_owned(),
         }
     }
+}
+
+/// Counters an operator (and the tests) read.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Hellos ignored because their reply subject was no inbox of the caller.
+    pub refused_replies: std::sync::atomic::AtomicU64,
+}
+
+/// Whether the gateway answers a hello of `task` at `reply`: only below the task's own inbox prefix or
+/// the callers' inbox prefix, never a JetStream API, KV or event subject.
+pub fn hello_reply_allowed(task: TaskId, reply: &str, config: &GatewayConfig) -> bool {
+    let own = format!("{}.", taskpods_events::subject::task_inbox_prefix(task));
+    taskpods_events::subject::is_reply_inbox(reply, &[&own, &config.reply_prefix])
 }
 
 /// Errors that stop the gateway.
@@ -120,6 +138,7 @@ pub async fn run(
     store: EventStore,
     events: Stream,
     config: GatewayConfig,
+    stats: Arc<GatewayStats>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let names = store.names().clone();
@@ -156,6 +175,11 @@ pub async fn run(
             Some(msg) = hellos.next() => {
                 let Ok(Addressed::AgentHello(task)) = names.parse(&msg.subject) else { continue };
                 let Some(reply) = msg.reply.clone() else { continue };
+                if !hello_reply_allowed(task, &reply, &config) {
+                    stats.refused_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(%task, reply = crate::intake::escape_bounded(&reply, 256), "hello ignored: its reply subject is not an inbox");
+                    continue;
+                }
                 let Ok(permit) = limit.clone().acquire_owned().await else { break };
                 let (client, store, config, watched) =
                     (client.clone(), store.clone(), config.clone(), watched.clone());

@@ -75,6 +75,9 @@ pub struct IntakeConfig {
     pub progress_per_second: f64,
     /// Progress reports one task may send in a burst above the average rate.
     pub progress_burst: u32,
+    /// Callers' inbox prefix: `Taskpods-Reply-To` must name a subject below it, or no reply is sent
+    /// (the engine would otherwise publish with its own privileges wherever a caller asks).
+    pub reply_prefix: String,
 }
 
 impl Default for IntakeConfig {
@@ -92,6 +95,7 @@ impl Default for IntakeConfig {
             max_progress_bytes: 1024,
             progress_per_second: 10.0,
             progress_burst: 50,
+            reply_prefix: "_INBOX.".to_owned(),
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct IntakeStats {
     pub progress_truncated: AtomicU64,
     /// Progress reports refused because their task reached the per-task count cap.
     pub progress_over_count: AtomicU64,
+    /// Replies not sent because `Taskpods-Reply-To` named no inbox below the reply prefix.
+    pub refused_replies: AtomicU64,
 }
 
 /// Everything a worker needs.
@@ -859,6 +865,15 @@ async fn send_reply(
     let Some(reply_to) = reply_to else {
         return;
     };
+    if !taskpods_events::subject::is_reply_inbox(&reply_to, &[&shared.config.reply_prefix]) {
+        shared.stats.refused_replies.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            reply_to = escape_bounded(&reply_to, 256),
+            prefix = shared.config.reply_prefix,
+            "reply refused: Taskpods-Reply-To is not an inbox"
+        );
+        return;
+    }
     let payload = match codec::encode(reply, encoding) {
         Ok(p) => p,
         Err(e) => {

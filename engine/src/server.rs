@@ -125,6 +125,8 @@ pub struct Engine {
     loops: JoinSet<(&'static str, Result<(), String>)>,
     /// Command intake counters.
     pub intake_stats: Arc<IntakeStats>,
+    /// Agent gateway counters.
+    pub gateway_stats: Arc<gateway::GatewayStats>,
 }
 
 impl Engine {
@@ -148,6 +150,7 @@ impl Engine {
         let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone());
         let shutdown = CancellationToken::new();
         let intake_stats = Arc::new(IntakeStats::default());
+        let gateway_stats = Arc::new(gateway::GatewayStats::default());
         let mut loops = JoinSet::new();
 
         loops.spawn({
@@ -196,15 +199,16 @@ impl Engine {
         });
 
         loops.spawn({
-            let (client, store, events, config, shutdown) = (
+            let (client, store, events, config, stats, shutdown) = (
                 client.clone(),
                 store.clone(),
                 topology.events.clone(),
                 config.gateway.clone(),
+                gateway_stats.clone(),
                 shutdown.clone(),
             );
             async move {
-                let result = gateway::run(client, store, events, config, shutdown).await;
+                let result = gateway::run(client, store, events, config, stats, shutdown).await;
                 ("gateway", result.map_err(|e| e.to_string()))
             }
         });
@@ -269,6 +273,7 @@ impl Engine {
             shutdown,
             loops,
             intake_stats,
+            gateway_stats,
         })
     }
 

@@ -66,6 +66,23 @@ pub fn task_inbox_prefix(task: TaskId) -> String {
     format!("_INBOX_{task}")
 }
 
+/// Whether `subject` is a reply inbox below one of `prefixes` (each ending in `.`): a literal subject (no
+/// wildcard, no empty token, no whitespace) with at least one token after the prefix. The engine publishes
+/// replies only there, never where a caller names a JetStream API, KV or event subject.
+pub fn is_reply_inbox(subject: &str, prefixes: &[&str]) -> bool {
+    let literal = !subject.is_empty()
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && !token.bytes().any(|b| b.is_ascii_whitespace())
+        });
+    literal
+        && prefixes
+            .iter()
+            .any(|prefix| subject.len() > prefix.len() && subject.starts_with(prefix))
+}
+
 impl fmt::Display for Names {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.prefix)
@@ -262,6 +279,31 @@ impl Names {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_go_only_to_literal_subjects_below_an_inbox_prefix() {
+        let inbox = ["_INBOX."];
+        assert!(is_reply_inbox("_INBOX.abc.1", &inbox));
+        for hostile in [
+            "$JS.API.STREAM.PURGE.TASKPODS_EVT",
+            "$KV.taskpods_tasks.0193a5b6-1b2c-7def-8123-456789abcdef",
+            "taskpods.evt.0193a5b6-1b2c-7def-8123-456789abcdef",
+            "_INBOX.",
+            "_INBOX",
+            "_INBOX.>",
+            "_INBOX.*.x",
+            "_INBOX..x",
+            "_INBOX.a b",
+            "_INBOXES.a",
+            "",
+        ] {
+            assert!(!is_reply_inbox(hostile, &inbox), "{hostile:?}");
+        }
+        let task = TaskId::mint();
+        let own = format!("{}.", task_inbox_prefix(task));
+        assert!(is_reply_inbox(&format!("{own}x.1"), &[own.as_str()]));
+        assert!(!is_reply_inbox("_INBOX_other.x", &[own.as_str()]));
+    }
 
     #[test]
     fn names_round_trip_through_parse() {

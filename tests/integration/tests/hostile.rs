@@ -31,7 +31,7 @@ struct Setup {
     server: NatsServer,
     state: tempfile::TempDir,
     stolen: tempfile::TempDir,
-    _engine: Engine,
+    engine: Engine,
     brain: Client,
     names: Names,
 }
@@ -102,7 +102,7 @@ impl Setup {
             server,
             state,
             stolen,
-            _engine: engine,
+            engine,
             brain,
             names: Names::default(),
         }
@@ -365,4 +365,97 @@ async fn a_task_identity_expires_shortly_after_the_deadline() {
         refused.to_string().to_lowercase().contains("authorization"),
         "{refused}"
     );
+}
+
+/// The event stream's first sequence and message count.
+async fn event_stream_state(setup: &Setup) -> (u64, u64) {
+    let js = jetstream::new(setup.server.connect().await);
+    let mut stream = js.get_stream(setup.names.event_stream()).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    (state.first_sequence, state.messages)
+}
+
+const HOSTILE_REPLIES: usize = 3;
+
+fn hostile_replies(names: &Names, task: TaskId) -> [String; HOSTILE_REPLIES] {
+    [
+        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
+        format!("$KV.{}.{task}", names.tasks_bucket()),
+        names.events(task),
+    ]
+}
+
+#[tokio::test]
+async fn replies_go_only_to_inboxes_and_the_streams_keep_every_message() {
+    let setup = Setup::start().await;
+    let names = &setup.names;
+    let task = setup.launch("sleep 3", 60).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(30))
+        .await;
+    let (first, before) = event_stream_state(&setup).await;
+
+    // A Brain names hostile reply subjects on its launches.
+    let brain = setup.server.connect_as("brain").await;
+    let js = jetstream::new(brain.clone());
+    for (i, reply) in hostile_replies(names, task).iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("hostile-reply-{i}"));
+        headers.insert("Content-Type", "application/json");
+        headers.insert(taskpods_events::HEADER_REPLY_TO, reply.as_str());
+        js.publish_with_headers(names.launch(), headers, r#"{"script": "true"}"#.into())
+            .await
+            .unwrap()
+            .await
+            .expect("launch stored");
+    }
+    // A task's agent asks for its instructions with hostile reply subjects.
+    let (agent, _) = connect_recording(
+        &setup.server.url(),
+        &setup.stolen(task),
+        Some(taskpods_events::subject::task_inbox_prefix(task)),
+    )
+    .await;
+    for reply in hostile_replies(names, task) {
+        agent
+            .publish_with_reply(names.agent_hello(task), reply, "".into())
+            .await
+            .unwrap();
+    }
+    agent.flush().await.unwrap();
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    while count(&setup.engine.intake_stats.refused_replies) < HOSTILE_REPLIES as u64
+        || count(&setup.engine.gateway_stats.refused_replies) < HOSTILE_REPLIES as u64
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "refused: {} replies, {} hellos",
+            count(&setup.engine.intake_stats.refused_replies),
+            count(&setup.engine.gateway_stats.refused_replies)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing was purged, nothing planted: the stream still starts where it did, holds at least every
+    // message it held, and every event of the task (and its view) still decodes.
+    let (first_after, after) = event_stream_state(&setup).await;
+    assert_eq!(first_after, first);
+    assert!(after >= before, "{after} < {before}");
+    let ended = setup
+        .brain
+        .wait(task, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ended.state, TaskState::Succeeded),
+        "{:?}",
+        ended.state
+    );
+    let view = setup
+        .brain
+        .view(task, 0, Duration::from_secs(10))
+        .await
+        .expect("the task's view still decodes");
+    assert_eq!(view.task, task);
 }
