@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -15,7 +16,7 @@ use crate::policy::Problem;
 pub const MAX_TIMEOUT_SECS: u32 = 1800;
 
 /// How the task pod runs the work.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Run `script` under a shell.
@@ -27,7 +28,7 @@ pub enum Mode {
 
 /// CPU and memory as Kubernetes quantities (`"500m"`, `"2"`, `"512Mi"`); any left out take the policy's
 /// defaults.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResourceRequest {
     /// CPU the scheduler reserves.
@@ -41,7 +42,7 @@ pub struct ResourceRequest {
 }
 
 /// A request to run one task. Only `script` (or `goal`) is required; everything else has a default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LaunchTask {
     /// The task id the caller wants; when absent it is derived from `idempotency_key`.
@@ -91,7 +92,7 @@ impl LaunchTask {
 }
 
 /// A request to stop a task.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelTask {
     /// The task to stop.
@@ -105,7 +106,7 @@ pub struct CancelTask {
 }
 
 /// A report from the agent inside the task pod.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "report", rename_all = "snake_case")]
 pub enum AgentReport {
     /// The agent is alive and wants its instructions.
@@ -129,7 +130,7 @@ pub enum AgentReport {
 }
 
 /// What the agent reports when the user's code has exited.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct TaskOutcome {
     /// The exit code of the user's code; signals are reported as 128 + signal.
@@ -151,7 +152,7 @@ pub struct TaskOutcome {
 }
 
 /// Resolved CPU and memory, in millicores and bytes, every value within the policy's caps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Resources {
     /// CPU reserved, millicores.
     pub cpu_request_millis: u64,
@@ -164,7 +165,7 @@ pub struct Resources {
 }
 
 /// A validated launch: what the `Accepted` event records and every later step relies on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskSpec {
     /// The image the task pod runs.
     pub image: String,
@@ -194,7 +195,7 @@ pub struct TaskSpec {
 }
 
 /// The engine's answer to an agent's hello: everything the agent needs to run its task.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub enum HelloReply {
     /// Run this.
@@ -212,7 +213,7 @@ pub enum HelloReply {
 }
 
 /// What the agent runs, and how it reports.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Instructions {
     /// The task.
     pub task_id: TaskId,
@@ -236,7 +237,7 @@ pub const HEADER_REPLY_TO: &str = "Taskpods-Reply-To";
 
 /// What the engine answers a command that asked for a reply. Encoded like the command was (JSON in,
 /// JSON out).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum CommandReply {
     /// The command was applied (for a launch: the task exists now, or existed already).

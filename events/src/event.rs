@@ -6,6 +6,7 @@
 use std::fmt;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -16,7 +17,7 @@ use crate::{Problem, TaskId};
 pub const ENVELOPE_VERSION: u16 = 1;
 
 /// One recorded fact about a task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     /// Envelope version; readers accept any and rely on field names, not positions.
     pub v: u16,
@@ -45,7 +46,7 @@ impl Event {
 }
 
 /// What happened to a task. The tag is `kind`, in snake_case.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventBody {
     /// The launch was valid and the task exists; the first event of every accepted task.
@@ -124,6 +125,7 @@ pub enum EventBody {
     Reaped,
     /// A kind this version does not know (written by a newer engine).
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 
@@ -161,7 +163,7 @@ impl EventBody {
 }
 
 /// Why a task failed: codes a person (or the Brain) can act on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "code", rename_all = "snake_case")]
 pub enum FailureReason {
     /// The user's code exited with this non-zero code.
@@ -189,6 +191,7 @@ pub enum FailureReason {
     BackendError,
     /// A reason this version does not know.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 

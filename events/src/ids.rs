@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -18,7 +19,9 @@ const EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x0b8e_51d4_6f2a_4c77_9d3e_15a0_c4
 const JOB_NAME_PREFIX: &str = "task-";
 
 /// The identity of one task: a UUID (v7 when we mint it, v5 when derived from an idempotency key).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(transparent)]
 pub struct TaskId(pub Uuid);
 

@@ -9,6 +9,7 @@
 //! ```
 
 use chrono::{DateTime, TimeDelta, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{CancelTask, TaskOutcome, TaskSpec};
@@ -16,7 +17,7 @@ use crate::event::{Event, EventBody, FailureReason};
 use crate::{Problem, TaskId};
 
 /// Where a task is in its lifecycle.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum TaskState {
     /// No event yet: the task does not exist.
@@ -47,6 +48,7 @@ pub enum TaskState {
     Rejected,
     /// A state this version does not know.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 

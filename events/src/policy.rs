@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{LaunchTask, MAX_TIMEOUT_SECS, Mode, ResourceRequest, Resources, TaskSpec};
@@ -66,7 +67,7 @@ impl Default for LaunchPolicy {
 const MIB: u64 = 1024 * 1024;
 
 /// One thing wrong with a launch: where, and what to do about it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Problem {
     /// The field path, e.g. `resources.memory_limit` or `env.PATH`.
     pub field: String,

@@ -18,6 +18,7 @@ use async_nats::jetstream::{
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use taskpods_events::{Names, TaskId};
 
@@ -118,7 +119,7 @@ impl Default for BucketSettings {
 }
 
 /// The generation readers follow, stored under [`POINTER_KEY`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Pointer {
     /// The generation in use.
     pub generation: u32,

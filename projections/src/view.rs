@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use taskpods_events::{EventBody, FailureReason, Mode, Problem, Task, TaskId, TaskState, evolve};
 
@@ -18,7 +19,7 @@ use crate::log::StoredEvent;
 pub const MAX_HISTORY_ENTRIES: usize = 256;
 
 /// The last progress the task's code reported.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProgressView {
     /// What it said.
     pub message: String,
@@ -30,7 +31,7 @@ pub struct ProgressView {
 }
 
 /// A cancel request, as recorded.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CancelView {
     /// Why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,7 +44,7 @@ pub struct CancelView {
 }
 
 /// `taskpods_tasks`: the current view of one task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskView {
     /// The task.
     pub task: TaskId,
@@ -315,7 +316,7 @@ impl TaskView {
 }
 
 /// One line of a task's timeline in `taskpods_history`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HistoryEntry {
     /// Stream sequence.
     pub seq: u64,
@@ -332,7 +333,7 @@ pub struct HistoryEntry {
 
 /// `taskpods_history`: the timeline of a task's transitions. Progress reports are not listed one by one
 /// (the task view keeps the last and a count), so a chatty task cannot grow its history without bound.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HistoryView {
     /// The task.
     pub task: TaskId,
@@ -434,7 +435,7 @@ pub fn detail(body: &EventBody) -> Option<String> {
 }
 
 /// `taskpods_active`: a live task's summary; deleted when the task ends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ActiveView {
     /// The task.
     pub task: TaskId,
@@ -480,7 +481,7 @@ impl From<&TaskView> for ActiveView {
 
 /// `taskpods_finished`: one finished task in the newest-first index. Written once, when the task ends,
 /// so the bucket's stream holds the entries in the order the tasks ended (see `buckets::finished_page`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FinishedView {
     /// The task.
     pub task: TaskId,

@@ -1,6 +1,6 @@
 //! The wire as a Brain in another language sees it: every message kind taskpods writes in msgpack is
 //! decoded by Python's `msgpack` package (not Rust) and must equal its JSON form, ids included as
-//! hyphenated strings.
+//! hyphenated strings, and validate against its schema in `docs/schema/` (Python's `jsonschema`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -16,6 +16,7 @@ use taskpods_events::{
 };
 
 const PYTHON_CHECK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/check_msgpack.py");
+const SCHEMAS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/schema");
 
 fn at() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-28T12:00:00.250Z")
@@ -278,10 +279,10 @@ fn python_check(args: &[&Path]) -> String {
 }
 
 #[test]
-fn every_message_kind_decodes_with_a_foreign_msgpack_library_as_its_json_form() {
+fn every_message_kind_decodes_with_a_foreign_msgpack_library_as_its_json_form_and_its_schema() {
     let dir = tempfile::tempdir().unwrap();
     let count = write_samples(dir.path());
-    let report = python_check(&[dir.path()]);
+    let report = python_check(&[dir.path(), Path::new(SCHEMAS)]);
     assert!(
         report.contains(&format!("summary: {count} messages ok, 0 wrong")),
         "{report}"
