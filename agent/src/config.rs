@@ -2,10 +2,11 @@
 //! set (see the table in the crate documentation).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use taskpods_events::{Names, TaskId};
+use taskpods_events::{Names, SubjectError, TaskId};
 
 use crate::sandbox::{Sandbox, SandboxLimits};
 
@@ -14,20 +15,19 @@ pub const DEFAULT_ENV_FILE: &str = "/etc/taskpods/agent.env";
 
 /// Reads `NAME=value` lines (blank lines and `#` comments skipped) from `path`, or from
 /// [`DEFAULT_ENV_FILE`] when it exists and no path is given.
-pub fn env_file(path: Option<std::path::PathBuf>) -> Result<BTreeMap<String, String>, ConfigError> {
+pub fn env_file(path: Option<PathBuf>) -> Result<BTreeMap<String, String>, ConfigError> {
     let (path, required) = match path {
         Some(path) => (path, true),
-        None => (std::path::PathBuf::from(DEFAULT_ENV_FILE), false),
+        None => (PathBuf::from(DEFAULT_ENV_FILE), false),
     };
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(BTreeMap::new());
         }
-        Err(e) => return Err(ConfigError(format!("{}: {e}", path.display()))),
+        Err(source) => return Err(ConfigError::EnvFile { path, source }),
     };
-    parse_env_file(&text)
-        .map_err(|line| ConfigError(format!("{}: line {line} is not NAME=value", path.display())))
+    parse_env_file(&text).map_err(|line| ConfigError::EnvFileLine { path, line })
 }
 
 /// Parses `NAME=value` lines; the error is the 1-based number of the first bad line.
@@ -89,32 +89,84 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// A configuration problem.
-#[derive(Debug)]
-pub struct ConfigError(pub String);
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A configuration problem: which variable (or file), and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is not set.
+    #[error("{name}: is required")]
+    Missing {
+        /// The variable.
+        name: &'static str,
+    },
+    /// A variable that must be a whole number is not one.
+    #[error("{name}: not a number")]
+    NotANumber {
+        /// The variable.
+        name: &'static str,
+        /// Why it does not parse.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// `TASKPODS_TASK_ID` is not a UUID.
+    #[error("TASKPODS_TASK_ID: not a UUID")]
+    TaskId(#[source] uuid::Error),
+    /// `TASKPODS_PREFIX` is not a valid subject prefix.
+    #[error("TASKPODS_PREFIX: {0}")]
+    Prefix(#[source] SubjectError),
+    /// `TASKPODS_DEADLINE` is not an RFC 3339 time.
+    #[error("TASKPODS_DEADLINE: not an RFC 3339 time")]
+    Deadline(#[source] chrono::ParseError),
+    /// `TASKPODS_SANDBOX` names no sandbox this agent knows (the value given).
+    #[error("TASKPODS_SANDBOX: {0:?}: use bwrap or none")]
+    Sandbox(String),
+    /// The environment file could not be read.
+    #[error("{}: {source}", path.display())]
+    EnvFile {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The NATS credentials (`TASKPODS_NATS_CREDS`) could not be read.
+    #[error("TASKPODS_NATS_CREDS: {}: {source}", if path.as_os_str() == "-" { "standard input".into() } else { path.display().to_string() })]
+    Credentials {
+        /// The file, or `-` for standard input.
+        path: PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The NATS credentials are empty.
+    #[error("TASKPODS_NATS_CREDS: the credentials are empty")]
+    EmptyCredentials,
+    /// A line of the environment file is not `NAME=value`.
+    #[error("{}: line {line} is not NAME=value", path.display())]
+    EnvFileLine {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+    },
 }
-
-impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads the configuration through `var` (the process environment in `main`).
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let err = |name: &str, what: &str| ConfigError(format!("{name}: {what}"));
-        let num = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            match var(name) {
-                None => Ok(default),
-                Some(v) => v.trim().parse().map_err(|_| err(name, "not a number")),
-            }
+        let number = |name: &'static str, text: String| {
+            text.trim()
+                .parse()
+                .map_err(|source| ConfigError::NotANumber { name, source })
+        };
+        let num = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
+            var(name).map_or(Ok(default), |v| number(name, v))
         };
         let task = var("TASKPODS_TASK_ID")
-            .ok_or_else(|| err("TASKPODS_TASK_ID", "is required"))?
+            .ok_or(ConfigError::Missing {
+                name: "TASKPODS_TASK_ID",
+            })?
             .parse::<TaskId>()
-            .map_err(|_| err("TASKPODS_TASK_ID", "not a UUID"))?;
+            .map_err(ConfigError::TaskId)?;
         let nats_urls = var("TASKPODS_NATS_URL")
             .unwrap_or_else(|| "nats://127.0.0.1:4222".into())
             .split(',')
@@ -122,33 +174,24 @@ impl Config {
             .filter(|s| !s.is_empty())
             .collect();
         let names = Names::new(&var("TASKPODS_PREFIX").unwrap_or_else(|| "taskpods".into()))
-            .map_err(|e| err("TASKPODS_PREFIX", &e.to_string()))?;
+            .map_err(ConfigError::Prefix)?;
         let deadline = match var("TASKPODS_DEADLINE") {
             None => Utc::now() + chrono::TimeDelta::minutes(30),
             Some(v) => DateTime::parse_from_rfc3339(v.trim())
-                .map_err(|_| err("TASKPODS_DEADLINE", "not an RFC 3339 time"))?
+                .map_err(ConfigError::Deadline)?
                 .with_timezone(&Utc),
         };
         let sandbox = match var("TASKPODS_SANDBOX").as_deref().unwrap_or("bwrap") {
             "bwrap" => Sandbox::Bwrap,
             "none" => Sandbox::None,
-            other => {
-                return Err(err(
-                    "TASKPODS_SANDBOX",
-                    &format!("{other:?}: use bwrap or none"),
-                ));
-            }
+            other => return Err(ConfigError::Sandbox(other.to_owned())),
         };
         let limits = SandboxLimits {
             tmp_bytes: num("TASKPODS_TMP_BYTES", 64 << 20)?,
             max_procs: num("TASKPODS_MAX_PROCS", 256)?,
             max_file_bytes: num("TASKPODS_MAX_FILE_BYTES", 64 << 20)?,
             cpu_secs: var("TASKPODS_CPU_SECS")
-                .map(|v| {
-                    v.trim()
-                        .parse()
-                        .map_err(|_| err("TASKPODS_CPU_SECS", "not a number"))
-                })
+                .map(|v| number("TASKPODS_CPU_SECS", v))
                 .transpose()?,
         };
         Ok(Self {
@@ -182,17 +225,21 @@ impl Config {
         };
         let text = if path.as_os_str() == "-" {
             let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .map_err(|e| ConfigError(format!("TASKPODS_NATS_CREDS: standard input: {e}")))?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|source| {
+                ConfigError::Credentials {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             text
         } else {
-            std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("TASKPODS_NATS_CREDS: {}: {e}", path.display())))?
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Credentials {
+                path: path.clone(),
+                source,
+            })?
         };
         if text.trim().is_empty() {
-            return Err(ConfigError(
-                "TASKPODS_NATS_CREDS: the credentials are empty".into(),
-            ));
+            return Err(ConfigError::EmptyCredentials);
         }
         self.nats_credentials = Some(Secret(text));
         Ok(self)
@@ -223,14 +270,14 @@ mod tests {
         assert_eq!(config.chunk_bytes, 64 << 10);
         assert_eq!(config.names.prefix(), "taskpods");
         let missing = Config::from_env(|_| None).expect_err("task id required");
-        assert!(missing.0.contains("TASKPODS_TASK_ID"));
+        assert!(missing.to_string().contains("TASKPODS_TASK_ID"));
         let bad = Config::from_env(|n| match n {
             "TASKPODS_TASK_ID" => Some(task.to_string()),
             "TASKPODS_SANDBOX" => Some("docker".into()),
             _ => None,
         })
         .expect_err("bad sandbox");
-        assert!(bad.0.contains("use bwrap or none"));
+        assert!(bad.to_string().contains("use bwrap or none"));
     }
 
     #[test]

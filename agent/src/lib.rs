@@ -42,9 +42,13 @@ pub mod protocol;
 pub mod run;
 pub mod sandbox;
 
+use async_nats::jetstream::context::PublishError;
+use taskpods_events::codec::CodecError;
+
 pub use config::{Config, ConfigError, DEFAULT_ENV_FILE, env_file, parse_env_file};
-pub use protocol::{connect, hello, progress_msg_id, result_msg_id};
+pub use protocol::{HelloFailure, connect, hello, progress_msg_id, result_msg_id};
 pub use run::{code_env, run};
+pub use sandbox::SpawnError;
 
 /// The agent's version, reported in its hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -95,31 +99,37 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
-/// Why the agent stopped without running anything.
-#[derive(Debug)]
+/// Why the agent stopped without running anything, or could not report.
+#[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// NATS could not be reached before the deadline.
-    Connect(String),
-    /// No instructions before the deadline.
-    NoInstructions(String),
-    /// The engine said not to run (task ended or cancelling).
+    /// The NATS credentials are not usable.
+    #[error("cannot reach NATS: credentials: {0}")]
+    Credentials(#[source] std::io::Error),
+    /// None of the configured NATS URLs parses.
+    #[error("cannot reach NATS: no valid NATS URL")]
+    NoUrl,
+    /// Connecting failed with no time left to retry before the deadline.
+    #[error("cannot reach NATS: {0}")]
+    Connect(#[source] async_nats::ConnectError),
+    /// The deadline passed while connecting.
+    #[error("cannot reach NATS: deadline passed")]
+    ConnectDeadline,
+    /// The hello could not be encoded.
+    #[error("no instructions before the deadline: {0}")]
+    EncodeHello(#[source] CodecError),
+    /// No instructions before the deadline; the last attempt's failure.
+    #[error("no instructions before the deadline: {0}")]
+    NoInstructions(#[source] HelloFailure),
+    /// The engine said not to run (task ended or cancelling); its reason.
+    #[error("the engine said stop: {0}")]
     Stopped(String),
     /// The code could not be started.
-    Spawn(String),
-    /// The result could not be published.
-    Report(String),
+    #[error("cannot start the code: {0}")]
+    Spawn(#[source] SpawnError),
+    /// The result could not be encoded.
+    #[error("cannot report the result: {0}")]
+    EncodeResult(#[source] CodecError),
+    /// The result was not acknowledged before the agent gave up.
+    #[error("cannot report the result: {0}")]
+    Report(#[source] PublishError),
 }
-
-impl std::fmt::Display for AgentError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Connect(e) => write!(f, "cannot reach NATS: {e}"),
-            Self::NoInstructions(e) => write!(f, "no instructions before the deadline: {e}"),
-            Self::Stopped(e) => write!(f, "the engine said stop: {e}"),
-            Self::Spawn(e) => write!(f, "cannot start the code: {e}"),
-            Self::Report(e) => write!(f, "cannot report the result: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for AgentError {}

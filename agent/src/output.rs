@@ -24,6 +24,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishError;
 use bytes::{Bytes, BytesMut};
 use taskpods_events::TaskId;
 use taskpods_events::codec::HEADER_MSG_ID;
@@ -122,7 +123,7 @@ pub struct Writer {
     offsets: [u64; 2],
     stats: OutputStats,
     truncated: bool,
-    broken: Option<String>,
+    broken: Option<PublishError>,
     buffers: [BytesMut; 2],
 }
 
@@ -245,7 +246,7 @@ impl Writer {
     }
 
     /// Flushes and sends the `end` message; returns the counters (or why output is incomplete).
-    pub async fn finish(mut self) -> Result<OutputStats, String> {
+    pub async fn finish(mut self) -> Result<OutputStats, PublishError> {
         self.flush().await;
         let stats = self.stats.clone();
         self.send(
@@ -333,7 +334,7 @@ pub async fn pump(
     stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
     stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
     progress: mpsc::Sender<Progress>,
-) -> Result<OutputStats, String> {
+) -> Result<OutputStats, PublishError> {
     let (tx, mut rx) = mpsc::channel::<(Kind, Bytes)>(16);
     if let Some(out) = stdout {
         tokio::spawn(read_into(out, Kind::Stdout, tx.clone(), progress.clone()));

@@ -4,11 +4,32 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishError;
 use chrono::{DateTime, Utc};
-use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID, MSGPACK};
+use taskpods_events::codec::{self, CodecError, HEADER_CONTENT_TYPE, HEADER_MSG_ID, MSGPACK};
 use taskpods_events::{AgentReport, Encoding, HelloReply, Instructions, TaskId, TaskOutcome};
 
 use crate::{AgentError, Config, VERSION};
+
+/// What went wrong with the last attempt to get instructions (reported when the deadline passes).
+#[derive(Debug, thiserror::Error)]
+pub enum HelloFailure {
+    /// No attempt was made: the deadline had passed already.
+    #[error("no answer")]
+    NoAnswer,
+    /// The engine answered `Wait` (it has not recorded the Job yet).
+    #[error("engine said wait")]
+    Wait,
+    /// The request got no reply within its timeout.
+    #[error("timed out")]
+    TimedOut,
+    /// The request failed (no responders, connection lost).
+    #[error(transparent)]
+    Request(async_nats::RequestError),
+    /// The reply could not be decoded.
+    #[error(transparent)]
+    Decode(CodecError),
+}
 
 pub(crate) fn until(deadline: DateTime<Utc>) -> Duration {
     (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO)
@@ -25,7 +46,7 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, AgentError> 
         if let Some(crate::config::Secret(creds)) = &config.nats_credentials {
             options = options
                 .credentials(creds)
-                .map_err(|e| AgentError::Connect(format!("credentials: {e}")))?;
+                .map_err(AgentError::Credentials)?;
         }
         let addrs: Vec<async_nats::ServerAddr> = config
             .nats_urls
@@ -33,7 +54,7 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, AgentError> 
             .filter_map(|u| u.parse().ok())
             .collect();
         if addrs.is_empty() {
-            return Err(AgentError::Connect("no valid NATS URL".into()));
+            return Err(AgentError::NoUrl);
         }
         let left = until(config.deadline);
         match tokio::time::timeout(left.max(Duration::from_millis(1)), options.connect(addrs)).await
@@ -44,8 +65,8 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, AgentError> 
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Ok(Err(e)) => return Err(AgentError::Connect(e.to_string())),
-            Err(_) => return Err(AgentError::Connect("deadline passed".into())),
+            Ok(Err(e)) => return Err(AgentError::Connect(e)),
+            Err(_) => return Err(AgentError::ConnectDeadline),
         }
     }
 }
@@ -59,9 +80,9 @@ pub async fn hello(
     let payload = codec::to_msgpack(&AgentReport::Hello {
         agent_version: Some(VERSION.to_owned()),
     })
-    .map_err(|e| AgentError::NoInstructions(e.to_string()))?;
+    .map_err(AgentError::EncodeHello)?;
     let mut delay = Duration::from_millis(50);
-    let mut last = String::from("no answer");
+    let mut last = HelloFailure::NoAnswer;
     while until(config.deadline) > Duration::ZERO {
         let asked = tokio::time::timeout(
             Duration::from_secs(3),
@@ -75,21 +96,21 @@ pub async fn hello(
                     Ok(HelloReply::Run(instructions)) => return Ok(instructions),
                     Ok(HelloReply::Stop { reason }) => return Err(AgentError::Stopped(reason)),
                     Ok(HelloReply::Wait { retry_after_ms }) => {
-                        last = "engine said wait".into();
+                        last = HelloFailure::Wait;
                         Duration::from_millis(retry_after_ms.clamp(10, 5000))
                     }
                     Err(e) => {
-                        last = e.to_string();
+                        last = HelloFailure::Decode(e);
                         delay
                     }
                 }
             }
             Ok(Err(e)) => {
-                last = e.to_string();
+                last = HelloFailure::Request(e);
                 delay
             }
             Err(_) => {
-                last = "timed out".into();
+                last = HelloFailure::TimedOut;
                 delay
             }
         };
@@ -107,15 +128,13 @@ pub(crate) async fn publish_acked(
     headers: HeaderMap,
     payload: bytes::Bytes,
     give_up: tokio::time::Instant,
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     let mut delay = Duration::from_millis(50);
     loop {
         let attempt = async {
             js.publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await?
                 .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
         };
         let error = match attempt.await {
             Ok(_) => return Ok(()),
@@ -153,7 +172,7 @@ pub(crate) async fn publish_result(
     outcome: &TaskOutcome,
 ) -> Result<(), AgentError> {
     let payload = codec::to_msgpack(&AgentReport::Result(outcome.clone()))
-        .map_err(|e| AgentError::Report(e.to_string()))?;
+        .map_err(AgentError::EncodeResult)?;
     // Keep trying well past the deadline: the engine may be restarting, and the msg id makes it once.
     let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
     publish_acked(

@@ -130,7 +130,7 @@ async fn run_code(
             let text = format!("taskpods-agent: cannot start the code: {e}\n");
             writer.push(output::Kind::Stderr, text.as_bytes()).await;
             let _ = writer.finish().await;
-            return Err(AgentError::Spawn(e.to_string()));
+            return Err(AgentError::Spawn(e));
         }
     };
     let pump = output::pump(

@@ -265,12 +265,29 @@ pub fn command_line(
     }
 }
 
+/// Why the code could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Setting up its pipes and socket failed.
+    #[error("{0}")]
+    Setup(#[from] std::io::Error),
+    /// The program (the shell, bubblewrap or setpriv) could not be executed.
+    #[error("{program}: {source}")]
+    Start {
+        /// The program.
+        program: String,
+        /// Why it could not be executed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Starts the code.
 pub fn spawn(
     config: &Config,
     instructions: &Instructions,
     code: &Code,
-) -> std::io::Result<Running> {
+) -> Result<Running, SpawnError> {
     let (program, mut args, private) = command_line(config, instructions, code);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut command = Command::new(&program);
@@ -324,8 +341,10 @@ pub fn spawn(
     }
     let spawned = command.spawn();
     drop(private_fd);
-    let mut child =
-        spawned.map_err(|e| std::io::Error::new(e.kind(), format!("{program}: {e}")))?;
+    let mut child = spawned.map_err(|source| SpawnError::Start {
+        program: program.clone(),
+        source,
+    })?;
     ours.set_nonblocking(true)?;
     let mut ours = tokio::net::UnixStream::from_std(ours)?;
     let result = tokio::spawn(async move {
