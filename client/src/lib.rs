@@ -19,7 +19,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID, MSGPACK};
+use taskpods_events::codec::{self, CodecError, HEADER_CONTENT_TYPE, HEADER_MSG_ID, MSGPACK};
 use taskpods_events::{
     CancelTask, CommandReply, Encoding, HEADER_REPLY_TO, LaunchTask, Names, Problem, Task, TaskId,
     TaskState, evolve,
@@ -67,12 +67,18 @@ pub enum ClientError {
         /// Its state.
         state: TaskState,
     },
-    /// The engine could not read the command.
+    /// The engine could not read the command (its answer).
     #[error("the engine could not read the command: {0}")]
     Invalid(String),
+    /// The command could not be encoded.
+    #[error("cannot encode the command: {0}")]
+    Encode(#[source] CodecError),
     /// NATS could not be reached or a request failed.
     #[error("NATS: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] async_nats::Error),
+    /// The subscription to the task's events ended before the task did.
+    #[error("NATS: event subscription ended")]
+    SubscriptionEnded,
     /// Nobody answered within the timeout.
     #[error("timed out after {after:?} waiting for {what}")]
     TimedOut {
@@ -83,7 +89,10 @@ pub enum ClientError {
     },
     /// A stored event could not be decoded.
     #[error("corrupt event: {0}")]
-    Corrupt(String),
+    Corrupt(#[source] LogError),
+    /// The engine's reply could not be decoded.
+    #[error("undecodable command reply: {0}")]
+    CorruptReply(#[source] CodecError),
 }
 
 impl ClientError {
@@ -92,23 +101,23 @@ impl ClientError {
         match self {
             Self::Rejected { .. } => ClientErrorKind::Rejected,
             Self::Refused { .. } => ClientErrorKind::Refused,
-            Self::Invalid(_) => ClientErrorKind::Invalid,
-            Self::Unreachable(_) => ClientErrorKind::Unreachable,
+            Self::Invalid(_) | Self::Encode(_) => ClientErrorKind::Invalid,
+            Self::Unreachable(_) | Self::SubscriptionEnded => ClientErrorKind::Unreachable,
             Self::TimedOut { .. } => ClientErrorKind::TimedOut,
-            Self::Corrupt(_) => ClientErrorKind::Corrupt,
+            Self::Corrupt(_) | Self::CorruptReply(_) => ClientErrorKind::Corrupt,
         }
     }
 }
 
-fn unreachable(e: impl std::fmt::Display) -> ClientError {
-    ClientError::Unreachable(e.to_string())
+fn unreachable(e: impl Into<async_nats::Error>) -> ClientError {
+    ClientError::Unreachable(e.into())
 }
 
 /// A failure reading the event log: unreadable stream → `Unreachable`, unusable event → `Corrupt`.
 fn log_error(e: LogError) -> ClientError {
     match e {
-        LogError::Read(_) => unreachable(e),
-        _ => ClientError::Corrupt(e.to_string()),
+        LogError::Read { .. } => unreachable(e),
+        _ => ClientError::Corrupt(e),
     }
 }
 
@@ -245,7 +254,7 @@ impl Client {
                 .unwrap_or_default();
                 codec::decode("command reply", &message.payload, encoding)
                     .map(Some)
-                    .map_err(|e| ClientError::Corrupt(e.to_string()))
+                    .map_err(ClientError::CorruptReply)
             }
             Ok(None) | Err(_) => Ok(None),
         }
@@ -262,8 +271,7 @@ impl Client {
                 id
             }
         };
-        let payload =
-            codec::to_msgpack(&launch).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let payload = codec::to_msgpack(&launch).map_err(ClientError::Encode)?;
         let reply = self
             .command(
                 self.config.names.launch(),
@@ -325,8 +333,7 @@ impl Client {
             reason,
             requester: None,
         };
-        let payload =
-            codec::to_msgpack(&cancel).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        let payload = codec::to_msgpack(&cancel).map_err(ClientError::Encode)?;
         // Unique per request: a second cancel must reach the engine to be refused, not be dropped.
         let msg_id = format!("cancel:{task_id}:{}", TaskId::mint());
         match self
@@ -409,7 +416,7 @@ impl Client {
                     return Ok(task);
                 }
             }
-            Err(ClientError::Unreachable("event subscription ended".into()))
+            Err(ClientError::SubscriptionEnded)
         };
         tokio::time::timeout(timeout, follow)
             .await

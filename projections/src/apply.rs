@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv, stream::Stream};
 use futures::StreamExt;
 use taskpods_events::{Names, TaskId};
@@ -437,12 +438,9 @@ impl Writer {
             let result = if view.is_terminal() {
                 if rev == 0 {
                     // Leave a marker so a slower projector's older event cannot create the entry.
-                    active.delete(key).await.map_err(|e| e.to_string())
+                    active.delete(key).await
                 } else {
-                    active
-                        .delete_expect_revision(key, Some(rev))
-                        .await
-                        .map_err(|e| e.to_string())
+                    active.delete_expect_revision(key, Some(rev)).await
                 }
                 .map(|()| ActiveHint::Gone)
             } else {
@@ -450,15 +448,21 @@ impl Writer {
                     .update(key, encode(&ActiveView::from(view))?, rev)
                     .await
                     .map(|rev| ActiveHint::Rev { rev, seq: view.seq })
-                    .map_err(|e| e.to_string())
             };
             match result {
                 Ok(hint) => return Ok(hint),
-                Err(message) if is_wrong_sequence(&message) => hint = ActiveHint::Unknown,
-                Err(message) => return Err(BucketError::js("write active", key, message).into()),
+                // Another writer moved the entry on (the server's 10071, wrong last sequence).
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    hint = ActiveHint::Unknown;
+                }
+                Err(e) => return Err(BucketError::js("write active", key, e).into()),
             }
         }
-        Err(BucketError::js("write active", key, "too many concurrent writers").into())
+        Err(BucketError::Contended {
+            operation: "write active",
+            name: key.to_owned(),
+        }
+        .into())
     }
 
     /// Writes finished entries create-only, in the given order.
@@ -484,7 +488,8 @@ impl Writer {
             match ack.await {
                 Ok(_) => {}
                 // Already written by an earlier attempt or another projector: the first one stands.
-                Err(e) if is_wrong_sequence(&e.to_string()) => {}
+                // (`Nats-Expected-Last-Subject-Sequence: 0` failed: the server's 10071.)
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
                 Err(e) => return Err(BucketError::js("write finished", task.to_string(), e).into()),
             }
         }
@@ -583,17 +588,10 @@ impl Writer {
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<bytes::Bytes, ApplyError> {
-    view::encode(value).map_err(|e| {
-        ApplyError::Bucket(BucketError::Corrupt {
-            bucket: "encode".into(),
+    view::encode(value).map_err(|source| {
+        ApplyError::Bucket(BucketError::Encode {
             key: String::new(),
-            message: e.to_string(),
+            source,
         })
     })
-}
-
-/// Whether a publish failed on `Nats-Expected-Last-Subject-Sequence` (the server's error 10071).
-fn is_wrong_sequence(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("wrong last sequence") || m.contains("10071") || m.contains("wrong last revision")
 }

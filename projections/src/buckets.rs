@@ -44,26 +44,45 @@ pub enum ErrorKind {
 #[derive(Debug, thiserror::Error)]
 pub enum BucketError {
     /// A JetStream request failed.
-    #[error("JetStream {operation} {name}: {message}")]
+    #[error("JetStream {operation} {name}: {source}")]
     JetStream {
         /// What we were doing.
         operation: &'static str,
         /// The bucket, stream or key.
         name: String,
-        /// The client's error.
-        message: String,
-        /// Its kind.
+        /// Its kind, read from the client's own error kinds (see [`kind_of`]).
         kind: ErrorKind,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Another writer kept winning the revision race on a key; the write was given up.
+    #[error("JetStream {operation} {name}: too many concurrent writers")]
+    Contended {
+        /// What we were doing.
+        operation: &'static str,
+        /// The key.
+        name: String,
     },
     /// A value in a bucket is not what this version writes.
-    #[error("bucket {bucket} key {key}: undecodable value: {message}")]
+    #[error("bucket {bucket} key {key}: undecodable value: {source}")]
     Corrupt {
         /// The bucket.
         bucket: String,
         /// The key.
         key: String,
-        /// The decoder's message.
-        message: String,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A view could not be encoded (a bug: views are plain data).
+    #[error("key {key}: cannot encode the value: {source}")]
+    Encode {
+        /// The key it was meant for.
+        key: String,
+        /// The encoder's error.
+        #[source]
+        source: serde_json::Error,
     },
 }
 
@@ -72,31 +91,102 @@ impl BucketError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::JetStream { kind, .. } => *kind,
-            Self::Corrupt { .. } => ErrorKind::Corrupt,
+            Self::Contended { .. } => ErrorKind::Other,
+            Self::Corrupt { .. } | Self::Encode { .. } => ErrorKind::Corrupt,
         }
     }
 
-    pub(crate) fn js(operation: &'static str, name: impl Into<String>, e: impl ToString) -> Self {
-        let message = e.to_string();
-        let lower = message.to_ascii_lowercase();
-        let kind = if lower.contains("timed out")
-            || lower.contains("timeout")
-            || lower.contains("broken pipe")
-            || lower.contains("no responders")
-            || lower.contains("disconnected")
-        {
-            ErrorKind::Unavailable
-        } else if lower.contains("not found") {
-            ErrorKind::Missing
-        } else {
-            ErrorKind::Other
-        };
+    pub(crate) fn js<E>(operation: &'static str, name: impl Into<String>, error: E) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         Self::JetStream {
             operation,
             name: name.into(),
-            message,
-            kind,
+            kind: kind_of(&error),
+            source: Box::new(error),
         }
+    }
+}
+
+/// The kind of a NATS failure, read from async-nats's own error kinds along the error's source chain
+/// (never from its text, which changes between client versions): timeouts, broken connections and no
+/// responders are [`ErrorKind::Unavailable`]; a JetStream API answer with code 404 (stream, consumer or
+/// message not found) or a missing stream is [`ErrorKind::Missing`].
+pub fn kind_of(error: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(kind) = direct_kind(error) {
+            return kind;
+        }
+        next = error.source();
+    }
+    ErrorKind::Other
+}
+
+/// The kind `error` itself says, when it says one; `None` sends [`kind_of`] on to its source.
+fn direct_kind(error: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    use async_nats::jetstream::context::{
+        CreateStreamError, CreateStreamErrorKind as Create, GetStreamError,
+        GetStreamErrorKind as Get, PublishError, PublishErrorKind as Publish, RequestError,
+        RequestErrorKind as Request,
+    };
+    use async_nats::jetstream::stream::{DirectGetError, PurgeError, PurgeErrorKind as Purge};
+    use jetstream::Error as Api;
+    use kv::{
+        EntryError, EntryErrorKind, UpdateError, UpdateErrorKind, WatchError, WatchErrorKind,
+    };
+
+    const UNAVAILABLE: Option<ErrorKind> = Some(ErrorKind::Unavailable);
+    let api = |e: &Api| (e.code() == 404).then_some(ErrorKind::Missing);
+    if let Some(e) = error.downcast_ref::<PublishError>() {
+        match e.kind() {
+            Publish::TimedOut | Publish::BrokenPipe => UNAVAILABLE,
+            Publish::StreamNotFound => Some(ErrorKind::Missing),
+            _ => None,
+        }
+    } else if let Some(e) = error.downcast_ref::<RequestError>() {
+        matches!(e.kind(), Request::TimedOut | Request::NoResponders)
+            .then_some(ErrorKind::Unavailable)
+    } else if let Some(e) = error.downcast_ref::<async_nats::RequestError>() {
+        use async_nats::RequestErrorKind as Core;
+        matches!(e.kind(), Core::TimedOut | Core::NoResponders).then_some(ErrorKind::Unavailable)
+    } else if let Some(e) = error.downcast_ref::<async_nats::PublishError>() {
+        (e.kind() == async_nats::PublishErrorKind::Send).then_some(ErrorKind::Unavailable)
+    } else if let Some(e) = error.downcast_ref::<UpdateError>() {
+        (e.kind() == UpdateErrorKind::TimedOut).then_some(ErrorKind::Unavailable)
+    } else if let Some(e) = error.downcast_ref::<EntryError>() {
+        (e.kind() == EntryErrorKind::TimedOut).then_some(ErrorKind::Unavailable)
+    } else if let Some(e) = error.downcast_ref::<WatchError>() {
+        (e.kind() == WatchErrorKind::TimedOut).then_some(ErrorKind::Unavailable)
+    } else if let Some(e) = error.downcast_ref::<DirectGetError>() {
+        match e.kind() {
+            DirectGetErrorKind::TimedOut => UNAVAILABLE,
+            DirectGetErrorKind::NotFound => Some(ErrorKind::Missing),
+            _ => None,
+        }
+    } else if let Some(e) = error.downcast_ref::<CreateStreamError>() {
+        match e.kind() {
+            Create::TimedOut | Create::JetStreamUnavailable => UNAVAILABLE,
+            Create::NotFound => Some(ErrorKind::Missing),
+            Create::JetStream(e) => api(&e),
+            _ => None,
+        }
+    } else if let Some(e) = error.downcast_ref::<GetStreamError>() {
+        match e.kind() {
+            Get::JetStream(e) => api(&e),
+            _ => None,
+        }
+    } else if let Some(e) = error.downcast_ref::<PurgeError>() {
+        match e.kind() {
+            Purge::TimedOut => UNAVAILABLE,
+            Purge::JetStream(e) => api(&e),
+            Purge::Request => None,
+        }
+    } else if let Some(e) = error.downcast_ref::<Api>() {
+        api(e)
+    } else {
+        None
     }
 }
 
@@ -211,7 +301,7 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
 pub async fn delete_bucket(js: &jetstream::Context, bucket: &str) -> Result<(), BucketError> {
     match js.delete_stream(format!("KV_{bucket}")).await {
         Ok(_) => Ok(()),
-        Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(()),
+        Err(e) if kind_of(&e) == ErrorKind::Missing => Ok(()),
         Err(e) => Err(BucketError::js("delete bucket", bucket, e)),
     }
 }
@@ -221,10 +311,10 @@ pub async fn read_pointer(meta: &kv::Store) -> Result<(Pointer, u64), BucketErro
     match meta.entry(POINTER_KEY).await {
         Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
             let pointer =
-                view::decode::<Pointer>(&entry.value).map_err(|e| BucketError::Corrupt {
+                view::decode::<Pointer>(&entry.value).map_err(|source| BucketError::Corrupt {
                     bucket: "projections".into(),
                     key: POINTER_KEY.into(),
-                    message: e.to_string(),
+                    source,
                 })?;
             Ok((pointer, entry.revision))
         }
@@ -443,10 +533,10 @@ pub(crate) fn decode_entry<T: for<'de> Deserialize<'de>>(
     key: &str,
     bytes: &[u8],
 ) -> Result<T, BucketError> {
-    view::decode(bytes).map_err(|e| BucketError::Corrupt {
+    view::decode(bytes).map_err(|source| BucketError::Corrupt {
         bucket: bucket.name.clone(),
         key: key.to_owned(),
-        message: e.to_string(),
+        source,
     })
 }
 
@@ -500,10 +590,10 @@ pub async fn finished_page(
                         continue;
                     }
                     let entry: FinishedView =
-                        view::decode(&message.payload).map_err(|e| BucketError::Corrupt {
+                        view::decode(&message.payload).map_err(|source| BucketError::Corrupt {
                             bucket: name.clone(),
                             key: format!("sequence {seq}"),
-                            message: e.to_string(),
+                            source,
                         })?;
                     entries.push(entry);
                 }

@@ -27,7 +27,7 @@ use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_KIND, HEADER_MSG_
 use taskpods_events::{Addressed, Event, EventBody, Names, TaskId};
 
 /// Why a stored message is not a usable event.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// The subject is not a task event subject under this prefix.
     #[error("sequence {seq}: subject {subject:?} is not a task event subject")]
@@ -38,12 +38,13 @@ pub enum LogError {
         subject: String,
     },
     /// The payload is not an event envelope (a broken writer, or corruption).
-    #[error("sequence {seq}: undecodable event: {message}")]
+    #[error("sequence {seq}: undecodable event: {source}")]
     Undecodable {
         /// Stream sequence.
         seq: u64,
-        /// The codec's message (with the field path).
-        message: String,
+        /// The codec's error (with the field path).
+        #[source]
+        source: codec::CodecError,
     },
     /// The envelope names a different task than the subject it was stored on.
     #[error("sequence {seq}: event for task {envelope} stored on the subject of task {subject}")]
@@ -56,8 +57,23 @@ pub enum LogError {
         envelope: TaskId,
     },
     /// Reading the stream failed (server unreachable, timeout).
-    #[error("reading the event stream: {0}")]
-    Read(String),
+    #[error("reading the event stream: {operation}: {source}")]
+    Read {
+        /// What was being read (`direct get`, `ordered consumer`, `message metadata`).
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+impl LogError {
+    fn read(operation: &'static str, source: impl Into<async_nats::Error>) -> Self {
+        Self::Read {
+            operation,
+            source: source.into(),
+        }
+    }
 }
 
 /// One event as stored on the stream.
@@ -142,10 +158,8 @@ pub fn decode(
             });
         }
     };
-    let event = codec::decode_event(payload).map_err(|e| LogError::Undecodable {
-        seq,
-        message: e.to_string(),
-    })?;
+    let event =
+        codec::decode_event(payload).map_err(|source| LogError::Undecodable { seq, source })?;
     if event.task != subject_task {
         return Err(LogError::WrongTask {
             seq,
@@ -178,7 +192,7 @@ pub fn decode_message(
 ) -> Result<StoredEvent, LogError> {
     let info = message
         .info()
-        .map_err(|e| LogError::Read(format!("message metadata: {e}")))?;
+        .map_err(|e| LogError::read("message metadata", e))?;
     decode(
         names,
         message.subject.as_str(),
@@ -235,7 +249,7 @@ pub async fn read_task(
                 ));
             }
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-            Err(e) => return Err(LogError::Read(e.to_string())),
+            Err(e) => return Err(LogError::read("direct get", e)),
         }
     }
     Ok(out)
@@ -290,11 +304,11 @@ pub async fn ordered(
             ..Default::default()
         })
         .await
-        .map_err(|e| LogError::Read(format!("ordered consumer: {e}")))?;
+        .map_err(|e| LogError::read("ordered consumer", e))?;
     consumer
         .messages()
         .await
-        .map_err(|e| LogError::Read(format!("ordered consumer: {e}")))
+        .map_err(|e| LogError::read("ordered consumer", e))
 }
 
 /// A start time for the server, to the second (a scan from it may include the rest of that second).

@@ -35,7 +35,7 @@ pub enum RebuildError {
     Projector(#[from] ProjectorError),
     /// Reading the event stream failed.
     #[error("reading the event stream: {0}")]
-    Stream(String),
+    Stream(#[source] async_nats::Error),
     /// Another rebuild switched the pointer first; this one's generation was left unused.
     #[error("another rebuild switched to generation {0} first; nothing was switched")]
     Raced(u32),
@@ -91,10 +91,10 @@ pub async fn fold_stream(
     }
     let mut messages = log::ordered(events, names, None, log::Start::First)
         .await
-        .map_err(|e| RebuildError::Stream(e.to_string()))?;
+        .map_err(|e| RebuildError::Stream(e.into()))?;
     let mut seen = 0u64;
     while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| RebuildError::Stream(e.to_string()))?;
+        let m = m.map_err(|e| RebuildError::Stream(e.into()))?;
         let Ok(info) = m.info() else { continue };
         let seq = info.stream_sequence;
         if seq > upto {
@@ -214,11 +214,11 @@ pub async fn rebuild(
     let mut events = js
         .get_stream(names.event_stream())
         .await
-        .map_err(|e| RebuildError::Stream(e.to_string()))?;
+        .map_err(|e| RebuildError::Stream(e.into()))?;
     let upto = events
         .info()
         .await
-        .map_err(|e| RebuildError::Stream(e.to_string()))?
+        .map_err(|e| RebuildError::Stream(e.into()))?
         .state
         .last_sequence;
     let folded = fold_stream(&events, names, upto, &mut progress).await?;
@@ -248,10 +248,9 @@ pub async fn rebuild(
         switched_at: Utc::now(),
         covered_seq: covered,
     };
-    let value = view::encode(&next).map_err(|e| BucketError::Corrupt {
-        bucket: "projections".into(),
+    let value = view::encode(&next).map_err(|source| BucketError::Encode {
         key: buckets::POINTER_KEY.into(),
-        message: e.to_string(),
+        source,
     })?;
     if let Err(e) = meta.update(buckets::POINTER_KEY, value, pointer_rev).await {
         if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
@@ -351,7 +350,7 @@ async fn write_generation(
         for f in window {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-            let value = view::encode(f).map_err(|e| corrupt(&f.task.to_string(), e))?;
+            let value = view::encode(f).map_err(|e| unencodable(&f.task.to_string(), e))?;
             acks.push(
                 js.publish_with_headers(
                     format!("$KV.{}.{}", target.finished.name, f.task),
@@ -375,7 +374,7 @@ async fn create<T: Serialize>(
     key: &str,
     value: &T,
 ) -> Result<(), RebuildError> {
-    let bytes = view::encode(value).map_err(|e| corrupt(key, e))?;
+    let bytes = view::encode(value).map_err(|e| unencodable(key, e))?;
     bucket
         .update(key, bytes, 0)
         .await
@@ -383,11 +382,10 @@ async fn create<T: Serialize>(
     Ok(())
 }
 
-fn corrupt(key: &str, e: serde_json::Error) -> BucketError {
-    BucketError::Corrupt {
-        bucket: "encode".into(),
+fn unencodable(key: &str, source: serde_json::Error) -> BucketError {
+    BucketError::Encode {
         key: key.to_owned(),
-        message: e.to_string(),
+        source,
     }
 }
 
@@ -432,11 +430,11 @@ pub async fn verify(
     let mut events = js
         .get_stream(names.event_stream())
         .await
-        .map_err(|e| RebuildError::Stream(e.to_string()))?;
+        .map_err(|e| RebuildError::Stream(e.into()))?;
     let upto = events
         .info()
         .await
-        .map_err(|e| RebuildError::Stream(e.to_string()))?
+        .map_err(|e| RebuildError::Stream(e.into()))?
         .state
         .last_sequence;
     projector::wait_for_sequence(js, names, upto, settle).await?;
@@ -463,7 +461,7 @@ pub async fn verify(
             // The task moved on while we compared: fold its newer events too.
             for e in log::read_task(events_ref, names, *task, fresh.view.seq + 1, live.seq)
                 .await
-                .map_err(|e| RebuildError::Stream(e.to_string()))?
+                .map_err(|e| RebuildError::Stream(e.into()))?
                 .into_iter()
                 .flatten()
             {

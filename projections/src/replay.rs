@@ -24,7 +24,7 @@ use crate::view::{TaskView, detail};
 pub enum ReplayError {
     /// Reading the stream failed.
     #[error("reading the event stream: {0}")]
-    Stream(String),
+    Stream(#[source] async_nats::Error),
     /// The stream has no events for the task.
     #[error("no events for task {0}")]
     NoSuchTask(TaskId),
@@ -161,7 +161,7 @@ pub fn timeline(task: TaskId, reads: &[Read], at: Option<At>) -> Timeline {
             Err(LogError::Undecodable { seq, .. })
             | Err(LogError::Foreign { seq, .. })
             | Err(LogError::WrongTask { seq, .. }) => *seq,
-            Err(LogError::Read(_)) => 0,
+            Err(LogError::Read { .. }) => 0,
         };
         let past = match (at, read) {
             (Some(At::Seq(limit)), _) => seq > limit,
@@ -424,7 +424,7 @@ pub async fn replay(
 ) -> Result<Timeline, ReplayError> {
     let reads = log::read_task(events, names, task, 1, u64::MAX)
         .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+        .map_err(|e| ReplayError::Stream(e.into()))?;
     if reads.is_empty() {
         return Err(ReplayError::NoSuchTask(task));
     }
@@ -471,7 +471,7 @@ pub async fn failed_since(
     let info = stream
         .info()
         .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+        .map_err(|e| ReplayError::Stream(e.into()))?;
     let last = info.state.last_sequence;
     let mut report = FailedReport::default();
     if info.state.messages == 0 {
@@ -479,12 +479,12 @@ pub async fn failed_since(
     }
     let mut messages = log::ordered(&stream, names, None, log::Start::Time(since))
         .await
-        .map_err(|e| ReplayError::Stream(e.to_string()))?;
+        .map_err(|e| ReplayError::Stream(e.into()))?;
     loop {
         // An ordered consumer starting past the end delivers nothing; a short idle wait ends the scan.
         let next = tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await;
         let Ok(Some(m)) = next else { break };
-        let m = m.map_err(|e| ReplayError::Stream(e.to_string()))?;
+        let m = m.map_err(|e| ReplayError::Stream(e.into()))?;
         let Ok(meta) = m.info() else { continue };
         let seq = meta.stream_sequence;
         let pending = meta.pending;
