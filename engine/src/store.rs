@@ -7,9 +7,10 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream::Stream};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, stream::Stream};
 use chrono::{DateTime, Utc};
-use taskpods_events::codec::{self, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
+use taskpods_events::codec::{self, CodecError, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
 use taskpods_events::{Event, Input, Names, Refusal, Task, TaskId, decide, evolve, stamp};
 use taskpods_projections::log::{self, LogError};
 
@@ -32,25 +33,49 @@ pub enum StoreErrorKind {
     Other,
 }
 
-/// A store failure with its kind.
+/// A store failure; [`StoreError::kind`] says what kind, from async-nats's own error kinds.
 #[derive(Debug, thiserror::Error)]
-#[error("event store ({kind:?}): {message}")]
-pub struct StoreError {
-    kind: StoreErrorKind,
-    message: String,
+pub enum StoreError {
+    /// Reading the task's events failed: the stream could not be read, or an event is unusable.
+    #[error("event store: {0}")]
+    Read(#[source] LogError),
+    /// An event could not be encoded (a bug: every event is encodable).
+    #[error("event store: {0}")]
+    Encode(#[source] CodecError),
+    /// The server did not take an append.
+    #[error("event store: append: {0}")]
+    Append(#[source] PublishError),
+    /// Someone (another replica, or this one before a crash) wrote this position first.
+    #[error("event store: event {msg_id} was already written (sequence {sequence})")]
+    Duplicate {
+        /// The event's message id.
+        msg_id: String,
+        /// The stream sequence it was stored at.
+        sequence: u64,
+    },
+    /// Other writers kept winning the race for the task.
+    #[error("event store: too many concurrent writers")]
+    Contended,
 }
 
 impl StoreError {
-    fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-        }
-    }
-
     /// What kind of failure this is.
     pub fn kind(&self) -> StoreErrorKind {
-        self.kind
+        match self {
+            Self::Read(LogError::Read { .. }) => StoreErrorKind::Unavailable,
+            Self::Read(_) => StoreErrorKind::Corrupt,
+            Self::Encode(_) => StoreErrorKind::Other,
+            Self::Append(e) => match e.kind() {
+                PublishErrorKind::WrongLastSequence => StoreErrorKind::Conflict,
+                PublishErrorKind::TimedOut
+                | PublishErrorKind::BrokenPipe
+                | PublishErrorKind::MaxAckPending
+                | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
+                PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
+                _ => StoreErrorKind::Other,
+            },
+            Self::Duplicate { .. } | Self::Contended => StoreErrorKind::Conflict,
+        }
     }
 }
 
@@ -115,13 +140,7 @@ impl EventStore {
     pub async fn read(&self, task: TaskId) -> Result<Vec<StoredEvent>, StoreError> {
         log::read_events(&self.stream, &self.names, task)
             .await
-            .map_err(|e| {
-                let kind = match e {
-                    LogError::Read(_) => StoreErrorKind::Unavailable,
-                    _ => StoreErrorKind::Corrupt,
-                };
-                StoreError::new(kind, e.to_string())
-            })
+            .map_err(StoreError::Read)
     }
 
     /// The task folded from all its events.
@@ -146,8 +165,7 @@ impl EventStore {
         let mut stored = Vec::with_capacity(events.len());
         for (i, event) in events.iter().enumerate() {
             let position = expected.task.events + i as u64;
-            let payload = codec::encode_event(event)
-                .map_err(|e| StoreError::new(StoreErrorKind::Other, e.to_string()))?;
+            let payload = codec::encode_event(event).map_err(StoreError::Encode)?;
             let mut headers = log::headers(event, position);
             headers.insert(
                 HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -157,21 +175,17 @@ impl EventStore {
                 .js
                 .publish_with_headers(self.names.events(event.task), headers, payload.into())
                 .await
-                .map_err(|e| publish_error(e.kind(), e.to_string()))?
+                .map_err(StoreError::Append)?
                 .await
-                .map_err(|e| publish_error(e.kind(), e.to_string()))?;
+                .map_err(StoreError::Append)?;
             // The server checks the message id before the expected sequence, so a write of this
             // position by anyone (another replica, or ourselves before a crash) comes back as a
             // duplicate rather than a conflict: either way the log moved on, so judge again.
             if ack.duplicate {
-                return Err(StoreError::new(
-                    StoreErrorKind::Conflict,
-                    format!(
-                        "event {} was already written (sequence {})",
-                        log::msg_id(event.task, position, event.body.kind()),
-                        ack.sequence
-                    ),
-                ));
+                return Err(StoreError::Duplicate {
+                    msg_id: log::msg_id(event.task, position, event.body.kind()),
+                    sequence: ack.sequence,
+                });
             }
             last = ack.sequence;
             stored.push(StoredEvent {
@@ -250,19 +264,6 @@ impl EventStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(StoreError::new(StoreErrorKind::Conflict, "too many concurrent writers").into())
+        Err(StoreError::Contended.into())
     }
-}
-
-fn publish_error(kind: PublishErrorKind, message: String) -> StoreError {
-    let kind = match kind {
-        PublishErrorKind::WrongLastSequence => StoreErrorKind::Conflict,
-        PublishErrorKind::TimedOut
-        | PublishErrorKind::BrokenPipe
-        | PublishErrorKind::MaxAckPending
-        | PublishErrorKind::StreamNotFound => StoreErrorKind::Unavailable,
-        PublishErrorKind::MaxPayloadExceeded => StoreErrorKind::TooLarge,
-        _ => StoreErrorKind::Other,
-    };
-    StoreError::new(kind, message)
 }

@@ -86,7 +86,10 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 }
 
 async fn connect(global: &Global) -> Result<Client, ClientError> {
-    let nats = global.connect().await.map_err(ClientError::Unreachable)?;
+    let nats = global
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable(e.into()))?;
     Ok(Client::new(
         nats,
         ClientConfig {
