@@ -76,6 +76,15 @@ pub enum ClientError {
     /// NATS could not be reached or a request failed.
     #[error("NATS: {0}")]
     Unreachable(#[source] async_nats::Error),
+    /// The NATS credentials file could not be read.
+    #[error("NATS: credentials {}: {source}", path.display())]
+    Credentials {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
     /// The subscription to the task's events ended before the task did.
     #[error("NATS: event subscription ended")]
     SubscriptionEnded,
@@ -102,7 +111,9 @@ impl ClientError {
             Self::Rejected { .. } => ClientErrorKind::Rejected,
             Self::Refused { .. } => ClientErrorKind::Refused,
             Self::Invalid(_) | Self::Encode(_) => ClientErrorKind::Invalid,
-            Self::Unreachable(_) | Self::SubscriptionEnded => ClientErrorKind::Unreachable,
+            Self::Unreachable(_) | Self::Credentials { .. } | Self::SubscriptionEnded => {
+                ClientErrorKind::Unreachable
+            }
             Self::TimedOut { .. } => ClientErrorKind::TimedOut,
             Self::Corrupt(_) | Self::CorruptReply(_) => ClientErrorKind::Corrupt,
         }
@@ -188,8 +199,11 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let mut options = async_nats::ConnectOptions::new();
         if let Some(creds) = creds {
-            options = options.credentials_file(creds).await.map_err(|e| {
-                ClientError::Unreachable(format!("credentials {}: {e}", creds.display()))
+            options = options.credentials_file(creds).await.map_err(|source| {
+                ClientError::Credentials {
+                    path: creds.to_owned(),
+                    source,
+                }
             })?;
         }
         let nats = options.connect(url).await.map_err(unreachable)?;
