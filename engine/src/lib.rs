@@ -2,6 +2,7 @@
 //!
 //! - [`cli`]: the operator's commands, one module per group.
 //! - [`config`]: the engine's configuration, with embedded defaults.
+//! - [`config_file`]: `taskpods.toml`, the operator's file form of it (env overrides, unknown keys refused).
 //! - [`credentials`]: per-task NATS identities, minted with the account signing key.
 //! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events; the
 //!   Kubernetes backend (`executor/kubernetes/`) brings its Job builder, watcher and reconciler (which heals
@@ -17,6 +18,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod credentials;
 pub mod executor;
 pub mod gateway;

@@ -56,6 +56,8 @@ enum Command {
     Replay(cli::replay::ReplayArgs),
     /// Rebuild, verify or inspect the KV views.
     Projections(cli::projections::ProjectionsArgs),
+    /// Check, print or document the configuration file (`config check FILE`, `config dump`).
+    Config(cli::config::ConfigArgs),
     /// Generate NATS identities and the nats-server authorization config (`auth init DIR`).
     Auth(cli::auth::AuthArgs),
     /// Print the Kubernetes Job the engine would create for a launch (YAML).
@@ -99,5 +101,6 @@ async fn main() -> ExitCode {
         Command::Projections(args) => cli::projections::run(global, args).await,
         Command::RenderJob(args) => cli::render::run(global, args),
         Command::Auth(args) => cli::auth::run(&global, args),
+        Command::Config(args) => cli::config::run(args),
     }
 }

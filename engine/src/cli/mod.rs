@@ -9,6 +9,7 @@
 //! - [`task`]: launch, show, events, cancel.
 
 pub mod auth;
+pub mod config;
 pub mod logs;
 pub mod projections;
 pub mod render;

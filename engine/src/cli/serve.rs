@@ -5,31 +5,34 @@ use std::time::Duration;
 
 use crate::cli::Global;
 use crate::config::EngineConfig;
-use crate::credentials::AuthConfig;
+use crate::config_file::{self, ConfigFileError};
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::{BackendConfig, local::LocalConfig};
 use crate::server;
-use crate::topology::TopologyConfig;
 
-/// Arguments of `taskpods serve`.
+/// Arguments of `taskpods serve`. Each flag, when given, wins over the configuration file; the file
+/// (with its `TASKPODS__…` overrides) wins over the embedded defaults.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Replicas for streams and buckets (3 on a cluster).
-    #[arg(long, env = "TASKPODS_REPLICAS", default_value_t = 1)]
-    pub replicas: usize,
-    /// Seconds to keep trying to reach NATS at start-up.
-    #[arg(long, default_value_t = 30)]
-    pub connect_timeout_secs: u64,
-    /// Where tasks run: `local` (sandboxed processes on this machine), `kubernetes` (a hardened Job per
-    /// task, in-cluster configuration or ~/.kube/config) or `none` (no executor).
-    #[arg(long, env = "TASKPODS_BACKEND", default_value = "local")]
-    pub backend: String,
+    /// The configuration file (TOML; `taskpods config dump` prints every key with its default).
+    #[arg(long, env = "TASKPODS_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Replicas for streams and buckets (3 on a cluster; default 1).
+    #[arg(long, env = "TASKPODS_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// Seconds to keep trying to reach NATS at start-up (default 30).
+    #[arg(long)]
+    pub connect_timeout_secs: Option<u64>,
+    /// Where tasks run: `local` (sandboxed processes on this machine; the default), `kubernetes` (a
+    /// hardened Job per task, in-cluster configuration or ~/.kube/config) or `none` (no executor).
+    #[arg(long, env = "TASKPODS_BACKEND")]
+    pub backend: Option<String>,
     /// The agent binary for the local backend (default: `taskpods-agent` next to this binary).
     #[arg(long, env = "TASKPODS_AGENT_BIN")]
     pub agent_bin: Option<std::path::PathBuf>,
-    /// Kubernetes backend: the namespace task Jobs run in (see deploy/).
-    #[arg(long, env = "TASKPODS_NAMESPACE", default_value = "baker-tasks")]
-    pub namespace: String,
+    /// Kubernetes backend: the namespace task Jobs run in (default `baker-tasks`; see deploy/).
+    #[arg(long, env = "TASKPODS_NAMESPACE")]
+    pub namespace: Option<String>,
     /// The task signer (`task-signer.nk` from `taskpods auth init`): each task's agent gets its own NATS
     /// identity, limited to the task's subjects and expiring after its deadline. Required with --creds.
     #[arg(long, env = "TASKPODS_TASK_SIGNER")]
@@ -39,44 +42,73 @@ pub struct ServeArgs {
     pub agent_nats_url: Option<String>,
 }
 
+/// The engine configuration `serve` runs with: defaults, then the global connection flags, then the file
+/// and its overrides, then the flags given.
+pub fn engine_config(
+    global: Global,
+    args: ServeArgs,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<EngineConfig, ConfigFileError> {
+    let mut config = config_file::serve_defaults();
+    config.nats_urls = global.nats_urls;
+    config.nats_creds = global.creds;
+    config.topology.names = global.names;
+    config_file::load(args.config.as_deref(), env)?.apply(&mut config);
+
+    if let Some(replicas) = args.replicas {
+        config.topology.replicas = replicas;
+    }
+    if let Some(secs) = args.connect_timeout_secs {
+        config.connect_timeout = Duration::from_secs(secs);
+    }
+    if args.task_signer.is_some() {
+        config.auth.task_signer = args.task_signer;
+    }
+    match args.backend.as_deref() {
+        None => {}
+        Some("none") => config.backend = BackendConfig::None,
+        Some("local") if !matches!(config.backend, BackendConfig::Local(_)) => {
+            config.backend = BackendConfig::Local(LocalConfig::default());
+        }
+        Some("kubernetes") if !matches!(config.backend, BackendConfig::Kubernetes(_)) => {
+            config.backend = BackendConfig::Kubernetes(KubernetesConfig::default());
+        }
+        Some("local" | "kubernetes") => {}
+        Some(other) => {
+            return Err(ConfigFileError::Invalid {
+                origin: "--backend".to_owned(),
+                key: "backend.kind".to_owned(),
+                message: format!("{other:?} is not one of local, kubernetes, none"),
+            });
+        }
+    }
+    match &mut config.backend {
+        BackendConfig::Local(local) => {
+            if let Some(bin) = args.agent_bin {
+                local.agent_bin = bin;
+            }
+        }
+        BackendConfig::Kubernetes(kubernetes) => {
+            if let Some(namespace) = args.namespace {
+                kubernetes.job.namespace = namespace;
+            }
+            if let Some(url) = args.agent_nats_url {
+                kubernetes.job.nats_url = url;
+            }
+        }
+        BackendConfig::None => {}
+    }
+    Ok(config)
+}
+
 /// Runs the engine.
 pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
-    let config = EngineConfig {
-        nats_urls: global.nats_urls,
-        nats_creds: global.creds,
-        auth: AuthConfig {
-            task_signer: args.task_signer,
-            ..AuthConfig::default()
-        },
-        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
-        topology: TopologyConfig {
-            names: global.names,
-            replicas: args.replicas,
-            ..TopologyConfig::default()
-        },
-        backend: match args.backend.as_str() {
-            "local" => {
-                let mut local = LocalConfig::default();
-                if let Some(bin) = args.agent_bin {
-                    local.agent_bin = bin;
-                }
-                BackendConfig::Local(local)
-            }
-            "kubernetes" => {
-                let mut kubernetes = KubernetesConfig::default();
-                kubernetes.job.namespace = args.namespace;
-                if let Some(url) = args.agent_nats_url {
-                    kubernetes.job.nats_url = url;
-                }
-                BackendConfig::Kubernetes(kubernetes)
-            }
-            "none" => BackendConfig::None,
-            other => {
-                eprintln!("error: unknown backend {other:?}: use local, kubernetes or none");
-                return ExitCode::from(2);
-            }
-        },
-        ..EngineConfig::default()
+    let config = match engine_config(global, args, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     match server::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,150 @@
+//! The configuration file as an operator meets it: the installation's file is accepted, what `config dump`
+//! prints is accepted back, mistakes are refused with the key's path, and the reference in
+//! docs/OPERATIONS.md is the one the code generates.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn taskpods(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_taskpods"));
+    command.args(args);
+    // The caller's environment must not change what is checked.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TASKPODS") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    command.output().expect("taskpods runs")
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_installations_file_is_accepted_and_a_dump_round_trips() {
+    let installed = repo("deploy/engine/taskpods.toml");
+    let out = taskpods(&["config", "check", &installed], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+
+    let out = taskpods(&["config", "dump", "--config", &installed], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = String::from_utf8(out.stdout).expect("UTF-8");
+    let table: toml::Table = toml::from_str(&dump).expect("the dump is TOML");
+    assert_eq!(table["backend"]["kind"].as_str(), Some("kubernetes"));
+    assert_eq!(
+        table["kubernetes"]["namespace"].as_str(),
+        Some("baker-tasks")
+    );
+    assert_eq!(table["topology"]["replicas"].as_integer(), Some(3));
+    assert_eq!(
+        table["nats"]["urls"].as_array().map(|a| a.len()),
+        Some(1),
+        "{dump}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dumped = dir.path().join("dump.toml");
+    std::fs::write(&dumped, &dump).expect("written");
+    let out = taskpods(&["config", "check", &dumped.display().to_string()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = taskpods(
+        &["config", "dump", "--config", &dumped.display().to_string()],
+        &[],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout),
+        dump,
+        "dump → check → dump is stable"
+    );
+
+    // An override from the environment shows in the dump.
+    let out = taskpods(
+        &["config", "dump", "--config", &installed],
+        &[("TASKPODS__KUBERNETES__NAMESPACE", "tasks-b")],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("namespace = \"tasks-b\""));
+}
+
+#[test]
+fn mistakes_are_refused_with_the_keys_path_and_serve_does_not_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("taskpods.toml");
+    for (text, expected) in [
+        (
+            "[kubernetes]\nnamspace = \"x\"\n",
+            "kubernetes.namspace: unknown field `namspace`",
+        ),
+        ("[topology]\nreplicas = \"three\"\n", "topology.replicas"),
+        (
+            "[gateway]\nheartbeat_timeout = \"often\"\n",
+            "gateway.heartbeat_timeout",
+        ),
+        ("[policy]\nmax_env = -1\n", "policy.max_env"),
+        ("[nats]\nurls = []\n", "nats.urls: needs at least one URL"),
+        ("nats = 1\n", "nats"),
+    ] {
+        std::fs::write(&file, text).expect("written");
+        let path = file.display().to_string();
+        for args in [
+            vec!["config", "check", &path],
+            vec!["serve", "--config", &path],
+        ] {
+            let out = taskpods(&args, &[]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{args:?} with {text:?}: {stderr}"
+            );
+            assert!(
+                stderr.contains(expected),
+                "{args:?} with {text:?}: {stderr}"
+            );
+        }
+    }
+    let out = taskpods(&["config", "check", "/nonexistent/taskpods.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading /nonexistent/taskpods.toml"));
+}
+
+#[test]
+fn the_reference_in_operations_md_is_the_generated_one() {
+    let out = taskpods(&["config", "reference"], &[]);
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).expect("UTF-8");
+    for section in ["[nats]", "[topology]", "[kubernetes]", "[policy]"] {
+        assert!(
+            generated.contains(&format!("### `{section}`")),
+            "{section} missing"
+        );
+    }
+    let doc = std::fs::read_to_string(repo("docs/OPERATIONS.md")).expect("docs/OPERATIONS.md");
+    let begin = "<!-- config reference: generated by `taskpods config reference` -->\n";
+    let end = "<!-- end of config reference -->";
+    let start = doc.find(begin).expect("the reference's begin marker") + begin.len();
+    let stop = doc[start..].find(end).expect("the reference's end marker") + start;
+    assert!(
+        doc[start..stop] == generated,
+        "docs/OPERATIONS.md's configuration reference is stale: regenerate it with \
+         `taskpods config reference` and paste it between the markers"
+    );
+}
