@@ -193,6 +193,9 @@ impl Config {
             cpu_secs: var("TASKPODS_CPU_SECS")
                 .map(|v| number("TASKPODS_CPU_SECS", v))
                 .transpose()?,
+            memory_bytes: var("TASKPODS_MEMORY_BYTES")
+                .map(|v| number("TASKPODS_MEMORY_BYTES", v))
+                .transpose()?,
         };
         Ok(Self {
             task,

@@ -26,6 +26,7 @@
 //! | `TASKPODS_MAX_PROCS` | 256 | `RLIMIT_NPROC` for the user's code |
 //! | `TASKPODS_MAX_FILE_BYTES` | 64 MiB | `RLIMIT_FSIZE` for the user's code |
 //! | `TASKPODS_CPU_SECS` | the task's timeout | `RLIMIT_CPU` for the user's code |
+//! | `TASKPODS_MEMORY_BYTES` | none | the task's memory limit: `RLIMIT_AS` for the user's code (bubblewrap) |
 //! | `TASKPODS_AGENT_ENTRYPOINT` | `/usr/local/bin/taskpods-goal` | what mode `agent` runs with the goal |
 //! | `TASKPODS_CHUNK_BYTES` | 64 KiB | largest output chunk |
 //! | `TASKPODS_FLUSH_MS` | 200 | longest time output waits before it is sent |
@@ -41,6 +42,7 @@ pub mod output;
 pub mod protocol;
 pub mod run;
 pub mod sandbox;
+pub mod seccomp;
 
 use async_nats::jetstream::context::PublishError;
 use taskpods_events::codec::CodecError;

@@ -127,7 +127,13 @@ async fn run_code(
         Ok(running) => running,
         Err(e) => {
             // Say so where the task's owner looks: in its output.
-            let text = format!("taskpods-agent: cannot start the code: {e}\n");
+            let mut reason = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(inner) = cause {
+                reason.push_str(&format!(": {inner}"));
+                cause = inner.source();
+            }
+            let text = format!("taskpods-agent: cannot start the code: {reason}\n");
             writer.push(output::Kind::Stderr, text.as_bytes()).await;
             let _ = writer.finish().await;
             return Err(AgentError::Spawn(e));
@@ -177,10 +183,7 @@ async fn run_code(
 /// URL or credentials.
 pub fn code_env(config: &Config, instructions: &Instructions) -> BTreeMap<String, String> {
     let mut env = BTreeMap::from([
-        (
-            "PATH".to_owned(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        ),
+        ("PATH".to_owned(), sandbox::SYSTEM_PATH.to_owned()),
         ("HOME".to_owned(), "/tmp".to_owned()),
         ("TMPDIR".to_owned(), "/tmp".to_owned()),
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
