@@ -1,6 +1,6 @@
 //! The local backend (the embedded default): each task runs as a `taskpods-agent` process on this
 //! machine, and the agent runs the user's code inside bubblewrap (see the agent's `sandbox` module for the
-//! isolation).
+//! isolation), with the task's memory limit (`resources.memory_limit`) as its address-space limit.
 //!
 //! The sandbox's name is the task's deterministic Job name (`task-<uuid>`); its state lives in
 //! `<state_dir>/<name>/`: `pid` (the agent's pid and its start time, so a recycled pid is never mistaken
@@ -153,6 +153,7 @@ impl LocalBackend {
     fn spawn(
         &self,
         task: TaskId,
+        spec: &TaskSpec,
         job: &str,
         deadline: DateTime<Utc>,
     ) -> Result<ProcessId, BackendError> {
@@ -203,6 +204,11 @@ impl LocalBackend {
             .env(
                 "TASKPODS_MAX_FILE_BYTES",
                 self.config.max_file_bytes.to_string(),
+            )
+            // The task's memory limit, which the agent applies to the sandbox.
+            .env(
+                "TASKPODS_MEMORY_BYTES",
+                spec.resources.memory_limit_bytes.to_string(),
             )
             .env(
                 "TASKPODS_KILL_GRACE_MS",
@@ -292,7 +298,7 @@ impl Backend for LocalBackend {
     async fn create(
         &self,
         task: TaskId,
-        _spec: &TaskSpec,
+        spec: &TaskSpec,
         deadline: DateTime<Utc>,
     ) -> Result<String, BackendError> {
         let job = task.job_name();
@@ -306,7 +312,7 @@ impl Backend for LocalBackend {
             }
             return Ok(job);
         }
-        let id = self.spawn(task, &job, deadline)?;
+        let id = self.spawn(task, spec, &job, deadline)?;
         info!(%task, pid = id.pid, job, "sandbox started");
         Ok(job)
     }

@@ -13,7 +13,9 @@ use taskpods_engine::executor::local::{LocalConfig, ProcessId};
 use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::server::Engine;
-use taskpods_events::{EventBody, FailureReason, LaunchTask, Names, TaskId, TaskState};
+use taskpods_events::{
+    EventBody, FailureReason, LaunchTask, Names, ResourceRequest, TaskId, TaskState,
+};
 use taskpods_harness::{NatsServer, nats_server_version};
 
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -690,4 +692,59 @@ async fn a_cancel_racing_the_sandbox_creation_leaves_nothing_behind() {
         }
         gone(task, Duration::from_secs(10)).await;
     }
+}
+
+#[tokio::test]
+async fn a_task_reaches_neither_the_engine_s_data_nor_more_memory_than_its_limit() {
+    let setup = Setup::start().await;
+    let store = setup
+        .server
+        .log_path()
+        .parent()
+        .unwrap()
+        .join("jetstream")
+        .display()
+        .to_string();
+    let state = setup.state.path().display().to_string();
+    assert!(
+        std::path::Path::new(&store).is_dir(),
+        "the NATS store exists"
+    );
+    let script = format!(
+        r#"
+ls {store} && echo "NATS STORE VISIBLE" || echo "nats store: absent"
+ls {state} && echo "ENGINE STATE VISIBLE" || echo "engine state: absent"
+ls /root /home || echo "homes: absent"
+echo "limit: $(ulimit -v) KiB"
+perl -e '$x = "a" x (256 << 20); print "ALLOCATED\n"' || echo "256 MiB: refused"
+"#
+    );
+    let launch = LaunchTask {
+        timeout_secs: Some(60),
+        resources: ResourceRequest {
+            memory_request: Some("64Mi".into()),
+            memory_limit: Some("128Mi".into()),
+            ..ResourceRequest::default()
+        },
+        ..LaunchTask::script(&script)
+    };
+    let task = setup.client.launch(launch).await.unwrap().task_id;
+    let kinds = setup.finished(task, Duration::from_secs(40)).await;
+    assert_eq!(kinds[3], "succeeded", "{kinds:?}");
+    let (out, err, _) = setup.output(task).await;
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    for line in [
+        "nats store: absent",
+        "engine state: absent",
+        "homes: absent",
+        "limit: 131072 KiB",
+        "256 MiB: refused",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}\n{err}");
+    }
+    assert!(err.contains("Out of memory"), "{err}");
+    assert!(
+        !out.contains("VISIBLE") && !out.contains("ALLOCATED"),
+        "{out}"
+    );
 }
