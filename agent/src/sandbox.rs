@@ -189,9 +189,14 @@ impl Code {
 /// 512-byte blocks, CPU seconds (0: none), the entrypoint, address space in KiB (0: none), the task
 /// file to source (empty: the environment already holds it). The script or goal comes in
 /// `TASKPODS_CODE`; neither it nor the environment is ever on a command line, where other users of the
-/// machine could read it.
+/// machine could read it. Under bubblewrap a watcher kills every process of the sandbox as soon as the
+/// agent's end of the result socket closes: should the agent die before bubblewrap has set its
+/// `--die-with-parent` signal, the sandbox would otherwise outlive it. `kill -1` reaches only the
+/// sandbox's own PID namespace, where the wrapper is PID 2 (bubblewrap's init is 1); the watcher is
+/// never started anywhere else.
 const WRAPPER: &str = r#"
 if [ -n "$7" ]; then . "$7" || { echo "taskpods: cannot read the task" >&2; exit 126; }; fi
+if [ -n "$7" ] && [ "$$" = 2 ]; then exec 3<&0; (cat <&3 >/dev/null 2>&1; kill -KILL -1) & exec 3<&-; fi
 code=$TASKPODS_CODE; unset TASKPODS_CODE
 if [ "$2" != 0 ]; then ulimit -u "$2" 2>/dev/null || ulimit -p "$2" 2>/dev/null || echo "taskpods: cannot limit processes" >&2; fi
 ulimit -f "$3" || echo "taskpods: cannot limit file size" >&2

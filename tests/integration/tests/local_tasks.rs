@@ -509,7 +509,12 @@ async fn logs_follow_live_output_to_its_end_even_when_the_agent_dies() {
     setup
         .until_state(task, TaskState::Running, Duration::from_secs(20))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The agent dies once its output is stored (a fixed wait raced the output's flush on a busy machine).
+    let stored = tokio::time::Instant::now() + Duration::from_secs(20);
+    while setup.output(task).await.0.is_empty() {
+        assert!(tokio::time::Instant::now() < stored, "no output stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let agent = setup.agent(task);
     std::process::Command::new("kill")
         .args(["-KILL", &agent.pid.to_string()])
