@@ -81,22 +81,12 @@ async fn pod_in_phase(pods: &Api<Pod>, name: &str, wanted: &str) -> Pod {
 }
 
 /// Polls `probe` every 200 ms until it yields a value; panics after [`WAIT`].
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    taskpods_integration::wait_for(what, WAIT, probe).await
 }
 
 /// A pod spec that satisfies Pod Security `restricted`, the posture task pods use.

@@ -32,6 +32,7 @@ use taskpods_harness::NatsServer;
 use taskpods_harness::kube::{
     ControlPlane, Fault, NodeSimulator, create_namespace, k8s_openapi, kube,
 };
+use taskpods_integration as fixtures;
 
 const AGENT_IMAGE: &str = "registry.invalid/taskpods/agent:v1";
 const WAIT: Duration = Duration::from_secs(60);
@@ -272,25 +273,15 @@ impl Setup {
     }
 
     async fn script(&self, script: &str, timeout_secs: u32) -> TaskId {
-        self.launch(LaunchTask {
-            timeout_secs: Some(timeout_secs),
-            ..LaunchTask::script(script)
-        })
-        .await
+        fixtures::launch_script(&self.tasks, script, timeout_secs).await
     }
 
     async fn kinds(&self, task: TaskId) -> Vec<&'static str> {
-        self.tasks
-            .history(task)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.event.body.kind())
-            .collect()
+        fixtures::kinds(&self.tasks, task).await
     }
 
     async fn state(&self, task: TaskId) -> TaskState {
-        self.tasks.get(task).await.unwrap().task.state
+        fixtures::state(&self.tasks, task).await
     }
 
     /// Waits until the task has ended and been reaped; returns its final state and event kinds.
@@ -310,19 +301,7 @@ impl Setup {
     }
 
     async fn until_state(&self, task: TaskId, state: TaskState) {
-        let until = tokio::time::Instant::now() + WAIT;
-        loop {
-            let now = self.state(task).await;
-            if now == state {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "task {task} is {now:?}, not {state:?}: {:?}",
-                self.kinds(task).await
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        fixtures::until_state(&self.tasks, task, state, WAIT).await;
     }
 
     async fn jobs_of(&self, task: TaskId) -> Vec<Job> {
@@ -351,22 +330,12 @@ impl Setup {
     }
 }
 
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    fixtures::wait_for(what, WAIT, probe).await
 }
 
 fn failed(reason: FailureReason) -> TaskState {

@@ -16,7 +16,8 @@ use taskpods_engine::server::Engine;
 use taskpods_events::{
     EventBody, FailureReason, LaunchTask, Names, ResourceRequest, TaskId, TaskState,
 };
-use taskpods_harness::{NatsServer, nats_server_version};
+use taskpods_harness::NatsServer;
+use taskpods_integration as fixtures;
 
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -77,54 +78,16 @@ impl Setup {
     }
 
     async fn launch(&self, script: &str, timeout_secs: u32) -> TaskId {
-        let launch = LaunchTask {
-            timeout_secs: Some(timeout_secs),
-            ..LaunchTask::script(script)
-        };
-        self.client.launch(launch).await.expect("launch").task_id
-    }
-
-    async fn kinds(&self, task: TaskId) -> Vec<&'static str> {
-        self.client
-            .history(task)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.event.body.kind())
-            .collect()
+        fixtures::launch_script(&self.client, script, timeout_secs).await
     }
 
     /// Waits until the task has ended and been reaped; returns the event kinds.
     async fn finished(&self, task: TaskId, within: Duration) -> Vec<&'static str> {
-        let until = tokio::time::Instant::now() + within;
-        loop {
-            let kinds = self.kinds(task).await;
-            if kinds.last() == Some(&"reaped") {
-                return kinds;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "task {task} not reaped within {within:?} (server {}): {kinds:?}",
-                nats_server_version()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        fixtures::until_reaped(&self.client, task, within).await
     }
 
     async fn until_state(&self, task: TaskId, state: TaskState, within: Duration) {
-        let until = tokio::time::Instant::now() + within;
-        loop {
-            let now = self.client.get(task).await.unwrap().task.state;
-            if now == state {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "task {task} is {now:?}, not {state:?}, after {within:?}: {:?}",
-                self.kinds(task).await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        fixtures::until_state(&self.client, task, state, within).await;
     }
 
     /// The agent of a running task, from the sandbox's pid file.

@@ -264,11 +264,11 @@ async fn replay_prints_the_golden_timeline_and_the_state_at_a_point() {
     let err = run_to(&global, &at("yesterday"), &mut out)
         .await
         .expect_err("bad --at");
-    assert!(err.contains("RFC 3339"), "{err}");
+    assert!(err.to_string().contains("RFC 3339"), "{err}");
     let err = run_to(&global, &args(Some(TaskId::mint())), &mut out)
         .await
         .expect_err("no such task");
-    assert!(err.contains("no events for task"), "{err}");
+    assert!(err.to_string().contains("no events for task"), "{err}");
 }
 
 #[tokio::test]
@@ -410,5 +410,5 @@ async fn replay_failed_lists_failed_and_timed_out_tasks_from_the_stream() {
     )
     .await
     .expect_err("bad duration");
-    assert!(err.contains("30m"), "{err}");
+    assert!(err.to_string().contains("30m"), "{err}");
 }
