@@ -15,7 +15,7 @@ use async_nats::jetstream::{
 use futures::StreamExt;
 use taskpods_events::{Names, TaskId};
 
-use crate::cli::Global;
+use crate::cli::{CliError, Global};
 
 /// Header values of the agent's output chunks (see `taskpods_agent::output`).
 const HEADER_LOG_KIND: &str = "Taskpods-Log-Kind";
@@ -54,17 +54,17 @@ pub async fn read(
     quiet: Duration,
     mut ended: impl AsyncFnMut() -> bool,
     mut each: impl FnMut(Piece),
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let stream = js
         .get_stream(names.log_stream())
         .await
-        .map_err(|e| format!("log stream: {e}"))?;
+        .map_err(|e| CliError::stream("log stream", e))?;
     let subject = names.log(task);
     if !follow {
         match stream.direct_get_last_for_subject(subject.clone()).await {
             Ok(_) => {}
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("log stream: {e}")),
+            Err(e) => return Err(CliError::stream("log stream", e)),
         }
     }
     let consumer = stream
@@ -74,11 +74,11 @@ pub async fn read(
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("log consumer: {e}"))?;
+        .map_err(|e| CliError::stream("log consumer", e))?;
     let mut messages = consumer
         .messages()
         .await
-        .map_err(|e| format!("log consumer: {e}"))?;
+        .map_err(|e| CliError::stream("log consumer", e))?;
     loop {
         let next = match tokio::time::timeout(quiet, messages.next()).await {
             Ok(next) => next,
@@ -90,7 +90,7 @@ pub async fn read(
             }
         };
         let Some(msg) = next else { return Ok(()) };
-        let msg = msg.map_err(|e| format!("log consumer: {e}"))?;
+        let msg = msg.map_err(|e| CliError::stream("log consumer", e))?;
         let kind = msg
             .headers
             .as_ref()

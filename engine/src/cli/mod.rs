@@ -17,23 +17,117 @@ pub mod replay;
 pub mod serve;
 pub mod task;
 
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
 use taskpods_events::Names;
+use taskpods_projections::projector::ProjectorError;
+use taskpods_projections::rebuild::RebuildError;
+use taskpods_projections::replay::ReplayError;
+
+/// Why a one-shot command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The NATS credentials file could not be read.
+    #[error("cannot read the NATS credentials {}: {source}", path.display())]
+    Credentials {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// NATS could not be reached.
+    #[error("cannot reach NATS at {urls}: {source}")]
+    Connect {
+        /// The URLs tried.
+        urls: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A stream or consumer could not be opened or read.
+    #[error("{what}: {source}")]
+    Stream {
+        /// Which (`event stream TASKPODS_EVT`, `log stream`, `log consumer`).
+        what: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Replaying failed (or its arguments are wrong).
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// Rebuilding or verifying the views failed.
+    #[error(transparent)]
+    Rebuild(#[from] RebuildError),
+    /// Reading the projector's lag failed.
+    #[error(transparent)]
+    Projector(#[from] ProjectorError),
+    /// Neither a task nor `--failed` was given.
+    #[error("give a task id, or --failed")]
+    NoTask,
+    /// The JSON output could not be written.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// The output could not be written.
+    #[error("{0}")]
+    Write(#[from] std::io::Error),
+}
+
+impl CliError {
+    /// A stream error for `what`.
+    pub(crate) fn stream(what: impl Into<String>, source: impl Into<async_nats::Error>) -> Self {
+        Self::Stream {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
 
 impl Global {
     /// Connects to NATS for a one-shot command; the error names the URLs tried.
-    pub async fn connect(&self) -> Result<async_nats::Client, String> {
+    pub async fn connect(&self) -> Result<async_nats::Client, CliError> {
         let urls = self.nats_urls.join(",");
         let mut options = async_nats::ConnectOptions::new();
         if let Some(creds) = &self.creds {
-            options = options.credentials_file(creds).await.map_err(|e| {
-                format!("cannot read the NATS credentials {}: {e}", creds.display())
-            })?;
+            options =
+                options
+                    .credentials_file(creds)
+                    .await
+                    .map_err(|source| CliError::Credentials {
+                        path: creds.clone(),
+                        source,
+                    })?;
         }
         options
             .connect(urls.as_str())
             .await
-            .map_err(|e| format!("cannot reach NATS at {urls}: {e}"))
+            .map_err(|source| CliError::Connect { urls, source })
     }
+}
+
+/// A progress bar on stderr for a long operation, labelled `label`: hidden when `quiet` (JSON output) or
+/// when stderr is not a terminal. Its length is set as the total becomes known ([`show`]).
+pub fn progress_bar(label: &'static str, quiet: bool) -> ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0).with_prefix(label);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:<10} [{bar:30}] {percent:>3}% {human_pos}/{human_len} ({per_sec}, {eta} left)",
+    ) {
+        bar.set_style(style.progress_chars("#>."));
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Moves `bar` to `done` of `total`.
+pub fn show(bar: &ProgressBar, done: u64, total: u64) {
+    bar.set_length(total);
+    bar.set_position(done);
 }
 
 /// Options every command shares.

@@ -1,7 +1,7 @@
 //! `taskpods projections rebuild | verify | status`: rebuild every view from sequence 1 into a fresh
 //! generation and switch readers over; compare the live views with a fresh fold; show the projector's lag.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use async_nats::jetstream;
 use taskpods_projections::projector::{self, ProjectorConfig};
 use taskpods_projections::rebuild::{self, Phase, Progress, RebuildConfig};
 
-use crate::cli::Global;
+use crate::cli::{CliError, Global, progress_bar, show};
 
 /// Arguments of `taskpods projections`.
 #[derive(clap::Args, Debug)]
@@ -47,67 +47,13 @@ pub enum ProjectionsCommand {
     },
 }
 
-/// A progress bar on stderr, only when stderr is a terminal (and not in JSON mode).
-#[derive(Debug)]
-pub struct Bar {
-    label: &'static str,
-    enabled: bool,
-    last: Option<Instant>,
-}
-
-impl Bar {
-    /// A bar labelled `label`; silent when `quiet` or stderr is not a terminal.
-    pub fn new(label: &'static str, quiet: bool) -> Self {
-        Self {
-            label,
-            enabled: !quiet && std::io::stderr().is_terminal(),
-            last: None,
-        }
-    }
-
-    /// Redraws (at most ten times a second).
-    pub fn show(&mut self, done: u64, total: u64, started: Instant) {
-        if !self.enabled
-            || self
-                .last
-                .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
-        {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let fraction = if total == 0 {
-            1.0
-        } else {
-            done as f64 / total as f64
-        };
-        let filled = (fraction * 30.0).round() as usize;
-        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
-        eprint!(
-            "\r{:<10} [{}{}] {:>5.1}% {done}/{total} ({:.0}/s)   ",
-            self.label,
-            "#".repeat(filled.min(30)),
-            ".".repeat(30 - filled.min(30)),
-            fraction * 100.0,
-            rate
-        );
-        let _ = std::io::stderr().flush();
-    }
-
-    /// Ends the bar's line.
-    pub fn finish(&mut self) {
-        if self.enabled && self.last.is_some() {
-            eprintln!();
-        }
-    }
-}
-
 /// Runs `taskpods projections ...`.
 pub async fn run(global: Global, args: ProjectionsArgs) -> ExitCode {
     let mut out = std::io::stdout().lock();
     match run_to(&global, &args, &mut out).await {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -118,11 +64,10 @@ pub async fn run_to(
     global: &Global,
     args: &ProjectionsArgs,
     out: &mut impl Write,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     let client = global.connect().await?;
     let js = jetstream::new(client);
     let names = &global.names;
-    let io = |e: std::io::Error| e.to_string();
     match &args.command {
         ProjectionsCommand::Rebuild { replicas, json } => {
             let config = RebuildConfig {
@@ -136,22 +81,26 @@ pub async fn run_to(
                 },
                 ..RebuildConfig::default()
             };
-            let started = Instant::now();
-            let mut fold = Bar::new("folding", *json);
-            let mut write = Bar::new("writing", *json);
+            let fold = progress_bar("folding", *json);
+            let mut write = None;
             let summary = rebuild::rebuild(&js, &config, |p: Progress| match p.phase {
-                Phase::Fold => fold.show(p.done, p.total, started),
+                Phase::Fold => show(&fold, p.done, p.total),
                 _ => {
-                    fold.finish();
-                    write.show(p.done, p.total, started);
+                    let write = write.get_or_insert_with(|| {
+                        fold.finish();
+                        progress_bar("writing", *json)
+                    });
+                    show(write, p.done, p.total);
                 }
             })
-            .await
-            .map_err(|e| e.to_string())?;
-            write.finish();
+            .await?;
+            match write {
+                Some(write) => write.finish(),
+                None => fold.finish(),
+            }
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &summary).map_err(|e| e.to_string())?;
-                writeln!(out).map_err(io)?;
+                serde_json::to_writer_pretty(&mut *out, &summary)?;
+                writeln!(out)?;
             } else {
                 writeln!(
                     out,
@@ -175,26 +124,24 @@ pub async fn run_to(
                         String::new()
                     },
                     summary.from_generation
-                )
-                .map_err(io)?;
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
         ProjectionsCommand::Verify { settle_secs, json } => {
             let started = Instant::now();
-            let mut bar = Bar::new("verifying", *json);
+            let bar = progress_bar("verifying", *json);
             let report = rebuild::verify(
                 &js,
                 names,
                 Duration::from_secs(*settle_secs),
-                |p: Progress| bar.show(p.done, p.total, started),
+                |p: Progress| show(&bar, p.done, p.total),
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             bar.finish();
             if *json {
-                serde_json::to_writer_pretty(&mut *out, &report).map_err(|e| e.to_string())?;
-                writeln!(out).map_err(io)?;
+                serde_json::to_writer_pretty(&mut *out, &report)?;
+                writeln!(out)?;
             } else {
                 for d in &report.differences {
                     let field = if d.field == "." {
@@ -206,8 +153,7 @@ pub async fn run_to(
                         out,
                         "task {} {}{field}: live {} fresh {}",
                         d.task, d.bucket, d.live, d.fresh
-                    )
-                    .map_err(io)?;
+                    )?;
                 }
                 writeln!(
                     out,
@@ -217,8 +163,7 @@ pub async fn run_to(
                     report.events,
                     report.differences.len(),
                     started.elapsed().as_secs_f64()
-                )
-                .map_err(io)?;
+                )?;
             }
             Ok(if report.differences.is_empty() {
                 ExitCode::SUCCESS
@@ -227,9 +172,7 @@ pub async fn run_to(
             })
         }
         ProjectionsCommand::Status { json } => {
-            let lag = projector::lag(&js, names)
-                .await
-                .map_err(|e| e.to_string())?;
+            let lag = projector::lag(&js, names).await?;
             if *json {
                 let doc = serde_json::json!({
                     "generation": lag.generation,
@@ -238,8 +181,8 @@ pub async fn run_to(
                     "events_behind": lag.events_behind,
                     "seconds_behind": lag.seconds_behind,
                 });
-                serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| e.to_string())?;
-                writeln!(out).map_err(io)?;
+                serde_json::to_writer_pretty(&mut *out, &doc)?;
+                writeln!(out)?;
             } else {
                 writeln!(
                     out,
@@ -249,8 +192,7 @@ pub async fn run_to(
                     lag.stream_seq,
                     lag.events_behind,
                     lag.seconds_behind
-                )
-                .map_err(io)?;
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }

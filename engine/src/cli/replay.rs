@@ -4,15 +4,13 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use async_nats::jetstream;
 use chrono::Utc;
 use taskpods_events::TaskId;
 use taskpods_projections::replay::{self, At};
 
-use crate::cli::Global;
-use crate::cli::projections::Bar;
+use crate::cli::{CliError, Global, progress_bar, show};
 
 /// Arguments of `taskpods replay`.
 #[derive(clap::Args, Debug)]
@@ -39,8 +37,8 @@ pub async fn run(global: Global, args: ReplayArgs) -> ExitCode {
     let mut out = std::io::stdout().lock();
     match run_to(&global, &args, &mut out).await {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -51,61 +49,51 @@ pub async fn run_to(
     global: &Global,
     args: &ReplayArgs,
     out: &mut impl Write,
-) -> Result<ExitCode, String> {
-    let at = args
-        .at
-        .as_deref()
-        .map(str::parse::<At>)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+) -> Result<ExitCode, CliError> {
+    let at = args.at.as_deref().map(str::parse::<At>).transpose()?;
     let client = global.connect().await?;
     let js = jetstream::new(client);
     let names = &global.names;
     let events = js
         .get_stream(names.event_stream())
         .await
-        .map_err(|e| format!("event stream {}: {e}", names.event_stream()))?;
-    let write_err = |e: std::io::Error| e.to_string();
+        .map_err(|e| CliError::stream(format!("event stream {}", names.event_stream()), e))?;
 
     if args.failed {
-        let since = Utc::now() - replay::parse_duration(&args.since).map_err(|e| e.to_string())?;
-        let started = Instant::now();
-        let mut bar = Bar::new("scanning", args.json);
+        let since = Utc::now() - replay::parse_duration(&args.since)?;
+        let bar = progress_bar("scanning", args.json);
         let report = replay::failed_since(&events, names, since, |done, total| {
-            bar.show(done, total, started);
+            show(&bar, done, total);
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         bar.finish();
         if args.json {
-            serde_json::to_writer_pretty(&mut *out, &report).map_err(|e| e.to_string())?;
-            writeln!(out).map_err(write_err)?;
+            serde_json::to_writer_pretty(&mut *out, &report)?;
+            writeln!(out)?;
         } else {
-            write!(out, "{}", replay::render_failed(&report, since)).map_err(write_err)?;
+            write!(out, "{}", replay::render_failed(&report, since))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
 
     let Some(task) = args.task else {
-        return Err("give a task id, or --failed".into());
+        return Err(CliError::NoTask);
     };
-    let timeline = replay::replay(&events, names, task, at)
-        .await
-        .map_err(|e| e.to_string())?;
+    let timeline = replay::replay(&events, names, task, at).await?;
     if args.json {
         let doc = if at.is_some() {
             serde_json::json!({ "task": task, "at": args.at, "state": timeline.state,
                 "oddities": timeline.oddities })
         } else {
-            serde_json::to_value(&timeline).map_err(|e| e.to_string())?
+            serde_json::to_value(&timeline)?
         };
-        serde_json::to_writer_pretty(&mut *out, &doc).map_err(|e| e.to_string())?;
-        writeln!(out).map_err(write_err)?;
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
     } else if let Some(at) = &args.at {
-        writeln!(out, "task {task} at {at}:").map_err(write_err)?;
-        writeln!(out, "{}", replay::render_state(&timeline.state)).map_err(write_err)?;
+        writeln!(out, "task {task} at {at}:")?;
+        writeln!(out, "{}", replay::render_state(&timeline.state))?;
     } else {
-        write!(out, "{}", replay::render_text(&timeline)).map_err(write_err)?;
+        write!(out, "{}", replay::render_text(&timeline))?;
     }
     Ok(ExitCode::SUCCESS)
 }

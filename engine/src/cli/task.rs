@@ -283,7 +283,7 @@ async fn follow(client: &Client, task_id: TaskId, json: bool, limit: Option<Dura
                 return Ok(task);
             }
         }
-        Err(ClientError::Unreachable("event subscription ended".into()))
+        Err(ClientError::SubscriptionEnded)
     };
     let result = match limit {
         Some(limit) => {
