@@ -5,7 +5,7 @@
 //! silently changing retention or replicas under running engines loses data.
 //!
 //! KV buckets are created as their backing streams (`KV_<bucket>`) and opened with `get_key_value`, which
-//! works on nats-server 2.9 where the client's `create_key_value` fails (see DESIGN.md section 8).
+//! works on nats-server 2.9 where the client's `create_key_value` fails (see docs/ARCHITECTURE.md section 12).
 
 use std::fmt;
 use std::time::Duration;

@@ -254,7 +254,7 @@ pub fn consumer_name(names: &Names, generation: u32) -> String {
     )
 }
 
-/// The KV backing stream a bucket needs; the same shape as the topology's (see DESIGN.md section 8).
+/// The KV backing stream a bucket needs; the same shape as the topology's (see docs/ARCHITECTURE.md section 12).
 pub fn kv_stream_config(bucket: &str, settings: BucketSettings) -> stream::Config {
     stream::Config {
         name: format!("KV_{bucket}"),

@@ -230,7 +230,7 @@ fn payload(e: &StoredEvent) -> serde_json::Value {
     value
 }
 
-/// Which kinds the lifecycle allows after a state (DESIGN.md section 3). Written out here, apart from
+/// Which kinds the lifecycle allows after a state (docs/ARCHITECTURE.md section 4). Written out here, apart from
 /// `decide`, on purpose: replay checks the log, not the code that wrote it.
 fn allowed(state: &TaskState, kind: &str) -> bool {
     use TaskState as S;

@@ -1,5 +1,5 @@
 //! The task Job, built as a pure function of the task and the configuration, with the posture of
-//! DESIGN.md section 6 field by field. Nothing here talks to Kubernetes: the same function serves the
+//! docs/ARCHITECTURE.md section 9 (Security) field by field. Nothing here talks to Kubernetes: the same function serves the
 //! backend, `taskpods render-job` and the posture tests.
 //!
 //! | posture | where |
@@ -414,7 +414,7 @@ mod tests {
         TaskId::from_idempotency_key("posture")
     }
 
-    /// Every field of DESIGN.md section 6, checked on the serialized Job (what the API server gets).
+    /// Every field of docs/ARCHITECTURE.md section 9, checked on the serialized Job (what the API server gets).
     #[test]
     fn the_job_has_the_full_posture_field_by_field() {
         let deadline = DateTime::parse_from_rfc3339("2030-01-01T00:10:00Z")

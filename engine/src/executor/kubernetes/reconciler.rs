@@ -1,5 +1,5 @@
 //! The reconciler: at start-up and then periodically, heals what the event log and Kubernetes disagree on
-//! (DESIGN.md invariant 6). Only one engine replica reconciles at a time: it holds a lease in the KV bucket
+//! (docs/ARCHITECTURE.md, invariant 6). Only one engine replica reconciles at a time: it holds a lease in the KV bucket
 //! `<prefix>_leases` (key `reconciler`, value `<holder> <expiry ms>`, written with revision checks), so two
 //! replicas never delete the same Job or append for the same task from two stale pictures.
 //!
