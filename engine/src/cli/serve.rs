@@ -25,8 +25,8 @@ pub struct ServeArgs {
     pub connect_timeout_secs: Option<u64>,
     /// Where tasks run: `local` (sandboxed processes on this machine; the default), `kubernetes` (a
     /// hardened Job per task, in-cluster configuration or ~/.kube/config) or `none` (no executor).
-    #[arg(long, env = "TASKPODS_BACKEND")]
-    pub backend: Option<String>,
+    #[arg(long, env = "TASKPODS_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
     /// The agent binary for the local backend (default: `taskpods-agent` next to this binary).
     #[arg(long, env = "TASKPODS_AGENT_BIN")]
     pub agent_bin: Option<std::path::PathBuf>,
@@ -40,6 +40,17 @@ pub struct ServeArgs {
     /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
     #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
     pub agent_nats_url: Option<String>,
+}
+
+/// Where tasks run (`--backend`); clap refuses any other value and lists these.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Sandboxed processes on this machine.
+    Local,
+    /// A hardened Job per task.
+    Kubernetes,
+    /// No executor.
+    None,
 }
 
 /// The engine configuration `serve` runs with: defaults, then the global connection flags, then the file
@@ -64,23 +75,19 @@ pub fn engine_config(
     if args.task_signer.is_some() {
         config.auth.task_signer = args.task_signer;
     }
-    match args.backend.as_deref() {
+    // A backend already configured by the file keeps its settings when the flag names the same kind.
+    match args.backend {
         None => {}
-        Some("none") => config.backend = BackendConfig::None,
-        Some("local") if !matches!(config.backend, BackendConfig::Local(_)) => {
+        Some(BackendKind::None) => config.backend = BackendConfig::None,
+        Some(BackendKind::Local) if !matches!(config.backend, BackendConfig::Local(_)) => {
             config.backend = BackendConfig::Local(LocalConfig::default());
         }
-        Some("kubernetes") if !matches!(config.backend, BackendConfig::Kubernetes(_)) => {
+        Some(BackendKind::Kubernetes)
+            if !matches!(config.backend, BackendConfig::Kubernetes(_)) =>
+        {
             config.backend = BackendConfig::Kubernetes(KubernetesConfig::default());
         }
-        Some("local" | "kubernetes") => {}
-        Some(other) => {
-            return Err(ConfigFileError::Invalid {
-                origin: "--backend".to_owned(),
-                key: "backend.kind".to_owned(),
-                message: format!("{other:?} is not one of local, kubernetes, none"),
-            });
-        }
+        Some(BackendKind::Local | BackendKind::Kubernetes) => {}
     }
     match &mut config.backend {
         BackendConfig::Local(local) => {
