@@ -713,3 +713,27 @@ echo '{"done": true}' > /tmp/result.json
     assert_eq!(outcome.exit_code, 0, "{err}");
     assert_eq!(outcome.result, Some(serde_json::json!({"done": true})));
 }
+
+#[tokio::test]
+async fn in_a_pod_the_process_limit_is_the_pod_s_not_rlimit_nproc() {
+    // RLIMIT_NPROC counts every process of the UID on the node, other tasks' pods included: without
+    // bubblewrap (as in a pod) the agent leaves it alone and the pod's PID limit applies.
+    let inherited = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "ulimit -u"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let run = run_agent(
+        "ulimit -u",
+        60,
+        1 << 20,
+        &[("TASKPODS_SANDBOX", "none"), ("TASKPODS_MAX_PROCS", "64")],
+        None,
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&run.stdout), inherited);
+    assert_ne!(inherited, "64\n");
+}

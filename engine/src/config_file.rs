@@ -216,8 +216,12 @@ section! {
         namespace: String,
         /// The task pods' ServiceAccount (no bindings; its token is never mounted).
         service_account: String,
-        /// The NATS URL task pods connect to.
+        /// The NATS URL task pods connect to; the engine resolves its host names and gives pods the
+        /// addresses (task pods have no DNS).
         agent_nats_url: String,
+        /// Task pods in their own user namespace (`hostUsers: false`); only where the cluster supports it
+        /// (Kubernetes 1.33+, Linux 6.3+, a runtime with ID-mapped mounts).
+        user_namespace: bool,
         /// A task not running this long after acceptance fails with the reason Kubernetes gives.
         startup_timeout: HumanDuration,
         /// How often the reconciler compares Jobs with live tasks.
@@ -500,6 +504,7 @@ impl FileConfig {
                 set(&mut kube.job.namespace, &section.namespace);
                 set(&mut kube.job.service_account, &section.service_account);
                 set(&mut kube.job.nats_url, &section.agent_nats_url);
+                set(&mut kube.job.user_namespace, &section.user_namespace);
                 set_duration(&mut kube.startup_timeout, &section.startup_timeout);
                 set_duration(&mut kube.reconcile_interval, &section.reconcile_interval);
                 set_duration(&mut kube.lease_ttl, &section.lease_ttl);
@@ -570,6 +575,7 @@ impl FileConfig {
                 namespace: Some(kube.job.namespace.clone()),
                 service_account: Some(kube.job.service_account.clone()),
                 agent_nats_url: Some(kube.job.nats_url.clone()),
+                user_namespace: Some(kube.job.user_namespace),
                 startup_timeout: d(kube.startup_timeout),
                 reconcile_interval: d(kube.reconcile_interval),
                 lease_ttl: d(kube.lease_ttl),

@@ -96,7 +96,7 @@ fn rendered_job_and_deploy_pass_the_kubernetes_1_37_schemas() {
         "resourcequota/taskpods-tasks",
         "limitrange/taskpods-tasks",
         "networkpolicy/default-deny",
-        "networkpolicy/task-egress-nats-dns",
+        "networkpolicy/task-egress-nats",
         "serviceaccount/taskpods-task",
         "role/taskpods-engine",
         "rolebinding/taskpods-engine",

@@ -187,6 +187,49 @@ fn the_installation_renders_every_part_and_passes_kubernetes_validate_strict() {
 }
 
 #[test]
+fn task_pods_may_reach_nats_and_nothing_else_not_even_dns() {
+    let objects = objects(&kustomize_build("deploy/overlays/production"));
+    let policies: Vec<&serde_json::Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .collect();
+    let task_egress = policies
+        .iter()
+        .find(|p| p["metadata"]["name"] == "task-egress-nats")
+        .expect("the task egress policy");
+    let namespace = &task_egress["metadata"]["namespace"];
+    let mut ports = BTreeSet::new();
+    for policy in policies
+        .iter()
+        .filter(|p| &p["metadata"]["namespace"] == namespace)
+    {
+        for rule in policy["spec"]["egress"].as_array().into_iter().flatten() {
+            // A rule without `to` allows every destination.
+            assert!(
+                rule["to"].as_array().is_some_and(|to| !to.is_empty()),
+                "{}: an egress rule open to anywhere: {rule}",
+                kind_name(policy)
+            );
+            let rule_ports = rule["ports"]
+                .as_array()
+                .expect("every egress rule names its ports");
+            for port in rule_ports {
+                ports.insert(format!(
+                    "{}/{}",
+                    port["protocol"].as_str().unwrap_or("TCP"),
+                    port["port"]
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        ports,
+        BTreeSet::from(["TCP/4222".to_owned()]),
+        "task pods' egress (53 would be DNS, a channel out through any resolver)"
+    );
+}
+
+#[test]
 fn checkov_finds_nothing_but_the_written_skips() {
     let yaml = kustomize_build("deploy/overlays/production");
     let dir = rendered_dir("checkov", &yaml);

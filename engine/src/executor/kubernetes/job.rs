@@ -70,6 +70,11 @@ pub struct JobConfig {
     pub termination_grace_secs: i64,
     /// `Always` (a pinned digest makes it cheap) or `IfNotPresent`.
     pub image_pull_policy: String,
+    /// Run task pods in their own user namespace (`hostUsers: false`): root or UID 1000 in the pod is an
+    /// unprivileged UID on the node. Needs a cluster that supports it (Kubernetes 1.33+ with a kernel
+    /// and runtime with ID-mapped mounts, e.g. Linux 6.3+, containerd 2 or CRI-O 1.25+); off by default
+    /// because pods on a node without that support do not start.
+    pub user_namespace: bool,
 }
 
 impl Default for JobConfig {
@@ -84,6 +89,7 @@ impl Default for JobConfig {
             ttl_after_finished_secs: 3600,
             termination_grace_secs: 10,
             image_pull_policy: "Always".to_owned(),
+            user_namespace: false,
         }
     }
 }
@@ -271,6 +277,7 @@ pub fn build(task: TaskId, spec: &TaskSpec, deadline: DateTime<Utc>, config: &Jo
         enable_service_links: Some(false),
         restart_policy: Some("Never".to_owned()),
         termination_grace_period_seconds: Some(config.termination_grace_secs),
+        host_users: config.user_namespace.then_some(false),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(TASK_UID),
@@ -529,6 +536,19 @@ mod tests {
         assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(5));
         let job = build(task(), &spec(1799), now, &JobConfig::default());
         assert_eq!(job.spec.unwrap().active_deadline_seconds, Some(1800));
+    }
+
+    #[test]
+    fn a_user_namespace_only_when_asked_for() {
+        let j = serde_json::to_value(build(task(), &spec(60), Utc::now(), &JobConfig::default()))
+            .unwrap();
+        assert!(j["spec"]["template"]["spec"].get("hostUsers").is_none());
+        let config = JobConfig {
+            user_namespace: true,
+            ..JobConfig::default()
+        };
+        let j = serde_json::to_value(build(task(), &spec(60), Utc::now(), &config)).unwrap();
+        assert_eq!(j["spec"]["template"]["spec"]["hostUsers"], false);
     }
 
     #[test]

@@ -218,7 +218,21 @@ impl Backend for KubernetesBackend {
         spec: &TaskSpec,
         deadline: DateTime<Utc>,
     ) -> Result<String, BackendError> {
-        let job = job::build(task, spec, deadline, &self.config);
+        // Task pods get no DNS (a resolver answers for any name, which is a channel out): the engine
+        // resolves the NATS address and hands the pod IP addresses.
+        let nats_url = resolve_nats_urls(&self.config.nats_url)
+            .await
+            .map_err(|e| {
+                BackendError::transient(format!(
+                    "resolve the NATS address {:?} for the task pod: {e}",
+                    self.config.nats_url
+                ))
+            })?;
+        let config = JobConfig {
+            nats_url,
+            ..self.config.clone()
+        };
+        let job = job::build(task, spec, deadline, &config);
         let name = task.job_name();
         match self.jobs.create(&PostParams::default(), &job).await {
             Ok(_) => {
@@ -254,5 +268,85 @@ impl Backend for KubernetesBackend {
             self.wait_pods(task, grace, |p| !pod_finished(p)).await?;
         }
         self.stop(task, job).await
+    }
+}
+
+/// `urls` (comma-separated NATS URLs) with every host name replaced by the addresses it resolves to, one
+/// URL per address, scheme, credentials and port kept (4222 when none is given); IP addresses stay.
+pub async fn resolve_nats_urls(urls: &str) -> std::io::Result<String> {
+    let mut resolved = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((user, hostport)) => (format!("{user}@"), hostport),
+            None => (String::new(), rest),
+        };
+        let hostport = hostport.trim_end_matches('/');
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, port),
+            _ => (hostport, "4222"),
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if bare.parse::<std::net::IpAddr>().is_ok() {
+            resolved.push(format!("{scheme}://{userinfo}{host}:{port}"));
+            continue;
+        }
+        let port_number: u16 = port.parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{url}: port {port:?} is not a number"),
+            )
+        })?;
+        let mut addresses: Vec<std::net::IpAddr> = tokio::net::lookup_host((bare, port_number))
+            .await?
+            .map(|a| a.ip())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        for ip in addresses {
+            let host = match ip {
+                std::net::IpAddr::V4(ip) => ip.to_string(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            };
+            resolved.push(format!("{scheme}://{userinfo}{host}:{port}"));
+        }
+    }
+    if resolved.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no address",
+        ));
+    }
+    Ok(resolved.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn names_become_addresses_and_addresses_stay() {
+        assert_eq!(
+            resolve_nats_urls("nats://10.0.0.7:4222, tls://u:p@[fd00::1]:7422")
+                .await
+                .expect("addresses"),
+            "nats://10.0.0.7:4222,tls://u:p@[fd00::1]:7422"
+        );
+        let resolved = resolve_nats_urls("nats://localhost:4223")
+            .await
+            .expect("localhost resolves");
+        assert!(
+            resolved
+                .split(',')
+                .all(|u| u == "nats://127.0.0.1:4223" || u == "nats://[::1]:4223"),
+            "{resolved}"
+        );
+        assert!(resolved.contains("nats://127.0.0.1:4223"), "{resolved}");
+        assert!(
+            resolve_nats_urls("nats://no-such-host.invalid:4222")
+                .await
+                .is_err()
+        );
+        assert!(resolve_nats_urls("nats://localhost:port").await.is_err());
     }
 }
