@@ -1,0 +1,1283 @@
+// The taskpods wire types, generated from docs/schema/taskpods.json by scripts/generate-types.mjs.
+// Do not edit: change the Rust types, regenerate the schemas, then run `npm run generate`.
+
+/**
+ * Every message and view of the taskpods wire protocol (docs/PROTOCOL.md); each type is in $defs.
+ */
+export type TaskpodsMessage =
+  | LaunchTask
+  | CancelTask
+  | CommandReply
+  | Event
+  | AgentReport
+  | HelloReply
+  | TaskState
+  | TaskView
+  | HistoryView
+  | ActiveView
+  | FinishedView
+  | Pointer;
+/**
+ * What the engine answers a command that asked for a reply. Encoded like the command was (JSON in,
+ * JSON out).
+ */
+export type CommandReply =
+  | {
+      /**
+       * For a launch: whether this command created the task (false: it already existed).
+       */
+      created: boolean;
+      outcome: "applied";
+      /**
+       * Stream sequence of the task's first event (for a launch) or of the last event appended.
+       */
+      sequence: number;
+      /**
+       * Its state after the command.
+       */
+      state:
+        | {
+            state: "new";
+          }
+        | {
+            state: "accepted";
+          }
+        | {
+            state: "scheduled";
+          }
+        | {
+            state: "starting";
+          }
+        | {
+            state: "running";
+          }
+        | {
+            state: "cancelling";
+          }
+        | {
+            state: "succeeded";
+          }
+        | {
+            /**
+             * Why.
+             */
+            reason:
+              | {
+                  code: "non_zero_exit";
+                  /**
+                   * The exit code (128 + signal for a signal).
+                   */
+                  exit_code: number;
+                }
+              | {
+                  code: "oom_killed";
+                }
+              | {
+                  code: "image_pull";
+                }
+              | {
+                  code: "unschedulable";
+                }
+              | {
+                  code: "quota_exceeded";
+                }
+              | {
+                  code: "evicted";
+                }
+              | {
+                  code: "agent_lost";
+                }
+              | {
+                  code: "job_lost";
+                }
+              | {
+                  code: "deadline_exceeded";
+                }
+              | {
+                  code: "backend_error";
+                };
+            state: "failed";
+          }
+        | {
+            state: "timed_out";
+          }
+        | {
+            state: "cancelled";
+          }
+        | {
+            state: "rejected";
+          };
+      /**
+       * The task.
+       */
+      task_id: string;
+    }
+  | {
+      outcome: "rejected";
+      /**
+       * Every problem.
+       */
+      problems: Problem[];
+      /**
+       * Stream sequence of the `Rejected` event.
+       */
+      sequence: number;
+      /**
+       * The task.
+       */
+      task_id: string;
+    }
+  | {
+      outcome: "refused";
+      /**
+       * Why, in words.
+       */
+      reason: string;
+      /**
+       * Its state.
+       */
+      state:
+        | {
+            state: "new";
+          }
+        | {
+            state: "accepted";
+          }
+        | {
+            state: "scheduled";
+          }
+        | {
+            state: "starting";
+          }
+        | {
+            state: "running";
+          }
+        | {
+            state: "cancelling";
+          }
+        | {
+            state: "succeeded";
+          }
+        | {
+            /**
+             * Why.
+             */
+            reason:
+              | {
+                  code: "non_zero_exit";
+                  /**
+                   * The exit code (128 + signal for a signal).
+                   */
+                  exit_code: number;
+                }
+              | {
+                  code: "oom_killed";
+                }
+              | {
+                  code: "image_pull";
+                }
+              | {
+                  code: "unschedulable";
+                }
+              | {
+                  code: "quota_exceeded";
+                }
+              | {
+                  code: "evicted";
+                }
+              | {
+                  code: "agent_lost";
+                }
+              | {
+                  code: "job_lost";
+                }
+              | {
+                  code: "deadline_exceeded";
+                }
+              | {
+                  code: "backend_error";
+                };
+            state: "failed";
+          }
+        | {
+            state: "timed_out";
+          }
+        | {
+            state: "cancelled";
+          }
+        | {
+            state: "rejected";
+          };
+      /**
+       * The task.
+       */
+      task_id: string;
+    }
+  | {
+      /**
+       * What was wrong.
+       */
+      error: string;
+      outcome: "invalid";
+    };
+/**
+ * One recorded fact about a task.
+ */
+export type Event = {
+  /**
+   * When the engine decided it.
+   */
+  at: string;
+  /**
+   * Deterministic id (task, position), so an append retried after a crash is byte-identical.
+   */
+  id: string;
+  /**
+   * The task the event belongs to.
+   */
+  task: string;
+  /**
+   * Envelope version; readers accept any and rely on field names, not positions.
+   */
+  v: number;
+} & Event1;
+export type Event1 =
+  | {
+      /**
+       * When the engine will time the task out.
+       */
+      deadline: string;
+      kind: "accepted";
+      spec: TaskSpec;
+    }
+  | {
+      kind: "rejected";
+      /**
+       * What was wrong.
+       */
+      problems: Problem[];
+    }
+  | {
+      /**
+       * The Job name (or local sandbox name).
+       */
+      job: string;
+      kind: "scheduled";
+    }
+  | {
+      kind: "started";
+      /**
+       * The node it runs on, when known.
+       */
+      node?: string | null;
+      /**
+       * The pod name.
+       */
+      pod: string;
+    }
+  | {
+      kind: "running";
+    }
+  | {
+      kind: "progress";
+      /**
+       * What it said.
+       */
+      message: string;
+      /**
+       * How far along, 0 to 100.
+       */
+      percent?: number | null;
+    }
+  | {
+      kind: "cancel_requested";
+      /**
+       * Why.
+       */
+      reason?: string | null;
+      /**
+       * Who.
+       */
+      requester?: string | null;
+    }
+  | {
+      kind: "succeeded";
+      outcome: TaskOutcome;
+    }
+  | {
+      kind: "failed";
+      /**
+       * Details for a person.
+       */
+      message?: string | null;
+      /**
+       * What the agent reported, when it got that far.
+       */
+      outcome?: TaskOutcome1 | null;
+      /**
+       * The reason code.
+       */
+      reason:
+        | {
+            code: "non_zero_exit";
+            /**
+             * The exit code (128 + signal for a signal).
+             */
+            exit_code: number;
+          }
+        | {
+            code: "oom_killed";
+          }
+        | {
+            code: "image_pull";
+          }
+        | {
+            code: "unschedulable";
+          }
+        | {
+            code: "quota_exceeded";
+          }
+        | {
+            code: "evicted";
+          }
+        | {
+            code: "agent_lost";
+          }
+        | {
+            code: "job_lost";
+          }
+        | {
+            code: "deadline_exceeded";
+          }
+        | {
+            code: "backend_error";
+          };
+    }
+  | {
+      /**
+       * Who noticed: the engine's timer or the Job controller.
+       */
+      detected_by?: string | null;
+      kind: "timed_out";
+    }
+  | {
+      kind: "cancelled";
+      /**
+       * What the agent reported, if the code exited before the kill.
+       */
+      outcome?: TaskOutcome1 | null;
+    }
+  | {
+      kind: "reaped";
+    };
+/**
+ * A report from the agent inside the task pod.
+ */
+export type AgentReport =
+  | {
+      /**
+       * The agent's version, for the record.
+       */
+      agent_version?: string | null;
+      report: "hello";
+    }
+  | {
+      /**
+       * What the script said.
+       */
+      message: string;
+      /**
+       * How far along, 0 to 100, when the script knows.
+       */
+      percent?: number | null;
+      report: "progress";
+    }
+  | {
+      report: "heartbeat";
+    }
+  | TaskOutcome2;
+/**
+ * The engine's answer to an agent's hello: everything the agent needs to run its task.
+ */
+export type HelloReply =
+  | Instructions
+  | {
+      answer: "wait";
+      /**
+       * How long to wait before asking again.
+       */
+      retry_after_ms: number;
+    }
+  | {
+      answer: "stop";
+      /**
+       * Why, for the agent's log.
+       */
+      reason: string;
+    };
+/**
+ * Where a task is in its lifecycle.
+ */
+export type TaskState =
+  | {
+      state: "new";
+    }
+  | {
+      state: "accepted";
+    }
+  | {
+      state: "scheduled";
+    }
+  | {
+      state: "starting";
+    }
+  | {
+      state: "running";
+    }
+  | {
+      state: "cancelling";
+    }
+  | {
+      state: "succeeded";
+    }
+  | {
+      /**
+       * Why.
+       */
+      reason:
+        | {
+            code: "non_zero_exit";
+            /**
+             * The exit code (128 + signal for a signal).
+             */
+            exit_code: number;
+          }
+        | {
+            code: "oom_killed";
+          }
+        | {
+            code: "image_pull";
+          }
+        | {
+            code: "unschedulable";
+          }
+        | {
+            code: "quota_exceeded";
+          }
+        | {
+            code: "evicted";
+          }
+        | {
+            code: "agent_lost";
+          }
+        | {
+            code: "job_lost";
+          }
+        | {
+            code: "deadline_exceeded";
+          }
+        | {
+            code: "backend_error";
+          };
+      state: "failed";
+    }
+  | {
+      state: "timed_out";
+    }
+  | {
+      state: "cancelled";
+    }
+  | {
+      state: "rejected";
+    };
+/**
+ * `taskpods_tasks`: the current view of one task.
+ */
+export type TaskView = {
+  /**
+   * When it was accepted (or rejected).
+   */
+  accepted_at?: string | null;
+  /**
+   * The cancel request, if any.
+   */
+  cancel?: CancelView | null;
+  /**
+   * When the engine times it out.
+   */
+  deadline?: string | null;
+  /**
+   * Wall-clock time of the user's code, when reported.
+   */
+  duration_ms?: number | null;
+  /**
+   * How many events were folded (the next event's position).
+   */
+  events: number;
+  /**
+   * The user's code's exit code, when known.
+   */
+  exit_code?: number | null;
+  /**
+   * When it ended.
+   */
+  finished_at?: string | null;
+  /**
+   * Stream sequence of the first event.
+   */
+  first_seq: number;
+  /**
+   * The image the pod runs.
+   */
+  image?: string | null;
+  /**
+   * The Job (or local sandbox) name.
+   */
+  job?: string | null;
+  /**
+   * Labels for finding it.
+   */
+  labels?: {
+    [k: string]: string;
+  };
+  /**
+   * Details of the failure (or the rejection's problems, joined).
+   */
+  message?: string | null;
+  /**
+   * Script or agent mode.
+   */
+  mode?: Mode | null;
+  /**
+   * The node the pod ran on.
+   */
+  node?: string | null;
+  /**
+   * Bytes of stdout plus stderr, when reported.
+   */
+  output_bytes?: number | null;
+  /**
+   * The last 2 KiB of output, as the agent reported it.
+   */
+  output_tail?: string | null;
+  /**
+   * Whether output beyond the cap was dropped.
+   */
+  output_truncated?: boolean;
+  /**
+   * The pod name.
+   */
+  pod?: string | null;
+  /**
+   * Every problem of a rejected launch.
+   */
+  problems?: Problem[];
+  /**
+   * The last progress report.
+   */
+  progress?: ProgressView | null;
+  /**
+   * How many progress reports there were.
+   */
+  progress_count?: number;
+  /**
+   * Whether the Job and pod are known to be gone.
+   */
+  reaped?: boolean;
+  /**
+   * Who launched it.
+   */
+  requester?: string | null;
+  /**
+   * The result document the script left, if any.
+   */
+  result?: {
+    [k: string]: unknown;
+  };
+  /**
+   * When the agent said hello.
+   */
+  running_at?: string | null;
+  /**
+   * When its Job was created.
+   */
+  scheduled_at?: string | null;
+  /**
+   * Stream sequence of the last event folded in.
+   */
+  seq: number;
+  /**
+   * When its pod was bound.
+   */
+  started_at?: string | null;
+  /**
+   * The task.
+   */
+  task: string;
+  /**
+   * Seconds allowed.
+   */
+  timeout_secs?: number | null;
+  /**
+   * The toolbox the image came from.
+   */
+  toolbox?: string | null;
+  /**
+   * How many events of kinds this version does not know were skipped.
+   */
+  unknown_events?: number;
+  /**
+   * When the last event was decided.
+   */
+  updated_at: string;
+} & TaskView1;
+/**
+ * How the task pod runs the work.
+ */
+export type Mode = "script" | "agent";
+export type TaskView1 =
+  | {
+      state: "new";
+    }
+  | {
+      state: "accepted";
+    }
+  | {
+      state: "scheduled";
+    }
+  | {
+      state: "starting";
+    }
+  | {
+      state: "running";
+    }
+  | {
+      state: "cancelling";
+    }
+  | {
+      state: "succeeded";
+    }
+  | {
+      /**
+       * Why.
+       */
+      reason:
+        | {
+            code: "non_zero_exit";
+            /**
+             * The exit code (128 + signal for a signal).
+             */
+            exit_code: number;
+          }
+        | {
+            code: "oom_killed";
+          }
+        | {
+            code: "image_pull";
+          }
+        | {
+            code: "unschedulable";
+          }
+        | {
+            code: "quota_exceeded";
+          }
+        | {
+            code: "evicted";
+          }
+        | {
+            code: "agent_lost";
+          }
+        | {
+            code: "job_lost";
+          }
+        | {
+            code: "deadline_exceeded";
+          }
+        | {
+            code: "backend_error";
+          };
+      state: "failed";
+    }
+  | {
+      state: "timed_out";
+    }
+  | {
+      state: "cancelled";
+    }
+  | {
+      state: "rejected";
+    };
+/**
+ * `taskpods_active`: a live task's summary; deleted when the task ends.
+ */
+export type ActiveView = {
+  /**
+   * When it was accepted.
+   */
+  accepted_at?: string | null;
+  /**
+   * When the engine times it out.
+   */
+  deadline?: string | null;
+  /**
+   * The image.
+   */
+  image?: string | null;
+  /**
+   * The Job.
+   */
+  job?: string | null;
+  /**
+   * The pod.
+   */
+  pod?: string | null;
+  /**
+   * Stream sequence of the last event folded in.
+   */
+  seq: number;
+  /**
+   * The task.
+   */
+  task: string;
+  /**
+   * When the last event was decided.
+   */
+  updated_at: string;
+} & ActiveView1;
+export type ActiveView1 =
+  | {
+      state: "new";
+    }
+  | {
+      state: "accepted";
+    }
+  | {
+      state: "scheduled";
+    }
+  | {
+      state: "starting";
+    }
+  | {
+      state: "running";
+    }
+  | {
+      state: "cancelling";
+    }
+  | {
+      state: "succeeded";
+    }
+  | {
+      /**
+       * Why.
+       */
+      reason:
+        | {
+            code: "non_zero_exit";
+            /**
+             * The exit code (128 + signal for a signal).
+             */
+            exit_code: number;
+          }
+        | {
+            code: "oom_killed";
+          }
+        | {
+            code: "image_pull";
+          }
+        | {
+            code: "unschedulable";
+          }
+        | {
+            code: "quota_exceeded";
+          }
+        | {
+            code: "evicted";
+          }
+        | {
+            code: "agent_lost";
+          }
+        | {
+            code: "job_lost";
+          }
+        | {
+            code: "deadline_exceeded";
+          }
+        | {
+            code: "backend_error";
+          };
+      state: "failed";
+    }
+  | {
+      state: "timed_out";
+    }
+  | {
+      state: "cancelled";
+    }
+  | {
+      state: "rejected";
+    };
+/**
+ * `taskpods_finished`: one finished task in the newest-first index. Written once, when the task ends,
+ * so the bucket's stream holds the entries in the order the tasks ended (see `buckets::finished_page`).
+ */
+export type FinishedView = {
+  /**
+   * When it was accepted.
+   */
+  accepted_at?: string | null;
+  /**
+   * The exit code, when known.
+   */
+  exit_code?: number | null;
+  /**
+   * When it ended.
+   */
+  finished_at?: string | null;
+  /**
+   * The image.
+   */
+  image?: string | null;
+  /**
+   * Failure details.
+   */
+  message?: string | null;
+  /**
+   * Who launched it.
+   */
+  requester?: string | null;
+  /**
+   * Stream sequence of the terminal event.
+   */
+  seq: number;
+  /**
+   * The task.
+   */
+  task: string;
+} & FinishedView1;
+export type FinishedView1 =
+  | {
+      state: "new";
+    }
+  | {
+      state: "accepted";
+    }
+  | {
+      state: "scheduled";
+    }
+  | {
+      state: "starting";
+    }
+  | {
+      state: "running";
+    }
+  | {
+      state: "cancelling";
+    }
+  | {
+      state: "succeeded";
+    }
+  | {
+      /**
+       * Why.
+       */
+      reason:
+        | {
+            code: "non_zero_exit";
+            /**
+             * The exit code (128 + signal for a signal).
+             */
+            exit_code: number;
+          }
+        | {
+            code: "oom_killed";
+          }
+        | {
+            code: "image_pull";
+          }
+        | {
+            code: "unschedulable";
+          }
+        | {
+            code: "quota_exceeded";
+          }
+        | {
+            code: "evicted";
+          }
+        | {
+            code: "agent_lost";
+          }
+        | {
+            code: "job_lost";
+          }
+        | {
+            code: "deadline_exceeded";
+          }
+        | {
+            code: "backend_error";
+          };
+      state: "failed";
+    }
+  | {
+      state: "timed_out";
+    }
+  | {
+      state: "cancelled";
+    }
+  | {
+      state: "rejected";
+    };
+
+/**
+ * A request to run one task. Only `script` (or `goal`) is required; everything else has a default.
+ */
+export interface LaunchTask {
+  /**
+   * Environment variables for the user's code.
+   */
+  env?: {
+    [k: string]: string;
+  };
+  /**
+   * The goal handed to the agent entrypoint (mode `agent`).
+   */
+  goal?: string | null;
+  /**
+   * The caller's key for this piece of work: the same key always names the same task.
+   */
+  idempotency_key?: string | null;
+  /**
+   * A container image to run; mutually exclusive with `toolbox`.
+   */
+  image?: string | null;
+  /**
+   * Free-form labels for finding tasks later; Kubernetes label syntax.
+   */
+  labels?: {
+    [k: string]: string;
+  };
+  /**
+   * Script or agent mode.
+   */
+  mode?: "script" | "agent";
+  /**
+   * Who asked, for the audit trail.
+   */
+  requester?: string | null;
+  resources?: ResourceRequest;
+  /**
+   * The shell script to run (mode `script`).
+   */
+  script?: string | null;
+  /**
+   * The task id the caller wants; when absent it is derived from `idempotency_key`.
+   */
+  task_id?: string | null;
+  /**
+   * Seconds before the task is killed; default and maximum 1800.
+   */
+  timeout_secs?: number | null;
+  /**
+   * The name of a configured toolbox image; the policy's default when neither is given.
+   */
+  toolbox?: string | null;
+}
+/**
+ * CPU and memory; defaults and caps come from the policy.
+ */
+export interface ResourceRequest {
+  /**
+   * CPU the container may use at most.
+   */
+  cpu_limit?: string | null;
+  /**
+   * CPU the scheduler reserves.
+   */
+  cpu_request?: string | null;
+  /**
+   * Memory above which the container is killed.
+   */
+  memory_limit?: string | null;
+  /**
+   * Memory the scheduler reserves.
+   */
+  memory_request?: string | null;
+}
+/**
+ * A request to stop a task.
+ */
+export interface CancelTask {
+  /**
+   * Why, for the record.
+   */
+  reason?: string | null;
+  /**
+   * Who asked.
+   */
+  requester?: string | null;
+  /**
+   * The task to stop.
+   */
+  task_id: string;
+}
+/**
+ * One thing wrong with a launch: where, and what to do about it.
+ */
+export interface Problem {
+  /**
+   * The field path, e.g. `resources.memory_limit` or `env.PATH`.
+   */
+  field: string;
+  /**
+   * What is wrong, in words a person can act on.
+   */
+  message: string;
+}
+/**
+ * The validated launch.
+ */
+export interface TaskSpec {
+  /**
+   * Environment for the user's code.
+   */
+  env?: {
+    [k: string]: string;
+  };
+  /**
+   * The caller's idempotency key, kept for the record.
+   */
+  idempotency_key?: string | null;
+  /**
+   * The image the task pod runs.
+   */
+  image: string;
+  /**
+   * The script (mode `script`) or goal (mode `agent`).
+   */
+  instructions: string;
+  /**
+   * Labels for finding the task.
+   */
+  labels?: {
+    [k: string]: string;
+  };
+  /**
+   * Script or agent mode.
+   */
+  mode: "script" | "agent";
+  /**
+   * Who asked.
+   */
+  requester?: string | null;
+  resources: Resources;
+  /**
+   * Seconds until the task is timed out (at most 1800).
+   */
+  timeout_secs: number;
+  /**
+   * The toolbox the image came from, when it came from one.
+   */
+  toolbox?: string | null;
+}
+/**
+ * CPU and memory.
+ */
+export interface Resources {
+  /**
+   * CPU cap, millicores.
+   */
+  cpu_limit_millis: number;
+  /**
+   * CPU reserved, millicores.
+   */
+  cpu_request_millis: number;
+  /**
+   * Memory cap, bytes.
+   */
+  memory_limit_bytes: number;
+  /**
+   * Memory reserved, bytes.
+   */
+  memory_request_bytes: number;
+}
+/**
+ * What the agent reported.
+ */
+export interface TaskOutcome {
+  /**
+   * Wall-clock time of the user's code.
+   */
+  duration_ms?: number;
+  /**
+   * The exit code of the user's code; signals are reported as 128 + signal.
+   */
+  exit_code?: number;
+  /**
+   * The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
+   * output beyond the cap: what a person looks at first when a task failed.
+   */
+  output_tail?: string | null;
+  /**
+   * Whether output beyond the per-task cap was dropped.
+   */
+  output_truncated?: boolean;
+  /**
+   * The JSON document the script left in `/tmp/result.json`, if any.
+   */
+  result?: {
+    [k: string]: unknown;
+  };
+  /**
+   * Bytes written to stderr.
+   */
+  stderr_bytes?: number;
+  /**
+   * Bytes written to stdout.
+   */
+  stdout_bytes?: number;
+}
+/**
+ * What the agent reports when the user's code has exited.
+ */
+export interface TaskOutcome1 {
+  /**
+   * Wall-clock time of the user's code.
+   */
+  duration_ms?: number;
+  /**
+   * The exit code of the user's code; signals are reported as 128 + signal.
+   */
+  exit_code?: number;
+  /**
+   * The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
+   * output beyond the cap: what a person looks at first when a task failed.
+   */
+  output_tail?: string | null;
+  /**
+   * Whether output beyond the per-task cap was dropped.
+   */
+  output_truncated?: boolean;
+  /**
+   * The JSON document the script left in `/tmp/result.json`, if any.
+   */
+  result?: {
+    [k: string]: unknown;
+  };
+  /**
+   * Bytes written to stderr.
+   */
+  stderr_bytes?: number;
+  /**
+   * Bytes written to stdout.
+   */
+  stdout_bytes?: number;
+}
+/**
+ * The work finished.
+ */
+export interface TaskOutcome2 {
+  report: "result";
+}
+/**
+ * Run this.
+ */
+export interface Instructions {
+  answer: "run";
+}
+/**
+ * A cancel request, as recorded.
+ */
+export interface CancelView {
+  /**
+   * When.
+   */
+  at: string;
+  /**
+   * Why.
+   */
+  reason?: string | null;
+  /**
+   * Who.
+   */
+  requester?: string | null;
+}
+/**
+ * The last progress the task's code reported.
+ */
+export interface ProgressView {
+  /**
+   * When the engine recorded it.
+   */
+  at: string;
+  /**
+   * What it said.
+   */
+  message: string;
+  /**
+   * How far along, 0 to 100.
+   */
+  percent?: number | null;
+}
+/**
+ * `taskpods_history`: the timeline of a task's transitions. Progress reports are not listed one by one
+ * (the task view keeps the last and a count), so a chatty task cannot grow its history without bound.
+ */
+export interface HistoryView {
+  /**
+   * Entries dropped to stay under [`MAX_HISTORY_ENTRIES`].
+   */
+  dropped?: number;
+  /**
+   * The transitions, oldest first.
+   */
+  entries: HistoryEntry[];
+  /**
+   * Stream sequence of the last entry.
+   */
+  seq: number;
+  /**
+   * The task.
+   */
+  task: string;
+}
+/**
+ * One line of a task's timeline in `taskpods_history`.
+ */
+export interface HistoryEntry {
+  /**
+   * When the engine decided it.
+   */
+  at: string;
+  /**
+   * A short human summary (job name, reason, message).
+   */
+  detail?: string | null;
+  /**
+   * The kind as written (unknown kinds keep their name).
+   */
+  kind: string;
+  /**
+   * Stream sequence.
+   */
+  seq: number;
+  /**
+   * The state after it.
+   */
+  state: string;
+}
+/**
+ * The generation readers follow, stored under [`POINTER_KEY`].
+ */
+export interface Pointer {
+  /**
+   * The event stream sequence the generation had folded when it became current.
+   */
+  covered_seq: number;
+  /**
+   * The generation in use.
+   */
+  generation: number;
+  /**
+   * When it became current.
+   */
+  switched_at: string;
+}
