@@ -9,6 +9,7 @@
 //!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
 //! - [`timers`]: deadlines (`TimedOut`).
+//! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
@@ -23,6 +24,7 @@ pub mod credentials;
 pub mod executor;
 pub mod gateway;
 pub mod intake;
+pub mod mcp;
 pub mod server;
 pub mod store;
 pub mod timers;

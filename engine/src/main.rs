@@ -60,6 +60,8 @@ enum Command {
     Config(cli::config::ConfigArgs),
     /// Generate NATS identities and the nats-server authorization config (`auth init DIR`).
     Auth(cli::auth::AuthArgs),
+    /// Serve the Model Context Protocol on stdio: tools for a model to launch and watch tasks.
+    Mcp(cli::mcp::McpArgs),
     /// Print the Kubernetes Job the engine would create for a launch (YAML).
     RenderJob(cli::render::RenderArgs),
 }
@@ -99,6 +101,7 @@ async fn main() -> ExitCode {
         Command::Logs(args) => cli::logs::run(global, args).await,
         Command::Replay(args) => cli::replay::run(global, args).await,
         Command::Projections(args) => cli::projections::run(global, args).await,
+        Command::Mcp(args) => cli::mcp::run(global, args).await,
         Command::RenderJob(args) => cli::render::run(global, args),
         Command::Auth(args) => cli::auth::run(&global, args),
         Command::Config(args) => cli::config::run(args),

@@ -3,6 +3,7 @@
 //! - [`serve`]: run the engine.
 //! - [`auth`]: generate the NATS authorization material (`auth init`).
 //! - [`logs`]: a task's output, stored or live.
+//! - [`mcp`]: the Model Context Protocol server (tools for models) on stdio.
 //! - [`render`]: the Kubernetes Job for a launch, as YAML.
 //! - [`replay`]: a task's timeline from the stream; failed tasks since a time.
 //! - [`projections`]: rebuild, verify and status of the KV views.
@@ -11,6 +12,7 @@
 pub mod auth;
 pub mod config;
 pub mod logs;
+pub mod mcp;
 pub mod projections;
 pub mod render;
 pub mod replay;
