@@ -5,6 +5,7 @@
 //!   record), follow it live, wait until it ends.
 //! - [`Client::cancel`]: ask for a task to stop.
 //! - [`Client::view`]: the task's view from the KV views, once they include a given event (read your writes).
+//! - [`Client::watch_tasks`] ([`watch`]): every transition of the tasks of one requester or label set, live.
 //!
 //! The event log itself (the stored-event type, reading a task's events, following them) belongs to
 //! [`taskpods_projections::log`]; [`StoredEvent`] is re-exported from there and [`read_events`]
@@ -28,6 +29,9 @@ use taskpods_projections::log::{self, LogError};
 use taskpods_projections::{BucketSettings, TaskView, Views};
 
 pub use taskpods_projections::log::StoredEvent;
+
+pub mod watch;
+pub use watch::{TaskFilter, WatchFrom, WatchedEvent};
 
 /// What kind of failure a [`ClientError`] is, for callers that branch on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

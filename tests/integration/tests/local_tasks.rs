@@ -716,3 +716,118 @@ perl -e '$x = "a" x (256 << 20); print "ALLOCATED\n"' || echo "256 MiB: refused"
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn a_brain_follows_every_transition_of_its_own_tasks_and_nothing_else() {
+    use futures::StreamExt;
+    use taskpods_client::{TaskFilter, WatchFrom};
+
+    let setup = Setup::start().await;
+    let launch = |script: &str, requester: &str, team: Option<&str>| LaunchTask {
+        timeout_secs: Some(60),
+        requester: Some(requester.into()),
+        labels: team
+            .map(|t| [("team".to_owned(), t.to_owned())].into())
+            .unwrap_or_default(),
+        ..LaunchTask::script(script)
+    };
+    // Accepted before the watch starts: matched by its first event when its next transition arrives.
+    let early = setup
+        .client
+        .launch(launch("sleep 1", "brain-a", Some("ml")))
+        .await
+        .unwrap()
+        .task_id;
+    let mut watch = Box::pin(
+        setup
+            .client
+            .watch_tasks(
+                TaskFilter::requester("brain-a").label("team", "ml"),
+                WatchFrom::New,
+            )
+            .await
+            .unwrap(),
+    );
+    let mine_ok = setup
+        .client
+        .launch(launch("echo ok", "brain-a", Some("ml")))
+        .await
+        .unwrap()
+        .task_id;
+    let other_brain = setup
+        .client
+        .launch(launch("echo b", "brain-b", Some("ml")))
+        .await
+        .unwrap()
+        .task_id;
+    let other_team = setup
+        .client
+        .launch(launch("echo c", "brain-a", Some("ops")))
+        .await
+        .unwrap()
+        .task_id;
+    let mine_failed = setup
+        .client
+        .launch(launch("exit 4", "brain-a", Some("ml")))
+        .await
+        .unwrap()
+        .task_id;
+    let mine = [early, mine_ok, mine_failed];
+    let mut seen: Vec<(TaskId, &'static str, u64)> = Vec::new();
+    let collect = async {
+        while let Some(watched) = watch.next().await {
+            let watched = watched.unwrap();
+            assert_eq!(watched.spec.requester.as_deref(), Some("brain-a"));
+            seen.push((
+                watched.stored.task(),
+                watched.stored.event.body.kind(),
+                watched.stored.sequence,
+            ));
+            let reaped = |t: &TaskId| seen.iter().any(|(s, k, _)| s == t && *k == "reaped");
+            if mine.iter().all(reaped) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), collect)
+        .await
+        .unwrap_or_else(|_| panic!("not every task of brain-a was followed to its end"));
+    let kinds = |task: TaskId| -> Vec<&str> {
+        seen.iter()
+            .filter(|(t, _, _)| *t == task)
+            .map(|(_, k, _)| *k)
+            .collect()
+    };
+    assert_eq!(
+        kinds(mine_ok),
+        ["accepted", "scheduled", "running", "succeeded", "reaped"]
+    );
+    assert_eq!(
+        kinds(mine_failed),
+        ["accepted", "scheduled", "running", "failed", "reaped"]
+    );
+    assert_eq!(kinds(early).last(), Some(&"reaped"));
+    assert!(
+        !kinds(early).contains(&"accepted"),
+        "only what happened after the watch started"
+    );
+    assert!(kinds(other_brain).is_empty() && kinds(other_team).is_empty());
+    assert!(seen.windows(2).all(|w| w[0].2 < w[1].2), "in stream order");
+
+    // Resuming from a sequence (after a Brain restart) sees exactly what came from there on.
+    let resume_at = seen[seen.len() - 3].2;
+    let resumed: Vec<u64> = setup
+        .client
+        .watch_tasks(
+            TaskFilter::requester("brain-a").label("team", "ml"),
+            WatchFrom::Sequence(resume_at),
+        )
+        .await
+        .unwrap()
+        .take(3)
+        .map(|w| w.unwrap().stored.sequence)
+        .collect()
+        .await;
+    let expected: Vec<u64> = seen[seen.len() - 3..].iter().map(|(_, _, s)| *s).collect();
+    assert_eq!(resumed, expected);
+}
