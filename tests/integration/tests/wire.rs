@@ -349,3 +349,46 @@ fn the_check_catches_binary_ids_as_written_before() {
     .unwrap();
     assert!(python_check(&[dir.path()]).contains("summary: 1 messages ok, 0 wrong"));
 }
+
+/// The Python example of `docs/PROTOCOL.md`, exactly as printed but for the server URL, against a real
+/// engine.
+#[tokio::test]
+async fn the_python_example_in_the_protocol_runs_as_printed() {
+    let protocol = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/PROTOCOL.md"
+    ))
+    .unwrap();
+    let start = protocol
+        .find("```python\n")
+        .expect("PROTOCOL.md has a Python example")
+        + "```python\n".len();
+    let example = &protocol[start..start + protocol[start..].find("```").unwrap()];
+    assert!(example.contains("nats://127.0.0.1:4222"), "{example}");
+
+    let server = taskpods_harness::NatsServer::start();
+    let engine = taskpods_engine::server::Engine::start(taskpods_engine::config::EngineConfig {
+        nats_urls: vec![server.url()],
+        ..Default::default()
+    })
+    .await
+    .expect("engine");
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(example.replace("nats://127.0.0.1:4222", &server.url()))
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the example failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        printed.trim(),
+        format!("applied {}", TaskId::from_idempotency_key("py-1")),
+        "the example prints what its comment says"
+    );
+    engine.shutdown().await.expect("shutdown");
+}
