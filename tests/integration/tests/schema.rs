@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use schemars::generate::SchemaSettings;
+use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::{JsonSchema, Schema};
 use taskpods_events::{
     AgentReport, CancelTask, CommandReply, Event, HelloReply, LaunchTask, TaskState,
@@ -22,52 +22,58 @@ fn schema_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/schema")
 }
 
-fn root<T: JsonSchema>() -> Schema {
-    SchemaSettings::draft2020_12()
-        .into_generator()
-        .into_root_schema_for::<T>()
+/// One wire type: its file name, its schema as a file of its own, and its reference in the bundle.
+struct WireType {
+    name: &'static str,
+    root: fn() -> Schema,
+    bundled: fn(&mut SchemaGenerator) -> Schema,
 }
 
-/// Every wire type, by file name (without `.json`), plus `taskpods`: all of them in one file (`$defs`),
-/// for code generators (the TypeScript client's types come from it).
+fn wire_type<T: JsonSchema>(name: &'static str) -> WireType {
+    WireType {
+        name,
+        root: || {
+            SchemaSettings::draft2020_12()
+                .into_generator()
+                .into_root_schema_for::<T>()
+        },
+        bundled: |generator| generator.subschema_for::<T>(),
+    }
+}
+
+/// Every type on the wire or in the views.
+fn wire_types() -> [WireType; 12] {
+    [
+        wire_type::<LaunchTask>("launch-task"),
+        wire_type::<CancelTask>("cancel-task"),
+        wire_type::<CommandReply>("command-reply"),
+        wire_type::<Event>("event"),
+        wire_type::<AgentReport>("agent-report"),
+        wire_type::<HelloReply>("hello-reply"),
+        wire_type::<TaskState>("task-state"),
+        wire_type::<TaskView>("task-view"),
+        wire_type::<HistoryView>("history-view"),
+        wire_type::<ActiveView>("active-view"),
+        wire_type::<FinishedView>("finished-view"),
+        wire_type::<Pointer>("view-pointer"),
+    ]
+}
+
+/// Every wire type's schema by file name (without `.json`), plus `taskpods`: all of them in one file
+/// (`$defs`), for code generators (the TypeScript client's types come from it).
 fn schemas() -> BTreeMap<&'static str, serde_json::Value> {
     let mut out = BTreeMap::new();
-    let mut put = |name: &'static str, schema: Schema| {
-        out.insert(name, schema.to_value());
-    };
-    put("launch-task", root::<LaunchTask>());
-    put("cancel-task", root::<CancelTask>());
-    put("command-reply", root::<CommandReply>());
-    put("event", root::<Event>());
-    put("agent-report", root::<AgentReport>());
-    put("hello-reply", root::<HelloReply>());
-    put("task-state", root::<TaskState>());
-    put("task-view", root::<TaskView>());
-    put("history-view", root::<HistoryView>());
-    put("active-view", root::<ActiveView>());
-    put("finished-view", root::<FinishedView>());
-    put("view-pointer", root::<Pointer>());
-
     let mut generator = SchemaSettings::draft2020_12().into_generator();
-    let refs = vec![
-        generator.subschema_for::<LaunchTask>(),
-        generator.subschema_for::<CancelTask>(),
-        generator.subschema_for::<CommandReply>(),
-        generator.subschema_for::<Event>(),
-        generator.subschema_for::<AgentReport>(),
-        generator.subschema_for::<HelloReply>(),
-        generator.subschema_for::<TaskState>(),
-        generator.subschema_for::<TaskView>(),
-        generator.subschema_for::<HistoryView>(),
-        generator.subschema_for::<ActiveView>(),
-        generator.subschema_for::<FinishedView>(),
-        generator.subschema_for::<Pointer>(),
-    ];
+    let mut refs = Vec::new();
+    for wire in wire_types() {
+        out.insert(wire.name, (wire.root)().to_value());
+        refs.push((wire.bundled)(&mut generator).to_value());
+    }
     let bundle = serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "TaskpodsMessage",
         "description": "Every message and view of the taskpods wire protocol (docs/PROTOCOL.md); each type is in $defs.",
-        "anyOf": refs.into_iter().map(Schema::to_value).collect::<Vec<_>>(),
+        "anyOf": refs,
         "$defs": generator.take_definitions(true),
     });
     out.insert("taskpods", bundle);

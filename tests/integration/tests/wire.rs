@@ -178,11 +178,7 @@ fn samples() -> Vec<(String, serde_json::Value, Vec<u8>)> {
         },
     ];
     for reply in &replies {
-        let label = serde_json::to_value(reply).unwrap()["outcome"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        add("command-reply", &label, reply);
+        add("command-reply", &tag(reply, "outcome"), reply);
     }
     let reports = [
         AgentReport::Hello {
@@ -196,11 +192,7 @@ fn samples() -> Vec<(String, serde_json::Value, Vec<u8>)> {
         AgentReport::Result(outcome(0)),
     ];
     for report in &reports {
-        let label = serde_json::to_value(report).unwrap()["report"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        add("agent-report", &label, report);
+        add("agent-report", &tag(report, "report"), report);
     }
     let hellos = [
         HelloReply::Run(Instructions {
@@ -220,13 +212,17 @@ fn samples() -> Vec<(String, serde_json::Value, Vec<u8>)> {
         },
     ];
     for hello in &hellos {
-        let label = serde_json::to_value(hello).unwrap()["answer"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        add("hello-reply", &label, hello);
+        add("hello-reply", &tag(hello, "answer"), hello);
     }
     out
+}
+
+/// The value of an enum's tag field (`outcome`, `report`, `answer`), to name its sample.
+fn tag(value: &impl Serialize, field: &str) -> String {
+    serde_json::to_value(value).unwrap()[field]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// Both encodings of a value, for a list of values of different types.
@@ -381,7 +377,8 @@ async fn the_python_example_in_the_protocol_runs_as_printed() {
         .expect("python3 runs");
     assert!(
         out.status.success(),
-        "the example failed: {}",
+        "the example failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8_lossy(&out.stdout);
