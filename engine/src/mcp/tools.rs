@@ -427,7 +427,8 @@ impl Tools {
                 Piece::End => ended_output = true,
             },
         )
-        .await?;
+        .await
+        .map_err(|e| format!("reading the output of {task}: {e}"))?;
         let total = stored.len() as u64;
         let start = a.offset.min(total);
         let end = start.saturating_add(max).min(total);
