@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::credentials::AuthConfig;
+use crate::clock::Clock;
 use crate::executor::{BackendConfig, ExecutorConfig};
 use crate::gateway::GatewayConfig;
 use crate::intake::IntakeConfig;
@@ -34,6 +35,8 @@ pub struct EngineConfig {
     pub timers: TimersConfig,
     /// Per-task NATS identities (the task signer) and their limits.
     pub auth: AuthConfig,
+    /// Where every loop reads the time (the wall clock; a test's clock to move time).
+    pub clock: Clock,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             backend: BackendConfig::default(),
             timers: TimersConfig::default(),
             auth: AuthConfig::default(),
+            clock: Clock::wall(),
         }
     }
 }

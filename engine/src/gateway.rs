@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::stream::Stream;
 use chrono::Utc;
 use futures::StreamExt;
 use taskpods_events::codec;
@@ -23,10 +22,10 @@ use taskpods_events::{
     Addressed, EventBody, HelloReply, Input, Instructions, Refusal, TaskId, TaskState,
 };
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{EventStore, ExecuteError, LoadedTask};
+use crate::context::EngineCtx;
+use crate::store::{ExecuteError, LoadedTask};
 use crate::timers;
 
 /// Gateway settings.
@@ -82,7 +81,7 @@ pub enum GatewayError {
     Subscribe(async_nats::Error),
 }
 
-type Watched = Arc<Mutex<HashMap<TaskId, Instant>>>;
+type Watched = Mutex<HashMap<TaskId, Instant>>;
 
 /// The instructions for a task the store holds.
 pub fn instructions(
@@ -132,80 +131,64 @@ pub fn answer(
     }
 }
 
-/// Runs the gateway until `shutdown`.
+/// One gateway: what the hello handlers, the running-task follower and the heartbeat checker share.
+struct Gateway {
+    ctx: Arc<EngineCtx>,
+    config: GatewayConfig,
+    /// Running tasks and when each was last heard from.
+    watched: Watched,
+}
+
+/// Runs the gateway until `ctx.shutdown`.
 pub async fn run(
-    client: async_nats::Client,
-    store: EventStore,
-    events: Stream,
+    ctx: Arc<EngineCtx>,
     config: GatewayConfig,
     stats: Arc<GatewayStats>,
-    shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let names = store.names().clone();
-    let mut hellos = client
+    let names = ctx.names().clone();
+    let mut hellos = ctx
+        .nats
         .queue_subscribe(names.agent_hello_all(), "taskpods-gateway".into())
         .await
         .map_err(|e| GatewayError::Subscribe(e.into()))?;
-    let mut heartbeats = client
+    let mut heartbeats = ctx
+        .nats
         .subscribe(names.agent_heartbeat_all())
         .await
         .map_err(|e| GatewayError::Subscribe(e.into()))?;
-    let watched: Watched = Arc::default();
     let limit = Arc::new(tokio::sync::Semaphore::new(
         config.max_concurrent_hellos.max(1),
     ));
+    let gateway = Arc::new(Gateway {
+        ctx: ctx.clone(),
+        config,
+        watched: Watched::default(),
+    });
 
-    let _follower = timers::AbortOnDrop(tokio::spawn(follow_running(
-        events,
-        store.clone(),
-        watched.clone(),
-        shutdown.clone(),
-    )));
-    let _checker = timers::AbortOnDrop(tokio::spawn(check_heartbeats(
-        client.clone(),
-        store.clone(),
-        watched.clone(),
-        config.clone(),
-        shutdown.clone(),
-    )));
+    let _follower = timers::AbortOnDrop(tokio::spawn(gateway.clone().follow_running()));
+    let _checker = timers::AbortOnDrop(tokio::spawn(gateway.clone().check_heartbeats()));
     info!("agent gateway running");
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = ctx.shutdown.cancelled() => break,
             Some(msg) = hellos.next() => {
                 let Ok(Addressed::AgentHello(task)) = names.parse(&msg.subject) else { continue };
                 let Some(reply) = msg.reply.clone() else { continue };
-                if !hello_reply_allowed(task, &reply, &config) {
+                if !hello_reply_allowed(task, &reply, &gateway.config) {
                     stats.refused_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(%task, reply = crate::intake::escape_bounded(&reply, 256), "hello ignored: its reply subject is not an inbox");
                     continue;
                 }
                 let Ok(permit) = limit.clone().acquire_owned().await else { break };
-                let (client, store, config, watched) =
-                    (client.clone(), store.clone(), config.clone(), watched.clone());
+                let gateway = gateway.clone();
                 tokio::spawn(async move {
-                    let result = match store.execute(task, &Input::AgentHello, Utc::now(), None).await {
-                        Ok(executed) => Ok(executed.task),
-                        Err(ExecuteError::Refused { refusal, task }) => Err((Some(refusal), Some(*task))),
-                        Err(ExecuteError::Store(e)) => {
-                            warn!(%task, error = %e, "hello: store unavailable; telling the agent to wait");
-                            Err((None, None))
-                        }
-                    };
-                    let answer = answer(task, &result, &config);
-                    if matches!(answer, HelloReply::Run(_)) {
-                        watched.lock().unwrap_or_else(|p| p.into_inner()).entry(task).or_insert_with(Instant::now);
-                    }
-                    debug!(%task, ?answer, "hello answered");
-                    if let Ok(payload) = codec::to_msgpack(&answer) {
-                        let _ = client.publish(reply, payload.into()).await;
-                    }
+                    gateway.hello(task, reply).await;
                     drop(permit);
                 });
             }
             Some(msg) = heartbeats.next() => {
                 if let Ok(Addressed::AgentHeartbeat(task)) = names.parse(&msg.subject) {
-                    let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut watched = gateway.watched.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(seen) = watched.get_mut(&task) {
                         *seen = Instant::now();
                     }
@@ -217,85 +200,108 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps `watched` to the set of running tasks, from the event stream.
-async fn follow_running(
-    events: Stream,
-    store: EventStore,
-    watched: Watched,
-    shutdown: CancellationToken,
-) {
-    let names = store.names().clone();
-    let mut follow = timers::follow_events(events, names);
-    loop {
-        let next = tokio::select! {
-            () = shutdown.cancelled() => return,
-            next = follow.recv() => next,
-        };
-        let Some((task, event)) = next else { return };
-        let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
-        match event.body {
-            EventBody::Running | EventBody::Progress { .. } => {
-                watched.entry(task).or_insert_with(Instant::now);
+impl Gateway {
+    /// Executes `AgentHello` for `task` and answers on `reply`.
+    async fn hello(&self, task: TaskId, reply: async_nats::Subject) {
+        let result = match self
+            .ctx
+            .store
+            .execute(task, &Input::AgentHello, Utc::now(), None)
+            .await
+        {
+            Ok(executed) => Ok(executed.task),
+            Err(ExecuteError::Refused { refusal, task }) => Err((Some(refusal), Some(*task))),
+            Err(ExecuteError::Store(e)) => {
+                warn!(%task, error = %e, "hello: store unavailable; telling the agent to wait");
+                Err((None, None))
             }
-            _ => {
-                watched.remove(&task);
+        };
+        let answer = answer(task, &result, &self.config);
+        if matches!(answer, HelloReply::Run(_)) {
+            self.watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(task)
+                .or_insert_with(Instant::now);
+        }
+        debug!(%task, ?answer, "hello answered");
+        if let Ok(payload) = codec::to_msgpack(&answer) {
+            let _ = self.ctx.nats.publish(reply, payload.into()).await;
+        }
+    }
+
+    /// Keeps `watched` to the set of running tasks, from the event stream.
+    async fn follow_running(self: Arc<Self>) {
+        let mut follow =
+            timers::follow_events(self.ctx.topology.events.clone(), self.ctx.names().clone());
+        loop {
+            let next = tokio::select! {
+                () = self.ctx.shutdown.cancelled() => return,
+                next = follow.recv() => next,
+            };
+            let Some((task, event)) = next else { return };
+            let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+            match event.body {
+                EventBody::Running | EventBody::Progress { .. } => {
+                    watched.entry(task).or_insert_with(Instant::now);
+                }
+                _ => {
+                    watched.remove(&task);
+                }
             }
         }
     }
-}
 
-async fn check_heartbeats(
-    client: async_nats::Client,
-    store: EventStore,
-    watched: Watched,
-    config: GatewayConfig,
-    shutdown: CancellationToken,
-) {
-    let every = (config.heartbeat_timeout / 4).max(Duration::from_millis(20));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        // While the engine itself cannot hear NATS, silence proves nothing about the agents: count it
-        // from the reconnection instead.
-        if client.connection_state() != async_nats::connection::State::Connected {
-            let mut watched = watched.lock().unwrap_or_else(|p| p.into_inner());
-            for seen in watched.values_mut() {
-                *seen = Instant::now();
+    async fn check_heartbeats(self: Arc<Self>) {
+        let timeout = self.config.heartbeat_timeout;
+        let every = (timeout / 4).max(Duration::from_millis(20));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.ctx.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
             }
-            continue;
-        }
-        let silent: Vec<TaskId> = {
-            let watched = watched.lock().unwrap_or_else(|p| p.into_inner());
-            watched
-                .iter()
-                .filter(|(_, seen)| seen.elapsed() > config.heartbeat_timeout)
-                .map(|(task, _)| *task)
-                .collect()
-        };
-        for task in silent {
-            match store
-                .execute(task, &Input::HeartbeatLost, Utc::now(), None)
-                .await
-            {
-                Ok(_) => {
-                    info!(%task, "no heartbeat within {:?}: agent lost", config.heartbeat_timeout);
-                    watched
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&task);
+            // While the engine itself cannot hear NATS, silence proves nothing about the agents: count
+            // it from the reconnection instead.
+            if self.ctx.nats.connection_state() != async_nats::connection::State::Connected {
+                let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+                for seen in watched.values_mut() {
+                    *seen = Instant::now();
                 }
-                Err(ExecuteError::Refused { .. }) => {
-                    watched
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&task);
-                }
-                Err(ExecuteError::Store(e)) => {
-                    warn!(%task, error = %e, "heartbeat lost but the store is unavailable; retrying");
+                continue;
+            }
+            let silent: Vec<TaskId> = {
+                let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+                watched
+                    .iter()
+                    .filter(|(_, seen)| seen.elapsed() > timeout)
+                    .map(|(task, _)| *task)
+                    .collect()
+            };
+            for task in silent {
+                match self
+                    .ctx
+                    .store
+                    .execute(task, &Input::HeartbeatLost, Utc::now(), None)
+                    .await
+                {
+                    Ok(_) => {
+                        info!(%task, "no heartbeat within {timeout:?}: agent lost");
+                        self.watched
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&task);
+                    }
+                    Err(ExecuteError::Refused { .. }) => {
+                        self.watched
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&task);
+                    }
+                    Err(ExecuteError::Store(e)) => {
+                        warn!(%task, error = %e, "heartbeat lost but the store is unavailable; retrying");
+                    }
                 }
             }
         }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use chrono::Utc;
@@ -35,10 +35,10 @@ use taskpods_events::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::store::{EventStore, ExecuteError, LoadedTask, StoreErrorKind};
+use crate::context::EngineCtx;
+use crate::store::{ExecuteError, LoadedTask, StoreErrorKind};
 
 /// Header on a dead letter: why the command could not be read.
 pub const HEADER_DEAD_REASON: &str = "Taskpods-Dead-Reason";
@@ -138,25 +138,20 @@ pub struct IntakeStats {
 /// Everything a worker needs.
 #[derive(Debug)]
 struct Shared {
-    js: jetstream::Context,
-    client: async_nats::Client,
-    store: EventStore,
-    names: Names,
+    ctx: Arc<EngineCtx>,
     config: IntakeConfig,
     stats: Arc<IntakeStats>,
 }
 
-/// Runs the intake until `shutdown`, then finishes the commands in hand.
+/// Runs the intake until `ctx.shutdown`, then finishes the commands in hand.
 pub async fn run(
-    js: jetstream::Context,
-    client: async_nats::Client,
-    commands: Stream,
-    store: EventStore,
+    ctx: Arc<EngineCtx>,
     config: IntakeConfig,
     stats: Arc<IntakeStats>,
-    shutdown: CancellationToken,
 ) -> Result<(), IntakeError> {
-    let consumer: pull::Stream = commands
+    let consumer: pull::Stream = ctx
+        .topology
+        .commands
         .get_or_create_consumer(
             &config.durable_name,
             pull::Config {
@@ -173,12 +168,8 @@ pub async fn run(
         .messages()
         .await
         .map_err(|e| IntakeError::Consumer(e.into()))?;
-    let names = store.names().clone();
     let shared = Arc::new(Shared {
-        js,
-        client,
-        store,
-        names,
+        ctx: ctx.clone(),
         config: config.clone(),
         stats,
     });
@@ -200,7 +191,7 @@ pub async fn run(
     let mut messages = consumer;
     loop {
         let message = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = ctx.shutdown.cancelled() => break,
             next = messages.next() => next,
         };
         let message = match message {
@@ -302,7 +293,7 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 fn route(shared: &Shared, message: jetstream::Message) -> Routed {
     let classified = std::panic::catch_unwind(AssertUnwindSafe(|| {
         classify(
-            &shared.names,
+            shared.ctx.names(),
             &shared.config,
             message.subject.as_str(),
             message.headers.as_ref(),
@@ -655,7 +646,7 @@ async fn apply(
         .get(&task)
         .cloned()
         .or_else(|| is_launch.then(LoadedTask::default));
-    let reply = match shared.store.execute(task, &input, now, cached).await {
+    let reply = match shared.ctx.store.execute(task, &input, now, cached).await {
         Ok(executed) => {
             remember(
                 cache,
@@ -835,9 +826,10 @@ async fn dead_letter(
     headers.insert(HEADER_DEAD_REASON, header_value(&dead.detail));
     headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(&message.subject));
     // The original Nats-Msg-Id makes a redelivered dead letter a duplicate, not a second record.
-    let subject = shared.names.dead_letter(dead.reason);
+    let subject = shared.ctx.names().dead_letter(dead.reason);
     let stored = async {
         shared
+            .ctx
             .js
             .publish_with_headers(subject, headers, message.payload.clone())
             .await?
@@ -885,7 +877,8 @@ async fn send_reply(
     headers.insert(HEADER_CONTENT_TYPE, encoding.content_type());
     // Replies are best effort: the caller can always read the task's events instead.
     if let Err(e) = shared
-        .client
+        .ctx
+        .nats
         .publish_with_headers(reply_to, headers, Bytes::from(payload))
         .await
     {

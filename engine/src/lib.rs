@@ -4,6 +4,9 @@
 //! - [`config`]: the engine's configuration, with embedded defaults.
 //! - [`config_file`]: `taskpods.toml`, the operator's file form of it (env overrides, unknown keys refused).
 //! - [`credentials`]: per-task NATS identities, minted with the account signing key.
+//! - [`context`]: [`context::EngineCtx`], the handles every loop shares (NATS, JetStream, topology,
+//!   store, bucket settings, clock, shutdown token), built once by [`server`].
+//! - [`clock`]: the injectable clock every loop reads the time from.
 //! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events; the
 //!   Kubernetes backend (`executor/kubernetes/`) brings its Job builder, watcher and reconciler (which heals
 //!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
@@ -13,14 +16,17 @@
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
-//! - [`server`]: `run(config, shutdown)`, the entry point that wires the loops together.
+//! - [`server`]: `run(config, shutdown)`, the entry point that starts every loop, in one place, from one
+//!   shared context.
 //!
 //! The `taskpods` binary (`src/main.rs`) is a thin CLI over these.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod config_file;
 pub mod credentials;
+pub mod context;
 pub mod executor;
 pub mod gateway;
 pub mod intake;

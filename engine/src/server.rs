@@ -1,21 +1,32 @@
-//! The engine's entry point: connect, ensure the topology, run the loops until shutdown.
+//! The engine's entry point: connect, ensure the topology, build the shared [`EngineCtx`], and start
+//! every loop from it in one place ([`Engine::start`]) until shutdown:
+//!
+//! | loop | module | runs when |
+//! |---|---|---|
+//! | `intake` | [`crate::intake`] | always |
+//! | `projector` | `taskpods_projections::projector` | always |
+//! | `gateway` | [`crate::gateway`] | always |
+//! | `timers` | [`crate::timers`] | `timers.enabled` |
+//! | `executor` | [`crate::executor`] over the configured backend | a backend is configured |
+//! | `kubernetes watcher`, `reconciler` | [`crate::executor::kubernetes`] | the backend is Kubernetes |
+//!
+//! Every loop is `run(ctx, its config, ...)` and stops when `ctx.shutdown` is cancelled.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream::Stream};
-use tracing::info;
-
-use std::sync::Arc;
-
+use async_nats::jetstream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::config::EngineConfig;
+use crate::context::EngineCtx;
 use crate::credentials::TaskCredentials;
 use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
-use crate::executor::kubernetes::{KubernetesBackend, KubernetesConfig, watcher};
-use crate::executor::{self, BackendConfig, ExecutorConfig, local::LocalBackend};
+use crate::executor::kubernetes::{KubernetesBackend, watcher};
+use crate::executor::{self, BackendConfig, local::LocalBackend};
 use crate::gateway;
 use crate::intake::{self, IntakeStats};
 use crate::store::EventStore;
@@ -116,13 +127,23 @@ pub async fn connect_as(
     }
 }
 
-/// A running engine: its loops, their shared shutdown token, and counters.
+/// The engine's loops, each named, ending with its result.
+type Loops = JoinSet<(&'static str, Result<(), String>)>;
+
+/// Starts `work` as the loop `name`.
+fn spawn<E: std::fmt::Display>(
+    loops: &mut Loops,
+    name: &'static str,
+    work: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
+    loops.spawn(async move { (name, work.await.map_err(|e| e.to_string())) });
+}
+
+/// A running engine: its loops, the context they share, and counters.
 #[derive(Debug)]
 pub struct Engine {
-    client: async_nats::Client,
-    topology: Topology,
-    shutdown: CancellationToken,
-    loops: JoinSet<(&'static str, Result<(), String>)>,
+    ctx: Arc<EngineCtx>,
+    loops: Loops,
     /// Command intake counters.
     pub intake_stats: Arc<IntakeStats>,
     /// Agent gateway counters.
@@ -132,7 +153,7 @@ pub struct Engine {
 impl Engine {
     /// Connects, ensures the topology and starts every loop.
     pub async fn start(config: EngineConfig) -> Result<Self, ServerError> {
-        let client = connect_as(
+        let nats = connect_as(
             &config.nats_urls,
             config.nats_creds.as_deref(),
             config.connect_timeout,
@@ -145,132 +166,114 @@ impl Engine {
         {
             return Err(ServerError::NoTaskSigner);
         }
-        let js = jetstream::new(client.clone());
+        let js = jetstream::new(nats.clone());
         let topology = topology::ensure(&js, &config.topology).await?;
         let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone());
-        let shutdown = CancellationToken::new();
-        let intake_stats = Arc::new(IntakeStats::default());
-        let gateway_stats = Arc::new(gateway::GatewayStats::default());
-        let mut loops = JoinSet::new();
-
-        loops.spawn({
-            let (js, client, commands, store) = (
-                js.clone(),
-                client.clone(),
-                topology.commands.clone(),
-                store.clone(),
-            );
-            let (config, stats, shutdown) = (
-                config.intake.clone(),
-                intake_stats.clone(),
-                shutdown.clone(),
-            );
-            async move {
-                let result =
-                    intake::run(js, client, commands, store, config, stats, shutdown).await;
-                ("intake", result.map_err(|e| e.to_string()))
-            }
-        });
-
-        // The projector folds events into the KV views; it retries transient failures itself, so it
-        // only ends at shutdown (or when the event stream is missing, which `ensure` just ruled out).
-        loops.spawn({
-            let js = js.clone();
-            let projector = taskpods_projections::ProjectorConfig {
-                names: topology.names.clone(),
-                buckets: taskpods_projections::BucketSettings {
-                    replicas: config.topology.replicas,
-                    storage: config.topology.storage,
-                },
-                ..taskpods_projections::ProjectorConfig::default()
-            };
-            let shutdown = shutdown.clone();
-            async move {
-                let stats = Arc::new(taskpods_projections::ProjectorStats::default());
-                let result = taskpods_projections::projector::run(
-                    js,
-                    projector,
-                    stats,
-                    shutdown.cancelled_owned(),
-                )
-                .await;
-                ("projector", result.map_err(|e| e.to_string()))
-            }
-        });
-
-        loops.spawn({
-            let (client, store, events, config, stats, shutdown) = (
-                client.clone(),
-                store.clone(),
-                topology.events.clone(),
-                config.gateway.clone(),
-                gateway_stats.clone(),
-                shutdown.clone(),
-            );
-            async move {
-                let result = gateway::run(client, store, events, config, stats, shutdown).await;
-                ("gateway", result.map_err(|e| e.to_string()))
-            }
-        });
-        if config.timers.enabled {
-            let (store, events, timers_config, shutdown) = (
-                store.clone(),
-                topology.events.clone(),
-                config.timers.clone(),
-                shutdown.clone(),
-            );
-            loops.spawn(async move {
-                let clock = timers::wall_clock();
-                let result = timers::run(store, events, timers_config, clock, shutdown).await;
-                ("timers", result)
-            });
-        }
-        if let BackendConfig::Local(local) = &config.backend {
-            let backend = Arc::new(
-                LocalBackend::new(local.clone(), topology.names.clone(), &config.nats_urls)
-                    .with_task_credentials(task_credentials.clone()),
-            );
-            let (store, events, executor, shutdown) = (
-                store.clone(),
-                topology.events.clone(),
-                config.executor.clone(),
-                shutdown.clone(),
-            );
-            loops.spawn(async move {
-                let result = executor::run(backend, store, events, executor, shutdown).await;
-                ("executor", result.map_err(|e| e.to_string()))
-            });
-        }
-        if let BackendConfig::Kubernetes(kube_config) = &config.backend {
-            let buckets = taskpods_projections::BucketSettings {
+        let ctx = Arc::new(EngineCtx {
+            nats,
+            js,
+            store,
+            buckets: taskpods_projections::BucketSettings {
                 replicas: config.topology.replicas,
                 storage: config.topology.storage,
-            };
-            spawn_kubernetes_loops(
+            },
+            topology,
+            clock: config.clock.clone(),
+            shutdown: CancellationToken::new(),
+        });
+        let intake_stats = Arc::new(IntakeStats::default());
+        let gateway_stats = Arc::new(gateway::GatewayStats::default());
+        let mut loops = Loops::new();
+
+        spawn(
+            &mut loops,
+            "intake",
+            intake::run(ctx.clone(), config.intake.clone(), intake_stats.clone()),
+        );
+        // The projector folds events into the KV views; it retries transient failures itself, so it
+        // only ends at shutdown (or when the event stream is missing, which `ensure` just ruled out).
+        let projector = taskpods_projections::ProjectorConfig {
+            names: ctx.names().clone(),
+            buckets: ctx.buckets,
+            ..taskpods_projections::ProjectorConfig::default()
+        };
+        spawn(
+            &mut loops,
+            "projector",
+            taskpods_projections::projector::run(
+                ctx.js.clone(),
+                projector,
+                Arc::new(taskpods_projections::ProjectorStats::default()),
+                ctx.shutdown.clone(),
+            ),
+        );
+        spawn(
+            &mut loops,
+            "gateway",
+            gateway::run(ctx.clone(), config.gateway.clone(), gateway_stats.clone()),
+        );
+        if config.timers.enabled {
+            spawn(
                 &mut loops,
-                kube_config,
-                KubernetesShared {
-                    js: js.clone(),
-                    store: store.clone(),
-                    events: topology.events.clone(),
-                    executor: config.executor.clone(),
-                    buckets,
-                    shutdown: shutdown.clone(),
-                },
-            )
-            .await
-            .map_err(|e| ServerError::Loop(format!("kubernetes backend: {e}")))?;
+                "timers",
+                timers::run(ctx.clone(), config.timers.clone()),
+            );
+        }
+        match &config.backend {
+            BackendConfig::None => {}
+            BackendConfig::Local(local) => {
+                let backend =
+                    LocalBackend::new(local.clone(), ctx.names().clone(), &config.nats_urls)
+                        .with_task_credentials(task_credentials.clone());
+                spawn(
+                    &mut loops,
+                    "executor",
+                    executor::run(ctx.clone(), Arc::new(backend), config.executor.clone()),
+                );
+            }
+            BackendConfig::Kubernetes(kubernetes) => {
+                let client = kubernetes
+                    .client()
+                    .await
+                    .map_err(|e| ServerError::Loop(format!("kubernetes backend: {e}")))?;
+                let mut kubernetes = kubernetes.clone();
+                // The agents must speak the same subjects as this engine.
+                kubernetes.job.prefix = ctx.names().prefix().to_owned();
+                let backend = KubernetesBackend::new(
+                    client.clone(),
+                    kubernetes.job.clone(),
+                    kubernetes.stop_timeout,
+                );
+                spawn(
+                    &mut loops,
+                    "executor",
+                    executor::run(
+                        ctx.clone(),
+                        Arc::new(backend.clone()),
+                        config.executor.clone(),
+                    ),
+                );
+                let reconciler = ReconcilerConfig::for_backend(&kubernetes);
+                spawn(
+                    &mut loops,
+                    "kubernetes watcher",
+                    watcher::run(ctx.clone(), client, kubernetes),
+                );
+                spawn(
+                    &mut loops,
+                    "reconciler",
+                    reconciler::run(ctx.clone(), backend, reconciler),
+                );
+            }
         }
 
         info!(
-            prefix = %topology.names,
-            events = %topology.names.event_stream(),
+            prefix = %ctx.names(),
+            events = %ctx.names().event_stream(),
             "engine running"
         );
         Ok(Self {
-            client,
-            topology,
-            shutdown,
+            ctx,
             loops,
             intake_stats,
             gateway_stats,
@@ -279,12 +282,12 @@ impl Engine {
 
     /// The streams and buckets in use.
     pub fn topology(&self) -> &Topology {
-        &self.topology
+        &self.ctx.topology
     }
 
     /// Stops every loop, lets them finish the work in hand, and flushes.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
-        self.shutdown.cancel();
+        self.ctx.shutdown.cancel();
         let mut failed = None;
         while let Some(joined) = self.loops.join_next().await {
             match joined {
@@ -293,7 +296,7 @@ impl Engine {
                 Err(e) => failed = Some(e.to_string()),
             }
         }
-        self.client.flush().await.ok();
+        self.ctx.nats.flush().await.ok();
         failed.map_or(Ok(()), |e| Err(ServerError::Loop(e)))
     }
 
@@ -314,100 +317,12 @@ impl Engine {
     }
 }
 
-/// What the Kubernetes loops share with the rest of the engine.
-#[derive(Debug)]
-struct KubernetesShared {
-    /// JetStream (the reconciler's lease and the live-task view).
-    js: jetstream::Context,
-    /// The event store.
-    store: EventStore,
-    /// The event stream the executor consumes.
-    events: Stream,
-    /// Executor settings.
-    executor: ExecutorConfig,
-    /// Replicas and storage for the lease bucket.
-    buckets: taskpods_projections::BucketSettings,
-    /// The engine's shutdown signal.
-    shutdown: CancellationToken,
-}
-
-/// Starts the executor over Kubernetes, the watcher and the reconciler in `loops`.
-async fn spawn_kubernetes_loops(
-    loops: &mut JoinSet<(&'static str, Result<(), String>)>,
-    config: &KubernetesConfig,
-    shared: KubernetesShared,
-) -> Result<(), kube::Error> {
-    let client = config.client().await?;
-    let mut config = config.clone();
-    // The agents must speak the same subjects as this engine.
-    config.job.prefix = shared.store.names().prefix().to_owned();
-    let backend = KubernetesBackend::new(client.clone(), config.job.clone(), config.stop_timeout);
-
-    loops.spawn({
-        let (backend, store, events, executor, shutdown) = (
-            Arc::new(backend.clone()),
-            shared.store.clone(),
-            shared.events.clone(),
-            shared.executor.clone(),
-            shared.shutdown.clone(),
-        );
-        async move {
-            let result = executor::run(backend, store, events, executor, shutdown).await;
-            ("executor", result.map_err(|e| e.to_string()))
-        }
-    });
-    loops.spawn({
-        let (client, store, config, shutdown) = (
-            client.clone(),
-            shared.store.clone(),
-            config.clone(),
-            shared.shutdown.clone(),
-        );
-        async move {
-            let result = watcher::run(client, store, config, shutdown).await;
-            ("kubernetes watcher", result.map_err(|e| e.to_string()))
-        }
-    });
-    let holder = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .map_or_else(
-            || format!("engine-{}", uuid::Uuid::now_v7()),
-            |h| format!("{h}-{}", uuid::Uuid::now_v7()),
-        );
-    let reconciler_config = ReconcilerConfig {
-        holder,
-        interval: config.reconcile_interval,
-        lease_ttl: config.lease_ttl,
-        buckets: shared.buckets,
-        orphan_grace: config.orphan_grace,
-    };
-    let namespace = config.job.namespace.clone();
-    loops.spawn(async move {
-        let result = reconciler::run(
-            shared.js,
-            shared.store,
-            client,
-            backend,
-            namespace,
-            reconciler_config,
-            shared.shutdown,
-        )
-        .await;
-        ("reconciler", result.map_err(|e| e.to_string()))
-    });
-    Ok(())
-}
-
-/// Runs the engine until `shutdown` completes or a loop fails.
-pub async fn run(
-    config: EngineConfig,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
+/// Runs the engine until `shutdown` is cancelled or a loop fails.
+pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
     let mut engine = Engine::start(config).await?;
     info!("engine running (Ctrl-C to stop)");
     tokio::select! {
-        () = shutdown => {
+        () = shutdown.cancelled() => {
             info!("shutting down");
             engine.shutdown().await
         }

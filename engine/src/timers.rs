@@ -18,18 +18,10 @@ use futures::StreamExt;
 use taskpods_events::{Event, EventBody, FailureReason, Input, Names, TaskId, TaskState};
 use taskpods_projections::log;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::context::EngineCtx;
 use crate::store::{EventStore, ExecuteError};
-
-/// The clock the timers read (the wall clock, or a test's).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
-
-/// The wall clock.
-pub fn wall_clock() -> Clock {
-    Arc::new(Utc::now)
-}
 
 /// A spawned task aborted when this guard is dropped (so an aborted engine leaves nothing running).
 #[derive(Debug)]
@@ -177,15 +169,10 @@ impl Default for TimersConfig {
     }
 }
 
-/// Runs the deadline and startup timers until `shutdown`.
-pub async fn run(
-    store: EventStore,
-    events: Stream,
-    config: TimersConfig,
-    clock: Clock,
-    shutdown: CancellationToken,
-) -> Result<(), String> {
-    let mut follow = follow_events(events, store.names().clone());
+/// Runs the deadline and startup timers until `ctx.shutdown`, reading the time from `ctx.clock`.
+pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), String> {
+    let store = &ctx.store;
+    let mut follow = follow_events(ctx.topology.events.clone(), ctx.names().clone());
     let mut timers = Timers {
         deadlines: Deadlines::default(),
         startups: Deadlines::default(),
@@ -194,22 +181,22 @@ pub async fn run(
     };
     info!("deadline and startup timers running");
     loop {
-        let now = clock();
+        let now = ctx.clock.now();
         let wait = [timers.deadlines.next_in(now), timers.startups.next_in(now)]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = ctx.shutdown.cancelled() => return Ok(()),
             next = follow.recv() => {
                 let Some((task, event)) = next else { return Err("event follower ended".into()) };
-                timers.track(&store, task, event).await;
+                timers.track(store, task, event).await;
             }
             () = tokio::time::sleep(wait) => {
-                let now = clock();
-                timers.fire_deadlines(&store, now).await;
-                timers.fire_startups(&store, now).await;
+                let now = ctx.clock.now();
+                timers.fire_deadlines(store, now).await;
+                timers.fire_startups(store, now).await;
             }
         }
     }
@@ -342,6 +329,7 @@ impl Timers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock;
 
     #[test]
     fn deadlines_come_due_in_order_and_can_be_disarmed() {
@@ -371,17 +359,15 @@ mod tests {
     async fn the_wait_ends_exactly_at_the_deadline() {
         let start = tokio::time::Instant::now();
         let base = Utc::now();
-        let clock: Clock = Arc::new(move || {
-            base + chrono::TimeDelta::from_std(start.elapsed()).unwrap_or_default()
-        });
+        let clock = Clock::tokio(base);
         let mut d = Deadlines::default();
         let task = TaskId::mint();
         d.insert(task, base + chrono::TimeDelta::seconds(3600));
         let mut fired_at = None;
         for _ in 0..10 {
-            let wait = d.next_in(clock()).unwrap_or(Duration::from_secs(3600));
+            let wait = d.next_in(clock.now()).unwrap_or(Duration::from_secs(3600));
             tokio::time::sleep(wait).await;
-            if !d.due(clock()).is_empty() {
+            if !d.due(clock.now()).is_empty() {
                 fired_at = Some(start.elapsed());
                 break;
             }

@@ -19,6 +19,7 @@ use taskpods_harness::{NatsServer, nats_server_version};
 use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::rebuild::{self, RebuildConfig};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, TaskView, Views, projector};
+use tokio_util::sync::CancellationToken;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -106,7 +107,7 @@ async fn main() {
             ..ProjectorConfig::default()
         },
         stats.clone(),
-        std::future::pending(),
+        CancellationToken::new(),
     )
     .await
     .expect("projector");
@@ -152,15 +153,13 @@ async fn main() {
         .await
         .expect("views");
     let mut watch = live.buckets().tasks.watch_all().await.expect("watch");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = CancellationToken::new();
     let projector_stats = Arc::new(ProjectorStats::default());
     let running = tokio::spawn(projector::run(
         js.clone(),
         ProjectorConfig::default(),
         projector_stats.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
+        stop.clone(),
     ));
     let steady = generate::histories(3, (rate * lag_secs) / 5 + 1, Utc::now(), 8);
     let steady = generate::interleave(&mut Rng::new(4), &steady);
@@ -213,7 +212,7 @@ async fn main() {
     }
     let achieved = total as f64 / started.elapsed().as_secs_f64();
     let seen = seen.await.expect("watcher");
-    let _ = stop_tx.send(());
+    stop.cancel();
     let _ = running.await;
     let mut lags: Vec<f64> = published
         .iter()

@@ -9,7 +9,6 @@
 //! [`lag`] and [`wait_for_sequence`] read the consumer's ack floor: everything at or below it is in the
 //! views, whichever projector applied it.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -23,6 +22,7 @@ use async_nats::jetstream::{
 use chrono::Utc;
 use futures::StreamExt;
 use taskpods_events::Names;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::apply::{ApplyError, Writer};
@@ -160,14 +160,14 @@ pub async fn ensure_consumer(
         .map_err(|e| stream_error("create consumer", e))
 }
 
-/// Runs a projector until `shutdown` completes (or, with `stop_when_caught_up`, until nothing is
+/// Runs a projector until `shutdown` is cancelled (or, with `stop_when_caught_up`, until nothing is
 /// pending). Transient failures are retried with a back-off; the error is returned only for what
 /// retrying cannot fix at start-up (no event stream).
 pub async fn run(
     js: jetstream::Context,
     config: ProjectorConfig,
     stats: Arc<ProjectorStats>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: CancellationToken,
 ) -> Result<(), ProjectorError> {
     let events = js
         .get_stream(config.names.event_stream())
@@ -175,11 +175,10 @@ pub async fn run(
         .map_err(|e| stream_error("open", e))?;
     let meta =
         buckets::ensure_bucket(&js, &buckets::meta_bucket(&config.names), config.buckets).await?;
-    tokio::pin!(shutdown);
     let mut delay = Duration::from_millis(100);
     loop {
         let outcome = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = shutdown.cancelled() => return Ok(()),
             outcome = run_generation(&js, &events, &meta, &config, &stats) => outcome,
         };
         match outcome {
@@ -188,7 +187,7 @@ pub async fn run(
             Err(e) => {
                 warn!(error = %e, "projector failed; retrying in {delay:?}");
                 tokio::select! {
-                    () = &mut shutdown => return Ok(()),
+                    () = shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));

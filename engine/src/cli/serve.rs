@@ -9,6 +9,7 @@ use crate::config_file::{self, ConfigFileError};
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::{BackendConfig, local::LocalConfig};
 use crate::server;
+use tokio_util::sync::CancellationToken;
 
 /// Arguments of `taskpods serve`. Each flag, when given, wins over the configuration file; the file
 /// (with its `TASKPODS__…` overrides) wins over the embedded defaults.
@@ -117,7 +118,15 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match server::run(config, shutdown_signal()).await {
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    match server::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use taskpods_events::{FailureReason, Names, TaskId, TaskSpec};
 use tracing::{info, warn};
 
-use super::{Backend, BackendError};
+use super::backend::{Backend, BackendError};
 use crate::credentials::TaskCredentials;
 
 /// Local backend settings.

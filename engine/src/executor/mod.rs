@@ -34,13 +34,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::pull, stream::Stream};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::Utc;
 use futures::StreamExt;
 use taskpods_events::{Addressed, FailureReason, Input, TaskId, TaskState};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::context::EngineCtx;
 use crate::store::{EventStore, ExecuteError, LoadedTask};
 
 /// Which backend the executor drives.
@@ -109,11 +109,12 @@ pub enum Effect {
 
 /// Makes the backend match the task's current state (see the module table).
 pub async fn reconcile<B: Backend>(
+    ctx: &EngineCtx,
     backend: &B,
-    store: &EventStore,
     task_id: TaskId,
     config: &ExecutorConfig,
 ) -> Result<Effect, BackendError> {
+    let store = &ctx.store;
     let loaded = store
         .load(task_id)
         .await
@@ -197,16 +198,73 @@ async fn execute(
     }
 }
 
-/// Runs the executor over `backend` until `shutdown`.
-pub async fn run<B: Backend>(
+/// One executor: what every message's work shares.
+struct Executor<B> {
+    ctx: Arc<EngineCtx>,
     backend: Arc<B>,
-    store: EventStore,
-    events: Stream,
     config: ExecutorConfig,
-    shutdown: CancellationToken,
+    /// One lock per task with work in hand, so a task's messages are handled one at a time.
+    locks: Mutex<HashMap<TaskId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<B: Backend> Executor<B> {
+    /// The lock of `task`, taken in message order (before the work is spawned).
+    fn lock_of(&self, task: TaskId) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(task)
+            .or_default()
+            .clone()
+    }
+
+    /// Reconciles `task` for `msg` under its `lock`, then acks, naks or, at shutdown, leaves it.
+    async fn handle(
+        &self,
+        task: TaskId,
+        msg: jetstream::Message,
+        lock: Arc<tokio::sync::Mutex<()>>,
+    ) {
+        let guard = lock.lock().await;
+        let work = reconcile(&self.ctx, &*self.backend, task, &self.config);
+        let result = tokio::select! {
+            result = work => Some(result),
+            () = self.ctx.shutdown.cancelled() => None,
+        };
+        match result {
+            Some(Ok(effect)) => {
+                if effect != Effect::Nothing {
+                    debug!(%task, ?effect, "executor");
+                }
+                let _ = msg.double_ack().await;
+            }
+            Some(Err(e)) => {
+                warn!(%task, error = %e, "executor: will retry");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
+                    .await;
+            }
+            // Shutting down mid-effect: leave the message unacked, the next engine redoes it.
+            None => {}
+        }
+        drop(guard);
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&task);
+        }
+    }
+}
+
+/// Runs the executor over `backend` until `ctx.shutdown`.
+pub async fn run<B: Backend>(
+    ctx: Arc<EngineCtx>,
+    backend: Arc<B>,
+    config: ExecutorConfig,
 ) -> Result<(), ExecutorError> {
-    let names = store.names().clone();
-    let mut messages = events
+    let names = ctx.names().clone();
+    let mut messages = ctx
+        .topology
+        .events
         .get_or_create_consumer(
             &config.durable_name,
             pull::Config {
@@ -224,12 +282,16 @@ pub async fn run<B: Backend>(
         .await
         .map_err(|e| ExecutorError::Consumer(e.into()))?;
     let limit = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
-    let locks: Arc<Mutex<HashMap<TaskId, Arc<tokio::sync::Mutex<()>>>>> = Arc::default();
-    let config = Arc::new(config);
+    let executor = Arc::new(Executor {
+        ctx: ctx.clone(),
+        backend,
+        config,
+        locks: Mutex::default(),
+    });
     info!("executor running");
     loop {
         let next = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = ctx.shutdown.cancelled() => break,
             next = messages.next() => next,
         };
         let msg = match next {
@@ -247,45 +309,10 @@ pub async fn run<B: Backend>(
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break;
         };
-        let lock = locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(task)
-            .or_default()
-            .clone();
-        let (backend, store, config, locks, shutdown) = (
-            backend.clone(),
-            store.clone(),
-            config.clone(),
-            locks.clone(),
-            shutdown.clone(),
-        );
+        let lock = executor.lock_of(task);
+        let executor = executor.clone();
         tokio::spawn(async move {
-            let guard = lock.lock().await;
-            let work = reconcile(&*backend, &store, task, &config);
-            let result = tokio::select! {
-                result = work => Some(result),
-                () = shutdown.cancelled() => None,
-            };
-            match result {
-                Some(Ok(effect)) => {
-                    if effect != Effect::Nothing {
-                        debug!(%task, ?effect, "executor");
-                    }
-                    let _ = msg.double_ack().await;
-                }
-                Some(Err(e)) => {
-                    warn!(%task, error = %e, "executor: will retry");
-                    let _ = msg.ack_with(AckKind::Nak(Some(config.retry_delay))).await;
-                }
-                // Shutting down mid-effect: leave the message unacked, the next engine redoes it.
-                None => {}
-            }
-            drop(guard);
-            let mut locks = locks.lock().unwrap_or_else(|p| p.into_inner());
-            if Arc::strong_count(&lock) == 2 {
-                locks.remove(&task);
-            }
+            executor.handle(task, msg, lock).await;
             drop(permit);
         });
     }

@@ -19,6 +19,7 @@ use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::log::StoredEvent;
 use taskpods_projections::rebuild::{self, RebuildConfig};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, TaskView, Views, projector};
+use tokio_util::sync::CancellationToken;
 
 fn start_time() -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).expect("valid time")
@@ -61,7 +62,7 @@ async fn project_until_caught_up(
     let stats = Arc::new(ProjectorStats::default());
     tokio::time::timeout(
         Duration::from_secs(60),
-        projector::run(js.clone(), config, stats.clone(), std::future::pending()),
+        projector::run(js.clone(), config, stats.clone(), CancellationToken::new()),
     )
     .await
     .expect("the projector catches up within a minute")
@@ -336,7 +337,7 @@ async fn a_projector_killed_mid_stream_resumes_where_it_stopped() {
             ..ProjectorConfig::default()
         },
         first.clone(),
-        std::future::pending(),
+        CancellationToken::new(),
     ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while first.seen() < total / 3 {
@@ -499,14 +500,12 @@ async fn readers_never_see_a_half_built_generation_while_a_rebuild_runs_under_ap
     sample.truncate(40);
 
     // A live projector, as in a running engine, and appends while the rebuild runs.
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stop = CancellationToken::new();
     let live = tokio::spawn(projector::run(
         js.clone(),
         ProjectorConfig::default(),
         Arc::new(ProjectorStats::default()),
-        async move {
-            let _ = stopped.await;
-        },
+        stop.clone(),
     ));
     let appender = {
         let js = js.clone();
@@ -568,6 +567,6 @@ async fn readers_never_see_a_half_built_generation_while_a_rebuild_runs_under_ap
         .expect("verify");
     assert_eq!(report.generation, 2);
     assert!(report.differences.is_empty(), "{:#?}", report.differences);
-    let _ = stop.send(());
+    stop.cancel();
     live.await.expect("join").expect("projector");
 }

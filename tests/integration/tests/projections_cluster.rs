@@ -14,6 +14,7 @@ use taskpods_projections::buckets::{self, BucketSettings};
 use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::rebuild::{self, RebuildConfig};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, projector};
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_views_are_projected_and_rebuilt_with_three_replicas() {
@@ -45,7 +46,7 @@ async fn r3_views_are_projected_and_rebuilt_with_three_replicas() {
             js.clone(),
             projector_config.clone(),
             stats,
-            std::future::pending(),
+            CancellationToken::new(),
         ),
     )
     .await

@@ -19,6 +19,7 @@ use taskpods_events::{Event, EventBody, Names, TaskId, TaskOutcome, TaskState, c
 use taskpods_harness::NatsServer;
 use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, Views, projector};
+use tokio_util::sync::CancellationToken;
 
 fn t(secs: i64) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-28T10:00:00Z")
@@ -287,7 +288,7 @@ async fn an_unknown_event_kind_is_skipped_by_the_projector_with_a_warning() {
                 ..ProjectorConfig::default()
             },
             stats.clone(),
-            std::future::pending(),
+            CancellationToken::new(),
         ),
     )
     .await

@@ -142,6 +142,11 @@ impl KubernetesBackend {
         }
     }
 
+    /// The Jobs in the task namespace.
+    pub fn jobs(&self) -> &Api<Job> {
+        &self.jobs
+    }
+
     /// The pods of `task`, whatever their state.
     async fn pods_of(&self, task: TaskId) -> Result<Vec<Pod>, BackendError> {
         self.pods

@@ -13,20 +13,22 @@
 //!    recorded when the task ended without it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::batch::v1::Job;
+use kube::Api;
 use kube::api::ListParams;
-use kube::{Api, Client};
 use taskpods_events::{Input, TaskId, TaskState};
 use taskpods_projections::{BucketSettings, Views};
-use tokio_util::sync::CancellationToken;
+
 use tracing::{debug, info, warn};
 
-use super::KubernetesBackend;
 use super::job::{MANAGED_SELECTOR, TASK_LABEL};
+use super::{KubernetesBackend, KubernetesConfig};
+use crate::context::EngineCtx;
 use crate::executor::backend::Backend;
 use crate::store::{EventStore, ExecuteError};
 
@@ -64,10 +66,28 @@ pub struct ReconcilerConfig {
     pub interval: Duration,
     /// How long a lease lasts without renewal.
     pub lease_ttl: Duration,
-    /// Lease bucket replicas and storage.
-    pub buckets: BucketSettings,
     /// How long after a task ended its leftover Job counts as an orphan (before, the executor reaps it).
     pub orphan_grace: Duration,
+}
+
+impl ReconcilerConfig {
+    /// The reconciler of the Kubernetes backend configured by `config`, holding the lease as this
+    /// replica (`$HOSTNAME` plus a fresh id, so a restarted pod is a new holder).
+    pub fn for_backend(config: &KubernetesConfig) -> Self {
+        let holder = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .map_or_else(
+                || format!("engine-{}", uuid::Uuid::now_v7()),
+                |h| format!("{h}-{}", uuid::Uuid::now_v7()),
+            );
+        Self {
+            holder,
+            interval: config.reconcile_interval,
+            lease_ttl: config.lease_ttl,
+            orphan_grace: config.orphan_grace,
+        }
+    }
 }
 
 /// A lease in a KV bucket: at most one holder until it expires.
@@ -257,35 +277,31 @@ async fn settle(store: &EventStore, task: TaskId, input: &Input) -> Result<bool,
     }
 }
 
-/// Runs passes every `config.interval` while holding the lease, until `shutdown`.
+/// Runs passes every `config.interval` while holding the lease, until `ctx.shutdown`.
 pub async fn run(
-    js: jetstream::Context,
-    store: EventStore,
-    client: Client,
+    ctx: Arc<EngineCtx>,
     backend: KubernetesBackend,
-    namespace: String,
     config: ReconcilerConfig,
-    shutdown: CancellationToken,
 ) -> Result<(), ReconcileError> {
-    let names = store.names().clone();
     let lease = Lease::open(
-        &js,
-        names.prefix(),
+        &ctx.js,
+        ctx.names().prefix(),
         "reconciler",
         &config.holder,
         config.lease_ttl,
-        config.buckets,
+        ctx.buckets,
     )
     .await?;
-    let mut views = Views::open(&js, &names, config.buckets)
+    let mut views = Views::open(&ctx.js, ctx.names(), ctx.buckets)
         .await
         .map_err(|e| ReconcileError::Nats(e.to_string()))?;
-    let jobs: Api<Job> = Api::namespaced(client, &namespace);
+    let jobs = backend.jobs().clone();
     info!(holder = %config.holder, interval = ?config.interval, "reconciler running");
     loop {
         match lease.acquire(Utc::now()).await {
             Ok(true) => {
-                match reconcile_once(&store, &mut views, &jobs, &backend, config.orphan_grace).await
+                match reconcile_once(&ctx.store, &mut views, &jobs, &backend, config.orphan_grace)
+                    .await
                 {
                     Ok(report) if report != Report::default() => info!(?report, "reconciled"),
                     Ok(_) => {}
@@ -296,7 +312,7 @@ pub async fn run(
             Err(e) => warn!(error = %e, "reconciler lease unavailable"),
         }
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = ctx.shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(config.interval) => {}
         }
     }

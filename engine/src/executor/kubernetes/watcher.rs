@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
@@ -31,12 +32,12 @@ use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use taskpods_events::{FailureReason, Input, TaskId, TaskState};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::KubernetesConfig;
 use super::job::{MANAGED_SELECTOR, TASK_LABEL};
-use crate::store::{EventStore, ExecuteError};
+use crate::context::EngineCtx;
+use crate::store::ExecuteError;
 
 /// Errors that stop the watcher.
 #[derive(Debug, thiserror::Error)]
@@ -223,7 +224,7 @@ struct Tracked {
 }
 
 struct Watcher {
-    store: EventStore,
+    ctx: Arc<EngineCtx>,
     config: KubernetesConfig,
     /// Inputs already executed (or scheduled), so a re-listed object is not judged again.
     applied: HashSet<(TaskId, String)>,
@@ -232,7 +233,7 @@ struct Watcher {
 
 impl Watcher {
     async fn execute(&self, task: TaskId, input: &Input) -> bool {
-        execute(&self.store, task, input).await
+        execute(&self.ctx, task, input).await
     }
 
     async fn handle(&mut self, task: TaskId, observations: Vec<Observation>, from_pod: bool) {
@@ -271,12 +272,12 @@ impl Watcher {
                     if !self.applied.insert(key) {
                         continue;
                     }
-                    let (store, grace) = (self.store.clone(), self.config.exit_grace);
+                    let (ctx, grace) = (self.ctx.clone(), self.config.exit_grace);
                     tokio::spawn(async move {
                         // The agent reports its result through the command stream before it exits;
                         // give that report the chance to be recorded first.
                         tokio::time::sleep(grace).await;
-                        execute(&store, task, &Input::PodExited { exit_code: code }).await;
+                        execute(&ctx, task, &Input::PodExited { exit_code: code }).await;
                     });
                 }
             }
@@ -294,7 +295,7 @@ impl Watcher {
         let now = Utc::now();
         let tasks: Vec<TaskId> = self.tracked.keys().copied().collect();
         for task in tasks {
-            let Ok(loaded) = self.store.load(task).await else {
+            let Ok(loaded) = self.ctx.store.load(task).await else {
                 continue;
             };
             let t = &loaded.task;
@@ -336,7 +337,7 @@ impl Watcher {
                     self.config.startup_timeout
                 )),
             };
-            if execute(&self.store, task, &input).await {
+            if execute(&self.ctx, task, &input).await {
                 self.tracked.remove(&task);
             }
         }
@@ -344,8 +345,8 @@ impl Watcher {
 }
 
 /// Executes `input`; whether it is settled (appended or refused), i.e. need not be tried again.
-async fn execute(store: &EventStore, task: TaskId, input: &Input) -> bool {
-    match store.execute(task, input, Utc::now(), None).await {
+async fn execute(ctx: &EngineCtx, task: TaskId, input: &Input) -> bool {
+    match ctx.store.execute(task, input, Utc::now(), None).await {
         Ok(_) => {
             debug!(%task, ?input, "kubernetes observation recorded");
             true
@@ -361,12 +362,11 @@ async fn execute(store: &EventStore, task: TaskId, input: &Input) -> bool {
     }
 }
 
-/// Watches the task namespace until `shutdown`.
+/// Watches the task namespace until `ctx.shutdown`.
 pub async fn run(
+    ctx: Arc<EngineCtx>,
     client: Client,
-    store: EventStore,
     config: KubernetesConfig,
-    shutdown: CancellationToken,
 ) -> Result<(), WatchError> {
     let ns = config.job.namespace.clone();
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
@@ -394,7 +394,7 @@ pub async fn run(
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut w = Watcher {
-        store,
+        ctx: ctx.clone(),
         config,
         applied: HashSet::new(),
         tracked: HashMap::new(),
@@ -402,7 +402,7 @@ pub async fn run(
     info!(namespace = %ns, "kubernetes watcher running");
     loop {
         let change = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = ctx.shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {
                 w.check_startups().await;
                 continue;
@@ -432,12 +432,12 @@ pub async fn run(
                         // too ("Cancelled" means nothing runs); with background propagation the Job
                         // vanishes first, so the watcher leaves cancelling tasks to the executor.
                         let cancelling = matches!(
-                            w.store.load(task).await.map(|l| l.task.state),
+                            w.ctx.store.load(task).await.map(|l| l.task.state),
                             Ok(TaskState::Cancelling)
                         );
                         if !cancelling {
                             info!(%task, "Job deleted");
-                            execute(&w.store, task, &Input::JobGone).await;
+                            execute(&w.ctx, task, &Input::JobGone).await;
                         }
                         w.forget(task);
                     }

@@ -1,0 +1,39 @@
+//! What every engine loop shares, built once at start-up by [`crate::server`] and handed to each loop as
+//! an `Arc<EngineCtx>` (as kube-runtime hands a controller its context): the NATS connection and
+//! JetStream, the streams and names, the event store, the bucket settings, the clock and the shutdown
+//! token. A loop's `run(ctx, config, ...)` takes only this and its own settings.
+
+use async_nats::jetstream;
+use taskpods_events::Names;
+use taskpods_projections::BucketSettings;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::store::EventStore;
+use crate::topology::Topology;
+
+/// The handles every loop of one engine shares.
+#[derive(Debug)]
+pub struct EngineCtx {
+    /// The NATS connection (agents' hellos and heartbeats, command replies).
+    pub nats: async_nats::Client,
+    /// JetStream over that connection.
+    pub js: jetstream::Context,
+    /// The streams and buckets, as ensured at start-up.
+    pub topology: Topology,
+    /// The event store over the event stream.
+    pub store: EventStore,
+    /// Replicas and storage of the buckets the loops open (views, the reconciler's lease).
+    pub buckets: BucketSettings,
+    /// Where every loop reads the time.
+    pub clock: Clock,
+    /// Cancelled when the engine stops; every loop finishes the work in hand and returns.
+    pub shutdown: CancellationToken,
+}
+
+impl EngineCtx {
+    /// The subject, stream and bucket names in use.
+    pub fn names(&self) -> &Names {
+        &self.topology.names
+    }
+}
