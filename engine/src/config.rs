@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::credentials::AuthConfig;
 use crate::clock::Clock;
+use crate::credentials::AuthConfig;
 use crate::executor::{BackendConfig, ExecutorConfig};
 use crate::gateway::GatewayConfig;
 use crate::intake::IntakeConfig;

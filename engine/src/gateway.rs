@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::StreamExt;
 use taskpods_events::codec;
 use taskpods_events::{
@@ -206,7 +205,7 @@ impl Gateway {
         let result = match self
             .ctx
             .store
-            .execute(task, &Input::AgentHello, Utc::now(), None)
+            .execute(task, &Input::AgentHello, self.ctx.clock.now(), None)
             .await
         {
             Ok(executed) => Ok(executed.task),
@@ -271,19 +270,15 @@ impl Gateway {
                 }
                 continue;
             }
-            let silent: Vec<TaskId> = {
-                let watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-                watched
-                    .iter()
-                    .filter(|(_, seen)| seen.elapsed() > timeout)
-                    .map(|(task, _)| *task)
-                    .collect()
-            };
+            let silent = silent(
+                &self.watched.lock().unwrap_or_else(|p| p.into_inner()),
+                timeout,
+            );
             for task in silent {
                 match self
                     .ctx
                     .store
-                    .execute(task, &Input::HeartbeatLost, Utc::now(), None)
+                    .execute(task, &Input::HeartbeatLost, self.ctx.clock.now(), None)
                     .await
                 {
                     Ok(_) => {
@@ -308,9 +303,19 @@ impl Gateway {
     }
 }
 
+/// The watched tasks not heard from for longer than `timeout` (on tokio's clock, so paused time works).
+fn silent(watched: &HashMap<TaskId, Instant>, timeout: Duration) -> Vec<TaskId> {
+    watched
+        .iter()
+        .filter(|(_, seen)| seen.elapsed() > timeout)
+        .map(|(task, _)| *task)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
     use taskpods_events::{LaunchPolicy, LaunchTask, Task, decide, evolve, stamp};
 
     fn task_in(inputs: &[Input]) -> LoadedTask {
@@ -389,5 +394,29 @@ mod tests {
             answer(id, &Err((None, None)), &config),
             HelloReply::Wait { .. }
         ));
+    }
+
+    /// The heartbeat timeout on tokio's paused clock: a task is silent only once the timeout has fully
+    /// passed since it was last heard from, and a heartbeat starts its count again.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_is_silent_only_past_the_timeout_since_its_last_heartbeat() {
+        let timeout = Duration::from_secs(30);
+        let (quiet, chatty) = (TaskId::mint(), TaskId::mint());
+        let mut watched = HashMap::from([(quiet, Instant::now()), (chatty, Instant::now())]);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        watched.insert(chatty, Instant::now());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            silent(&watched, timeout).is_empty(),
+            "exactly the timeout is not past it"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(silent(&watched, timeout), [quiet]);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let mut both = silent(&watched, timeout);
+        both.sort();
+        let mut expected = vec![quiet, chatty];
+        expected.sort();
+        assert_eq!(both, expected);
     }
 }

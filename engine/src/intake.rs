@@ -25,7 +25,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
-use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
@@ -570,7 +569,7 @@ async fn apply(
     command: Command,
     message: &jetstream::Message,
 ) -> Disposition {
-    let now = Utc::now();
+    let now = shared.ctx.clock.now();
     let reply_to = header(message.headers.as_ref(), HEADER_REPLY_TO).map(str::to_owned);
     let (task, encoding, input, is_launch) = match command {
         Command::Launch {

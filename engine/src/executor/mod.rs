@@ -35,13 +35,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use chrono::Utc;
 use futures::StreamExt;
 use taskpods_events::{Addressed, FailureReason, Input, TaskId, TaskState};
 use tracing::{debug, info, warn};
 
 use crate::context::EngineCtx;
-use crate::store::{EventStore, ExecuteError, LoadedTask};
+use crate::store::{ExecuteError, LoadedTask};
 
 /// Which backend the executor drives.
 #[derive(Debug, Clone, Default)]
@@ -128,7 +127,7 @@ pub async fn reconcile<B: Backend>(
             match backend.create(task_id, spec, deadline).await {
                 Ok(job) => {
                     let input = Input::JobCreated { job: job.clone() };
-                    match execute(store, task_id, &input, Some(loaded.clone())).await? {
+                    match execute(ctx, task_id, &input, Some(loaded.clone())).await? {
                         Some(after) if after.task.state.is_terminal() => {
                             // Ended (cancelled) while we created: remove what we made.
                             backend.reap(task_id, &job, Duration::ZERO).await?;
@@ -143,7 +142,7 @@ pub async fn reconcile<B: Backend>(
                         reason: e.reason,
                         message: Some(e.message.clone()),
                     };
-                    execute(store, task_id, &input, Some(loaded.clone())).await?;
+                    execute(ctx, task_id, &input, Some(loaded.clone())).await?;
                     Ok(Effect::Nothing)
                 }
             }
@@ -153,7 +152,7 @@ pub async fn reconcile<B: Backend>(
                 return Ok(Effect::Nothing);
             };
             backend.stop(task_id, job).await?;
-            execute(store, task_id, &Input::JobGone, None).await?;
+            execute(ctx, task_id, &Input::JobGone, None).await?;
             Ok(Effect::Stopped)
         }
         state if state.is_terminal() && !task.reaped => {
@@ -174,7 +173,7 @@ pub async fn reconcile<B: Backend>(
                 Duration::ZERO
             };
             backend.reap(task_id, job, grace).await?;
-            execute(store, task_id, &Input::Reaped, None).await?;
+            execute(ctx, task_id, &Input::Reaped, None).await?;
             Ok(Effect::Reaped)
         }
         _ => Ok(Effect::Nothing),
@@ -183,12 +182,16 @@ pub async fn reconcile<B: Backend>(
 
 /// Executes `input`; a refusal is fine (someone else moved the task on) and gives the task as it is.
 async fn execute(
-    store: &EventStore,
+    ctx: &EngineCtx,
     task: TaskId,
     input: &Input,
     cached: Option<LoadedTask>,
 ) -> Result<Option<LoadedTask>, BackendError> {
-    match store.execute(task, input, Utc::now(), cached).await {
+    match ctx
+        .store
+        .execute(task, input, ctx.clock.now(), cached)
+        .await
+    {
         Ok(executed) => Ok(Some(executed.task)),
         Err(ExecuteError::Refused { refusal, task: t }) => {
             debug!(%task, %refusal, ?input, "executor input refused");

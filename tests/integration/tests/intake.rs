@@ -9,6 +9,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use futures::future::join_all;
 use taskpods_client::{Client, ClientConfig, ClientErrorKind};
+use taskpods_engine::clock::Clock;
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::server::Engine;
 use taskpods_engine::store::EventStore;
@@ -683,5 +684,31 @@ async fn commands_for_one_task_apply_in_the_order_they_were_published() {
     }
     assert_eq!(engine.intake_stats.refused.load(Ordering::Relaxed), 0);
     assert_eq!(engine.intake_stats.applied.load(Ordering::Relaxed), 400);
+    engine.shutdown().await.expect("shutdown");
+}
+
+/// Every loop reads the time from the engine's clock (`EngineConfig::clock`), never the wall clock: a
+/// launch is accepted, and its deadline counted, at the clock's time.
+#[tokio::test]
+async fn a_launch_is_stamped_with_the_engine_clock_not_the_wall_clock() {
+    let server = NatsServer::start();
+    let at = chrono::DateTime::from_timestamp(1_938_000_000, 0).expect("a time in 2031");
+    let engine = Engine::start(EngineConfig {
+        clock: Clock::from_fn(move || at),
+        ..config(&server)
+    })
+    .await
+    .expect("engine");
+    let client = client(&server).await;
+    let launched = client
+        .launch(LaunchTask {
+            timeout_secs: Some(120),
+            ..LaunchTask::script("true")
+        })
+        .await
+        .expect("launch");
+    let task = client.get(launched.task_id).await.expect("get").task;
+    assert_eq!(task.accepted_at, Some(at));
+    assert_eq!(task.deadline, Some(at + chrono::TimeDelta::seconds(120)));
     engine.shutdown().await.expect("shutdown");
 }

@@ -30,7 +30,7 @@ use super::job::{MANAGED_SELECTOR, TASK_LABEL};
 use super::{KubernetesBackend, KubernetesConfig};
 use crate::context::EngineCtx;
 use crate::executor::backend::Backend;
-use crate::store::{EventStore, ExecuteError};
+use crate::store::ExecuteError;
 
 /// Why a pass could not be completed (the next one tries again).
 #[derive(Debug, thiserror::Error)]
@@ -168,14 +168,15 @@ impl Lease {
 
 /// One reconciliation pass (the caller holds the lease).
 pub async fn reconcile_once(
-    store: &EventStore,
+    ctx: &EngineCtx,
     views: &mut Views,
     jobs: &Api<Job>,
     backend: &KubernetesBackend,
     orphan_grace: Duration,
 ) -> Result<Report, ReconcileError> {
+    let store = &ctx.store;
     let mut report = Report::default();
-    let now = Utc::now();
+    let now = ctx.clock.now();
     let _ = views.refresh().await;
     let active = views
         .active()
@@ -212,7 +213,7 @@ pub async fn reconcile_once(
             continue;
         }
         if task.deadline.is_some_and(|d| d <= now) {
-            if settle(store, *id, &Input::DeadlineReached { now }).await? {
+            if settle(ctx, *id, &Input::DeadlineReached { now }).await? {
                 info!(task = %id, "reconciler: past its deadline");
                 report.timed_out.push(*id);
             }
@@ -222,7 +223,7 @@ pub async fn reconcile_once(
             task.state,
             TaskState::Scheduled | TaskState::Starting | TaskState::Running | TaskState::Cancelling
         );
-        if has_job && !by_task.contains_key(id) && settle(store, *id, &Input::JobGone).await? {
+        if has_job && !by_task.contains_key(id) && settle(ctx, *id, &Input::JobGone).await? {
             info!(task = %id, "reconciler: the task's Job is gone");
             report.lost.push(*id);
         }
@@ -258,7 +259,7 @@ pub async fn reconcile_once(
             continue;
         }
         if task.state.is_terminal() && !task.reaped {
-            settle(store, id, &Input::Reaped).await?;
+            settle(ctx, id, &Input::Reaped).await?;
         }
         report.orphans.push(job);
     }
@@ -266,8 +267,8 @@ pub async fn reconcile_once(
 }
 
 /// Executes `input`; whether it was appended (a refusal is fine: someone else moved the task on).
-async fn settle(store: &EventStore, task: TaskId, input: &Input) -> Result<bool, ReconcileError> {
-    match store.execute(task, input, Utc::now(), None).await {
+async fn settle(ctx: &EngineCtx, task: TaskId, input: &Input) -> Result<bool, ReconcileError> {
+    match ctx.store.execute(task, input, ctx.clock.now(), None).await {
         Ok(_) => Ok(true),
         Err(ExecuteError::Refused { refusal, .. }) => {
             debug!(%task, %refusal, ?input, "reconciler input refused");
@@ -298,11 +299,9 @@ pub async fn run(
     let jobs = backend.jobs().clone();
     info!(holder = %config.holder, interval = ?config.interval, "reconciler running");
     loop {
-        match lease.acquire(Utc::now()).await {
+        match lease.acquire(ctx.clock.now()).await {
             Ok(true) => {
-                match reconcile_once(&ctx.store, &mut views, &jobs, &backend, config.orphan_grace)
-                    .await
-                {
+                match reconcile_once(&ctx, &mut views, &jobs, &backend, config.orphan_grace).await {
                     Ok(report) if report != Report::default() => info!(?report, "reconciled"),
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "reconciler pass failed; next pass retries"),

@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{TimeDelta, Utc};
+use chrono::TimeDelta;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event as KubeEvent, Pod};
@@ -292,7 +292,7 @@ impl Watcher {
     /// Fails tasks that are stuck past their startup timeout; stops tracking started or ended ones.
     async fn check_startups(&mut self) {
         let timeout = TimeDelta::from_std(self.config.startup_timeout).unwrap_or(TimeDelta::MAX);
-        let now = Utc::now();
+        let now = self.ctx.clock.now();
         let tasks: Vec<TaskId> = self.tracked.keys().copied().collect();
         for task in tasks {
             let Ok(loaded) = self.ctx.store.load(task).await else {
@@ -346,7 +346,7 @@ impl Watcher {
 
 /// Executes `input`; whether it is settled (appended or refused), i.e. need not be tried again.
 async fn execute(ctx: &EngineCtx, task: TaskId, input: &Input) -> bool {
-    match ctx.store.execute(task, input, Utc::now(), None).await {
+    match ctx.store.execute(task, input, ctx.clock.now(), None).await {
         Ok(_) => {
             debug!(%task, ?input, "kubernetes observation recorded");
             true
