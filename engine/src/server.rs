@@ -70,9 +70,12 @@ pub enum ServerError {
     /// The streams or buckets could not be set up.
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    /// The Kubernetes client could not be configured (no in-cluster configuration or kubeconfig).
+    #[error("kubernetes backend: {0}")]
+    Kubernetes(#[source] kube::Error),
     /// One of the engine's loops failed.
     #[error("engine loop failed: {0}")]
-    Loop(String),
+    Loop(#[from] LoopError),
 }
 
 /// Connects to NATS without credentials, retrying until `timeout` (the server may be starting alongside
@@ -127,16 +130,51 @@ pub async fn connect_as(
     }
 }
 
+/// Why one of the engine's loops stopped: the loop's own error, kept as the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// The command intake failed.
+    #[error("intake: {0}")]
+    Intake(#[from] intake::IntakeError),
+    /// The projector failed.
+    #[error("projector: {0}")]
+    Projector(#[from] taskpods_projections::projector::ProjectorError),
+    /// The agent gateway failed.
+    #[error("gateway: {0}")]
+    Gateway(#[from] gateway::GatewayError),
+    /// The timers failed.
+    #[error("timers: {0}")]
+    Timers(#[from] timers::TimersError),
+    /// The executor failed.
+    #[error("executor: {0}")]
+    Executor(#[from] executor::ExecutorError),
+    /// The Kubernetes watcher failed.
+    #[error("kubernetes watcher: {0}")]
+    Watcher(#[from] watcher::WatchError),
+    /// The reconciler failed.
+    #[error("reconciler: {0}")]
+    Reconciler(#[from] reconciler::ReconcileError),
+    /// A loop returned without being asked to stop.
+    #[error("{0} stopped unexpectedly")]
+    Stopped(&'static str),
+    /// A loop panicked (or was aborted).
+    #[error("a loop panicked: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
+    /// No loop is running.
+    #[error("no loops running")]
+    NoLoops,
+}
+
 /// The engine's loops, each named, ending with its result.
-type Loops = JoinSet<(&'static str, Result<(), String>)>;
+type Loops = JoinSet<(&'static str, Result<(), LoopError>)>;
 
 /// Starts `work` as the loop `name`.
-fn spawn<E: std::fmt::Display>(
+fn spawn<E: Into<LoopError>>(
     loops: &mut Loops,
     name: &'static str,
     work: impl Future<Output = Result<(), E>> + Send + 'static,
 ) {
-    loops.spawn(async move { (name, work.await.map_err(|e| e.to_string())) });
+    loops.spawn(async move { (name, work.await.map_err(Into::into)) });
 }
 
 /// A running engine: its loops, the context they share, and counters.
@@ -232,10 +270,7 @@ impl Engine {
                 );
             }
             BackendConfig::Kubernetes(kubernetes) => {
-                let client = kubernetes
-                    .client()
-                    .await
-                    .map_err(|e| ServerError::Loop(format!("kubernetes backend: {e}")))?;
+                let client = kubernetes.client().await.map_err(ServerError::Kubernetes)?;
                 let mut kubernetes = kubernetes.clone();
                 // The agents must speak the same subjects as this engine.
                 kubernetes.job.prefix = ctx.names().prefix().to_owned();
@@ -292,8 +327,8 @@ impl Engine {
         while let Some(joined) = self.loops.join_next().await {
             match joined {
                 Ok((_, Ok(()))) => {}
-                Ok((name, Err(e))) => failed = Some(format!("{name}: {e}")),
-                Err(e) => failed = Some(e.to_string()),
+                Ok((_, Err(e))) => failed = Some(e),
+                Err(e) => failed = Some(LoopError::Panicked(e)),
             }
         }
         self.ctx.nats.flush().await.ok();
@@ -309,10 +344,10 @@ impl Engine {
     /// Completes when a loop stops on its own (an error the engine cannot continue past).
     pub async fn failed(&mut self) -> ServerError {
         match self.loops.join_next().await {
-            Some(Ok((name, Err(e)))) => ServerError::Loop(format!("{name}: {e}")),
-            Some(Ok((name, Ok(())))) => ServerError::Loop(format!("{name} stopped unexpectedly")),
-            Some(Err(e)) => ServerError::Loop(e.to_string()),
-            None => ServerError::Loop("no loops running".into()),
+            Some(Ok((_, Err(e)))) => ServerError::Loop(e),
+            Some(Ok((name, Ok(())))) => ServerError::Loop(LoopError::Stopped(name)),
+            Some(Err(e)) => ServerError::Loop(LoopError::Panicked(e)),
+            None => ServerError::Loop(LoopError::NoLoops),
         }
     }
 }

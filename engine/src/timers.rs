@@ -169,8 +169,16 @@ impl Default for TimersConfig {
     }
 }
 
+/// Why the timers stopped before shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum TimersError {
+    /// The event follower ended (it reconnects by itself, so only a bug ends it).
+    #[error("the event follower ended")]
+    FollowerEnded,
+}
+
 /// Runs the deadline and startup timers until `ctx.shutdown`, reading the time from `ctx.clock`.
-pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), String> {
+pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), TimersError> {
     let store = &ctx.store;
     let mut follow = follow_events(ctx.topology.events.clone(), ctx.names().clone());
     let mut timers = Timers {
@@ -190,7 +198,7 @@ pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), String
         tokio::select! {
             () = ctx.shutdown.cancelled() => return Ok(()),
             next = follow.recv() => {
-                let Some((task, event)) = next else { return Err("event follower ended".into()) };
+                let Some((task, event)) = next else { return Err(TimersError::FollowerEnded) };
                 timers.track(store, task, event).await;
             }
             () = tokio::time::sleep(wait) => {
