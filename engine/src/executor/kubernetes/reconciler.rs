@@ -22,6 +22,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::Api;
 use kube::api::ListParams;
 use taskpods_events::{Input, TaskId, TaskState};
+use taskpods_projections::buckets::BucketError;
 use taskpods_projections::{BucketSettings, Views};
 
 use tracing::{debug, info, warn};
@@ -30,17 +31,20 @@ use super::job::{MANAGED_SELECTOR, TASK_LABEL};
 use super::{KubernetesBackend, KubernetesConfig};
 use crate::context::EngineCtx;
 use crate::executor::backend::Backend;
-use crate::store::ExecuteError;
+use crate::store::{ExecuteError, StoreError};
 
 /// Why a pass could not be completed (the next one tries again).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// The lease bucket or the live-task view could not be read or written.
+    /// The lease bucket or the live-task view could not be opened or read.
     #[error("lease or views: {0}")]
-    Nats(String),
+    Views(#[from] BucketError),
+    /// The lease could not be read.
+    #[error("lease: {0}")]
+    Lease(#[source] kv::EntryError),
     /// The event store failed.
-    #[error("event store: {0}")]
-    Store(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The Jobs could not be listed.
     #[error("list Jobs: {0}")]
     Kubernetes(#[from] kube::Error),
@@ -110,9 +114,7 @@ impl Lease {
         settings: BucketSettings,
     ) -> Result<Self, ReconcileError> {
         let bucket = format!("{}_leases", prefix.replace('.', "_"));
-        let kv = taskpods_projections::buckets::ensure_bucket(js, &bucket, settings)
-            .await
-            .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+        let kv = taskpods_projections::buckets::ensure_bucket(js, &bucket, settings).await?;
         Ok(Self {
             kv,
             key: key.to_owned(),
@@ -129,7 +131,7 @@ impl Lease {
             .kv
             .entry(&self.key)
             .await
-            .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+            .map_err(ReconcileError::Lease)?;
         let result = match current {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let text = String::from_utf8_lossy(&entry.value);
@@ -145,24 +147,17 @@ impl Lease {
                 self.kv
                     .update(&self.key, value.into(), entry.revision)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .is_ok()
             }
             Some(entry) => self
                 .kv
                 .update(&self.key, value.into(), entry.revision)
                 .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => self
-                .kv
-                .create(&self.key, value.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .is_ok(),
+            None => self.kv.create(&self.key, value.into()).await.is_ok(),
         };
         // A failed conditional write means another replica got there first.
-        Ok(result.is_ok())
+        Ok(result)
     }
 }
 
@@ -178,16 +173,10 @@ pub async fn reconcile_once(
     let mut report = Report::default();
     let now = ctx.clock.now();
     let _ = views.refresh().await;
-    let active = views
-        .active()
-        .await
-        .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+    let active = views.active().await?;
     let mut live = Vec::new();
     for view in active {
-        let loaded = store
-            .load(view.task)
-            .await
-            .map_err(|e| ReconcileError::Store(e.to_string()))?;
+        let loaded = store.load(view.task).await?;
         live.push((view.task, loaded.task));
     }
     let listed = jobs
@@ -232,13 +221,7 @@ pub async fn reconcile_once(
     for (id, job) in by_task {
         let task = match live.iter().find(|(t, _)| *t == id) {
             Some((_, task)) => task.clone(),
-            None => {
-                store
-                    .load(id)
-                    .await
-                    .map_err(|e| ReconcileError::Store(e.to_string()))?
-                    .task
-            }
+            None => store.load(id).await?.task,
         };
         // A just-finished task's Job is the executor's to reap, after its flush grace: only a Job still
         // there `orphan_grace` after the end is an orphan.
@@ -274,7 +257,7 @@ async fn settle(ctx: &EngineCtx, task: TaskId, input: &Input) -> Result<bool, Re
             debug!(%task, %refusal, ?input, "reconciler input refused");
             Ok(false)
         }
-        Err(ExecuteError::Store(e)) => Err(ReconcileError::Store(e.to_string())),
+        Err(ExecuteError::Store(e)) => Err(ReconcileError::Store(e)),
     }
 }
 
@@ -293,9 +276,7 @@ pub async fn run(
         ctx.buckets,
     )
     .await?;
-    let mut views = Views::open(&ctx.js, ctx.names(), ctx.buckets)
-        .await
-        .map_err(|e| ReconcileError::Nats(e.to_string()))?;
+    let mut views = Views::open(&ctx.js, ctx.names(), ctx.buckets).await?;
     let jobs = backend.jobs().clone();
     info!(holder = %config.holder, interval = ?config.interval, "reconciler running");
     loop {
