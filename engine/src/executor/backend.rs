@@ -3,6 +3,7 @@
 //! executor, so the executor's modules import each other in one direction only.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +19,10 @@ pub struct BackendError {
     pub message: String,
     /// Whether trying again later may work (the message is redelivered) or the task must fail.
     pub retryable: bool,
+    /// The error that caused it, when there is one (the message, which the task's events record as
+    /// text, already says it in words).
+    #[source]
+    pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl BackendError {
@@ -27,6 +32,20 @@ impl BackendError {
             reason: FailureReason::BackendError,
             message: message.into(),
             retryable: true,
+            source: None,
+        }
+    }
+
+    /// A failure worth retrying, caused by `source`; the message says what was being done, then the cause.
+    pub fn transient_from(
+        doing: impl std::fmt::Display,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            reason: FailureReason::BackendError,
+            message: format!("{doing}: {source}"),
+            retryable: true,
+            source: Some(Arc::new(source)),
         }
     }
 
@@ -36,6 +55,7 @@ impl BackendError {
             reason,
             message: message.into(),
             retryable: false,
+            source: None,
         }
     }
 }

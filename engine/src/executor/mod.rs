@@ -117,7 +117,7 @@ pub async fn reconcile<B: Backend>(
     let loaded = store
         .load(task_id)
         .await
-        .map_err(|e| BackendError::transient(e.to_string()))?;
+        .map_err(|e| BackendError::transient_from("loading the task", e))?;
     let task = &loaded.task;
     match task.state {
         TaskState::Accepted => {
@@ -197,7 +197,7 @@ async fn execute(
             debug!(%task, %refusal, ?input, "executor input refused");
             Ok(Some(*t))
         }
-        Err(ExecuteError::Store(e)) => Err(BackendError::transient(e.to_string())),
+        Err(ExecuteError::Store(e)) => Err(BackendError::transient_from("recording the effect", e)),
     }
 }
 

@@ -123,7 +123,7 @@ pub fn classify(what: &str, error: kube::Error) -> BackendError {
                 BackendError::transient(message)
             }
         }
-        other => BackendError::transient(format!("{what}: {other}")),
+        other => BackendError::transient_from(what, other),
     }
 }
 
@@ -153,7 +153,7 @@ impl KubernetesBackend {
             .list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))
             .await
             .map(|list| list.items)
-            .map_err(|e| BackendError::transient(format!("list pods of {task}: {e}")))
+            .map_err(|e| BackendError::transient_from(format_args!("list pods of {task}"), e))
     }
 
     /// Waits until no pod of `task` passes `keep`, for at most `within`; whether that happened.
