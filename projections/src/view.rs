@@ -186,6 +186,22 @@ impl TaskView {
         }
     }
 
+    /// When the task entered its current state, as far as the events say.
+    pub fn state_since(&self) -> Option<DateTime<Utc>> {
+        match self.state {
+            TaskState::New | TaskState::Unknown => None,
+            TaskState::Accepted | TaskState::Rejected => self.accepted_at,
+            TaskState::Scheduled => self.scheduled_at,
+            TaskState::Starting => self.started_at,
+            TaskState::Running => self.running_at,
+            TaskState::Cancelling => self.cancel.as_ref().map(|c| c.at),
+            TaskState::Succeeded
+            | TaskState::Failed { .. }
+            | TaskState::TimedOut
+            | TaskState::Cancelled => self.finished_at,
+        }
+    }
+
     /// Whether the task has ended.
     pub fn is_terminal(&self) -> bool {
         self.state.is_terminal()
@@ -461,6 +477,24 @@ pub struct ActiveView {
     pub pod: Option<String>,
     /// When the last event was decided.
     pub updated_at: DateTime<Utc>,
+    /// When the task entered its current state (a list shows "time in state" from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<DateTime<Utc>>,
+    /// The toolbox the image came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toolbox: Option<String>,
+    /// Who launched it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester: Option<String>,
+    /// Labels for finding it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The last progress report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressView>,
+    /// The cancel request, while cancelling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelView>,
 }
 
 impl From<&TaskView> for ActiveView {
@@ -475,6 +509,12 @@ impl From<&TaskView> for ActiveView {
             job: v.job.clone(),
             pod: v.pod.clone(),
             updated_at: v.updated_at,
+            state_since: v.state_since(),
+            toolbox: v.toolbox.clone(),
+            requester: v.requester.clone(),
+            labels: v.labels.clone(),
+            progress: v.progress.clone(),
+            cancel: v.cancel.clone(),
         }
     }
 }
@@ -508,6 +548,18 @@ pub struct FinishedView {
     /// Failure details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The toolbox the image came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toolbox: Option<String>,
+    /// Labels for finding it (history filters on them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Wall-clock time of the user's code, when reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Whether output beyond the cap was dropped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_truncated: bool,
 }
 
 impl FinishedView {
@@ -524,6 +576,10 @@ impl FinishedView {
             requester: v.requester.clone(),
             exit_code: v.exit_code,
             message: v.message.clone(),
+            toolbox: v.toolbox.clone(),
+            labels: v.labels.clone(),
+            duration_ms: v.duration_ms,
+            output_truncated: v.output_truncated,
         }
     }
 }
