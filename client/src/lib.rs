@@ -6,6 +6,7 @@
 //! - [`Client::cancel`]: ask for a task to stop.
 //! - [`Client::view`]: the task's view from the KV views, once they include a given event (read your writes).
 //! - [`Client::watch_tasks`] ([`watch`]): every transition of the tasks of one requester or label set, live.
+//! - [`output`]: a task's output (stdout, stderr, truncation, end), paged from a cursor or followed live.
 //!
 //! The event log itself (the stored-event type, reading a task's events, following them) belongs to
 //! [`taskpods_projections::log`]; [`StoredEvent`] is re-exported from there and [`read_events`]
@@ -32,6 +33,7 @@ pub use taskpods_projections::log::StoredEvent;
 
 pub mod watch;
 pub use watch::{TaskFilter, WatchFrom, WatchedEvent};
+pub mod output;
 
 /// What kind of failure a [`ClientError`] is, for callers that branch on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,24 +1,18 @@
 //! `taskpods logs <task> [-f]`: a task's output, stdout to stdout and stderr to stderr, byte for byte.
 //! Without `-f` it prints what is stored and exits; with `-f` it follows live until the agent's `end`
 //! marker (or, if the agent died without one, until the task has ended and no output came for a while).
-//! The chunk format is the agent's (`taskpods_agent::output`).
+//! Reading is `taskpods_client::output`'s; the chunk format is the agent's (`taskpods_agent::output`).
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use async_nats::jetstream::{
-    self,
-    consumer::{DeliverPolicy, pull::OrderedConfig},
-    stream::DirectGetErrorKind,
-};
+use async_nats::jetstream;
 use futures::StreamExt;
+use taskpods_client::{Client, ClientConfig};
 use taskpods_events::{Names, TaskId};
 
 use crate::cli::{CliError, Global};
-
-/// Header values of the agent's output chunks (see `taskpods_agent::output`).
-const HEADER_LOG_KIND: &str = "Taskpods-Log-Kind";
 
 /// Arguments of `taskpods logs`.
 #[derive(clap::Args, Debug)]
@@ -30,18 +24,7 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
-/// One piece of a task's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece {
-    /// Bytes the code wrote to stdout.
-    Stdout(bytes::Bytes),
-    /// Bytes the code wrote to stderr.
-    Stderr(bytes::Bytes),
-    /// The cap was reached; the text says so.
-    Truncated(String),
-    /// The agent finished the output.
-    End,
-}
+pub use taskpods_client::output::Piece;
 
 /// Reads `task`'s output from the log stream, handing each piece to `each`, until the `end` marker, or
 /// (without `follow`) until what is stored has been read, or (with `follow`) until `ended()` says the
@@ -55,63 +38,42 @@ pub async fn read(
     mut ended: impl AsyncFnMut() -> bool,
     mut each: impl FnMut(Piece),
 ) -> Result<(), CliError> {
-    let stream = js
-        .get_stream(names.log_stream())
-        .await
-        .map_err(|e| CliError::stream("log stream", e))?;
-    let subject = names.log(task);
+    let client = Client::new(
+        js.client(),
+        ClientConfig {
+            names: names.clone(),
+            ..ClientConfig::default()
+        },
+    );
     if !follow {
-        match stream.direct_get_last_for_subject(subject.clone()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(CliError::stream("log stream", e)),
-        }
-    }
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| CliError::stream("log consumer", e))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| CliError::stream("log consumer", e))?;
-    loop {
-        let next = match tokio::time::timeout(quiet, messages.next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                if !follow || ended().await {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        let Some(msg) = next else { return Ok(()) };
-        let msg = msg.map_err(|e| CliError::stream("log consumer", e))?;
-        let kind = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(HEADER_LOG_KIND))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let pending = msg.info().map(|i| i.pending).unwrap_or(1);
-        match kind.as_str() {
-            "stdout" => each(Piece::Stdout(msg.payload.clone())),
-            "stderr" => each(Piece::Stderr(msg.payload.clone())),
-            "truncated" => each(Piece::Truncated(
-                String::from_utf8_lossy(&msg.payload).into_owned(),
-            )),
-            "end" => {
-                each(Piece::End);
+        let mut after = 0;
+        loop {
+            let page = client
+                .output_page(task, after, 1 << 20)
+                .await
+                .map_err(|e| CliError::stream("log stream", e))?;
+            let done = page.end || page.next == after;
+            after = page.next;
+            page.chunks.into_iter().for_each(|c| each(c.piece));
+            if done {
                 return Ok(());
             }
-            _ => {}
         }
-        if !follow && pending == 0 {
-            return Ok(());
+    }
+    let chunks = client
+        .follow_output(task, 0)
+        .await
+        .map_err(|e| CliError::stream("log consumer", e))?;
+    let mut chunks = std::pin::pin!(chunks);
+    loop {
+        match tokio::time::timeout(quiet, chunks.next()).await {
+            Err(_) => {
+                if ended().await {
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(chunk)) => each(chunk.map_err(|e| CliError::stream("log consumer", e))?.piece),
         }
     }
 }
