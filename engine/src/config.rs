@@ -7,6 +7,7 @@ use crate::clock::Clock;
 use crate::credentials::AuthConfig;
 use crate::executor::{BackendConfig, ExecutorConfig};
 use crate::gateway::GatewayConfig;
+use crate::http::HttpConfig;
 use crate::intake::IntakeConfig;
 use crate::timers::TimersConfig;
 use crate::topology::TopologyConfig;
@@ -37,6 +38,8 @@ pub struct EngineConfig {
     pub auth: AuthConfig,
     /// Where every loop reads the time (the wall clock; a test's clock to move time).
     pub clock: Clock,
+    /// The web UI and JSON API (`None`: not served).
+    pub http: Option<HttpConfig>,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             timers: TimersConfig::default(),
             auth: AuthConfig::default(),
             clock: Clock::wall(),
+            http: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events; the
 //!   Kubernetes backend (`executor/kubernetes/`) brings its Job builder, watcher and reconciler (which heals
 //!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
+//! - [`http`]: the web UI and its JSON API, read from the KV views (a loop of `serve`, or `taskpods ui`).
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
 //! - [`timers`]: deadlines (`TimedOut`).
 //! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
@@ -29,6 +30,7 @@ pub mod context;
 pub mod credentials;
 pub mod executor;
 pub mod gateway;
+pub mod http;
 pub mod intake;
 pub mod mcp;
 pub mod server;

@@ -62,6 +62,8 @@ enum Command {
     Auth(cli::auth::AuthArgs),
     /// Serve the Model Context Protocol on stdio: tools for a model to launch and watch tasks.
     Mcp(cli::mcp::McpArgs),
+    /// Serve the web UI and JSON API alone, against any NATS.
+    Ui(cli::ui::UiCommandArgs),
     /// Print the Kubernetes Job the engine would create for a launch (YAML).
     RenderJob(cli::render::RenderArgs),
 }
@@ -102,6 +104,7 @@ async fn main() -> ExitCode {
         Command::Replay(args) => cli::replay::run(global, args).await,
         Command::Projections(args) => cli::projections::run(global, args).await,
         Command::Mcp(args) => cli::mcp::run(global, args).await,
+        Command::Ui(args) => cli::ui::run(global, args).await,
         Command::RenderJob(args) => cli::render::run(global, args),
         Command::Auth(args) => cli::auth::run(&global, args),
         Command::Config(args) => cli::config::run(args),

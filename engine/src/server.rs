@@ -73,6 +73,9 @@ pub enum ServerError {
     /// The Kubernetes client could not be configured (no in-cluster configuration or kubeconfig).
     #[error("kubernetes backend: {0}")]
     Kubernetes(#[source] kube::Error),
+    /// The web UI could not be started.
+    #[error("web UI")]
+    Http(#[source] crate::http::HttpError),
     /// One of the engine's loops failed.
     #[error("engine loop failed: {0}")]
     Loop(#[from] LoopError),
@@ -154,6 +157,9 @@ pub enum LoopError {
     /// The reconciler failed.
     #[error("reconciler: {0}")]
     Reconciler(#[from] reconciler::ReconcileError),
+    /// The web UI's server failed.
+    #[error("web UI: {0}")]
+    Http(#[from] crate::http::HttpError),
     /// A loop returned without being asked to stop.
     #[error("{0} stopped unexpectedly")]
     Stopped(&'static str),
@@ -186,6 +192,7 @@ pub struct Engine {
     pub intake_stats: Arc<IntakeStats>,
     /// Agent gateway counters.
     pub gateway_stats: Arc<gateway::GatewayStats>,
+    ui_url: Option<String>,
 }
 
 impl Engine {
@@ -302,6 +309,24 @@ impl Engine {
             }
         }
 
+        let mut ui_url = None;
+        if let Some(http) = &config.http {
+            let server = crate::http::HttpServer::bind(http.clone())
+                .await
+                .map_err(ServerError::Http)?;
+            ui_url = Some(server.url());
+            info!(url = %server.url(), "web UI");
+            spawn(
+                &mut loops,
+                "http",
+                server.run(
+                    ctx.nats.clone(),
+                    ctx.names().clone(),
+                    ctx.shutdown.clone(),
+                ),
+            );
+        }
+
         info!(
             prefix = %ctx.names(),
             events = %ctx.names().event_stream(),
@@ -312,7 +337,13 @@ impl Engine {
             loops,
             intake_stats,
             gateway_stats,
+            ui_url,
         })
+    }
+
+    /// The web UI's URL, when it is served.
+    pub fn ui_url(&self) -> Option<&str> {
+        self.ui_url.as_deref()
     }
 
     /// The streams and buckets in use.
@@ -355,6 +386,9 @@ impl Engine {
 /// Runs the engine until `shutdown` is cancelled or a loop fails.
 pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
     let mut engine = Engine::start(config).await?;
+    if let Some(url) = engine.ui_url() {
+        println!("taskpods web UI: {url}");
+    }
     info!("engine running (Ctrl-C to stop)");
     tokio::select! {
         () = shutdown.cancelled() => {
@@ -363,4 +397,15 @@ pub async fn run(config: EngineConfig, shutdown: CancellationToken) -> Result<()
         }
         error = engine.failed() => Err(error),
     }
+}
+
+/// An error and its causes, joined with `: ` (the loops report text until they share one error type).
+pub fn error_chain_text(e: &dyn std::error::Error) -> String {
+    let mut out = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push(cause.to_string());
+        source = cause.source();
+    }
+    out.join(": ")
 }

@@ -8,6 +8,7 @@
 //! - [`replay`]: a task's timeline from the stream; failed tasks since a time.
 //! - [`projections`]: rebuild, verify and status of the KV views.
 //! - [`task`]: launch, show, events, cancel.
+//! - [`ui`]: the web UI and JSON API alone (also served by `serve`).
 
 pub mod auth;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod render;
 pub mod replay;
 pub mod serve;
 pub mod task;
+pub mod ui;
 
 use std::time::Duration;
 

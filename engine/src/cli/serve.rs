@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
     #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
     pub agent_nats_url: Option<String>,
+    /// Do not serve the web UI and JSON API.
+    #[arg(long, env = "TASKPODS_NO_UI")]
+    pub no_ui: bool,
+    #[command(flatten)]
+    pub ui: crate::cli::ui::UiArgs,
 }
 
 /// Where tasks run (`--backend`); clap refuses any other value and lists these.
@@ -106,6 +111,7 @@ pub fn engine_config(
         }
         BackendConfig::None => {}
     }
+    config.http = (!args.no_ui).then(|| args.ui.config());
     Ok(config)
 }
 
@@ -129,7 +135,7 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
     match server::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", server::error_chain_text(&e));
             ExitCode::FAILURE
         }
     }
