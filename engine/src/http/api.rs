@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -71,6 +72,11 @@ impl ApiError {
 
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// A query string that does not parse.
+    pub fn query(rejection: QueryRejection) -> Self {
+        Self::bad_request(rejection.body_text())
     }
 }
 
@@ -289,8 +295,9 @@ struct OutputPageDocument {
 async fn output(
     State(state): State<AppState>,
     Path(task): Path<String>,
-    Query(query): Query<OutputQuery>,
+    query: Result<Query<OutputQuery>, QueryRejection>,
 ) -> Result<Json<OutputPageDocument>, ApiError> {
+    let Query(query) = query.map_err(ApiError::query)?;
     let task = parse_task(&task)?;
     let max = query.max_bytes.unwrap_or(1 << 20).clamp(1, MAX_OUTPUT_PAGE);
     let page = state
@@ -463,8 +470,9 @@ pub struct HistoryPage {
 
 async fn history(
     State(state): State<AppState>,
-    Query(query): Query<HistoryQuery>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<HistoryPage>, ApiError> {
+    let Query(query) = query.map_err(ApiError::query)?;
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
     let views = state.views.read().await;
     let unavailable = |e| ApiError::unavailable("reading the finished view", e);

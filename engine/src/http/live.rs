@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::{consumer::pull, kv};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use chrono::{DateTime, Utc};
@@ -418,8 +419,9 @@ pub struct TaskLiveQuery {
 pub async fn task_events(
     State(state): State<AppState>,
     Path(task): Path<String>,
-    Query(query): Query<TaskLiveQuery>,
+    query: Result<Query<TaskLiveQuery>, QueryRejection>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(query) = query.map_err(ApiError::query)?;
     let task = api::parse_task(&task)?;
     let tasks = state.views.read().await.buckets().tasks.clone();
     // Watch first, then read.

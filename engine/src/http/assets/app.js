@@ -30,6 +30,10 @@ async function api(path, options) {
 }
 
 // ---- time -------------------------------------------------------------------------------------------
+// The API writes nanoseconds; Date.parse is only specified for milliseconds.
+function parseTime(iso) {
+  return Date.parse(String(iso).replace(/(\.\d{3})\d+/, "$1"));
+}
 function duration(ms) {
   if (ms === undefined || ms === null || isNaN(ms)) return "";
   let s = Math.max(0, Math.floor(ms / 1000));
@@ -42,7 +46,7 @@ function duration(ms) {
 // A time in the viewer's zone, UTC on hover.
 function timeEl(iso) {
   if (!iso) return el("span", { class: "muted" }, "–");
-  const d = new Date(iso);
+  const d = new Date(parseTime(iso));
   return el("time", { datetime: iso, title: d.toISOString().replace(".000Z", "Z") + " (UTC)" }, d.toLocaleString());
 }
 // A duration that ticks every second from `since` (or stays fixed when `until` is set).
@@ -51,14 +55,14 @@ function tickingEl(since, until) {
   if (!since) return span;
   span.dataset.since = since;
   if (until) span.dataset.until = until;
-  span.textContent = duration((until ? Date.parse(until) : Date.now()) - Date.parse(since));
-  span.title = "since " + new Date(since).toISOString();
+  span.textContent = duration((until ? parseTime(until) : Date.now()) - parseTime(since));
+  span.title = "since " + new Date(parseTime(since)).toISOString();
   return span;
 }
 setInterval(() => {
   const now = Date.now();
   for (const node of document.querySelectorAll("[data-since]:not([data-until])")) {
-    node.textContent = duration(now - Date.parse(node.dataset.since));
+    node.textContent = duration(now - parseTime(node.dataset.since));
   }
 }, 1000);
 
@@ -212,7 +216,7 @@ function renderTask(doc) {
   fact(dl, "Labels", Object.keys(v.labels || {}).length ? labelsEl(v.labels) : null);
   fact(dl, "Toolbox / image", [v.toolbox, v.image].filter(Boolean).join(" · "));
   fact(dl, "Accepted", v.accepted_at ? timeEl(v.accepted_at) : null);
-  fact(dl, "In state for", tickingEl(v.state_since || v.updated_at, v.finished_at));
+  if (!isTerminal(v)) fact(dl, "In state for", tickingEl(v.state_since || v.updated_at));
   fact(dl, "Elapsed", v.accepted_at ? tickingEl(v.accepted_at, v.finished_at) : null);
   fact(dl, "Deadline", v.deadline ? timeEl(v.deadline) : null);
   fact(dl, "Finished", v.finished_at ? timeEl(v.finished_at) : null);
@@ -354,7 +358,7 @@ function historyRow(v) {
 }
 function toLocalInput(iso) {
   if (!iso) return "";
-  const d = new Date(iso);
+  const d = new Date(parseTime(iso));
   const pad = (n) => String(n).padStart(2, "0");
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
 }
