@@ -239,7 +239,7 @@ async fn spec(state: &AppState, view: &TaskView) -> Option<SpecView> {
         instructions: spec.instructions,
         env: spec.env.into_keys().collect(),
         timeout_secs: spec.timeout_secs,
-        resources: serde_json::to_value(&spec.resources).unwrap_or(Value::Null),
+        resources: serde_json::to_value(spec.resources).unwrap_or(Value::Null),
         labels: spec.labels,
         requester: spec.requester,
         idempotency_key: spec.idempotency_key,

@@ -443,10 +443,10 @@ pub async fn task_events(
     let reader = state.clone();
     Ok(sse_from(state.closing.clone(), move |tx| async move {
         let mut terminal = first.task.is_terminal();
-        if let Some(e) = event("task", &first) {
-            if tx.send(e).await.is_err() {
-                return;
-            }
+        if let Some(e) = event("task", &first)
+            && tx.send(e).await.is_err()
+        {
+            return;
         }
         let mut output = output.map(Box::pin);
         let mut output_done = output.is_none();
@@ -492,10 +492,10 @@ pub async fn task_events(
                     }
                 },
             };
-            if let Some(e) = next {
-                if tx.send(e).await.is_err() {
-                    return;
-                }
+            if let Some(e) = next
+                && tx.send(e).await.is_err()
+            {
+                return;
             }
         }
     }))
