@@ -194,7 +194,7 @@ function startLive() {
 }
 
 // ---- Task detail ------------------------------------------------------------------------------------
-const detail = { task: null, source: null, next: 0, end: false, kept: 0, doc: null, loading: false };
+const detail = { task: null, source: null, next: 0, end: false, kept: 0, lines: 0, doc: null };
 function stopDetail() {
   if (detail.source) detail.source.close();
   detail.source = null;
@@ -243,9 +243,10 @@ function renderTask(doc) {
 function isTerminal(v) {
   return ["succeeded", "failed", "timed_out", "cancelled", "rejected"].includes(v.state);
 }
-function appendOutput(chunks) {
+// Adds chunks to the output. While following (`trim`), the oldest output is dropped past OUTPUT_KEEP
+// characters so a chatty task cannot exhaust the page; "Load from start" reloads from the beginning.
+function appendOutput(chunks, trim) {
   const pre = $("t-output");
-  const follow = $("t-follow").checked;
   const fragment = document.createDocumentFragment();
   for (const c of chunks) {
     if (c.stream === "stdout") fragment.append(document.createTextNode(c.text));
@@ -253,40 +254,46 @@ function appendOutput(chunks) {
     else if (c.stream === "truncated") fragment.append(el("span", { class: "truncated", role: "note" }, "⚠ " + c.text));
     else if (c.stream === "end") detail.end = true;
     detail.kept += c.text.length;
+    detail.lines += (c.text.match(/\n/g) || []).length;
     detail.next = Math.max(detail.next, c.seq);
   }
   pre.append(fragment);
-  // Keep the page's memory bounded while following a chatty task: drop the oldest output.
-  let dropped = false;
-  while (detail.kept > OUTPUT_KEEP && pre.firstChild) {
-    const first = pre.firstChild;
-    if (first.classList && first.classList.contains("gap")) { pre.firstChild.nextSibling ? first.nextSibling.remove() : first.remove(); }
-    else first.remove();
-    detail.kept -= (first.textContent || "").length;
-    dropped = true;
+  if (trim && detail.kept > OUTPUT_KEEP) {
+    let gap = pre.querySelector(":scope > .gap");
+    if (!gap) {
+      gap = el("span", { class: "gap" }, "… earlier output is not shown here: use “Load from start” or Download");
+      pre.prepend(gap);
+    }
+    while (detail.kept > OUTPUT_KEEP && gap.nextSibling) {
+      const node = gap.nextSibling;
+      detail.kept -= (node.textContent || "").length;
+      node.remove();
+    }
   }
-  if (dropped && !(pre.firstChild && pre.firstChild.classList && pre.firstChild.classList.contains("gap"))) {
-    pre.prepend(el("span", { class: "gap" }, "… earlier output not shown: use “Load from start” or Download"));
-  }
-  if (follow) pre.scrollTop = pre.scrollHeight;
+  if ($("t-follow").checked) pre.scrollTop = pre.scrollHeight;
   outputInfo();
 }
 function outputInfo() {
-  const lines = ($("t-output").textContent.match(/\n/g) || []).length;
-  $("t-output-info").textContent = `${lines} lines shown` + (detail.end ? " · output complete" : " · live");
+  $("t-output-info").textContent = `${detail.lines} lines` + (detail.end ? " · output complete" : " · live");
 }
 async function loadOutputFromStart() {
   const task = detail.task;
   if (detail.source) { detail.source.close(); detail.source = null; }
-  detail.next = 0; detail.end = false; detail.kept = 0;
+  detail.next = 0; detail.end = false; detail.kept = 0; detail.lines = 0;
   $("t-output").replaceChildren();
   let after = 0;
   for (;;) {
     const page = await api(`/api/tasks/${task}/output?after=${after}&max_bytes=${PAGE_BYTES}`);
     if (detail.task !== task) return;
-    appendOutput(page.chunks);
+    appendOutput(page.chunks, false);
     if (page.end || page.next === after) { detail.next = page.next; break; }
     after = page.next;
+    if (detail.kept >= OUTPUT_KEEP) {
+      // More than the page keeps: show the start and offer the file (following would drop the start).
+      $("t-output").append(el("span", { class: "gap" }, "… more output follows: Download it for all of it"));
+      $("t-output-info").textContent = "showing the first part of a large output";
+      return;
+    }
   }
   outputInfo();
   if (detail.task === task && !(detail.end && detail.doc && isTerminal(detail.doc.task))) followTask(task);
@@ -295,7 +302,7 @@ function followTask(task) {
   const source = new EventSource(`/api/tasks/${task}/live?after=${detail.next}`);
   detail.source = source;
   source.addEventListener("task", (e) => { if (detail.task === task) renderTask(JSON.parse(e.data)); });
-  source.addEventListener("output", (e) => { if (detail.task === task) appendOutput([JSON.parse(e.data)]); });
+  source.addEventListener("output", (e) => { if (detail.task === task) appendOutput([JSON.parse(e.data)], true); });
   source.addEventListener("done", () => { source.close(); if (detail.source === source) detail.source = null; outputInfo(); });
   source.onerror = () => {
     // EventSource reconnects by itself; reconnect from the last chunk shown instead.

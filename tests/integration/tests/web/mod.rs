@@ -486,3 +486,164 @@ pub async fn sse(
         }
     }
 }
+
+/// The views and the UI without an executor: nats-server, the topology, a real projector and the HTTP
+/// server alone (as `taskpods ui` runs it). Tests write events (and output) straight to the streams, so
+/// thousands of tasks take seconds.
+pub struct ViewsOnly {
+    pub server: NatsServer,
+    pub js: async_nats::jetstream::Context,
+    pub names: taskpods_events::Names,
+    pub addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl ViewsOnly {
+    pub async fn start() -> Self {
+        let server = NatsServer::start();
+        let nats = server.connect().await;
+        let js = async_nats::jetstream::new(nats.clone());
+        let topology = taskpods_engine::topology::TopologyConfig::default();
+        taskpods_engine::topology::ensure(&js, &topology)
+            .await
+            .expect("topology");
+        let names = topology.names.clone();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let projector = taskpods_projections::ProjectorConfig {
+            names: names.clone(),
+            ..taskpods_projections::ProjectorConfig::default()
+        };
+        tokio::spawn({
+            let (js, stop) = (js.clone(), stop.clone());
+            async move {
+                let stats = std::sync::Arc::new(taskpods_projections::ProjectorStats::default());
+                let _ = taskpods_projections::projector::run(js, projector, stats, stop.cancelled_owned()).await;
+            }
+        });
+        let http = taskpods_engine::http::HttpServer::bind(HttpConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            status_interval: Duration::from_millis(500),
+            ..HttpConfig::default()
+        })
+        .await
+        .expect("binds");
+        let addr = http.local_addr();
+        tokio::spawn({
+            let (names, stop) = (names.clone(), stop.clone());
+            async move { http.run(nats, names, stop).await.expect("serves") }
+        });
+        Self {
+            server,
+            js,
+            names,
+            addr,
+            stop,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Appends `events` (each task's in order) and waits until the projector has folded them all.
+    pub async fn publish(&self, events: &[(u64, taskpods_events::Event)]) {
+        let last = taskpods_projections::generate::publish(&self.js, &self.names, events, 512)
+            .await
+            .expect("events appended");
+        let until = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let lag = taskpods_projections::lag(&self.js, &self.names).await.expect("lag");
+            if lag.applied_seq >= last {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < until, "projector behind: {lag:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Writes `lines` lines of output for `task` in the agent's chunk format, then the end marker.
+    pub async fn write_output(&self, task: TaskId, lines: usize) {
+        let mut text = String::new();
+        let mut seq = 0u64;
+        let mut acks = Vec::new();
+        for i in 1..=lines {
+            text.push_str(&format!("line {i}: the quick brown fox jumps over the lazy dog\n"));
+            if text.len() >= 32 << 10 || i == lines {
+                acks.push(self.chunk(task, seq, "stdout", std::mem::take(&mut text)).await);
+                seq += 1;
+            }
+        }
+        acks.push(self.chunk(task, seq, "end", String::new()).await);
+        for ack in acks {
+            ack.await.expect("output stored");
+        }
+    }
+
+    async fn chunk(
+        &self,
+        task: TaskId,
+        seq: u64,
+        kind: &str,
+        text: String,
+    ) -> async_nats::jetstream::context::PublishAckFuture {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("{task}:log:{seq}").as_str());
+        headers.insert("Taskpods-Log-Seq", seq.to_string().as_str());
+        headers.insert("Taskpods-Log-Kind", kind);
+        self.js
+            .publish_with_headers(self.names.log(task), headers, text.into())
+            .await
+            .expect("publish")
+    }
+}
+
+impl Drop for ViewsOnly {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The events of a synthetic task that runs from `at` (accepted, scheduled, started, running, a
+/// progress report) and, with `end`, ends one second later that way.
+pub fn synthetic_task(
+    task: TaskId,
+    spec: taskpods_events::TaskSpec,
+    at: chrono::DateTime<chrono::Utc>,
+    end: Option<taskpods_events::EventBody>,
+) -> Vec<(u64, taskpods_events::Event)> {
+    use taskpods_events::{Event, EventBody};
+    let ms = chrono::TimeDelta::milliseconds;
+    let mut bodies = vec![
+        (
+            ms(0),
+            EventBody::Accepted {
+                spec,
+                deadline: at + chrono::TimeDelta::hours(2),
+            },
+        ),
+        (ms(100), EventBody::Scheduled { job: task.job_name() }),
+        (
+            ms(200),
+            EventBody::Started {
+                pod: format!("{}-pod", task.job_name()),
+                node: Some("node-a".into()),
+            },
+        ),
+        (ms(300), EventBody::Running),
+        (
+            ms(400),
+            EventBody::Progress {
+                message: "working".into(),
+                percent: Some(40.0),
+            },
+        ),
+    ];
+    if let Some(end) = end {
+        bodies.push((ms(1000), end));
+    }
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, (offset, body))| (i as u64, Event::new(task, i as u64, at + offset, body)))
+        .collect()
+}
