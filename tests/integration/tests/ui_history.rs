@@ -62,7 +62,11 @@ fn finished_at(base: DateTime<Utc>, i: usize) -> DateTime<Utc> {
 
 /// The ids of the tasks matching `keep`, newest first (tasks ended in index order).
 fn expected(keep: impl Fn(usize) -> bool) -> Vec<String> {
-    (0..TASKS).rev().filter(|&i| keep(i)).map(|i| task(i).to_string()).collect()
+    (0..TASKS)
+        .rev()
+        .filter(|&i| keep(i))
+        .map(|i| task(i).to_string())
+        .collect()
 }
 
 async fn page_ids(stack: &ViewsOnly, query: &str) -> (Vec<String>, Option<u64>, u64) {
@@ -74,7 +78,11 @@ async fn page_ids(stack: &ViewsOnly, query: &str) -> (Vec<String>, Option<u64>, 
         .iter()
         .map(|t| t["task"].as_str().unwrap().to_owned())
         .collect();
-    (ids, page["next"].as_u64(), page["scanned"].as_u64().unwrap())
+    (
+        ids,
+        page["next"].as_u64(),
+        page["scanned"].as_u64().unwrap(),
+    )
 }
 
 /// Every page of `query`, following `next`; asserts each request stayed within the scan budget.
@@ -118,7 +126,11 @@ async fn history_pages_and_filters_a_thousand_finished_tasks() {
         expected(|i| i % 4 == 1 || i % 4 == 2)
     );
     assert_eq!(
-        all_pages(&stack, "state=failed&reason=oom_killed&label=team=red&limit=50").await,
+        all_pages(
+            &stack,
+            "state=failed&reason=oom_killed&label=team=red&limit=50"
+        )
+        .await,
         expected(|i| i % 4 == 2 && i % 3 == 0)
     );
     assert_eq!(
@@ -147,7 +159,8 @@ async fn history_pages_and_filters_a_thousand_finished_tasks() {
     // The page: newest first, then older pages.
     let browser = Browser::start(1280, 800).await;
     browser.goto(&stack.url("/#/history")).await;
-    let first_row = "const r = document.querySelector('#h-rows tr'); return r ? r.dataset.task : null;";
+    let first_row =
+        "const r = document.querySelector('#h-rows tr'); return r ? r.dataset.task : null;";
     browser
         .until(
             "the newest 50",
@@ -157,7 +170,9 @@ async fn history_pages_and_filters_a_thousand_finished_tasks() {
         .await;
     assert_eq!(browser.js(first_row).await, task(TASKS - 1).to_string());
     if std::env::var("TASKPODS_SCREENSHOTS").as_deref() == Ok("docs") {
-        browser.screenshot(&web::docs_dir().join("ui-history.png")).await;
+        browser
+            .screenshot(&web::docs_dir().join("ui-history.png"))
+            .await;
     }
     for page in 1..=2 {
         browser
@@ -206,12 +221,20 @@ async fn history_pages_and_filters_a_thousand_finished_tasks() {
         .js("return [...document.querySelectorAll('#h-rows tr [data-state]')].map(c => c.parentElement.textContent)")
         .await;
     assert!(
-        states.as_array().unwrap().iter().all(|s| s.as_str().unwrap().contains("failed") && s.as_str().unwrap().contains("oom_killed")),
+        states
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s.as_str().unwrap().contains("failed")
+                && s.as_str().unwrap().contains("oom_killed")),
         "every row says failed with its reason in words: {states}"
     );
     // The link pastes: a fresh page at the same URL shows the same rows.
     let link = browser.client.current_url().await.unwrap().to_string();
-    assert!(link.contains("reason=oom_killed") && link.contains("label=team%3Dred"), "{link}");
+    assert!(
+        link.contains("reason=oom_killed") && link.contains("label=team%3Dred"),
+        "{link}"
+    );
     let other = Browser::start(1280, 800).await;
     other.goto(&link).await;
     other

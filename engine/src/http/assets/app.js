@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const OUTPUT_KEEP = 8 << 20; // characters of output kept on the page while following; older ones are dropped
-const PAGE_BYTES = 1 << 20;
+const PAGE_BYTES = 2 << 20;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -140,7 +140,15 @@ function activeUpsert(v) {
   active.views.set(v.task, v);
   const row = activeRow(v);
   const existing = active.rows.get(v.task);
-  if (existing) existing.replaceWith(row); else $("active-rows").append(row);
+  if (existing) {
+    // Update in place, keeping the link cell, so keyboard focus on a row survives its updates.
+    const cells = [...row.cells];
+    for (let i = 1; i < cells.length; i++) existing.cells[i].replaceWith(cells[i]);
+    existing.dataset.search = row.dataset.search;
+    applyActiveFilter(existing);
+    return;
+  }
+  $("active-rows").append(row);
   active.rows.set(v.task, row);
   applyActiveFilter(row);
 }
@@ -245,7 +253,7 @@ function isTerminal(v) {
 }
 // Adds chunks to the output. While following (`trim`), the oldest output is dropped past OUTPUT_KEEP
 // characters so a chatty task cannot exhaust the page; "Load from start" reloads from the beginning.
-function appendOutput(chunks, trim) {
+function appendOutput(chunks, trim, scroll = true) {
   const pre = $("t-output");
   const fragment = document.createDocumentFragment();
   for (const c of chunks) {
@@ -270,7 +278,7 @@ function appendOutput(chunks, trim) {
       node.remove();
     }
   }
-  if ($("t-follow").checked) pre.scrollTop = pre.scrollHeight;
+  if (scroll && $("t-follow").checked) pre.scrollTop = pre.scrollHeight;
   outputInfo();
 }
 function outputInfo() {
@@ -285,7 +293,8 @@ async function loadOutputFromStart() {
   for (;;) {
     const page = await api(`/api/tasks/${task}/output?after=${after}&max_bytes=${PAGE_BYTES}`);
     if (detail.task !== task) return;
-    appendOutput(page.chunks, false);
+    // Scrolling forces a layout of everything so far: do it once, after the last page.
+    appendOutput(page.chunks, false, false);
     if (page.end || page.next === after) { detail.next = page.next; break; }
     after = page.next;
     if (detail.kept >= OUTPUT_KEEP) {
@@ -296,6 +305,7 @@ async function loadOutputFromStart() {
     }
   }
   outputInfo();
+  if ($("t-follow").checked) $("t-output").scrollTop = $("t-output").scrollHeight;
   if (detail.task === task && !(detail.end && detail.doc && isTerminal(detail.doc.task))) followTask(task);
 }
 function followTask(task) {

@@ -363,13 +363,14 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 
-    /// Resident memory of the browser's processes, in bytes (every process in chromedriver's tree).
+    /// Memory of the browser's processes, in bytes: the proportional set size (shared pages divided among
+    /// the processes sharing them) summed over chromedriver's process tree.
     pub fn resident_bytes(&self) -> u64 {
         let mut total = 0;
         let mut parents = vec![self.driver.id()];
         while let Some(parent) = parents.pop() {
             for child in children_of(parent) {
-                total += rss_of(child);
+                total += pss_of(child);
                 parents.push(child);
             }
         }
@@ -377,19 +378,27 @@ impl Browser {
     }
 }
 
+/// The children of `pid`, whichever of its threads started them.
 fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    threads
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
         .collect()
 }
 
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+fn pss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("Pss:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
@@ -517,7 +526,13 @@ impl ViewsOnly {
             let (js, stop) = (js.clone(), stop.clone());
             async move {
                 let stats = std::sync::Arc::new(taskpods_projections::ProjectorStats::default());
-                let _ = taskpods_projections::projector::run(js, projector, stats, stop.cancelled_owned()).await;
+                let _ = taskpods_projections::projector::run(
+                    js,
+                    projector,
+                    stats,
+                    stop.cancelled_owned(),
+                )
+                .await;
             }
         });
         let http = taskpods_engine::http::HttpServer::bind(HttpConfig {
@@ -552,11 +567,16 @@ impl ViewsOnly {
             .expect("events appended");
         let until = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            let lag = taskpods_projections::lag(&self.js, &self.names).await.expect("lag");
+            let lag = taskpods_projections::lag(&self.js, &self.names)
+                .await
+                .expect("lag");
             if lag.applied_seq >= last {
                 return;
             }
-            assert!(tokio::time::Instant::now() < until, "projector behind: {lag:?}");
+            assert!(
+                tokio::time::Instant::now() < until,
+                "projector behind: {lag:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -567,9 +587,14 @@ impl ViewsOnly {
         let mut seq = 0u64;
         let mut acks = Vec::new();
         for i in 1..=lines {
-            text.push_str(&format!("line {i}: the quick brown fox jumps over the lazy dog\n"));
+            text.push_str(&format!(
+                "line {i}: the quick brown fox jumps over the lazy dog\n"
+            ));
             if text.len() >= 32 << 10 || i == lines {
-                acks.push(self.chunk(task, seq, "stdout", std::mem::take(&mut text)).await);
+                acks.push(
+                    self.chunk(task, seq, "stdout", std::mem::take(&mut text))
+                        .await,
+                );
                 seq += 1;
             }
         }
@@ -621,7 +646,12 @@ pub fn synthetic_task(
                 deadline: at + chrono::TimeDelta::hours(2),
             },
         ),
-        (ms(100), EventBody::Scheduled { job: task.job_name() }),
+        (
+            ms(100),
+            EventBody::Scheduled {
+                job: task.job_name(),
+            },
+        ),
         (
             ms(200),
             EventBody::Started {
