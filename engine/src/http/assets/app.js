@@ -36,7 +36,8 @@ function parseTime(iso) {
 }
 function duration(ms) {
   if (ms === undefined || ms === null || isNaN(ms)) return "";
-  let s = Math.max(0, Math.floor(ms / 1000));
+  if (ms < 1000) return `${Math.max(0, Math.round(ms))} ms`;
+  let s = Math.floor(ms / 1000);
   const h = Math.floor(s / 3600); s -= h * 3600;
   const m = Math.floor(s / 60); s -= m * 60;
   if (h) return `${h}h ${String(m).padStart(2, "0")}m ${String(s).padStart(2, "0")}s`;
@@ -89,6 +90,7 @@ function stateCell(v) {
   return cell;
 }
 function labelsEl(labels) {
+  if (!labels || Object.keys(labels).length === 0) return null;
   const box = el("span", { class: "labels" });
   for (const [k, v] of Object.entries(labels || {})) box.append(el("span", { class: "label" }, `${k}=${v}`));
   return box;
