@@ -1,5 +1,6 @@
 //! `taskpods ui`: the web UI and JSON API alone, against any NATS (an operator can run it outside the
-//! cluster); the same server `taskpods serve` runs as one of its loops. [`UiArgs`] are shared by both.
+//! cluster, with `--creds` of the `operator` identity: read-only plus cancel); the same server
+//! `taskpods serve` runs as one of its loops. [`UiArgs`] are shared by both.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -54,8 +55,9 @@ pub struct UiCommandArgs {
 
 /// Runs `taskpods ui` until Ctrl-C or SIGTERM.
 pub async fn run(global: Global, args: UiCommandArgs) -> ExitCode {
-    let nats = match crate::server::connect(
+    let nats = match crate::server::connect_as(
         &global.nats_urls,
+        global.creds.as_deref(),
         Duration::from_secs(args.connect_timeout_secs),
     )
     .await
