@@ -73,7 +73,11 @@ pub async fn read(
                 }
             }
             Ok(None) => return Ok(()),
-            Ok(Some(chunk)) => each(chunk.map_err(|e| CliError::stream("log consumer", e))?.piece),
+            Ok(Some(chunk)) => each(
+                chunk
+                    .map_err(|e| CliError::stream("log consumer", e))?
+                    .piece,
+            ),
         }
     }
 }
