@@ -716,6 +716,10 @@ export type ActiveView = {
    */
   accepted_at?: string | null;
   /**
+   * The cancel request, while cancelling.
+   */
+  cancel?: CancelView | null;
+  /**
    * When the engine times it out.
    */
   deadline?: string | null;
@@ -728,17 +732,39 @@ export type ActiveView = {
    */
   job?: string | null;
   /**
+   * Labels for finding it.
+   */
+  labels?: {
+    [k: string]: string;
+  };
+  /**
    * The pod.
    */
   pod?: string | null;
+  /**
+   * The last progress report.
+   */
+  progress?: ProgressView | null;
+  /**
+   * Who launched it.
+   */
+  requester?: string | null;
   /**
    * Stream sequence of the last event folded in.
    */
   seq: number;
   /**
+   * When the task entered its current state (a list shows "time in state" from it).
+   */
+  state_since?: string | null;
+  /**
    * The task.
    */
   task: string;
+  /**
+   * The toolbox the image came from.
+   */
+  toolbox?: string | null;
   /**
    * When the last event was decided.
    */
@@ -826,6 +852,10 @@ export type FinishedView = {
    */
   accepted_at?: string | null;
   /**
+   * Wall-clock time of the user's code, when reported.
+   */
+  duration_ms?: number | null;
+  /**
    * The exit code, when known.
    */
   exit_code?: number | null;
@@ -838,9 +868,19 @@ export type FinishedView = {
    */
   image?: string | null;
   /**
+   * Labels for finding it (history filters on them).
+   */
+  labels?: {
+    [k: string]: string;
+  };
+  /**
    * Failure details.
    */
   message?: string | null;
+  /**
+   * Whether output beyond the cap was dropped.
+   */
+  output_truncated?: boolean;
   /**
    * Who launched it.
    */
@@ -853,6 +893,10 @@ export type FinishedView = {
    * The task.
    */
   task: string;
+  /**
+   * The toolbox the image came from.
+   */
+  toolbox?: string | null;
 } & FinishedView1;
 export type FinishedView1 =
   | {

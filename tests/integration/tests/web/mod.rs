@@ -526,13 +526,7 @@ impl ViewsOnly {
             let (js, stop) = (js.clone(), stop.clone());
             async move {
                 let stats = std::sync::Arc::new(taskpods_projections::ProjectorStats::default());
-                let _ = taskpods_projections::projector::run(
-                    js,
-                    projector,
-                    stats,
-                    stop.cancelled_owned(),
-                )
-                .await;
+                let _ = taskpods_projections::projector::run(js, projector, stats, stop).await;
             }
         });
         let http = taskpods_engine::http::HttpServer::bind(HttpConfig {
