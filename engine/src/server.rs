@@ -319,11 +319,7 @@ impl Engine {
             spawn(
                 &mut loops,
                 "http",
-                server.run(
-                    ctx.nats.clone(),
-                    ctx.names().clone(),
-                    ctx.shutdown.clone(),
-                ),
+                server.run(ctx.nats.clone(), ctx.names().clone(), ctx.shutdown.clone()),
             );
         }
 
