@@ -104,6 +104,32 @@ impl LaunchTask {
                 "must be 1 to 256 bytes long",
             ));
         }
+        // Everything that reaches a process, a header, a Kubernetes object or a person's terminal: no
+        // NUL (it would end or split an argument handed on as text) and no other control character,
+        // except tab and newline where a script or a value needs them.
+        let texts = [
+            (
+                "idempotency_key",
+                self.idempotency_key.as_deref(),
+                NO_CONTROLS,
+            ),
+            ("image", self.image.as_deref(), NO_CONTROLS),
+            ("toolbox", self.toolbox.as_deref(), NO_CONTROLS),
+            ("script", self.script.as_deref(), TAB_AND_NEWLINE),
+            ("goal", self.goal.as_deref(), TAB_AND_NEWLINE),
+            ("requester", self.requester.as_deref(), NO_CONTROLS),
+        ];
+        for (field, text, allowed) in texts {
+            if let Some(problem) = text.and_then(|t| control_problem(field, t, allowed)) {
+                problems.push(problem);
+            }
+        }
+        for (name, value) in &self.env {
+            let field = format!("env.{}", name.escape_debug());
+            if let Some(problem) = control_problem(&field, value, TAB_AND_NEWLINE) {
+                problems.push(problem);
+            }
+        }
 
         let (image, toolbox) = match (&self.image, &self.toolbox) {
             (Some(_), Some(_)) => {
@@ -209,7 +235,7 @@ impl LaunchTask {
         for name in self.env.keys() {
             if !is_env_name(name) {
                 problems.push(Problem::new(
-                    format!("env.{name}"),
+                    format!("env.{}", name.escape_debug()),
                     "must start with a letter or _ and hold only letters, digits and _",
                 ));
             } else if name.starts_with("TASKPODS_") {
@@ -251,13 +277,13 @@ impl LaunchTask {
         for (key, value) in &self.labels {
             if !is_label_part(key) {
                 problems.push(Problem::new(
-                    format!("labels.{key}"),
+                    format!("labels.{}", key.escape_debug()),
                     "key must be 1 to 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
                 ));
             }
             if !value.is_empty() && !is_label_part(value) {
                 problems.push(Problem::new(
-                    format!("labels.{key}"),
+                    format!("labels.{}", key.escape_debug()),
                     "value must be empty or 1 to 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
                 ));
             }
@@ -284,6 +310,33 @@ impl LaunchTask {
             idempotency_key: self.idempotency_key.clone(),
         })
     }
+}
+
+/// No control character at all.
+const NO_CONTROLS: &[char] = &[];
+/// Tab and newline only: what scripts, goals and multi-line values (keys, certificates) need.
+const TAB_AND_NEWLINE: &[char] = &['\t', '\n'];
+
+/// A problem on `field` when `text` holds a control character (C0, DEL, C1, or a Unicode line or
+/// paragraph separator) that `allowed` does not permit; it names the first one and where it is.
+fn control_problem(field: &str, text: &str, allowed: &[char]) -> Option<Problem> {
+    let (at, c) = text.char_indices().find(|&(_, c)| {
+        (c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')) && !allowed.contains(&c)
+    })?;
+    let what = if c == '\0' {
+        "a NUL byte".to_owned()
+    } else {
+        format!("the control character {}", c.escape_unicode())
+    };
+    let permitted = if allowed.is_empty() {
+        "no control characters are allowed here"
+    } else {
+        "only tab and newline are allowed among control characters"
+    };
+    Some(Problem::new(
+        field,
+        format!("contains {what} at byte {at}; {permitted}"),
+    ))
 }
 
 fn known(policy: &LaunchPolicy) -> String {
@@ -533,6 +586,67 @@ mod tests {
         assert!(problems[5].message.contains("at most 1800 seconds"));
         assert!(problems[6].message.contains("above the cap of 2000m"));
         assert!(problems[7].message.contains("not a memory quantity"));
+    }
+
+    #[test]
+    fn control_characters_are_refused_with_the_field_where_they_reach_a_process() {
+        let policy = LaunchPolicy::default();
+        let launch = LaunchTask {
+            idempotency_key: Some("key\n2".into()),
+            script: Some("echo a\u{0}--share-net".into()),
+            env: BTreeMap::from([
+                ("X".into(), "y\u{0}--share-net".into()),
+                ("PEM".into(), "-----BEGIN-----\n\tabc\n".into()),
+                ("ESC".into(), "\u{1b}[2J".into()),
+            ]),
+            requester: Some("me\r".into()),
+            ..LaunchTask::default()
+        };
+        let problems = launch.validate(&policy).expect_err("invalid");
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "idempotency_key",
+                    "contains the control character \\u{a} at byte 3; no control characters are allowed here"
+                ),
+                (
+                    "script",
+                    "contains a NUL byte at byte 6; only tab and newline are allowed among control characters"
+                ),
+                (
+                    "requester",
+                    "contains the control character \\u{d} at byte 2; no control characters are allowed here"
+                ),
+                (
+                    "env.ESC",
+                    "contains the control character \\u{1b} at byte 0; only tab and newline are allowed among control characters"
+                ),
+                (
+                    "env.X",
+                    "contains a NUL byte at byte 1; only tab and newline are allowed among control characters"
+                ),
+            ]
+        );
+        // Tabs and newlines are what scripts and multi-line values are made of.
+        let fine = LaunchTask {
+            env: BTreeMap::from([("PEM".into(), "a\n\tb\n".into())]),
+            ..LaunchTask::script("for i in 1 2; do\n\techo $i\ndone\n")
+        };
+        assert!(fine.validate(&policy).is_ok());
+        let windows = LaunchTask::script("echo hi\r\n");
+        assert_eq!(
+            windows
+                .validate(&policy)
+                .expect_err("CR")
+                .first()
+                .map(|p| p.field.as_str()),
+            Some("script")
+        );
     }
 
     #[test]
