@@ -58,6 +58,8 @@ struct Case {
     content_type: Option<String>,
     extra_headers: Vec<(String, String)>,
     payload: Vec<u8>,
+    /// The field a `Rejected` answer must name, when the case targets one.
+    expect_field: Option<&'static str>,
 }
 
 fn case(name: impl Into<String>, subject: &str, json_payload: bool, payload: Vec<u8>) -> Case {
@@ -67,6 +69,7 @@ fn case(name: impl Into<String>, subject: &str, json_payload: bool, payload: Vec
         content_type: json_payload.then(|| "application/json".to_owned()),
         extra_headers: Vec::new(),
         payload,
+        expect_field: None,
     }
 }
 
@@ -177,6 +180,33 @@ fn corpus(names: &Names) -> Vec<Case> {
             &cancel,
         ));
     }
+    // NUL and other control characters in every text that reaches a process, a header or a terminal:
+    // recorded as Rejected, naming the field.
+    let controls = ["\u{0}", "\r", "\u{1b}[2J", "\u{7f}", "\u{85}", "\u{2028}"];
+    for (i, control) in controls.iter().enumerate() {
+        let bad = format!("y{control}--share-net");
+        for (field, value) in [
+            ("script", json!({"script": bad})),
+            ("goal", json!({"mode": "agent", "goal": bad})),
+            ("env.X", json!({"script": "x", "env": {"X": bad}})),
+            ("requester", json!({"script": "x", "requester": bad})),
+            ("image", json!({"script": "x", "image": bad})),
+            ("toolbox", json!({"script": "x", "toolbox": bad})),
+        ] {
+            let mut value = value;
+            value["idempotency_key"] = json!(format!("hostile-control-{field}-{i}"));
+            let mut c = json_case(format!("{field} with {control:?}"), &launch, &value);
+            c.expect_field = Some(field);
+            cases.push(c);
+        }
+        let mut named = json!({"script": "x", "idempotency_key": format!("k{control}")});
+        named["task_id"] =
+            json!(TaskId::from_idempotency_key(&format!("hostile-key-control-{i}")).0);
+        let mut c = json_case(format!("idempotency_key with {control:?}"), &launch, &named);
+        c.expect_field = Some("idempotency_key");
+        cases.push(c);
+    }
+
     // A report kind with a newline, and the same in a msgpack map key.
     cases.push(json_case(
         "report x\\ny",
@@ -515,6 +545,7 @@ async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_o
                 *counts.entry("not stored").or_default() += 1;
             }
             Fate::Answered(CommandReply::Invalid { error }) => {
+                assert!(case.expect_field.is_none(), "{}: {error}", case.name);
                 assert!(
                     !error.is_empty() && !error.contains('\n'),
                     "{}: {error:?}",
@@ -525,6 +556,13 @@ async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_o
             }
             Fate::Answered(CommandReply::Rejected { problems, .. }) => {
                 assert!(!problems.is_empty(), "{}", case.name);
+                if let Some(field) = case.expect_field {
+                    assert!(
+                        problems.iter().any(|p| p.field == field),
+                        "{}: {field} not named: {problems:?}",
+                        case.name
+                    );
+                }
                 for p in problems {
                     assert!(
                         !p.field.is_empty() && !p.message.is_empty(),
