@@ -10,8 +10,15 @@
 //!   (`Failed{AgentLost}`); time the engine itself was disconnected from NATS does not count. Which tasks are running comes from the event stream (last event per task at
 //!   start-up, then every new event), so a restarted engine watches the tasks that were running before,
 //!   counting their silence from its own start.
+//!
+//! The hello loop never waits: which tasks are live (or recently ended) comes from the same event
+//! follower, so a hello for a live task is handled within `max_concurrent_hellos`, one for an ended task
+//! is answered `Stop` at once, and one for a task the gateway has never heard of gets at most
+//! `max_concurrent_unknown_lookups` store lookups at a time (a task found unknown is remembered in a
+//! bounded cache). Whatever finds no free slot is answered `Wait`, which agents retry, through a bounded
+//! reply queue. Heartbeats have their own subscription and loop, so a hello flood cannot delay them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +27,7 @@ use taskpods_events::codec;
 use taskpods_events::{
     Addressed, EventBody, HelloReply, Input, Instructions, Refusal, TaskId, TaskState,
 };
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -38,8 +46,16 @@ pub struct GatewayConfig {
     pub output_cap_bytes: u64,
     /// What `Wait` tells an agent that asked too early.
     pub hello_retry_after: Duration,
-    /// Hellos handled at once.
+    /// Hellos for live tasks handled at once; more are answered `Wait` (agents ask again).
     pub max_concurrent_hellos: usize,
+    /// Store lookups at once for hellos naming a task the gateway has not seen (a hello flood for
+    /// random ids costs at most this many); more are answered `Wait`.
+    pub max_concurrent_unknown_lookups: usize,
+    /// Ended tasks and tasks found unknown remembered, each, to answer their hellos without a lookup.
+    pub remembered_tasks: usize,
+    /// Cheap answers (`Wait`, `Stop`) queued for sending at most; beyond it a hello is dropped (its
+    /// agent asks again after its request timeout).
+    pub reply_queue: usize,
     /// Callers' inbox prefix. A hello's reply subject must be below it or below the task's own inbox
     /// prefix (`_INBOX_<task>.`); any other hello is ignored and counted.
     pub reply_prefix: String,
@@ -53,6 +69,9 @@ impl Default for GatewayConfig {
             output_cap_bytes: 16 << 20,
             hello_retry_after: Duration::from_millis(500),
             max_concurrent_hellos: 64,
+            max_concurrent_unknown_lookups: 4,
+            remembered_tasks: 65_536,
+            reply_queue: 4096,
             reply_prefix: "_INBOX.".to_owned(),
         }
     }
@@ -81,6 +100,99 @@ pub enum GatewayError {
 }
 
 type Watched = Mutex<HashMap<TaskId, Instant>>;
+
+/// What the gateway knows about tasks without asking the store.
+#[derive(Debug, Default)]
+struct KnownTasks {
+    /// Tasks whose last event is not terminal.
+    live: HashSet<TaskId>,
+    /// Recently ended tasks and how they ended, oldest first out.
+    ended: Remembered<&'static str>,
+    /// Tasks a lookup found not to exist (forgotten as soon as an event for them arrives).
+    unknown: Remembered<()>,
+}
+
+/// Where a hello's task stands, as far as the gateway knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Live,
+    Ended(&'static str),
+    KnownUnknown,
+    Unheard,
+}
+
+impl KnownTasks {
+    fn standing(&self, task: TaskId) -> Standing {
+        if self.live.contains(&task) {
+            Standing::Live
+        } else if let Some(state) = self.ended.get(task) {
+            Standing::Ended(state)
+        } else if self.unknown.get(task).is_some() {
+            Standing::KnownUnknown
+        } else {
+            Standing::Unheard
+        }
+    }
+
+    fn saw(&mut self, task: TaskId, ended: Option<&'static str>, max: usize) {
+        self.unknown.remove(task);
+        match ended {
+            // Reaped follows the end: keep the end's name when it is still remembered.
+            Some("reaped") if self.ended.get(task).is_some() => {}
+            Some(how) => {
+                self.live.remove(&task);
+                self.ended.insert(task, how, max);
+            }
+            None => {
+                self.live.insert(task);
+            }
+        }
+    }
+}
+
+/// A bounded map that forgets its oldest entries first.
+#[derive(Debug)]
+struct Remembered<V> {
+    values: HashMap<TaskId, V>,
+    order: VecDeque<TaskId>,
+}
+
+impl<V> Default for Remembered<V> {
+    fn default() -> Self {
+        Self {
+            values: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<V: Copy> Remembered<V> {
+    fn get(&self, task: TaskId) -> Option<V> {
+        self.values.get(&task).copied()
+    }
+
+    fn insert(&mut self, task: TaskId, value: V, max: usize) {
+        if self.values.insert(task, value).is_none() {
+            self.order.push_back(task);
+        }
+        if self.order.len() > 2 * max.max(1) {
+            // Removed ids linger in the queue until they reach its front; drop them in one pass.
+            let values = &self.values;
+            self.order.retain(|t| values.contains_key(t));
+        }
+        while self.values.len() > max.max(1) {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.values.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, task: TaskId) {
+        // The order queue keeps the id until it reaches the front; removing it there is a no-op.
+        self.values.remove(&task);
+    }
+}
 
 /// The instructions for a task the store holds.
 pub fn instructions(
@@ -136,6 +248,8 @@ struct Gateway {
     config: GatewayConfig,
     /// Running tasks and when each was last heard from.
     watched: Watched,
+    /// Live, ended and unknown tasks, from the event follower and the lookups.
+    known: Mutex<KnownTasks>,
 }
 
 /// Runs the gateway until `ctx.shutdown`.
@@ -150,53 +264,112 @@ pub async fn run(
         .queue_subscribe(names.agent_hello_all(), "taskpods-gateway".into())
         .await
         .map_err(|e| GatewayError::Subscribe(e.into()))?;
-    let mut heartbeats = ctx
+    let heartbeats = ctx
         .nats
         .subscribe(names.agent_heartbeat_all())
         .await
         .map_err(|e| GatewayError::Subscribe(e.into()))?;
-    let limit = Arc::new(tokio::sync::Semaphore::new(
-        config.max_concurrent_hellos.max(1),
-    ));
+    let live_slots = Arc::new(Semaphore::new(config.max_concurrent_hellos.max(1)));
+    let lookup_slots = Arc::new(Semaphore::new(config.max_concurrent_unknown_lookups.max(1)));
+    let (cheap_tx, cheap_rx) = mpsc::channel(config.reply_queue.max(1));
+    let wait = HelloReply::Wait {
+        retry_after_ms: u64::try_from(config.hello_retry_after.as_millis()).unwrap_or(500),
+    };
     let gateway = Arc::new(Gateway {
         ctx: ctx.clone(),
         config,
         watched: Watched::default(),
+        known: Mutex::default(),
     });
 
     let _follower = timers::AbortOnDrop(tokio::spawn(gateway.clone().follow_running()));
     let _checker = timers::AbortOnDrop(tokio::spawn(gateway.clone().check_heartbeats()));
+    let _heartbeats =
+        timers::AbortOnDrop(tokio::spawn(gateway.clone().hear_heartbeats(heartbeats)));
+    let _replier =
+        timers::AbortOnDrop(tokio::spawn(send_cheap_replies(ctx.nats.clone(), cheap_rx)));
     info!("agent gateway running");
     loop {
-        tokio::select! {
+        let msg = tokio::select! {
             () = ctx.shutdown.cancelled() => break,
-            Some(msg) = hellos.next() => {
-                let Ok(Addressed::AgentHello(task)) = names.parse(&msg.subject) else { continue };
-                let Some(reply) = msg.reply.clone() else { continue };
-                if !hello_reply_allowed(task, &reply, &gateway.config) {
-                    stats.refused_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(%task, reply = crate::intake::escape_bounded(&reply, 256), "hello ignored: its reply subject is not an inbox");
-                    continue;
-                }
-                let Ok(permit) = limit.clone().acquire_owned().await else { break };
-                let gateway = gateway.clone();
-                tokio::spawn(async move {
-                    gateway.hello(task, reply).await;
-                    drop(permit);
-                });
-            }
-            Some(msg) = heartbeats.next() => {
-                if let Ok(Addressed::AgentHeartbeat(task)) = names.parse(&msg.subject) {
-                    let mut watched = gateway.watched.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(seen) = watched.get_mut(&task) {
-                        *seen = Instant::now();
-                    }
-                }
-            }
-            else => break,
+            next = hellos.next() => match next {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let Ok(Addressed::AgentHello(task)) = names.parse(&msg.subject) else {
+            continue;
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        if !hello_reply_allowed(task, &reply, &gateway.config) {
+            stats
+                .refused_replies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(%task, reply = crate::intake::escape_bounded(&reply, 256), "hello ignored: its reply subject is not an inbox");
+            continue;
         }
+        // Nothing below waits: a hello is handed to a free slot or answered from memory.
+        let standing = gateway
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .standing(task);
+        let slots = match standing {
+            Standing::Live => &live_slots,
+            Standing::Unheard => &lookup_slots,
+            Standing::Ended(how) => {
+                let stop = HelloReply::Stop {
+                    reason: format!("the task has ended ({how})"),
+                };
+                let _ = cheap_tx.try_send((reply, stop));
+                continue;
+            }
+            // Wait rather than Stop: the id may have been probed before its launch, and the event
+            // follower forgets it the moment the task's first event arrives.
+            Standing::KnownUnknown => {
+                let _ = cheap_tx.try_send((reply, wait.clone()));
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(%task, ?standing, "hello: no free slot; telling the agent to wait");
+            let _ = cheap_tx.try_send((reply, wait.clone()));
+            continue;
+        };
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            gateway.hello(task, reply).await;
+            drop(permit);
+        });
     }
     Ok(())
+}
+
+/// Sends the answers the hello loop gives from memory, so that loop never waits on the connection.
+async fn send_cheap_replies(
+    client: async_nats::Client,
+    mut queue: mpsc::Receiver<(async_nats::Subject, HelloReply)>,
+) {
+    while let Some((reply, answer)) = queue.recv().await {
+        if let Ok(payload) = codec::to_msgpack(&answer) {
+            let _ = client.publish(reply, payload.into()).await;
+        }
+    }
+}
+
+/// How a task ended, when `body` is (or follows) its end; `None` while it is live.
+fn ended_as(body: &EventBody) -> Option<&'static str> {
+    match body {
+        EventBody::Succeeded { .. } => Some("succeeded"),
+        EventBody::Failed { .. } => Some("failed"),
+        EventBody::TimedOut { .. } => Some("timed_out"),
+        EventBody::Cancelled { .. } => Some("cancelled"),
+        EventBody::Rejected { .. } => Some("rejected"),
+        EventBody::Reaped => Some("reaped"),
+        _ => None,
+    }
 }
 
 impl Gateway {
@@ -215,6 +388,12 @@ impl Gateway {
                 Err((None, None))
             }
         };
+        if let Err((Some(Refusal::UnknownTask), _)) = &result {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            if known.standing(task) == Standing::Unheard {
+                known.unknown.insert(task, (), self.config.remembered_tasks);
+            }
+        }
         let answer = answer(task, &result, &self.config);
         if matches!(answer, HelloReply::Run(_)) {
             self.watched
@@ -239,6 +418,11 @@ impl Gateway {
                 next = follow.recv() => next,
             };
             let Some((task, event)) = next else { return };
+            self.known.lock().unwrap_or_else(|p| p.into_inner()).saw(
+                task,
+                ended_as(&event.body),
+                self.config.remembered_tasks,
+            );
             let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
             match event.body {
                 EventBody::Running | EventBody::Progress { .. } => {
@@ -246,6 +430,26 @@ impl Gateway {
                 }
                 _ => {
                     watched.remove(&task);
+                }
+            }
+        }
+    }
+
+    /// Records heartbeats, on their own subscription and task so hellos cannot hold them up.
+    async fn hear_heartbeats(self: Arc<Self>, mut heartbeats: async_nats::Subscriber) {
+        let names = self.ctx.names().clone();
+        loop {
+            let msg = tokio::select! {
+                () = self.ctx.shutdown.cancelled() => return,
+                next = heartbeats.next() => match next {
+                    Some(msg) => msg,
+                    None => return,
+                },
+            };
+            if let Ok(Addressed::AgentHeartbeat(task)) = names.parse(&msg.subject) {
+                let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(seen) = watched.get_mut(&task) {
+                    *seen = Instant::now();
                 }
             }
         }
