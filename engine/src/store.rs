@@ -29,6 +29,9 @@ pub enum StoreErrorKind {
     Corrupt,
     /// The event is larger than the stream accepts.
     TooLarge,
+    /// The event stream is full (its byte or message limit, with discard-new): nothing is dropped
+    /// from the log of record to make room, so the write waits until an operator raises the limit.
+    Full,
     /// Anything else the server refused.
     Other,
 }
@@ -66,6 +69,7 @@ impl StoreError {
             Self::Read(_) => StoreErrorKind::Corrupt,
             Self::Encode(_) => StoreErrorKind::Other,
             Self::Append(e) => match e.kind() {
+                PublishErrorKind::Other if refused_as_full(e) => StoreErrorKind::Full,
                 PublishErrorKind::WrongLastSequence => StoreErrorKind::Conflict,
                 PublishErrorKind::TimedOut
                 | PublishErrorKind::BrokenPipe
@@ -77,6 +81,19 @@ impl StoreError {
             Self::Duplicate { .. } | Self::Contended => StoreErrorKind::Conflict,
         }
     }
+}
+
+/// Whether the stream refused an append because it hit its limits: JetStream's own error code (the
+/// append's source), never the message text.
+fn refused_as_full(error: &PublishError) -> bool {
+    let code = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code);
+    matches!(
+        code,
+        Some(jetstream::ErrorCode::STREAM_STORE_FAILED)
+            | Some(jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED)
+    )
 }
 
 /// Why `execute` appended nothing.
