@@ -81,8 +81,24 @@ pub struct TopologyConfig {
     pub event_max_age: Duration,
     /// How long task output is kept.
     pub log_max_age: Duration,
-    /// The most output kept across all tasks, in bytes; the oldest goes first.
+    /// The most output kept across all tasks, in bytes; when full, the oldest output goes first (output
+    /// is not the log of record). 1 GiB holds 64 tasks at the full 16 MiB cap.
     pub log_max_bytes: i64,
+    /// The most output messages kept per task (per log subject): beyond it a task's own oldest output
+    /// goes, never another task's. Honest agents send at most `cap / chunk` full chunks (256 at 16 MiB
+    /// and 64 KiB) plus one partial chunk per flush interval of quiet output.
+    pub log_max_messages_per_task: i64,
+    /// The largest output message, in bytes: the agent's 64 KiB chunk plus room for its headers. With
+    /// `log_max_messages_per_task` it bounds what one task can hold, however it publishes.
+    pub log_max_message_bytes: i32,
+    /// The most bytes of events kept; when full, appends are refused (discard-new) and the engine
+    /// alerts: the log of record never drops old events to make room.
+    pub event_max_bytes: i64,
+    /// The most bytes of commands waiting in the work queue; when full, publishers are refused.
+    pub command_max_bytes: i64,
+    /// The most bytes of dead letters kept; when full, the oldest go first (a flood of garbage cannot
+    /// stop the intake from recording new dead letters).
+    pub dead_letter_max_bytes: i64,
     /// The window in which a re-published command (same `Nats-Msg-Id`) is dropped as a duplicate.
     pub duplicate_window: Duration,
     /// How long undecodable commands are kept for operators.
@@ -100,6 +116,11 @@ impl Default for TopologyConfig {
             event_max_age: Duration::ZERO,
             log_max_age: Duration::from_secs(7 * 24 * 3600),
             log_max_bytes: 1 << 30,
+            log_max_messages_per_task: 4096,
+            log_max_message_bytes: (64 << 10) + (4 << 10),
+            event_max_bytes: 8 << 30,
+            command_max_bytes: 1 << 30,
+            dead_letter_max_bytes: 256 << 20,
             duplicate_window: Duration::from_secs(120),
             dead_letter_max_age: Duration::from_secs(30 * 24 * 3600),
             max_message_bytes: 1 << 20,
@@ -149,6 +170,8 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             subjects: vec![names.commands_all()],
             retention: RetentionPolicy::WorkQueue,
             deny_purge: true,
+            max_bytes: config.command_max_bytes,
+            discard: DiscardPolicy::New,
             ..base.clone()
         },
         stream::Config {
@@ -157,6 +180,8 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             subjects: vec![names.events_all()],
             retention: RetentionPolicy::Limits,
             max_age: config.event_max_age,
+            max_bytes: config.event_max_bytes,
+            discard: DiscardPolicy::New,
             allow_direct: true,
             deny_delete: true,
             deny_purge: true,
@@ -169,6 +194,8 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             retention: RetentionPolicy::Limits,
             max_age: config.log_max_age,
             max_bytes: config.log_max_bytes,
+            max_messages_per_subject: config.log_max_messages_per_task,
+            max_message_size: config.log_max_message_bytes,
             discard: DiscardPolicy::Old,
             allow_direct: true,
             ..base.clone()
@@ -181,6 +208,8 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             subjects: vec![names.dead_letters_all()],
             retention: RetentionPolicy::Limits,
             max_age: config.dead_letter_max_age,
+            max_bytes: config.dead_letter_max_bytes,
+            discard: DiscardPolicy::Old,
             allow_direct: true,
             ..base.clone()
         },
