@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::jetstream::{self, AckKind, consumer::pull, context::PublishErrorKind};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -43,6 +43,11 @@ use crate::store::{ExecuteError, LoadedTask, StoreErrorKind};
 pub const HEADER_DEAD_REASON: &str = "Taskpods-Dead-Reason";
 /// Header on a dead letter: where the command was published.
 pub const HEADER_ORIGINAL_SUBJECT: &str = "Taskpods-Original-Subject";
+/// Header on a dead letter kept without its original headers and cut to its first bytes, because the
+/// whole would not fit: the original payload size.
+pub const HEADER_DEAD_TRUNCATED: &str = "Taskpods-Dead-Truncated-From";
+/// How much of a command's payload such a bounded dead letter keeps.
+const DEAD_LETTER_KEPT_BYTES: usize = 64 << 10;
 /// The longest header value (and log field) the intake builds from input, in bytes.
 pub const MAX_HEADER_VALUE_BYTES: usize = 1024;
 
@@ -132,6 +137,8 @@ pub struct IntakeStats {
     pub progress_over_count: AtomicU64,
     /// Replies not sent because `Taskpods-Reply-To` named no inbox below the reply prefix.
     pub refused_replies: AtomicU64,
+    /// Appends refused because the event stream is full (each an operator alert).
+    pub event_log_full: AtomicU64,
 }
 
 /// Everything a worker needs.
@@ -711,6 +718,14 @@ async fn apply(
             }
         }
         Err(ExecuteError::Store(e)) => match e.kind() {
+            StoreErrorKind::Full => {
+                // The log of record refuses rather than forgets: the command waits (and after
+                // max_deliver is kept in the dead-letter stream) until an operator makes room.
+                error!(%task, error = %e, "ALERT: the event stream is full; commands wait until its max_bytes is raised");
+                shared.stats.event_log_full.fetch_add(1, Ordering::Relaxed);
+                cache.remove(&task);
+                return Disposition::Retry;
+            }
             StoreErrorKind::Unavailable | StoreErrorKind::Conflict => {
                 warn!(%task, error = %e, "transient store failure; command left for redelivery");
                 cache.remove(&task);
@@ -826,17 +841,38 @@ async fn dead_letter(
     headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(&message.subject));
     // The original Nats-Msg-Id makes a redelivered dead letter a duplicate, not a second record.
     let subject = shared.ctx.names().dead_letter(dead.reason);
-    let stored = async {
+    let publish = |subject: String, headers: HeaderMap, payload: Bytes| async move {
         shared
             .ctx
             .js
-            .publish_with_headers(subject, headers, message.payload.clone())
+            .publish_with_headers(subject, headers, payload)
             .await?
             .await
     };
-    if let Err(e) = stored.await {
-        warn!(error = %e, "dead-letter stream unavailable; command left for redelivery");
-        return Disposition::Retry;
+    if let Err(e) = publish(subject.clone(), headers, message.payload.clone()).await {
+        if !matches!(
+            e.kind(),
+            PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::Other
+        ) {
+            warn!(error = %e, "dead-letter stream unavailable; command left for redelivery");
+            return Disposition::Retry;
+        }
+        // Too large once our headers are added (or refused for what it carries): keep a bounded
+        // record of it instead, so it is never retried forever.
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_DEAD_REASON, header_value(&dead.detail));
+        headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(&message.subject));
+        headers.insert(
+            HEADER_DEAD_TRUNCATED,
+            header_value(&message.payload.len().to_string()),
+        );
+        let kept = message
+            .payload
+            .slice(..message.payload.len().min(DEAD_LETTER_KEPT_BYTES));
+        if let Err(e) = publish(subject, headers, kept).await {
+            warn!(error = %e, "dead-letter stream refused even the bounded record; command left for redelivery");
+            return Disposition::Retry;
+        }
     }
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     let encoding = Encoding::from_content_type(header(original, HEADER_CONTENT_TYPE))
