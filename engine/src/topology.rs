@@ -118,9 +118,11 @@ impl Default for TopologyConfig {
             log_max_bytes: 1 << 30,
             log_max_messages_per_task: 4096,
             log_max_message_bytes: (64 << 10) + (4 << 10),
-            event_max_bytes: 8 << 30,
-            command_max_bytes: 1 << 30,
-            dead_letter_max_bytes: 256 << 20,
+            // JetStream reserves every stream's max_bytes on the server's disk at creation, so the
+            // defaults stay modest (2.2 GiB in all); the README's capacity plan says how to size them.
+            event_max_bytes: 1 << 30,
+            command_max_bytes: 128 << 20,
+            dead_letter_max_bytes: 64 << 20,
             duplicate_window: Duration::from_secs(120),
             dead_letter_max_age: Duration::from_secs(30 * 24 * 3600),
             max_message_bytes: 1 << 20,
