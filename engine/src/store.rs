@@ -235,8 +235,10 @@ impl EventStore {
             let bodies = match decide(&current.task, input) {
                 Ok(bodies) => bodies,
                 // A cached view can only be behind the log, and a refusal judged on it may be wrong
-                // (progress refused as "not running yet"): judge again on the log itself.
-                Err(_) if from_cache => {
+                // (progress refused as "not running yet"): judge again on the log itself. A limit
+                // reached on the view is reached on the log too (counts only grow), and re-reading a
+                // long history for every report over the cap is exactly the cost the cap prevents.
+                Err(refusal) if from_cache && !matches!(refusal, Refusal::LimitReached(_)) => {
                     from_cache = false;
                     current = self.load(task_id).await?;
                     continue;
