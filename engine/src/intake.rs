@@ -920,3 +920,202 @@ async fn send_reply(
         debug!(error = %e, "reply not sent");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use taskpods_events::{EventBody, Names};
+
+    /// Text with the characters attackers reach for: CR, LF, NUL, escapes, separators, quotes.
+    fn hostile_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                any::<char>(),
+                Just('\r'),
+                Just('\n'),
+                Just('\0'),
+                Just('\u{1b}'),
+                Just('\u{2028}'),
+                Just('"'),
+                Just('.'),
+                Just('*'),
+                Just('>'),
+            ],
+            0..64,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    /// Payloads: raw bytes, or JSON and msgpack maps with launch field names and hostile values.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        let field = prop_oneof![
+            Just("script".to_owned()),
+            Just("goal".to_owned()),
+            Just("env".to_owned()),
+            Just("labels".to_owned()),
+            Just("idempotency_key".to_owned()),
+            Just("task_id".to_owned()),
+            Just("mode".to_owned()),
+            Just("resources".to_owned()),
+            Just("timeout_secs".to_owned()),
+            Just("report".to_owned()),
+            Just("message".to_owned()),
+            hostile_text(),
+        ];
+        let leaf = prop_oneof![
+            hostile_text().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<bool>().prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+        ];
+        let value = leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(hostile_text(), inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let object = prop::collection::btree_map(field, value, 0..6)
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect()));
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            object
+                .clone()
+                .prop_map(|v| serde_json::to_vec(&v).unwrap_or_default()),
+            object.prop_map(|v| codec::to_msgpack(&v).unwrap_or_default()),
+        ]
+    }
+
+    fn subject() -> impl Strategy<Value = String> {
+        let task = "0190a5a4-7b1e-7c3d-9e8f-0123456789ab";
+        prop_oneof![
+            Just("taskpods.cmd.launch".to_owned()),
+            Just(format!("taskpods.cmd.cancel.{task}")),
+            Just(format!("taskpods.cmd.agent.{task}.progress")),
+            Just(format!("taskpods.cmd.agent.{task}.result")),
+            hostile_text().prop_map(|t| format!("taskpods.cmd.{t}")),
+            hostile_text().prop_map(|t| format!("taskpods.cmd.agent.{t}.progress")),
+            hostile_text(),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+        let name = prop_oneof![
+            Just(HEADER_CONTENT_TYPE.to_owned()),
+            Just(HEADER_MSG_ID.to_owned()),
+            Just(HEADER_REPLY_TO.to_owned()),
+            "[A-Za-z-]{1,16}",
+        ];
+        let value = prop_oneof![
+            Just("application/json".to_owned()),
+            Just("application/msgpack".to_owned()),
+            hostile_text(),
+        ];
+        prop::collection::vec((name, value), 0..4)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever arrives, classification, validation, the rejection it records, the dead letter's
+        /// headers and the reply never panic, and what goes into headers and logs is one bounded line.
+        #[test]
+        fn any_command_is_classified_and_answered_without_panicking(
+            subject in subject(),
+            headers in headers(),
+            payload in payload(),
+        ) {
+            let names = Names::default();
+            let config = IntakeConfig::default();
+            let mut map = HeaderMap::new();
+            for (name, value) in &headers {
+                // Only what the wire can carry: the client refuses CR and LF in values itself.
+                if let Ok(value) = value.parse::<HeaderValue>() {
+                    map.insert(name.as_str(), value);
+                }
+            }
+            match classify(&names, &config, &subject, Some(&map), &payload) {
+                Err(dead) => {
+                    let value = header_value(&dead.detail);
+                    prop_assert!(!value.as_str().contains(['\r', '\n']));
+                    prop_assert!(value.as_str().len() <= MAX_HEADER_VALUE_BYTES);
+                    let _ = header_value(&subject);
+                }
+                Ok(Command::Launch { task, launch, .. }) => {
+                    let spec = match *launch {
+                        Ok(launch) => launch.validate(&config.policy),
+                        Err(e) => Err(vec![decode_problem(&e)]),
+                    }
+                    .map_err(bounded_problems);
+                    if let Err(problems) = &spec {
+                        prop_assert!(problems.len() <= MAX_PROBLEMS + 1);
+                        let event = taskpods_events::Event::new(
+                            task,
+                            0,
+                            Utc::now(),
+                            EventBody::Rejected { problems: problems.clone() },
+                        );
+                        let encoded = codec::encode_event(&event).expect("encodable");
+                        prop_assert!(encoded.len() < 64 << 10);
+                    }
+                }
+                Ok(Command::Cancel { .. } | Command::Agent { .. }) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn problem_lists_are_bounded_whatever_the_launch() {
+        let problems = (0..10_000)
+            .map(|i| Problem {
+                field: format!("env.{i}\n{}", "x".repeat(5000)),
+                message: "y".repeat(5000),
+            })
+            .collect();
+        let kept = bounded_problems(problems);
+        assert_eq!(kept.len(), MAX_PROBLEMS + 1);
+        assert!(kept[0].field.starts_with("env.0\\n"));
+        assert!(kept.iter().all(|p| p.field.len() <= MAX_PROBLEM_TEXT_BYTES));
+        assert_eq!(
+            kept[MAX_PROBLEMS].message,
+            "9968 more problems not listed; fix these and send again"
+        );
+    }
+
+    #[test]
+    fn escaping_keeps_one_line_and_the_bound() {
+        assert_eq!(escape_bounded("a\r\nb\u{0}c", 100), "a\\r\\nb\\u{0}c");
+        let long = escape_bounded(&"\n".repeat(1000), 64);
+        assert!(long.len() <= 64 && long.ends_with('…'), "{long}");
+        assert_eq!(escape_bounded("héllo", 100), "héllo");
+    }
+
+    #[test]
+    fn progress_is_cut_at_a_character_boundary_with_its_length() {
+        assert_eq!(cut_progress("short", 10), None);
+        let cut = cut_progress(&"é".repeat(100), 40).expect("cut");
+        assert!(cut.len() <= 40, "{cut}");
+        assert!(cut.ends_with("… [cut: 200 bytes]"), "{cut}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_rate_is_a_token_bucket_per_task() {
+        let config = IntakeConfig {
+            progress_per_second: 10.0,
+            progress_burst: 5,
+            ..IntakeConfig::default()
+        };
+        let (a, b) = (TaskId::mint(), TaskId::mint());
+        let mut local = WorkerState::default();
+        let allowed = (0..20).filter(|_| local.allow_progress(a, &config)).count();
+        assert_eq!(allowed, 5, "the burst, then nothing");
+        assert!(
+            local.allow_progress(b, &config),
+            "another task has its own bucket"
+        );
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let allowed = (0..20).filter(|_| local.allow_progress(a, &config)).count();
+        assert_eq!(allowed, 3, "refilled at 10 per second");
+    }
+}
