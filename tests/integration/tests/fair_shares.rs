@@ -4,7 +4,8 @@
 //! task's start. Real nats-server, real engine, real agent and bubblewrap.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -14,9 +15,6 @@ use bytes::Bytes;
 use futures::StreamExt;
 use taskpods_client::{Client, ClientConfig};
 use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::local::LocalConfig;
-use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
-use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::intake::IntakeConfig;
 use taskpods_engine::server::Engine;
 use taskpods_engine::store::EventStore;
@@ -25,31 +23,7 @@ use taskpods_events::{
     AgentReport, EventBody, Input, LaunchTask, MAX_PROGRESS_EVENTS, Names, TaskId, TaskState,
 };
 use taskpods_harness::NatsServer;
-
-fn local(server: &NatsServer, state_dir: &Path) -> EngineConfig {
-    EngineConfig {
-        nats_urls: vec![server.url()],
-        gateway: GatewayConfig {
-            heartbeat_interval: Duration::from_millis(200),
-            hello_retry_after: Duration::from_millis(100),
-            ..GatewayConfig::default()
-        },
-        executor: ExecutorConfig {
-            retry_delay: Duration::from_millis(200),
-            reap_grace: Duration::from_secs(2),
-            ..ExecutorConfig::default()
-        },
-        backend: BackendConfig::Local(LocalConfig {
-            agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
-            state_dir: state_dir.to_owned(),
-            tmp_bytes: 4 << 20,
-            max_procs: 64,
-            kill_grace: Duration::from_secs(1),
-            ..LocalConfig::default()
-        }),
-        ..EngineConfig::default()
-    }
-}
+use taskpods_integration as fixtures;
 
 fn client(nats: async_nats::Client) -> Client {
     Client::new(
@@ -59,21 +33,6 @@ fn client(nats: async_nats::Client) -> Client {
             ..ClientConfig::default()
         },
     )
-}
-
-async fn until_state(client: &Client, task: TaskId, wanted: TaskState, within: Duration) {
-    let until = tokio::time::Instant::now() + within;
-    loop {
-        let state = client.get(task).await.unwrap().task.state;
-        if state == wanted {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "task {task} is {state:?}, not {wanted:?}, after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Every message stored on `task`'s output subject: (stream sequence, payload).
@@ -108,7 +67,7 @@ async fn stored_output(js: &jetstream::Context, task: TaskId) -> Vec<(u64, Bytes
 async fn a_task_flooding_its_own_output_subject_never_evicts_another_tasks_output() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
-    let mut config = local(&server, state.path());
+    let mut config = common::local_engine(&server, state.path());
     // A small pool, so the flood below is far larger than all of it.
     config.topology.log_max_bytes = 8 << 20;
     config.topology.log_max_messages_per_task = 16;
@@ -126,7 +85,7 @@ async fn a_task_flooding_its_own_output_subject_never_evicts_another_tasks_outpu
         .await
         .unwrap()
         .task_id;
-    until_state(
+    fixtures::until_state(
         &client,
         honest,
         TaskState::Succeeded,
@@ -302,7 +261,7 @@ async fn ten_thousand_progress_reports_from_one_task_store_at_most_the_cap() {
 async fn a_hello_flood_for_random_ids_does_not_hold_up_a_real_tasks_start() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
-    let engine = Engine::start(local(&server, state.path()))
+    let engine = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine");
     let nats = server.connect().await;
@@ -345,7 +304,7 @@ async fn a_hello_flood_for_random_ids_does_not_hold_up_a_real_tasks_start() {
         .await
         .unwrap()
         .task_id;
-    until_state(&client, task, TaskState::Running, Duration::from_secs(30)).await;
+    fixtures::until_state(&client, task, TaskState::Running, Duration::from_secs(30)).await;
     let delay = launched_at.elapsed();
     for flooder in flooders {
         flooder.await.unwrap();
@@ -353,7 +312,7 @@ async fn a_hello_flood_for_random_ids_does_not_hold_up_a_real_tasks_start() {
     eprintln!(
         "a real task reached Running {delay:?} after its launch, during a 40,000-hello flood"
     );
-    until_state(&client, task, TaskState::Succeeded, Duration::from_secs(60)).await;
+    fixtures::until_state(&client, task, TaskState::Succeeded, Duration::from_secs(60)).await;
     engine.shutdown().await.expect("shutdown");
 }
 

@@ -5,8 +5,9 @@
 //! afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -15,41 +16,12 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use taskpods_client::{Client, ClientConfig};
-use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::local::LocalConfig;
-use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
-use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
 use taskpods_events::{
     CommandReply, Encoding, HEADER_REPLY_TO, LaunchTask, Names, TaskId, TaskState,
 };
 use taskpods_harness::NatsServer;
-
-fn config(server: &NatsServer, state_dir: &Path) -> EngineConfig {
-    EngineConfig {
-        nats_urls: vec![server.url()],
-        gateway: GatewayConfig {
-            heartbeat_interval: Duration::from_millis(200),
-            hello_retry_after: Duration::from_millis(100),
-            ..GatewayConfig::default()
-        },
-        executor: ExecutorConfig {
-            retry_delay: Duration::from_millis(200),
-            reap_grace: Duration::from_secs(2),
-            ..ExecutorConfig::default()
-        },
-        backend: BackendConfig::Local(LocalConfig {
-            agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
-            state_dir: state_dir.to_owned(),
-            tmp_bytes: 4 << 20,
-            max_procs: 64,
-            kill_grace: Duration::from_secs(1),
-            ..LocalConfig::default()
-        }),
-        ..EngineConfig::default()
-    }
-}
 
 /// One malformed command: where it goes, its headers and its bytes.
 struct Case {
@@ -466,7 +438,7 @@ enum Fate {
 async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_on() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
-    let engine = Engine::start(config(&server, state.path()))
+    let engine = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine");
     let nats = server.connect().await;
@@ -607,7 +579,7 @@ async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_o
     }
 
     // Nothing is left unacked or pending redelivery.
-    assert_nothing_stuck(&nats, Duration::from_secs(10)).await;
+    common::assert_nothing_stuck(&nats, Duration::from_secs(10)).await;
 
     // The engine is still up: a normal task runs to success.
     let client = Client::new(
@@ -648,7 +620,7 @@ async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_o
 async fn a_newline_in_a_key_is_dead_lettered_and_does_not_stop_the_engine() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
-    let mut engine = Engine::start(config(&server, state.path()))
+    let mut engine = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine");
     let nats = server.connect().await;
@@ -673,7 +645,7 @@ async fn a_newline_in_a_key_is_dead_lettered_and_does_not_stop_the_engine() {
             .await
             .unwrap();
     }
-    assert_nothing_stuck(&nats, Duration::from_secs(10)).await;
+    common::assert_nothing_stuck(&nats, Duration::from_secs(10)).await;
     assert_eq!(engine.intake_stats.dead_lettered.load(Ordering::Relaxed), 2);
     assert_eq!(engine.intake_stats.panicked.load(Ordering::Relaxed), 0);
     let still_running = tokio::time::timeout(Duration::from_secs(1), engine.failed()).await;
@@ -693,29 +665,4 @@ async fn a_newline_in_a_key_is_dead_lettered_and_does_not_stop_the_engine() {
     );
     assert!(dead.info().await.unwrap().state.messages == 2);
     engine.shutdown().await.expect("shutdown");
-}
-
-/// Asserts the intake consumer holds nothing, within `within`: every command was acked.
-async fn assert_nothing_stuck(nats: &async_nats::Client, within: Duration) {
-    let js = jetstream::new(nats.clone());
-    let stream = js
-        .get_stream(Names::default().command_stream())
-        .await
-        .expect("stream");
-    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_consumer("taskpods-intake")
-        .await
-        .expect("consumer");
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let info = consumer.info().await.expect("consumer info").clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 && info.num_redelivered == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "commands left unacked: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

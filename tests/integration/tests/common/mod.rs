@@ -1,0 +1,66 @@
+//! Fixtures shared by the hostile-input and fair-share tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use taskpods_engine::config::EngineConfig;
+use taskpods_engine::executor::local::LocalConfig;
+use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
+use taskpods_engine::gateway::GatewayConfig;
+use taskpods_events::Names;
+use taskpods_harness::NatsServer;
+
+/// An engine with the local backend (the agent built with these tests, real bubblewrap), tuned to
+/// answer hellos and reap quickly.
+pub fn local_engine(server: &NatsServer, state_dir: &Path) -> EngineConfig {
+    EngineConfig {
+        nats_urls: vec![server.url()],
+        gateway: GatewayConfig {
+            heartbeat_interval: Duration::from_millis(200),
+            hello_retry_after: Duration::from_millis(100),
+            ..GatewayConfig::default()
+        },
+        executor: ExecutorConfig {
+            retry_delay: Duration::from_millis(200),
+            reap_grace: Duration::from_secs(2),
+            ..ExecutorConfig::default()
+        },
+        backend: BackendConfig::Local(LocalConfig {
+            agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
+            state_dir: state_dir.to_owned(),
+            tmp_bytes: 4 << 20,
+            max_procs: 64,
+            kill_grace: Duration::from_secs(1),
+            ..LocalConfig::default()
+        }),
+        ..EngineConfig::default()
+    }
+}
+
+/// Asserts the intake consumer holds nothing, within `within`: every command was acked, none is
+/// waiting for redelivery.
+pub async fn assert_nothing_stuck(nats: &async_nats::Client, within: Duration) {
+    let js = jetstream::new(nats.clone());
+    let stream = js
+        .get_stream(Names::default().command_stream())
+        .await
+        .expect("stream");
+    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_consumer("taskpods-intake")
+        .await
+        .expect("consumer");
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let info = consumer.info().await.expect("consumer info").clone();
+        if info.num_pending == 0 && info.num_ack_pending == 0 && info.num_redelivered == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "commands left unacked: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
