@@ -544,6 +544,35 @@ mod tests {
     }
 
     #[test]
+    fn the_gateway_remembers_live_ended_and_unknown_tasks_within_its_bound() {
+        let (a, b, c) = (TaskId::mint(), TaskId::mint(), TaskId::mint());
+        let mut known = KnownTasks::default();
+        assert_eq!(known.standing(a), Standing::Unheard);
+        known.saw(a, None, 2);
+        assert_eq!(known.standing(a), Standing::Live);
+        known.saw(a, Some("succeeded"), 2);
+        known.saw(a, Some("reaped"), 2);
+        assert_eq!(known.standing(a), Standing::Ended("succeeded"));
+        // An id found unknown is forgotten the moment its task's first event arrives.
+        known.unknown.insert(b, (), 2);
+        assert_eq!(known.standing(b), Standing::KnownUnknown);
+        known.saw(b, None, 2);
+        assert_eq!(known.standing(b), Standing::Live);
+        // Bounded: the oldest ended task is forgotten first.
+        known.saw(b, Some("failed"), 2);
+        known.saw(c, Some("cancelled"), 2);
+        assert_eq!(known.standing(a), Standing::Unheard);
+        assert_eq!(known.standing(c), Standing::Ended("cancelled"));
+        let mut remembered = Remembered::default();
+        for _ in 0..10_000 {
+            let id = TaskId::mint();
+            remembered.insert(id, (), 8);
+            remembered.remove(id);
+        }
+        assert!(remembered.order.len() <= 16, "{}", remembered.order.len());
+    }
+
+    #[test]
     fn hello_answers_follow_the_task_state() {
         let id = TaskId::from_idempotency_key("gateway");
         let config = GatewayConfig::default();

@@ -1053,7 +1053,7 @@ mod tests {
                         let event = taskpods_events::Event::new(
                             task,
                             0,
-                            Utc::now(),
+                            chrono::Utc::now(),
                             EventBody::Rejected { problems: problems.clone() },
                         );
                         let encoded = codec::encode_event(&event).expect("encodable");
