@@ -238,6 +238,8 @@ section! {
         task_signer: PathBuf,
         /// How long past its deadline a task's identity stays valid.
         task_credentials_grace: HumanDuration,
+        /// The seal key (`seal.key` from `taskpods auth init`) env values are sealed with in events.
+        seal_key: PathBuf,
     }
 }
 
@@ -478,6 +480,9 @@ impl FileConfig {
         if self.auth.task_signer.is_some() {
             config.auth.task_signer = self.auth.task_signer.clone();
         }
+        if self.auth.seal_key.is_some() {
+            config.auth.seal_key = self.auth.seal_key.clone();
+        }
         set_duration(
             &mut config.auth.task_credentials_grace,
             &self.auth.task_credentials_grace,
@@ -583,6 +588,7 @@ impl FileConfig {
             auth: AuthSection {
                 task_signer: config.auth.task_signer.clone(),
                 task_credentials_grace: d(config.auth.task_credentials_grace),
+                seal_key: config.auth.seal_key.clone(),
             },
         }
     }

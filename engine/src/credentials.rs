@@ -22,6 +22,10 @@ pub struct AuthConfig {
     pub task_credentials_grace: Duration,
     /// The largest message a task may publish, bytes (nats-server's default limit: 1 MiB).
     pub task_max_payload: i64,
+    /// The seal key file (`seal.key` from `taskpods auth init`) env values are sealed with in events.
+    /// Without it the engine seals with a random key of its own: values stay out of the log, but a task
+    /// accepted before a restart cannot get its env back.
+    pub seal_key: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -30,6 +34,7 @@ impl Default for AuthConfig {
             task_signer: None,
             task_credentials_grace: Duration::from_secs(120),
             task_max_payload: taskpods_auth::DEFAULT_MAX_PAYLOAD,
+            seal_key: None,
         }
     }
 }

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::context::EngineCtx;
 use crate::store::{ExecuteError, LoadedTask};
+use crate::seal::{SealError, Sealer};
 use crate::timers;
 
 /// Gateway settings.
@@ -195,22 +196,29 @@ impl<V: Copy> Remembered<V> {
 }
 
 /// The instructions for a task the store holds.
+/// The env values are opened here, for the task's own agent only (the hello came from its inbox).
 pub fn instructions(
     task_id: TaskId,
     task: &LoadedTask,
     config: &GatewayConfig,
-) -> Option<Instructions> {
+    sealer: Option<&Sealer>,
+) -> Option<Result<Instructions, SealError>> {
     let spec = task.task.spec.as_ref()?;
-    Some(Instructions {
+    let deadline = task.task.deadline?;
+    let env = match crate::seal::open_env(sealer, task_id, &spec.env) {
+        Ok(env) => env,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(Ok(Instructions {
         task_id,
         mode: spec.mode,
         instructions: spec.instructions.clone(),
-        env: spec.env.clone(),
-        deadline: task.task.deadline?,
+        env,
+        deadline,
         heartbeat_interval_ms: u64::try_from(config.heartbeat_interval.as_millis())
             .unwrap_or(u64::MAX),
         output_cap_bytes: config.output_cap_bytes,
-    })
+    }))
 }
 
 /// The answer to a hello, given what executing `AgentHello` gave.
@@ -218,6 +226,7 @@ pub fn answer(
     task_id: TaskId,
     result: &Result<LoadedTask, (Option<Refusal>, Option<LoadedTask>)>,
     config: &GatewayConfig,
+    sealer: Option<&Sealer>,
 ) -> HelloReply {
     let wait = HelloReply::Wait {
         retry_after_ms: u64::try_from(config.hello_retry_after.as_millis()).unwrap_or(500),
@@ -233,7 +242,14 @@ pub fn answer(
         Err((_, None)) => return wait,
     };
     match task.task.state {
-        TaskState::Running => instructions(task_id, task, config).map_or(wait, HelloReply::Run),
+        TaskState::Running => match instructions(task_id, task, config, sealer) {
+            None => wait,
+            Some(Ok(instructions)) => HelloReply::Run(instructions),
+            // Running the code without the env it was launched with would be wrong.
+            Some(Err(e)) => HelloReply::Stop {
+                reason: e.to_string(),
+            },
+        },
         TaskState::Accepted | TaskState::New => wait,
         state if state.is_terminal() || state == TaskState::Cancelling => HelloReply::Stop {
             reason: format!("the task is {}", state.name()),
@@ -394,7 +410,7 @@ impl Gateway {
                 known.unknown.insert(task, (), self.config.remembered_tasks);
             }
         }
-        let answer = answer(task, &result, &self.config);
+        let answer = answer(task, &result, &self.config, self.ctx.store.sealer());
         if matches!(answer, HelloReply::Run(_)) {
             self.watched
                 .lock()
@@ -578,7 +594,7 @@ mod tests {
         let config = GatewayConfig::default();
         let job = Input::JobCreated { job: "j".into() };
         let running = task_in(&[job.clone(), Input::AgentHello]);
-        match answer(id, &Ok(running.clone()), &config) {
+        match answer(id, &Ok(running.clone()), &config, None) {
             HelloReply::Run(i) => {
                 assert_eq!(i.instructions, "echo hi");
                 assert_eq!(i.heartbeat_interval_ms, 5000);
@@ -586,14 +602,20 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            answer(id, &Err((Some(Refusal::Duplicate), Some(running))), &config),
+            answer(
+                id,
+                &Err((Some(Refusal::Duplicate), Some(running))),
+                &config,
+                None
+            ),
             HelloReply::Run(_)
         ));
         assert!(matches!(
             answer(
                 id,
                 &Err((Some(Refusal::NotNow("accepted")), Some(task_in(&[])))),
-                &config
+                &config,
+                None
             ),
             HelloReply::Wait {
                 retry_after_ms: 500
@@ -611,20 +633,21 @@ mod tests {
             answer(
                 id,
                 &Err((Some(Refusal::NotNow("cancelling")), Some(cancelling))),
-                &config
+                &config,
+                None
             ),
             HelloReply::Stop {
                 reason: "the task is cancelling".into()
             }
         );
         assert_eq!(
-            answer(id, &Err((Some(Refusal::UnknownTask), None)), &config),
+            answer(id, &Err((Some(Refusal::UnknownTask), None)), &config, None),
             HelloReply::Stop {
                 reason: "no such task".into()
             }
         );
         assert!(matches!(
-            answer(id, &Err((None, None)), &config),
+            answer(id, &Err((None, None)), &config, None),
             HelloReply::Wait { .. }
         ));
     }

@@ -823,6 +823,36 @@ fn decode_problem(error: &CodecError) -> Problem {
     }
 }
 
+/// Header on a dead letter whose launch payload was not kept: it could not be read, so env values in it
+/// could not be told apart (the size says what was dropped).
+pub const HEADER_PAYLOAD_WITHHELD: &str = "Taskpods-Payload-Withheld";
+
+/// A launch payload as a dead letter keeps it: re-encoded with every `env` value replaced by
+/// `<redacted>`, when it reads as a JSON or msgpack map; `None` when it does not read (it is withheld:
+/// values an operator must never see could be anywhere in it).
+pub fn launch_without_env_values(payload: &[u8]) -> Option<Bytes> {
+    let redact = |value: &mut serde_json::Value| {
+        if let Some(env) = value.get_mut("env").and_then(|e| e.as_object_mut()) {
+            for v in env.values_mut() {
+                *v = serde_json::Value::from("<redacted>");
+            }
+        }
+    };
+    if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(payload) {
+        if !value.is_object() {
+            return None;
+        }
+        redact(&mut value);
+        return serde_json::to_vec(&value).ok().map(Bytes::from);
+    }
+    let mut value = rmp_serde::from_slice::<serde_json::Value>(payload).ok()?;
+    if !value.is_object() {
+        return None;
+    }
+    redact(&mut value);
+    rmp_serde::to_vec_named(&value).ok().map(Bytes::from)
+}
+
 async fn dead_letter(
     shared: &Shared,
     message: &jetstream::Message,
@@ -839,6 +869,18 @@ async fn dead_letter(
     let mut headers = original.cloned().unwrap_or_default();
     headers.insert(HEADER_DEAD_REASON, header_value(&dead.detail));
     headers.insert(HEADER_ORIGINAL_SUBJECT, header_value(&message.subject));
+    let payload = if message.subject.as_str() == shared.ctx.topology.names.launch() {
+        let kept = launch_without_env_values(&message.payload);
+        if kept.is_none() {
+            headers.insert(
+                HEADER_PAYLOAD_WITHHELD,
+                format!("{} bytes", message.payload.len()).as_str(),
+            );
+        }
+        kept.unwrap_or_default()
+    } else {
+        message.payload.clone()
+    };
     // The original Nats-Msg-Id makes a redelivered dead letter a duplicate, not a second record.
     let subject = shared.ctx.names().dead_letter(dead.reason);
     let publish = |subject: String, headers: HeaderMap, payload: Bytes| async move {
@@ -1117,5 +1159,27 @@ mod tests {
         tokio::time::advance(Duration::from_millis(300)).await;
         let allowed = (0..20).filter(|_| local.allow_progress(a, &config)).count();
         assert_eq!(allowed, 3, "refilled at 10 per second");
+    }
+}
+
+#[cfg(test)]
+mod dead_letter_tests {
+    use super::*;
+
+    #[test]
+    fn dead_lettered_launches_keep_no_env_value() {
+        let json = br#"{"script":"x","env":{"API_TOKEN":"tok-1"},"bogus":1}"#;
+        let kept = launch_without_env_values(json).expect("json kept");
+        let text = String::from_utf8_lossy(&kept);
+        assert!(
+            !text.contains("tok-1") && text.contains("API_TOKEN") && text.contains("bogus"),
+            "{text}"
+        );
+        let msgpack =
+            rmp_serde::to_vec_named(&serde_json::json!({"env": {"A": "tok-2"}})).expect("encode");
+        let kept = launch_without_env_values(&msgpack).expect("msgpack kept");
+        assert!(!kept.windows(5).any(|w| w == b"tok-2"));
+        assert_eq!(launch_without_env_values(b"env: {A: tok-3}"), None);
+        assert_eq!(launch_without_env_values(b"\"just a string\""), None);
     }
 }

@@ -17,6 +17,7 @@
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
+//! - [`seal`]: env values sealed in the `accepted` event, opened only for the task's own agent.
 //! - [`server`]: `run(config, shutdown)`, the entry point that starts every loop, in one place, from one
 //!   shared context.
 //!
@@ -33,6 +34,7 @@ pub mod gateway;
 pub mod http;
 pub mod intake;
 pub mod mcp;
+pub mod seal;
 pub mod server;
 pub mod store;
 pub mod timers;

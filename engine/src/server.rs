@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::EngineConfig;
 use crate::context::EngineCtx;
@@ -29,6 +29,7 @@ use crate::executor::kubernetes::{KubernetesBackend, watcher};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
 use crate::gateway;
 use crate::intake::{self, IntakeStats};
+use crate::seal::Sealer;
 use crate::store::EventStore;
 use crate::timers;
 use crate::topology::{self, Topology, TopologyError};
@@ -64,6 +65,9 @@ pub enum ServerError {
          (pass --task-signer, the task-signer.nk from `taskpods auth init`)"
     )]
     NoTaskSigner,
+    /// The seal key could not be read.
+    #[error("seal key: {0}")]
+    SealKey(String),
     /// A URL is not a NATS URL.
     #[error("invalid NATS URL {0:?}")]
     BadUrl(String),
@@ -213,7 +217,20 @@ impl Engine {
         }
         let js = jetstream::new(nats.clone());
         let topology = topology::ensure(&js, &config.topology).await?;
-        let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone());
+        let sealer = match &config.auth.seal_key {
+            Some(path) => Sealer::new(
+                &taskpods_auth::material::read_seal_key(path).map_err(ServerError::SealKey)?,
+            ),
+            None => {
+                warn!(
+                    "no seal key (--seal-key): env values are sealed with a key that dies with this \
+                     process; tasks accepted before a restart cannot get their env back"
+                );
+                Sealer::ephemeral().map_err(|e| ServerError::SealKey(e.to_string()))?
+            }
+        };
+        let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone())
+            .with_sealer(Arc::new(sealer));
         let ctx = Arc::new(EngineCtx {
             nats,
             js,

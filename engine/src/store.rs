@@ -11,7 +11,9 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, stream::Stream};
 use chrono::{DateTime, Utc};
 use taskpods_events::codec::{self, CodecError, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
-use taskpods_events::{Event, Input, Names, Refusal, Task, TaskId, decide, evolve, stamp};
+use taskpods_events::{
+    Event, EventBody, Input, Names, Refusal, Task, TaskId, decide, evolve, stamp,
+};
 use taskpods_projections::log::{self, LogError};
 
 /// How many times `execute` reloads and decides again after losing a race.
@@ -45,6 +47,9 @@ pub enum StoreError {
     /// An event could not be encoded (a bug: every event is encodable).
     #[error("event store: {0}")]
     Encode(#[source] CodecError),
+    /// An env value could not be sealed (no randomness).
+    #[error("event store: {0}")]
+    Seal(#[source] crate::seal::SealError),
     /// The server did not take an append.
     #[error("event store: append: {0}")]
     Append(#[source] PublishError),
@@ -67,7 +72,7 @@ impl StoreError {
         match self {
             Self::Read(LogError::Read { .. }) => StoreErrorKind::Unavailable,
             Self::Read(_) => StoreErrorKind::Corrupt,
-            Self::Encode(_) => StoreErrorKind::Other,
+            Self::Encode(_) | Self::Seal(_) => StoreErrorKind::Other,
             Self::Append(e) => match e.kind() {
                 PublishErrorKind::Other if refused_as_full(e) => StoreErrorKind::Full,
                 PublishErrorKind::WrongLastSequence => StoreErrorKind::Conflict,
@@ -140,12 +145,47 @@ pub struct EventStore {
     js: jetstream::Context,
     stream: Stream,
     names: Names,
+    sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
 }
 
 impl EventStore {
     /// A store over the event stream `stream` (from the topology).
     pub fn new(js: jetstream::Context, stream: Stream, names: Names) -> Self {
-        Self { js, stream, names }
+        Self {
+            js,
+            stream,
+            names,
+            sealer: None,
+        }
+    }
+
+    /// Seals env values before they are written (the `accepted` event), with `sealer`.
+    pub fn with_sealer(mut self, sealer: std::sync::Arc<crate::seal::Sealer>) -> Self {
+        self.sealer = Some(sealer);
+        self
+    }
+
+    /// The sealer env values are sealed with, if any.
+    pub fn sealer(&self) -> Option<&crate::seal::Sealer> {
+        self.sealer.as_deref()
+    }
+
+    /// `event` as it is written: with its launch's env values sealed.
+    fn sealed(&self, event: &Event) -> Result<Event, StoreError> {
+        let (Some(sealer), EventBody::Accepted { spec, .. }) = (&self.sealer, &event.body) else {
+            return Ok(event.clone());
+        };
+        if spec.env.values().all(|v| !v.is_clear()) {
+            return Ok(event.clone());
+        }
+        let env = sealer
+            .seal_env(event.task, &spec.env)
+            .map_err(StoreError::Seal)?;
+        let mut sealed = event.clone();
+        if let EventBody::Accepted { spec, .. } = &mut sealed.body {
+            spec.env = env;
+        }
+        Ok(sealed)
     }
 
     /// The subject names in use.
@@ -182,6 +222,7 @@ impl EventStore {
         let mut stored = Vec::with_capacity(events.len());
         for (i, event) in events.iter().enumerate() {
             let position = expected.task.events + i as u64;
+            let event = &self.sealed(event)?;
             let payload = codec::encode_event(event).map_err(StoreError::Encode)?;
             let mut headers = log::headers(event, position);
             headers.insert(

@@ -130,3 +130,49 @@ async fn launch_show_events_and_cancel_from_the_command_line() {
 
     engine.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn env_values_never_reach_the_log_or_the_command_line_output() {
+    let server = NatsServer::start();
+    let engine = Engine::start(EngineConfig {
+        nats_urls: vec![server.url()],
+        ..EngineConfig::default()
+    })
+    .await
+    .expect("engine");
+    let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
+    let out = taskpods(
+        &server,
+        &[
+            "launch",
+            "--script",
+            "true",
+            "--env",
+            &format!("API_TOKEN={token}"),
+            "--key",
+            "cli-secret",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let launched: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let task = launched["task_id"].as_str().expect("task id").to_owned();
+    for args in [
+        vec!["show", task.as_str(), "--json"],
+        vec!["events", task.as_str(), "--json"],
+        vec!["replay", task.as_str(), "--json"],
+    ] {
+        let out = taskpods(&server, &args).await;
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let shown = text(&out.stdout);
+        assert!(!shown.contains(&token), "{args:?} shows the value: {shown}");
+        if args[0] == "show" {
+            assert!(
+                shown.contains("API_TOKEN") && shown.contains("hmac-sha256:"),
+                "{shown}"
+            );
+        }
+    }
+    engine.shutdown().await.expect("shutdown");
+}

@@ -42,7 +42,8 @@ pub struct ResourceRequest {
 }
 
 /// A request to run one task. Only `script` (or `goal`) is required; everything else has a default.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// `Debug` shows env names, never values.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LaunchTask {
     /// The task id the caller wants; when absent it is derived from `idempotency_key`.
@@ -176,9 +177,9 @@ pub struct TaskSpec {
     pub mode: Mode,
     /// The script (mode `script`) or goal (mode `agent`).
     pub instructions: String,
-    /// Environment for the user's code.
+    /// Environment for the user's code: names in clear, values sealed by the engine.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: crate::env::Env,
     /// Seconds until the task is timed out (at most 1800).
     pub timeout_secs: u32,
     /// CPU and memory.
@@ -212,8 +213,8 @@ pub enum HelloReply {
     },
 }
 
-/// What the agent runs, and how it reports.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// What the agent runs, and how it reports. `Debug` shows env names, never values.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Instructions {
     /// The task.
     pub task_id: TaskId,
@@ -274,4 +275,37 @@ pub enum CommandReply {
         /// What was wrong.
         error: String,
     },
+}
+
+impl std::fmt::Debug for LaunchTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaunchTask")
+            .field("task_id", &self.task_id)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("image", &self.image)
+            .field("toolbox", &self.toolbox)
+            .field("mode", &self.mode)
+            .field("script", &self.script)
+            .field("goal", &self.goal)
+            .field("env", &crate::env::Redacted(&self.env))
+            .field("timeout_secs", &self.timeout_secs)
+            .field("resources", &self.resources)
+            .field("labels", &self.labels)
+            .field("requester", &self.requester)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Instructions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instructions")
+            .field("task_id", &self.task_id)
+            .field("mode", &self.mode)
+            .field("instructions", &self.instructions)
+            .field("env", &crate::env::Redacted(&self.env))
+            .field("deadline", &self.deadline)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("output_cap_bytes", &self.output_cap_bytes)
+            .finish()
+    }
 }

@@ -4,6 +4,7 @@
 //! - [`ids`]: task ids, idempotency keys → ids, deterministic event ids and Job names.
 //! - [`command`]: `LaunchTask`, `CancelTask`, agent reports, the validated `TaskSpec`, command replies.
 //! - [`policy`]: `LaunchPolicy`, launch validation (every problem with its field), quantity parsing.
+//! - [`env`]: env values as recorded: sealed by the engine, or in clear in events from before sealing.
 //! - [`event`]: the versioned envelope and event kinds, failure reason codes.
 //! - [`machine`]: `decide` (input → events or refusal) and `evolve` (event → task).
 //! - [`codec`]: msgpack/JSON encoding with field-path errors; header names.
@@ -11,6 +12,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod env;
 pub mod event;
 pub mod ids;
 pub mod machine;

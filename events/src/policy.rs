@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{LaunchTask, MAX_TIMEOUT_SECS, Mode, ResourceRequest, Resources, TaskSpec};
+use crate::env::EnvValue;
 
 /// The limits and defaults launches are validated against (engine configuration).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,7 +303,11 @@ impl LaunchTask {
             toolbox,
             mode: self.mode,
             instructions,
-            env: self.env.clone(),
+            env: self
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), EnvValue::Clear(value.clone())))
+                .collect(),
             timeout_secs,
             resources,
             labels: self.labels.clone(),

@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// identity, limited to the task's subjects and expiring after its deadline. Required with --creds.
     #[arg(long, env = "TASKPODS_TASK_SIGNER")]
     pub task_signer: Option<std::path::PathBuf>,
+    /// The seal key (`seal.key` from `taskpods auth init`) env values are sealed with in the event log.
+    /// Without it a random key is used that dies with the process.
+    #[arg(long, env = "TASKPODS_SEAL_KEY")]
+    pub seal_key: Option<std::path::PathBuf>,
     /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
     #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
     pub agent_nats_url: Option<String>,
@@ -80,6 +84,9 @@ pub fn engine_config(
     }
     if args.task_signer.is_some() {
         config.auth.task_signer = args.task_signer;
+    }
+    if args.seal_key.is_some() {
+        config.auth.seal_key = args.seal_key;
     }
     // A backend already configured by the file keeps its settings when the flag names the same kind.
     match args.backend {

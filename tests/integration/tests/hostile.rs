@@ -53,8 +53,40 @@ fn compromised_agent(dir: &Path) -> PathBuf {
     wrapper
 }
 
+/// Everything the engines of this test binary log, at debug level.
+fn engine_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::default());
+        let writer = move || LogWriter(log);
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(writer)
+            .with_ansi(false)
+            .try_init();
+        log
+    })
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Setup {
     async fn start() -> Self {
+        engine_log();
         let server = NatsServer::start_secured();
         server.wait_for_jetstream().await;
         let state = tempfile::tempdir().unwrap();
@@ -63,6 +95,11 @@ impl Setup {
             nats_urls: vec![server.url()],
             nats_creds: Some(server.creds("engine")),
             auth: AuthConfig {
+                seal_key: Some(
+                    server
+                        .auth_dir()
+                        .join(taskpods_auth::material::files::SEAL_KEY),
+                ),
                 task_signer: Some(
                     server
                         .auth_dir()
@@ -458,4 +495,119 @@ async fn replies_go_only_to_inboxes_and_the_streams_keep_every_message() {
         .await
         .expect("the task's view still decodes");
     assert_eq!(view.task, task);
+}
+
+/// Every message of every stream of the installation, raw (payload and headers).
+async fn every_stored_byte(server: &NatsServer) -> Vec<u8> {
+    use futures::StreamExt;
+    let js = jetstream::new(server.connect().await);
+    let mut names = js.stream_names();
+    let mut all = Vec::new();
+    let mut streams = Vec::new();
+    while let Some(name) = names.next().await {
+        streams.push(name.unwrap());
+    }
+    for name in streams {
+        let stream = js.get_stream(&name).await.unwrap();
+        let last = stream.cached_info().state.last_sequence;
+        for seq in 1..=last {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                all.extend_from_slice(&message.payload);
+                all.extend_from_slice(format!("{:?}", message.headers).as_bytes());
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn an_api_token_reaches_the_script_and_nowhere_else() {
+    let setup = Setup::start().await;
+    let token = format!("tok-{}", uuid_like());
+    let digest = sha256_hex(&token);
+    let launch = LaunchTask {
+        env: std::collections::BTreeMap::from([("API_TOKEN".to_owned(), token.clone())]),
+        timeout_secs: Some(60),
+        ..LaunchTask::script("printf %s \"$API_TOKEN\" | sha256sum")
+    };
+    let task = setup.brain.launch(launch).await.expect("launch").task_id;
+    let ended = setup
+        .brain
+        .wait(task, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        matches!(ended.state, TaskState::Succeeded),
+        "{:?}",
+        ended.state
+    );
+    assert!(
+        setup.stdout(task).await.contains(&digest),
+        "the script saw the value"
+    );
+    // A launch that cannot be read, carrying the token: dead-lettered without it.
+    let brain = setup.server.connect_as("brain").await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    headers.insert("Nats-Msg-Id", "unreadable-with-token");
+    jetstream::new(brain)
+        .publish_with_headers(
+            setup.names.launch(),
+            headers,
+            format!(r#"{{"script": "x", "env": {{"API_TOKEN": "{token}"}}, "nonsense": true}}"#)
+                .into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("stored");
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while setup
+        .engine
+        .intake_stats
+        .dead_lettered
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < until, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stored = every_stored_byte(&setup.server).await;
+    assert!(
+        !stored.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token is stored in a stream or bucket"
+    );
+    assert!(
+        stored.windows(9).any(|w| w == b"API_TOKEN"),
+        "names stay readable"
+    );
+    let log = engine_log().lock().unwrap().clone();
+    assert!(log.len() > 1000, "the engine logged at debug level");
+    assert!(
+        !log.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token is in the engine log"
+    );
+}
+
+fn uuid_like() -> String {
+    TaskId::mint().to_string().replace('-', "")
+}
+
+fn sha256_hex(text: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
 }

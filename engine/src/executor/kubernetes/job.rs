@@ -403,7 +403,7 @@ mod tests {
             toolbox: Some("default".to_owned()),
             mode: Mode::Script,
             instructions: "echo secret-script".to_owned(),
-            env: BTreeMap::from([("SECRET_ENV".to_owned(), "v".to_owned())]),
+            env: BTreeMap::from([("SECRET_ENV".to_owned(), "v".to_owned().into())]),
             timeout_secs,
             resources: Resources {
                 cpu_request_millis: 250,
