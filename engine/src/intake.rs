@@ -845,7 +845,10 @@ pub fn launch_without_env_values(payload: &[u8]) -> Option<Bytes> {
         redact(&mut value);
         return serde_json::to_vec(&value).ok().map(Bytes::from);
     }
-    let mut value = rmp_serde::from_slice::<serde_json::Value>(payload).ok()?;
+    // Bounded nesting, as serde_json bounds it: a hostile payload must not overflow the stack.
+    let mut decoder = rmp_serde::Deserializer::from_read_ref(payload);
+    decoder.set_max_depth(64);
+    let mut value = <serde_json::Value as serde::Deserialize>::deserialize(&mut decoder).ok()?;
     if !value.is_object() {
         return None;
     }
@@ -1181,5 +1184,9 @@ mod dead_letter_tests {
         assert!(!kept.windows(5).any(|w| w == b"tok-2"));
         assert_eq!(launch_without_env_values(b"env: {A: tok-3}"), None);
         assert_eq!(launch_without_env_values(b"\"just a string\""), None);
+        // Nested far deeper than any launch: refused (withheld), not a stack overflow.
+        let mut deep = vec![0x91u8; 200_000];
+        deep.push(0xc0);
+        assert_eq!(launch_without_env_values(&deep), None);
     }
 }
