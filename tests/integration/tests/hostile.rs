@@ -611,3 +611,38 @@ fn sha256_hex(text: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+#[tokio::test]
+async fn a_brain_cannot_write_events_or_agent_reports_and_an_operator_cannot_launch() {
+    let server = NatsServer::start_secured();
+    server.wait_for_jetstream().await;
+    let names = Names::default();
+    let task = TaskId::mint();
+    let creds = |role: &str| std::fs::read_to_string(server.creds(role)).unwrap();
+
+    let (brain, mut errors) = connect_recording(&server.url(), &creds("brain"), None).await;
+    for subject in [
+        names.events(task),
+        names.agent_report(task, "result"),
+        names.agent_report(task, "progress"),
+        names.agent_hello(task),
+        names.log(task),
+        format!("$KV.{}.{task}", names.tasks_bucket()),
+        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
+        format!("$JS.API.CONSUMER.CREATE.{}", names.command_stream()),
+    ] {
+        brain.publish(subject.clone(), "x".into()).await.unwrap();
+        refused(&mut errors, "publish", &subject).await;
+    }
+
+    let (operator, mut errors) = connect_recording(&server.url(), &creds("operator"), None).await;
+    for subject in [
+        names.launch(),
+        names.events(task),
+        names.agent_report(task, "result"),
+        format!("$JS.API.STREAM.DELETE.{}", names.event_stream()),
+    ] {
+        operator.publish(subject.clone(), "x".into()).await.unwrap();
+        refused(&mut errors, "publish", &subject).await;
+    }
+}
