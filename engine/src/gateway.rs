@@ -32,8 +32,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::context::EngineCtx;
-use crate::store::{ExecuteError, LoadedTask};
 use crate::seal::{SealError, Sealer};
+use crate::store::{ExecuteError, LoadedTask};
 use crate::timers;
 
 /// Gateway settings.
