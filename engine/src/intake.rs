@@ -894,7 +894,7 @@ async fn dead_letter(
             .await?
             .await
     };
-    if let Err(e) = publish(subject.clone(), headers, message.payload.clone()).await {
+    if let Err(e) = publish(subject.clone(), headers, payload.clone()).await {
         if !matches!(
             e.kind(),
             PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::Other
