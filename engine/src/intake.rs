@@ -920,6 +920,10 @@ async fn dead_letter(
         }
     }
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::METRICS
+        .dead_letters
+        .with_label_values(&[dead.reason])
+        .inc();
     let encoding = Encoding::from_content_type(header(original, HEADER_CONTENT_TYPE))
         .unwrap_or(Encoding::Json);
     let reply_to = header(original, HEADER_REPLY_TO).map(str::to_owned);

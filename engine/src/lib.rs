@@ -14,6 +14,7 @@
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
 //! - [`timers`]: deadlines (`TimedOut`).
 //! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
+//! - [`metrics`]: the Prometheus instruments and `/metrics` text.
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
@@ -34,6 +35,7 @@ pub mod gateway;
 pub mod http;
 pub mod intake;
 pub mod mcp;
+pub mod metrics;
 pub mod seal;
 pub mod server;
 pub mod store;

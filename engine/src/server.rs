@@ -110,7 +110,15 @@ pub async fn connect_as(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(50);
     loop {
-        let mut options = async_nats::ConnectOptions::new().name("taskpods-engine");
+        let mut options = async_nats::ConnectOptions::new()
+            .name("taskpods-engine")
+            .event_callback(|event| async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    // The first connection is made before this callback exists; every later
+                    // `Connected` is a reconnect.
+                    crate::metrics::METRICS.nats_reconnects.inc();
+                }
+            });
         if let Some(creds) = creds {
             // A missing or malformed file is a configuration error: no point in retrying.
             options = options.credentials_file(creds).await.map_err(|source| {

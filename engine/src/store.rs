@@ -294,6 +294,7 @@ impl EventStore {
             let events = stamp(task_id, &current.task, at, bodies);
             match self.append(&current, &events).await {
                 Ok(appended) => {
+                    crate::metrics::METRICS.appended(&current.task, &events);
                     let mut task = current.task;
                     for e in &appended {
                         task = evolve(task, &e.event);

@@ -242,6 +242,14 @@ impl<B: Backend> Executor<B> {
                 let _ = msg.double_ack().await;
             }
             Some(Err(e)) => {
+                crate::metrics::METRICS
+                    .backend_errors
+                    .with_label_values(&[if e.retryable {
+                        "transient"
+                    } else {
+                        "permanent"
+                    }])
+                    .inc();
                 warn!(%task, error = %e, "executor: will retry");
                 let _ = msg
                     .ack_with(AckKind::Nak(Some(self.config.retry_delay)))

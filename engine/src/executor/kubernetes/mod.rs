@@ -239,7 +239,14 @@ impl Backend for KubernetesBackend {
         };
         let job = job::build(task, spec, deadline, &config);
         let name = task.job_name();
-        match self.jobs.create(&PostParams::default(), &job).await {
+        let started = std::time::Instant::now();
+        let created = self.jobs.create(&PostParams::default(), &job).await;
+        crate::metrics::METRICS.kube_call(
+            "create",
+            started.elapsed(),
+            created.is_ok() || created.as_ref().is_err_and(|e| is_status(e, 409)),
+        );
+        match created {
             Ok(_) => {
                 info!(%task, job = name, namespace = %self.config.namespace, "Job created");
                 Ok(name)
@@ -250,7 +257,14 @@ impl Backend for KubernetesBackend {
     }
 
     async fn stop(&self, task: TaskId, job: &str) -> Result<(), BackendError> {
-        match self.jobs.delete(job, &DeleteParams::background()).await {
+        let started = std::time::Instant::now();
+        let deleted = self.jobs.delete(job, &DeleteParams::background()).await;
+        crate::metrics::METRICS.kube_call(
+            "delete",
+            started.elapsed(),
+            deleted.is_ok() || deleted.as_ref().is_err_and(|e| is_status(e, 404)),
+        );
+        match deleted {
             Ok(_) => info!(%task, job, "Job deleted"),
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(classify(&format!("delete Job {job}"), e)),

@@ -1,0 +1,226 @@
+//! Prometheus metrics of the engine, served at `/metrics` by the HTTP server.
+//!
+//! One registry per process ([`METRICS`]): the engine's loops, the store and the backends record into it
+//! without a handle threaded through every call, the way the `metrics` facade and the Go client's default
+//! registry work. A process runs one engine in production; tests that assert on the numbers run their
+//! engine in a test binary of their own.
+//!
+//! What is recorded where (each at the one place every such event passes):
+//! - `taskpods_transitions_total{kind}` and `taskpods_phase_duration_seconds{phase}`: the event store's
+//!   `execute`, after an append (phases: `accepted_to_scheduled`, `accepted_to_running`, `accepted_to_ended`);
+//! - `taskpods_dead_letters_total{reason}`: intake's dead-lettering;
+//! - `taskpods_backend_errors_total{kind}`: the executor, when a backend call fails;
+//! - `taskpods_kubernetes_api_seconds{verb,outcome}`: the Kubernetes backend's Job calls;
+//! - `taskpods_nats_reconnects_total`: the NATS connection's event callback;
+//! - `taskpods_commands_total{outcome}`, `taskpods_tasks{state}` and `taskpods_projector_lag_*`: read when
+//!   scraped (intake's own counters, the active view, the projector's consumer), see [`render`].
+
+use std::fmt::Write as _;
+use std::sync::LazyLock;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use taskpods_events::{Event, EventBody, Task, TaskState};
+
+use crate::intake::IntakeStats;
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Buckets for durations from a few milliseconds (no-op backend) to the 30-minute deadline.
+const PHASE_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0,
+];
+
+/// Every instrument the engine records into.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Events appended by this engine, by kind.
+    pub transitions: IntCounterVec,
+    /// Time between lifecycle points of a task, observed when the later point is appended.
+    pub phase_seconds: HistogramVec,
+    /// Commands dead-lettered, by reason.
+    pub dead_letters: IntCounterVec,
+    /// Backend calls that failed, by kind (`transient`, `permanent`).
+    pub backend_errors: IntCounterVec,
+    /// Kubernetes API calls of the backend, by verb and outcome.
+    pub kube_api_seconds: HistogramVec,
+    /// Times the NATS connection was re-established.
+    pub nats_reconnects: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        // The names and labels below are constants: registering them cannot fail but for a duplicate
+        // name, which would be a bug caught by the first test that renders the metrics.
+        let transitions = IntCounterVec::new(
+            Opts::new(
+                "taskpods_transitions_total",
+                "Events appended by this engine, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let phase_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "taskpods_phase_duration_seconds",
+                "Seconds between lifecycle points of a task (accepted_to_scheduled, accepted_to_running, accepted_to_ended).",
+            )
+            .buckets(PHASE_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "taskpods_dead_letters_total",
+                "Commands dead-lettered, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let backend_errors = IntCounterVec::new(
+            Opts::new(
+                "taskpods_backend_errors_total",
+                "Backend calls that failed, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let kube_api_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "taskpods_kubernetes_api_seconds",
+                "Latency of the backend's Kubernetes API calls, by verb and outcome.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+            &["verb", "outcome"],
+        )
+        .expect("valid metric");
+        let nats_reconnects = IntCounter::new(
+            "taskpods_nats_reconnects_total",
+            "Times the engine's NATS connection was re-established.",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(phase_seconds.clone()),
+            Box::new(dead_letters.clone()),
+            Box::new(backend_errors.clone()),
+            Box::new(kube_api_seconds.clone()),
+            Box::new(nats_reconnects.clone()),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        Self {
+            registry,
+            transitions,
+            phase_seconds,
+            dead_letters,
+            backend_errors,
+            kube_api_seconds,
+            nats_reconnects,
+        }
+    }
+
+    /// Records what an append did to a task: `before` is the task as it was, `appended` the new events.
+    pub fn appended(&self, before: &Task, appended: &[Event]) {
+        let mut task = before.clone();
+        for event in appended {
+            self.transitions
+                .with_label_values(&[event.body.kind()])
+                .inc();
+            let was = task.state;
+            task = taskpods_events::evolve(task, event);
+            let Some(accepted) = task.accepted_at else {
+                continue;
+            };
+            let phase = match (&event.body, was, task.state) {
+                (EventBody::Scheduled { .. }, _, _) => Some("accepted_to_scheduled"),
+                (_, w, TaskState::Running) if w != TaskState::Running => {
+                    Some("accepted_to_running")
+                }
+                (_, w, now) if !w.is_terminal() && now.is_terminal() => Some("accepted_to_ended"),
+                _ => None,
+            };
+            if let Some(phase) = phase {
+                self.phase_seconds
+                    .with_label_values(&[phase])
+                    .observe(seconds_between(accepted, event.at));
+            }
+        }
+    }
+
+    /// Times one Kubernetes API call of the backend.
+    pub fn kube_call(&self, verb: &str, elapsed: Duration, ok: bool) {
+        self.kube_api_seconds
+            .with_label_values(&[verb, if ok { "ok" } else { "error" }])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from)
+        .num_microseconds()
+        .map_or(0.0, |us| us.max(0) as f64 / 1e6)
+}
+
+/// What is read when `/metrics` is scraped rather than recorded as it happens.
+#[derive(Debug, Default, Clone)]
+pub struct Sampled {
+    /// Live tasks by state (from the active view).
+    pub tasks_by_state: Vec<(String, u64)>,
+    /// The projector's lag, events and seconds, when it could be read.
+    pub projector_lag: Option<(u64, f64)>,
+}
+
+/// The exposition text: the registry's instruments, intake's counters, and what was sampled.
+pub fn render(intake: Option<&IntakeStats>, sampled: &Sampled) -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut out);
+    let mut text = String::from_utf8(out).unwrap_or_default();
+    if let Some(stats) = intake {
+        text.push_str(
+            "# HELP taskpods_commands_total Commands handled by this engine's intake, by outcome.\n\
+             # TYPE taskpods_commands_total counter\n",
+        );
+        for (outcome, counter) in [
+            ("applied", &stats.applied),
+            ("rejected", &stats.rejected),
+            ("refused", &stats.refused),
+            ("dead_lettered", &stats.dead_lettered),
+            ("retried", &stats.retried),
+        ] {
+            let _ = writeln!(
+                text,
+                "taskpods_commands_total{{outcome=\"{outcome}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+    }
+    if !sampled.tasks_by_state.is_empty() {
+        text.push_str(
+            "# HELP taskpods_tasks Live tasks by state (from the active view).\n# TYPE taskpods_tasks gauge\n",
+        );
+        for (state, count) in &sampled.tasks_by_state {
+            let _ = writeln!(text, "taskpods_tasks{{state=\"{state}\"}} {count}");
+        }
+    }
+    if let Some((events, seconds)) = sampled.projector_lag {
+        let _ = write!(
+            text,
+            "# HELP taskpods_projector_lag_events Events appended but not yet folded into the views.\n\
+             # TYPE taskpods_projector_lag_events gauge\ntaskpods_projector_lag_events {events}\n\
+             # HELP taskpods_projector_lag_seconds Age of the oldest event not yet folded into the views.\n\
+             # TYPE taskpods_projector_lag_seconds gauge\ntaskpods_projector_lag_seconds {seconds}\n"
+        );
+    }
+    text
+}
