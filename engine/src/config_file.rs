@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::config::EngineConfig;
 use crate::executor::BackendConfig;
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::local::LocalConfig;
+use crate::http::HttpConfig;
 
 /// Prefix of the environment variables that override keys of the file: `TASKPODS__NATS__URLS`,
 /// `TASKPODS__KUBERNETES__NAMESPACE`. The value is read as a TOML value (`3`, `true`, `["a", "b"]`), else
@@ -232,6 +234,23 @@ section! {
 }
 
 section! {
+    /// `[http]`: the web UI, its JSON API, `/metrics` and the health probes.
+    HttpSection {
+        /// Serve them at all (`false`: as `--no-ui`).
+        enabled: bool,
+        /// Where to listen (`0.0.0.0:8080` in a pod); any address but loopback needs a token.
+        bind: SocketAddr,
+        /// A bearer token that may read everything. Set it from a Secret through the environment
+        /// (`TASKPODS__HTTP__READ_TOKEN`), not in a file others can read.
+        read_token: String,
+        /// A bearer token that may read and cancel (also best set through the environment).
+        operator_token: String,
+        /// Refuse cancels from callers without the operator token.
+        read_only: bool,
+    }
+}
+
+section! {
     /// `[auth]`: per-task NATS identities.
     AuthSection {
         /// The task signer (`task-signer.nk` from `taskpods auth init`) each task's identity is minted with.
@@ -269,6 +288,8 @@ pub struct FileConfig {
     pub kubernetes: KubernetesSection,
     /// Per-task NATS identities.
     pub auth: AuthSection,
+    /// The web UI, API, metrics and probes.
+    pub http: HttpSection,
 }
 
 /// Reads `path`, applies the `TASKPODS__…` overrides from `env`, and checks every key.
@@ -488,6 +509,23 @@ impl FileConfig {
             &self.auth.task_credentials_grace,
         );
 
+        let http = &self.http;
+        match http.enabled {
+            Some(false) => config.http = None,
+            Some(true) if config.http.is_none() => config.http = Some(HttpConfig::default()),
+            _ => {}
+        }
+        if let Some(server) = &mut config.http {
+            set(&mut server.bind, &http.bind);
+            if http.read_token.is_some() {
+                server.read_token = http.read_token.clone();
+            }
+            if http.operator_token.is_some() {
+                server.operator_token = http.operator_token.clone();
+            }
+            set(&mut server.read_only, &http.read_only);
+        }
+
         // The backend: the kind the file names (else the one `config` has), then its section's keys.
         match self.backend.kind.as_deref() {
             Some("none") => config.backend = BackendConfig::None,
@@ -590,6 +628,20 @@ impl FileConfig {
                 task_credentials_grace: d(config.auth.task_credentials_grace),
                 seal_key: config.auth.seal_key.clone(),
             },
+            http: match &config.http {
+                // Tokens are secrets: a dump never prints them.
+                Some(http) => HttpSection {
+                    enabled: Some(true),
+                    bind: Some(http.bind),
+                    read_token: None,
+                    operator_token: None,
+                    read_only: Some(http.read_only),
+                },
+                None => HttpSection {
+                    enabled: Some(false),
+                    ..HttpSection::default()
+                },
+            },
         }
     }
 
@@ -604,6 +656,7 @@ impl FileConfig {
 pub fn serve_defaults() -> EngineConfig {
     EngineConfig {
         backend: BackendConfig::Local(LocalConfig::default()),
+        http: Some(HttpConfig::default()),
         ..EngineConfig::default()
     }
 }
@@ -671,6 +724,12 @@ pub fn reference() -> String {
             "Per-task NATS identities.",
             AuthSection::KEYS,
             &defaults.auth,
+        ),
+        Section::new(
+            "http",
+            "The web UI, its JSON API, `/metrics` and the health probes.",
+            HttpSection::KEYS,
+            &defaults.http,
         ),
     ];
     let mut out = String::from(

@@ -119,6 +119,25 @@ impl Metrics {
         ] {
             registry.register(collector).expect("unique metric names");
         }
+        // Series that exist before their first event, so a dashboard or alert sees 0, not "no data".
+        for kind in ["transient", "permanent"] {
+            backend_errors.with_label_values(&[kind]);
+        }
+        for verb in ["create", "delete"] {
+            for outcome in ["ok", "error"] {
+                kube_api_seconds.with_label_values(&[verb, outcome]);
+            }
+        }
+        for reason in [
+            "undecodable",
+            "bad_subject",
+            "content_type",
+            "too_large",
+            "panicked",
+            "exhausted",
+        ] {
+            dead_letters.with_label_values(&[reason]);
+        }
         Self {
             registry,
             transitions,
@@ -172,11 +191,14 @@ fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
         .map_or(0.0, |us| us.max(0) as f64 / 1e6)
 }
 
+/// The states a live (non-terminal) task can be in.
+const LIVE_STATES: &[&str] = &["accepted", "scheduled", "starting", "running", "cancelling"];
+
 /// What is read when `/metrics` is scraped rather than recorded as it happens.
 #[derive(Debug, Default, Clone)]
 pub struct Sampled {
-    /// Live tasks by state (from the active view).
-    pub tasks_by_state: Vec<(String, u64)>,
+    /// Live tasks by state (from the active view), when it could be read.
+    pub tasks_by_state: Option<Vec<(String, u64)>>,
     /// The projector's lag, events and seconds, when it could be read.
     pub projector_lag: Option<(u64, f64)>,
 }
@@ -205,11 +227,17 @@ pub fn render(intake: Option<&IntakeStats>, sampled: &Sampled) -> String {
             );
         }
     }
-    if !sampled.tasks_by_state.is_empty() {
+    if let Some(tasks) = &sampled.tasks_by_state {
         text.push_str(
             "# HELP taskpods_tasks Live tasks by state (from the active view).\n# TYPE taskpods_tasks gauge\n",
         );
-        for (state, count) in &sampled.tasks_by_state {
+        // Every live state is present, at 0 when no task is in it: an alert sees 0, not "no data".
+        let mut counts: std::collections::BTreeMap<&str, u64> =
+            LIVE_STATES.iter().map(|s| (*s, 0)).collect();
+        for (state, count) in tasks {
+            *counts.entry(state.as_str()).or_default() += count;
+        }
+        for (state, count) in counts {
             let _ = writeln!(text, "taskpods_tasks{{state=\"{state}\"}} {count}");
         }
     }

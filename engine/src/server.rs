@@ -28,6 +28,7 @@ use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
 use crate::executor::kubernetes::{KubernetesBackend, watcher};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
 use crate::gateway;
+use crate::http::ops::EngineProbe;
 use crate::intake::{self, IntakeStats};
 use crate::seal::Sealer;
 use crate::store::EventStore;
@@ -189,10 +190,17 @@ type Loops = JoinSet<(&'static str, Result<(), LoopError>)>;
 /// Starts `work` as the loop `name`.
 fn spawn<E: Into<LoopError>>(
     loops: &mut Loops,
+    probe: &Arc<EngineProbe>,
     name: &'static str,
     work: impl Future<Output = Result<(), E>> + Send + 'static,
 ) {
-    loops.spawn(async move { (name, work.await.map_err(Into::into)) });
+    let probe = probe.clone();
+    loops.spawn(async move {
+        let result = work.await.map_err(Into::into);
+        // /healthz reports a stopped loop: the process should be restarted.
+        probe.loop_stopped(name);
+        (name, result)
+    });
 }
 
 /// A running engine: its loops, the context they share, and counters.
@@ -254,9 +262,11 @@ impl Engine {
         let intake_stats = Arc::new(IntakeStats::default());
         let gateway_stats = Arc::new(gateway::GatewayStats::default());
         let mut loops = Loops::new();
+        let probe = Arc::new(EngineProbe::new(intake_stats.clone()));
 
         spawn(
             &mut loops,
+            &probe,
             "intake",
             intake::run(ctx.clone(), config.intake.clone(), intake_stats.clone()),
         );
@@ -269,6 +279,7 @@ impl Engine {
         };
         spawn(
             &mut loops,
+            &probe,
             "projector",
             taskpods_projections::projector::run(
                 ctx.js.clone(),
@@ -279,12 +290,14 @@ impl Engine {
         );
         spawn(
             &mut loops,
+            &probe,
             "gateway",
             gateway::run(ctx.clone(), config.gateway.clone(), gateway_stats.clone()),
         );
         if config.timers.enabled {
             spawn(
                 &mut loops,
+                &probe,
                 "timers",
                 timers::run(ctx.clone(), config.timers.clone()),
             );
@@ -297,6 +310,7 @@ impl Engine {
                         .with_task_credentials(task_credentials.clone());
                 spawn(
                     &mut loops,
+                    &probe,
                     "executor",
                     executor::run(ctx.clone(), Arc::new(backend), config.executor.clone()),
                 );
@@ -313,6 +327,7 @@ impl Engine {
                 );
                 spawn(
                     &mut loops,
+                    &probe,
                     "executor",
                     executor::run(
                         ctx.clone(),
@@ -323,11 +338,13 @@ impl Engine {
                 let reconciler = ReconcilerConfig::for_backend(&kubernetes);
                 spawn(
                     &mut loops,
+                    &probe,
                     "kubernetes watcher",
                     watcher::run(ctx.clone(), client, kubernetes),
                 );
                 spawn(
                     &mut loops,
+                    &probe,
                     "reconciler",
                     reconciler::run(ctx.clone(), backend, reconciler),
                 );
@@ -343,8 +360,14 @@ impl Engine {
             info!(url = %server.url(), "web UI");
             spawn(
                 &mut loops,
+                &probe,
                 "http",
-                server.run(ctx.nats.clone(), ctx.names().clone(), ctx.shutdown.clone()),
+                server.run(
+                    ctx.nats.clone(),
+                    ctx.names().clone(),
+                    Some(probe.clone()),
+                    ctx.shutdown.clone(),
+                ),
             );
         }
 

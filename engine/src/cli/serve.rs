@@ -74,6 +74,8 @@ pub fn engine_config(
     config.nats_urls = global.nats_urls;
     config.nats_creds = global.creds;
     config.topology.names = global.names;
+    // The UI flags have defaults of their own, so they come before the file: its [http] section wins.
+    config.http = Some(args.ui.config());
     config_file::load(args.config.as_deref(), env)?.apply(&mut config);
 
     if let Some(replicas) = args.replicas {
@@ -118,7 +120,9 @@ pub fn engine_config(
         }
         BackendConfig::None => {}
     }
-    config.http = (!args.no_ui).then(|| args.ui.config());
+    if args.no_ui {
+        config.http = None;
+    }
     Ok(config)
 }
 

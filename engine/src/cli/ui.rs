@@ -82,7 +82,7 @@ pub async fn run(global: Global, args: UiCommandArgs) -> ExitCode {
         shutdown_signal().await;
         stop.cancel();
     });
-    match server.run(nats, global.names, shutdown).await {
+    match server.run(nats, global.names, None, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", crate::server::error_chain_text(&e));

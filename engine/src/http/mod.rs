@@ -15,6 +15,7 @@ pub mod access;
 pub mod api;
 pub mod assets;
 pub mod live;
+pub mod ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,6 +111,8 @@ pub struct Shared {
     pub config: HttpConfig,
     /// Cancelled when the server stops: open event streams end then.
     pub closing: CancellationToken,
+    /// The engine this server runs in (`None` under `taskpods ui`): its counters and loops.
+    pub probe: Option<Arc<ops::EngineProbe>>,
 }
 
 /// The handlers' state.
@@ -124,6 +127,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             access::layer,
         ))
+        // Outside the access layer: probes and scrapers carry no token (see [`ops`]).
+        .merge(ops::routes())
         .with_state(state)
 }
 
@@ -165,6 +170,7 @@ impl HttpServer {
         self,
         nats: async_nats::Client,
         names: Names,
+        probe: Option<Arc<ops::EngineProbe>>,
         shutdown: CancellationToken,
     ) -> Result<(), HttpError> {
         let js = jetstream::new(nats.clone());
@@ -189,6 +195,7 @@ impl HttpServer {
             access: Access::new(&self.config),
             config: self.config.clone(),
             closing: shutdown.clone(),
+            probe,
         });
         let background = CancellationToken::new();
         let hub = tokio::spawn(live::run_hub(state.clone(), background.clone()));

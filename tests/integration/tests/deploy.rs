@@ -287,10 +287,13 @@ fn checkov_finds_nothing_but_the_written_skips() {
                 .collect()
         })
         .unwrap_or_default();
-    let expected: BTreeSet<String> = ["CKV_K8S_38 Deployment.taskpods.taskpods-engine"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let expected: BTreeSet<String> = [
+        "CKV_K8S_38 Deployment.taskpods.taskpods-engine",
+        "CKV_K8S_35 Deployment.taskpods.taskpods-engine",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(skipped, expected, "the written checkov skips");
     let _ = std::fs::remove_dir_all(dir);
 }

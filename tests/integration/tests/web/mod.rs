@@ -539,7 +539,7 @@ impl ViewsOnly {
         let addr = http.local_addr();
         tokio::spawn({
             let (names, stop) = (names.clone(), stop.clone());
-            async move { http.run(nats, names, stop).await.expect("serves") }
+            async move { http.run(nats, names, None, stop).await.expect("serves") }
         });
         Self {
             server,
