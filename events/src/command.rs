@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::TaskId;
+use crate::files::{
+    Artifact, ArtifactsTruncated, FileLimits, InputFailure, InputFile, SkippedArtifact,
+};
 use crate::policy::Problem;
 
 /// The longest timeout a task may ask for, in seconds (the seed's 30-minute ceiling).
@@ -70,6 +73,8 @@ pub struct LaunchTask {
     pub labels: BTreeMap<String, String>,
     /// Who asked, for the audit trail.
     pub requester: Option<String>,
+    /// Objects of the files bucket the agent downloads into `/tmp/in/<path>` before the code runs.
+    pub inputs: Vec<InputFile>,
 }
 
 impl LaunchTask {
@@ -150,6 +155,18 @@ pub struct TaskOutcome {
     /// output beyond the cap: what a person looks at first when a task failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
+    /// The files the code left in `/tmp/out` that were stored (`<task>/out/<path>`), in path order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
+    /// What the per-task artifact caps left out, when they did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts_truncated: Option<ArtifactsTruncated>,
+    /// What in `/tmp/out` was not stored for another reason (symlinks, special files, bad paths).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts_skipped: Vec<SkippedArtifact>,
+    /// Set when an input could not be provided: the code did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_failure: Option<InputFailure>,
 }
 
 /// Resolved CPU and memory, in millicores and bytes, every value within the policy's caps.
@@ -193,6 +210,12 @@ pub struct TaskSpec {
     /// The caller's idempotency key, kept for the record.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// The inputs, with their paths resolved (names, sizes and digests only: never contents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
+    /// The limits on inputs and artifacts that applied at launch.
+    #[serde(default)]
+    pub files: FileLimits,
 }
 
 /// The engine's answer to an agent's hello: everything the agent needs to run its task.
@@ -231,6 +254,12 @@ pub struct Instructions {
     pub heartbeat_interval_ms: u64,
     /// The most output (stdout and stderr together) the agent streams before a truncation marker.
     pub output_cap_bytes: u64,
+    /// What to download into `/tmp/in` before the code starts (over `<p>.agent.<task>.files.get`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
+    /// The caps on inputs and on the artifacts uploaded from `/tmp/out` after the code exits.
+    #[serde(default)]
+    pub files: FileLimits,
 }
 
 /// The header a command carries to ask for a [`CommandReply`] on a core NATS subject (e.g. an inbox).

@@ -189,6 +189,14 @@ pub enum FailureReason {
     DeadlineExceeded,
     /// The backend failed in a way not listed above (see the message).
     BackendError,
+    /// An input named in the launch is not in the files bucket (or not the task's); the code did not run.
+    InputMissing,
+    /// An input (or all inputs together) is over the per-task cap; the code did not run.
+    InputTooLarge,
+    /// An input's size or digest differs from what the launch said; the code did not run.
+    InputCorrupt,
+    /// The inputs could not be fetched (engine or object store unreachable); the code did not run.
+    InputUnavailable,
     /// A reason this version does not know.
     #[serde(other)]
     #[schemars(skip)]
@@ -208,6 +216,10 @@ impl fmt::Display for FailureReason {
             Self::JobLost => f.write_str("job_lost"),
             Self::DeadlineExceeded => f.write_str("deadline_exceeded"),
             Self::BackendError => f.write_str("backend_error"),
+            Self::InputMissing => f.write_str("input_missing"),
+            Self::InputTooLarge => f.write_str("input_too_large"),
+            Self::InputCorrupt => f.write_str("input_corrupt"),
+            Self::InputUnavailable => f.write_str("input_unavailable"),
             Self::Unknown => f.write_str("unknown"),
         }
     }

@@ -5,6 +5,7 @@
 //! - [`command`]: `LaunchTask`, `CancelTask`, agent reports, the validated `TaskSpec`, command replies.
 //! - [`policy`]: `LaunchPolicy`, launch validation (every problem with its field), quantity parsing.
 //! - [`env`]: env values as recorded: sealed by the engine, or in clear in events from before sealing.
+//! - [`files`]: inputs and artifacts: limits, path rules, the agent's file requests and replies.
 //! - [`event`]: the versioned envelope and event kinds, failure reason codes.
 //! - [`machine`]: `decide` (input → events or refusal) and `evolve` (event → task).
 //! - [`codec`]: msgpack/JSON encoding with field-path errors; header names.
@@ -14,6 +15,7 @@ pub mod codec;
 pub mod command;
 pub mod env;
 pub mod event;
+pub mod files;
 pub mod ids;
 pub mod machine;
 pub mod policy;

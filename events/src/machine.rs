@@ -321,6 +321,17 @@ pub fn decide(task: &Task, input: &Input) -> Result<Vec<EventBody>, Refusal> {
             }],
             // The agent only runs the work after its hello was recorded, so a result before that is
             // from a confused or forged agent.
+            // The inputs could not be provided, so the code never ran: the reason is the input's.
+            S::Running if outcome.input_failure.is_some() => {
+                let failure = outcome.input_failure.as_ref();
+                vec![E::Failed {
+                    reason: failure.map_or(FailureReason::InputUnavailable, |f| {
+                        f.problem.failure_reason()
+                    }),
+                    message: failure.map(|f| f.message.clone()),
+                    outcome: Some(outcome.clone()),
+                }]
+            }
             S::Running if outcome.exit_code == 0 => vec![E::Succeeded {
                 outcome: outcome.clone(),
             }],

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{LaunchTask, MAX_TIMEOUT_SECS, Mode, ResourceRequest, Resources, TaskSpec};
 use crate::env::EnvValue;
+use crate::files::FileLimits;
 
 /// The limits and defaults launches are validated against (engine configuration).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,8 @@ pub struct LaunchPolicy {
     pub max_cpu_millis: u64,
     /// Largest memory limit a launch may ask for, in bytes.
     pub max_memory_bytes: u64,
+    /// Per-task limits on inputs and artifacts.
+    pub files: FileLimits,
 }
 
 impl Default for LaunchPolicy {
@@ -61,6 +64,7 @@ impl Default for LaunchPolicy {
             default_memory_bytes: 512 * MIB,
             max_cpu_millis: 2000,
             max_memory_bytes: 4 * 1024 * MIB,
+            files: FileLimits::default(),
         }
     }
 }
@@ -77,7 +81,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             message: message.into(),
@@ -294,6 +298,7 @@ impl LaunchTask {
         {
             problems.push(Problem::new("requester", "must be at most 256 bytes"));
         }
+        let inputs = crate::files::validate_inputs(&self.inputs, &policy.files, &mut problems);
 
         if !problems.is_empty() {
             return Err(problems);
@@ -313,6 +318,8 @@ impl LaunchTask {
             labels: self.labels.clone(),
             requester: self.requester.clone(),
             idempotency_key: self.idempotency_key.clone(),
+            inputs,
+            files: policy.files,
         })
     }
 }

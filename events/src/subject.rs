@@ -40,6 +40,8 @@ pub enum Addressed {
     AgentHello(TaskId),
     /// `<p>.agent.<task>.heartbeat`
     AgentHeartbeat(TaskId),
+    /// `<p>.agent.<task>.files.<op>` (`get` an input, `put` an artifact)
+    AgentFiles(TaskId, String),
     /// `<p>.evt.<task>`
     Events(TaskId),
     /// `<p>.log.<task>`
@@ -144,6 +146,17 @@ impl Names {
         format!("{}.agent.*.heartbeat", self.prefix)
     }
 
+    /// Where the agent of `task` asks for its inputs (`op` `get`) and hands over its artifacts (`put`),
+    /// request/reply: the agent never touches the object store itself.
+    pub fn agent_files(&self, task: TaskId, op: &str) -> String {
+        format!("{}.agent.{task}.files.{op}", self.prefix)
+    }
+
+    /// Every agent file request, for the files loop's subscription.
+    pub fn agent_files_all(&self) -> String {
+        format!("{}.agent.*.files.*", self.prefix)
+    }
+
     /// Every agent hello, for the gateway's subscription.
     pub fn agent_hello_all(&self) -> String {
         format!("{}.agent.*.hello", self.prefix)
@@ -235,6 +248,11 @@ impl Names {
         self.bucket("finished")
     }
 
+    /// Object store bucket: task inputs and artifacts (`<task>/in/<name>`, `<task>/out/<path>`).
+    pub fn files_bucket(&self) -> String {
+        self.bucket("files")
+    }
+
     /// Every KV bucket, in creation order.
     pub fn buckets(&self) -> [String; 4] {
         [
@@ -269,6 +287,9 @@ impl Names {
             }
             ["agent", t, "hello"] => Ok(Addressed::AgentHello(task(t)?)),
             ["agent", t, "heartbeat"] => Ok(Addressed::AgentHeartbeat(task(t)?)),
+            ["agent", t, "files", op] if !op.is_empty() => {
+                Ok(Addressed::AgentFiles(task(t)?, (*op).to_owned()))
+            }
             ["evt", t] => Ok(Addressed::Events(task(t)?)),
             ["log", t] => Ok(Addressed::Log(task(t)?)),
             _ => Err(foreign()),
@@ -328,6 +349,10 @@ mod tests {
                 Ok(Addressed::Events(task))
             );
             assert_eq!(names.parse(&names.log(task)), Ok(Addressed::Log(task)));
+            assert_eq!(
+                names.parse(&names.agent_files(task, "get")),
+                Ok(Addressed::AgentFiles(task, "get".into()))
+            );
             assert_eq!(names.events(task), format!("{p}.evt.{task}"));
             assert_eq!(
                 names.parse(&format!("{p}.cmd.cancel.not-a-uuid")),
@@ -348,6 +373,7 @@ mod tests {
         let names = Names::new("acme.prod-1").expect("valid");
         assert_eq!(names.event_stream(), "ACME_PROD-1_EVT");
         assert_eq!(names.tasks_bucket(), "acme_prod-1_tasks");
+        assert_eq!(names.files_bucket(), "acme_prod-1_files");
         assert_eq!(Names::default().command_stream(), "TASKPODS_CMD");
         assert_eq!(Names::default().history_bucket(), "taskpods_history");
         for bad in ["", "a..b", "a.*", "a b", ">", "a.>"] {

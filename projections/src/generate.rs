@@ -59,6 +59,8 @@ pub fn spec(i: u64) -> TaskSpec {
         labels: [("suite".to_owned(), "generated".to_owned())].into(),
         requester: Some("brain-test".into()),
         idempotency_key: None,
+        inputs: Vec::new(),
+        files: Default::default(),
     }
 }
 
@@ -75,6 +77,7 @@ fn outcome(rng: &mut Rng, exit_code: i32) -> TaskOutcome {
         output_tail: rng
             .chance(50)
             .then(|| format!("line {}\n", rng.below(1000))),
+        ..TaskOutcome::default()
     }
 }
 

@@ -43,7 +43,7 @@ pub fn outcome(exit_code: i32) -> TaskOutcome {
         stderr_bytes: 0,
         output_truncated: false,
         result: None,
-        output_tail: None,
+        ..TaskOutcome::default()
     }
 }
 
