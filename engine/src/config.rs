@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::clock::Clock;
 use crate::credentials::AuthConfig;
 use crate::executor::{BackendConfig, ExecutorConfig};
+use crate::files::FilesConfig;
 use crate::gateway::GatewayConfig;
 use crate::http::HttpConfig;
 use crate::intake::IntakeConfig;
@@ -40,6 +41,8 @@ pub struct EngineConfig {
     pub clock: Clock,
     /// The web UI and JSON API (`None`: not served).
     pub http: Option<HttpConfig>,
+    /// Inputs and artifacts moved between agents and the files bucket.
+    pub files: FilesConfig,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
             auth: AuthConfig::default(),
             clock: Clock::wall(),
             http: None,
+            files: FilesConfig::default(),
         }
     }
 }

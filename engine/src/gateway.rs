@@ -218,6 +218,8 @@ pub fn instructions(
         heartbeat_interval_ms: u64::try_from(config.heartbeat_interval.as_millis())
             .unwrap_or(u64::MAX),
         output_cap_bytes: config.output_cap_bytes,
+        inputs: spec.inputs.clone(),
+        files: spec.files,
     }))
 }
 

@@ -12,6 +12,7 @@
 //!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
 //! - [`http`]: the web UI and its JSON API, read from the KV views (a loop of `serve`, or `taskpods ui`).
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
+//! - [`files`]: agents' inputs and artifacts, served from and stored into the files object store.
 //! - [`timers`]: deadlines (`TimedOut`).
 //! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
 //! - [`metrics`]: the Prometheus instruments and `/metrics` text.
@@ -31,6 +32,7 @@ pub mod config_file;
 pub mod context;
 pub mod credentials;
 pub mod executor;
+pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod intake;

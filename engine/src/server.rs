@@ -27,6 +27,7 @@ use crate::credentials::TaskCredentials;
 use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
 use crate::executor::kubernetes::{KubernetesBackend, watcher};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
+use crate::files;
 use crate::gateway;
 use crate::http::ops::EngineProbe;
 use crate::intake::{self, IntakeStats};
@@ -293,6 +294,22 @@ impl Engine {
             &probe,
             "gateway",
             gateway::run(ctx.clone(), config.gateway.clone(), gateway_stats.clone()),
+        );
+        let bucket = ctx
+            .js
+            .get_object_store(ctx.names().files_bucket())
+            .await
+            .map_err(|e| {
+                ServerError::Topology(TopologyError::JetStream {
+                    operation: "open bucket",
+                    name: ctx.names().files_bucket(),
+                    source: e.into(),
+                })
+            })?;
+        spawn(
+            &mut loops,
+            "files",
+            files::run(ctx.clone(), bucket, config.files.clone()),
         );
         if config.timers.enabled {
             spawn(

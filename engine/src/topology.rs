@@ -5,7 +5,9 @@
 //! silently changing retention or replicas under running engines loses data.
 //!
 //! KV buckets are created as their backing streams (`KV_<bucket>`) and opened with `get_key_value`, which
-//! works on nats-server 2.9 where the client's `create_key_value` fails (see docs/ARCHITECTURE.md section 12).
+//! works on nats-server 2.9 where the client's `create_key_value` fails (see docs/ARCHITECTURE.md section 12). The
+//! files object store bucket is created the same way, as its backing stream `OBJ_<prefix>_files`
+//! ([`files_stream_config`]), and opened with `get_object_store`.
 
 use std::fmt;
 use std::time::Duration;
@@ -105,6 +107,10 @@ pub struct TopologyConfig {
     pub dead_letter_max_age: Duration,
     /// The largest message any stream accepts, in bytes.
     pub max_message_bytes: i32,
+    /// How long task inputs and artifacts are kept in the files bucket; zero keeps them until deleted.
+    pub files_max_age: Duration,
+    /// The most bytes the files bucket holds; uploads beyond it are refused (nothing older is dropped).
+    pub files_max_bytes: i64,
 }
 
 impl Default for TopologyConfig {
@@ -126,6 +132,8 @@ impl Default for TopologyConfig {
             duplicate_window: Duration::from_secs(120),
             dead_letter_max_age: Duration::from_secs(30 * 24 * 3600),
             max_message_bytes: 1 << 20,
+            files_max_age: Duration::from_secs(7 * 24 * 3600),
+            files_max_bytes: 1 << 30,
         }
     }
 }
@@ -143,6 +151,8 @@ pub struct Topology {
     pub logs: stream::Stream,
     /// Undecodable commands.
     pub dead_letters: stream::Stream,
+    /// The files bucket's backing stream (open it with `get_object_store(names.files_bucket())`).
+    pub files: stream::Stream,
     /// Task → current view.
     pub tasks: kv::Store,
     /// Task → timeline.
@@ -215,6 +225,7 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
             allow_direct: true,
             ..base.clone()
         },
+        files_stream_config(config),
     ];
     // The view buckets are shaped by the projections crate, which also creates later generations of
     // them: one definition, so a rebuilt generation and the topology can never disagree.
@@ -228,6 +239,29 @@ pub fn wanted_streams(config: &TopologyConfig) -> Vec<stream::Config> {
         ));
     }
     streams
+}
+
+/// The backing stream of the files object store bucket, as the client's `create_object_store` would
+/// make it (chunks and metadata subjects, roll-ups for metadata, discard new so a full bucket refuses
+/// uploads instead of dropping parts of stored files), with the configured age and size limits.
+pub fn files_stream_config(config: &TopologyConfig) -> stream::Config {
+    let bucket = config.names.files_bucket();
+    stream::Config {
+        name: format!("OBJ_{bucket}"),
+        description: Some("taskpods task inputs and artifacts (object store)".into()),
+        subjects: vec![format!("$O.{bucket}.C.>"), format!("$O.{bucket}.M.>")],
+        retention: RetentionPolicy::Limits,
+        max_age: config.files_max_age,
+        max_bytes: config.files_max_bytes,
+        discard: DiscardPolicy::New,
+        allow_rollup: true,
+        allow_direct: true,
+        storage: config.storage,
+        num_replicas: config.replicas,
+        max_message_size: config.max_message_bytes,
+        duplicate_window: config.duplicate_window,
+        ..Default::default()
+    }
 }
 
 /// The fields of `existing` that differ from `wanted`, among those the engine relies on.
@@ -308,6 +342,7 @@ pub async fn ensure(
         events: next(),
         logs: next(),
         dead_letters: next(),
+        files: next(),
         tasks: open(tasks).await?,
         history: open(history).await?,
         active: open(active).await?,

@@ -32,6 +32,7 @@ async fn ensure_creates_everything_once_and_is_idempotent_under_races() {
             "KV_taskpods_finished",
             "KV_taskpods_history",
             "KV_taskpods_tasks",
+            "OBJ_taskpods_files",
             "TASKPODS_CMD",
             "TASKPODS_DEAD",
             "TASKPODS_EVT",
