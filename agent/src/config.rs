@@ -77,6 +77,8 @@ pub struct Config {
     pub kill_grace: Duration,
     /// How long the code gets between the forwarded SIGTERM and SIGKILL.
     pub term_grace: Duration,
+    /// Where `in/` (inputs) and `out/` (artifacts) live on the agent's side.
+    pub files_dir: std::path::PathBuf,
 }
 
 /// A secret text (NATS credentials) that `Debug` never shows.
@@ -197,8 +199,16 @@ impl Config {
                 .map(|v| number("TASKPODS_MEMORY_BYTES", v))
                 .transpose()?,
         };
+        let files_dir = match (var("TASKPODS_FILES_DIR"), sandbox) {
+            (Some(dir), _) => dir.into(),
+            (None, Sandbox::None) => std::env::temp_dir(),
+            (None, Sandbox::Bwrap) => std::env::current_dir()
+                .map_err(|e| err("TASKPODS_FILES_DIR", &format!("no working directory: {e}")))?
+                .join("files"),
+        };
         Ok(Self {
             task,
+            files_dir,
             nats_urls,
             nats_creds: var("TASKPODS_NATS_CREDS").map(Into::into),
             nats_credentials: None,

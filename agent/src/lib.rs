@@ -3,13 +3,17 @@
 //! 1. Reads its configuration from the environment ([`Config::from_env`]).
 //! 2. Asks `<p>.agent.<task>.hello` for its instructions (request/reply), retrying with backoff until its
 //!    deadline: the engine may be restarting, or may not have recorded the Job yet (`Wait`).
-//! 3. Runs the script under `/bin/sh` (mode `script`) or hands the goal to the configured entrypoint (mode
+//! 3. Downloads the task's inputs into `/tmp/in` through the engine ([`files`]); an input that cannot be
+//!    provided ends the task (`input_missing`, `input_too_large`, …) before any code runs.
+//! 4. Runs the script under `/bin/sh` (mode `script`) or hands the goal to the configured entrypoint (mode
 //!    `agent`), inside bubblewrap when `TASKPODS_SANDBOX=bwrap` ([`sandbox`]).
-//! 4. Streams stdout and stderr as ordered, acked chunks to `<p>.log.<task>` ([`output`]), relays progress
+//! 5. Streams stdout and stderr as ordered, acked chunks to `<p>.log.<task>` ([`output`]), relays progress
 //!    lines (`::progress:: 40% message`) to `<p>.cmd.agent.<task>.progress`, and publishes heartbeats on
 //!    core NATS `<p>.agent.<task>.heartbeat`.
-//! 5. When the code exits (or on SIGTERM, or past its deadline plus a grace period: then it kills the
-//!    code), it flushes the output, writes the end marker, and publishes the result to
+//! 6. When the code exits (or on SIGTERM, or past its deadline plus a grace period: then it kills the
+//!    code), it flushes the output, writes the end marker, uploads what the code left in `/tmp/out`
+//!    (within the task's caps, never following symlinks), and publishes the result, listing the
+//!    artifacts, to
 //!    `<p>.cmd.agent.<task>.result` with `Nats-Msg-Id: <task>:result`.
 //!
 //! Environment:
@@ -32,12 +36,15 @@
 //! | `TASKPODS_FLUSH_MS` | 200 | longest time output waits before it is sent |
 //! | `TASKPODS_KILL_GRACE_MS` | 5000 | how long past the deadline the agent itself kills the code (the engine's timer acts first) |
 //! | `TASKPODS_TERM_GRACE_MS` | 2000 | on SIGTERM: how long the code gets between the forwarded SIGTERM and SIGKILL |
+//! | `TASKPODS_FILES_DIR` | `$TMPDIR` (no sandbox) or `./files` (bubblewrap) | where `in/` and `out/` live on the agent's side |
 //! | `TASKPODS_ENV_FILE` | `/etc/taskpods/agent.env` if it exists | `NAME=value` lines (a mounted file) for any variable above not set in the environment |
 //!
 //! Layout: [`config`] (the environment above), [`protocol`] (connect, hello, acked reports, message ids),
-//! [`run`] (one task end to end), [`output`] (output chunks), [`sandbox`] (bubblewrap and limits).
+//! [`run`] (one task end to end), [`output`] (output chunks), [`sandbox`] (bubblewrap and limits), [`files`]
+//! (inputs in, artifacts out).
 
 pub mod config;
+pub mod files;
 pub mod output;
 pub mod protocol;
 pub mod run;

@@ -8,11 +8,12 @@ use taskpods_events::codec;
 use taskpods_events::{AgentReport, Instructions, TaskOutcome};
 use tokio::sync::mpsc;
 
+use crate::files::{ArtifactReport, FileDirs, FilesClient};
 use crate::output::{self, OutputStats, Progress};
 use crate::protocol::{
     connect, hello, progress_msg_id, publish_acked, publish_result, report_headers, until,
 };
-use crate::sandbox;
+use crate::sandbox::{self, Sandbox};
 use crate::{AgentError, Config};
 
 /// Runs the whole task: hello, code, output, heartbeats, result. Returns the outcome it reported.
@@ -72,9 +73,42 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
         })
     };
 
+    // Inputs first: if one cannot be provided, the task fails with its reason and no code runs.
+    let files = FilesClient::new(client.clone(), &config.names, task);
+    let dirs = FileDirs::under(&config.files_dir);
+    let code_uid =
+        (config.sandbox == Sandbox::Bwrap && nix::unistd::geteuid().is_root()).then_some(1000);
+    let prepared = match dirs.create(code_uid) {
+        Ok(()) => {
+            files
+                .download_inputs(&instructions.inputs, &dirs.inputs)
+                .await
+        }
+        Err(e) => Err(taskpods_events::files::InputFailure {
+            problem: taskpods_events::files::InputProblem::Unavailable,
+            input: String::new(),
+            message: format!("cannot create {}: {e}", config.files_dir.display()),
+        }),
+    };
+    if let Err(failure) = prepared {
+        eprintln!(
+            "taskpods-agent: input {:?} not provided ({:?}): {}",
+            failure.input, failure.problem, failure.message
+        );
+        heartbeat.abort();
+        let outcome = TaskOutcome {
+            exit_code: 127,
+            input_failure: Some(failure),
+            ..TaskOutcome::default()
+        };
+        return publish_result(&js, &config, &outcome)
+            .await
+            .map(|()| outcome);
+    }
+
     let started = tokio::time::Instant::now();
     let code = sandbox::Code::from_instructions(&instructions, &config);
-    let (exit_code, stats, result_doc) =
+    let (exit_code, stats, result_doc, stopped_at) =
         match run_code(&config, &instructions, code, &js, progress_tx).await {
             Ok(done) => done,
             Err(e) => {
@@ -91,6 +125,32 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
         };
     let _ = progress_task.await;
 
+    // Artifacts before the result. After a SIGTERM the engine kills the agent once its grace period is
+    // over, so the upload keeps a quarter of it for the result.
+    let give_up = match stopped_at {
+        Some(at) => at + config.kill_grace.mul_f32(0.75),
+        None => {
+            tokio::time::Instant::now()
+                + until(instructions.deadline)
+                + config.kill_grace.max(Duration::from_secs(5))
+        }
+    };
+    let ArtifactReport {
+        artifacts,
+        truncated,
+        skipped,
+    } = files
+        .upload_artifacts(&dirs.outputs, instructions.files, give_up)
+        .await;
+    if !artifacts.is_empty() || truncated.is_some() || !skipped.is_empty() {
+        eprintln!(
+            "taskpods-agent: {} artifacts stored, {} left out by the caps, {} skipped",
+            artifacts.len(),
+            truncated.map_or(0, |t| t.files),
+            skipped.len()
+        );
+    }
+
     let outcome = TaskOutcome {
         exit_code,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -100,6 +160,10 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
         result: result_doc,
         output_tail: (!stats.tail.is_empty())
             .then(|| String::from_utf8_lossy(&stats.tail).into_owned()),
+        artifacts,
+        artifacts_truncated: truncated,
+        artifacts_skipped: skipped,
+        input_failure: None,
     };
     let reported = publish_result(&js, &config, &outcome).await;
     heartbeat.abort();
@@ -107,14 +171,23 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
     reported.map(|()| outcome)
 }
 
-/// Runs the code and streams its output; returns exit code, output counters and the result document.
+/// What running the code gave: exit code, output counters, the result document, and when a SIGTERM
+/// stopped it (if one did).
+type CodeDone = (
+    i32,
+    OutputStats,
+    Option<serde_json::Value>,
+    Option<tokio::time::Instant>,
+);
+
+/// Runs the code and streams its output.
 async fn run_code(
     config: &Config,
     instructions: &Instructions,
     code: sandbox::Code,
     js: &async_nats::jetstream::Context,
     progress: mpsc::Sender<Progress>,
-) -> Result<(i32, OutputStats, Option<serde_json::Value>), AgentError> {
+) -> Result<CodeDone, AgentError> {
     let mut writer = output::Writer::new(
         js.clone(),
         config.names.log(config.task),
@@ -149,10 +222,12 @@ async fn run_code(
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let hard_stop = until(instructions.deadline) + config.kill_grace;
+    let mut stopped_at = None;
     let status = tokio::select! {
         status = running.child.wait() => status.ok(),
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
             eprintln!("taskpods-agent: SIGTERM: stopping the code");
+            stopped_at = Some(tokio::time::Instant::now());
             running.terminate(config.term_grace).await
         }
         () = tokio::time::sleep(hard_stop) => {
@@ -176,7 +251,7 @@ async fn run_code(
         }
     };
     let result = running.result_document().await;
-    Ok((exit_code, stats, result))
+    Ok((exit_code, stats, result, stopped_at))
 }
 
 /// The environment the user's code sees: the task's env plus a few taskpods variables, never the NATS
@@ -193,6 +268,20 @@ pub fn code_env(config: &Config, instructions: &Instructions) -> BTreeMap<String
             instructions.deadline.to_rfc3339(),
         ),
     ]);
+    // Under bubblewrap the directories are bound at /tmp/in and /tmp/out; in a pod they are where the
+    // agent made them (/tmp/in and /tmp/out of the pod's /tmp).
+    let dirs = match config.sandbox {
+        Sandbox::Bwrap => FileDirs::under(std::path::Path::new("/tmp")),
+        Sandbox::None => FileDirs::under(&config.files_dir),
+    };
+    env.insert(
+        "TASKPODS_INPUT_DIR".to_owned(),
+        dirs.inputs.display().to_string(),
+    );
+    env.insert(
+        "TASKPODS_OUTPUT_DIR".to_owned(),
+        dirs.outputs.display().to_string(),
+    );
     for (k, v) in &instructions.env {
         env.insert(k.clone(), v.clone());
     }

@@ -463,6 +463,20 @@ pub fn command_line(
     for private in ["/tmp", "/dev/shm"] {
         push(&["--size", &tmp_bytes, "--tmpfs", private]);
     }
+    // Inputs (read-only) and artifacts live outside the sandbox, so they outlive its end.
+    let files = crate::files::FileDirs::under(&config.files_dir);
+    let (inputs, outputs) = (
+        files.inputs.display().to_string(),
+        files.outputs.display().to_string(),
+    );
+    push(&[
+        "--ro-bind",
+        &inputs,
+        "/tmp/in",
+        "--bind",
+        &outputs,
+        "/tmp/out",
+    ]);
     push(&["--symlink", "../tmp", "/var/tmp"]);
     let task = hand_over(task_file(&env, &code.text));
     push(&["--ro-bind-data", &task, TASK_FILE]);
