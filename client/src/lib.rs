@@ -7,6 +7,8 @@
 //! - [`Client::view`]: the task's view from the KV views, once they include a given event (read your writes).
 //! - [`Client::watch_tasks`] ([`watch`]): every transition of the tasks of one requester or label set, live.
 //! - [`output`]: a task's output (stdout, stderr, truncation, end), paged from a cursor or followed live.
+//! - [`files`]: [`Client::put_input`] before a launch, [`Client::artifacts`] and [`Client::get_artifact`]
+//!   after a task ended.
 //!
 //! The event log itself (the stored-event type, reading a task's events, following them) belongs to
 //! [`taskpods_projections::log`]; [`StoredEvent`] is re-exported from there and [`read_events`]
@@ -14,6 +16,8 @@
 //!
 //! Everything is keyed by task id; a launch without an id or idempotency key gets a fresh UUIDv7 here, so
 //! the caller can always read its own write.
+
+pub mod files;
 
 use std::time::Duration;
 
