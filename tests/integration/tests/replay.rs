@@ -89,6 +89,7 @@ fn fixed_history(task: TaskId) -> Vec<(u64, Option<Event>)> {
                     output_truncated: false,
                     result: Some(serde_json::json!({"answer": 42})),
                     output_tail: Some("all done\n".into()),
+                    ..TaskOutcome::default()
                 },
             },
         ),

@@ -9,6 +9,7 @@ use std::path::Path;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use taskpods_events::codec::{self, Encoding};
+use taskpods_events::files::{Artifact, ArtifactsTruncated, FileLimits, InputFile};
 use taskpods_events::{
     AgentReport, CancelTask, CommandReply, Event, EventBody, FailureReason, HelloReply,
     Instructions, LaunchTask, Mode, Problem, ResourceRequest, Resources, TaskId, TaskOutcome,
@@ -37,7 +38,27 @@ fn outcome(exit_code: i32) -> TaskOutcome {
         output_truncated: false,
         result: Some(serde_json::json!({"answer": 42, "files": ["a.txt"]})),
         output_tail: Some("step 3\ndone\n".into()),
+        artifacts: vec![Artifact {
+            path: "reports/summary.json".into(),
+            size: 512,
+            digest: "SHA-256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU=".into(),
+        }],
+        artifacts_truncated: Some(ArtifactsTruncated {
+            files: 2,
+            bytes: 4096,
+        }),
+        ..TaskOutcome::default()
     }
+}
+
+fn inputs() -> Vec<InputFile> {
+    vec![InputFile {
+        name: "data.csv".into(),
+        object: format!("{}/in/data.csv", task()),
+        path: Some("data.csv".into()),
+        size: Some(1024),
+        digest: Some("SHA-256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU=".into()),
+    }]
 }
 
 fn spec() -> TaskSpec {
@@ -57,6 +78,8 @@ fn spec() -> TaskSpec {
         labels: BTreeMap::from([("team".into(), "ml".into())]),
         requester: Some("brain-42".into()),
         idempotency_key: Some("brain-42/turn-7/step-3".into()),
+        inputs: inputs(),
+        files: FileLimits::default(),
     }
 }
 
@@ -142,6 +165,7 @@ fn samples() -> Vec<(String, serde_json::Value, Vec<u8>)> {
             },
             labels: BTreeMap::from([("team".into(), "ml".into())]),
             requester: Some("brain-42".into()),
+            inputs: inputs(),
             ..LaunchTask::default()
         },
     );
@@ -203,6 +227,8 @@ fn samples() -> Vec<(String, serde_json::Value, Vec<u8>)> {
             deadline: at() + TimeDelta::seconds(600),
             heartbeat_interval_ms: 5000,
             output_cap_bytes: 16 << 20,
+            inputs: inputs(),
+            files: FileLimits::default(),
         }),
         HelloReply::Wait {
             retry_after_ms: 500,

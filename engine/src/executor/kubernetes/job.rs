@@ -414,6 +414,8 @@ mod tests {
             labels: BTreeMap::from([("team".to_owned(), "x".to_owned())]),
             requester: Some("brain-1".to_owned()),
             idempotency_key: None,
+            inputs: Vec::new(),
+            files: Default::default(),
         }
     }
 

@@ -50,14 +50,21 @@ pub enum WatchError {
 /// What one change of a Job, pod or event means for its task.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
-    /// Execute this input now.
-    Now(Input),
+    /// Execute this input now (boxed: a launch spec makes inputs large).
+    Now(Box<Input>),
     /// The container ended with this code: recorded unless the agent's result arrives within the grace.
     Exited(i32),
     /// Why the task cannot start (kept until it starts or its startup timeout).
     Stuck(FailureReason, String),
     /// The pod looks healthy: any earlier pod diagnosis is stale.
     Fine,
+}
+
+impl Observation {
+    /// Execute `input` now.
+    pub fn now(input: Input) -> Self {
+        Self::Now(Box::new(input))
+    }
 }
 
 fn task_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<TaskId> {
@@ -72,7 +79,7 @@ pub fn observe_pod(pod: &Pod) -> Option<(TaskId, Vec<Observation>)> {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     let status = pod.status.as_ref();
     if node.is_some() {
-        out.push(Observation::Now(Input::PodBound {
+        out.push(Observation::now(Input::PodBound {
             job: task.job_name(),
             pod: name,
             node: node.clone(),
@@ -83,7 +90,7 @@ pub fn observe_pod(pod: &Pod) -> Option<(TaskId, Vec<Observation>)> {
         let message = status
             .and_then(|s| s.message.clone())
             .unwrap_or_else(|| "the node evicted the pod".into());
-        out.push(Observation::Now(Input::BackendFailed {
+        out.push(Observation::now(Input::BackendFailed {
             reason: FailureReason::Evicted,
             message: Some(message),
         }));
@@ -96,7 +103,7 @@ pub fn observe_pod(pod: &Pod) -> Option<(TaskId, Vec<Observation>)> {
         .and_then(|cs| cs.iter().find(|c| c.type_ == "DisruptionTarget"))
         && c.status == "True"
     {
-        out.push(Observation::Now(Input::BackendFailed {
+        out.push(Observation::now(Input::BackendFailed {
             reason: FailureReason::Evicted,
             message: Some(format!(
                 "{}: {}",
@@ -128,7 +135,7 @@ pub fn observe_pod(pod: &Pod) -> Option<(TaskId, Vec<Observation>)> {
         };
         if let Some(t) = &state.terminated {
             if t.reason.as_deref() == Some("OOMKilled") {
-                out.push(Observation::Now(Input::BackendFailed {
+                out.push(Observation::now(Input::BackendFailed {
                     reason: FailureReason::OomKilled,
                     message: Some(format!(
                         "container {} went over its memory limit (exit code {})",
@@ -143,7 +150,7 @@ pub fn observe_pod(pod: &Pod) -> Option<(TaskId, Vec<Observation>)> {
             let message = format!("{reason}: {}", w.message.as_deref().unwrap_or("no message"));
             match reason {
                 "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull" => {
-                    out.push(Observation::Now(Input::BackendFailed {
+                    out.push(Observation::now(Input::BackendFailed {
                         reason: FailureReason::ImagePull,
                         message: Some(message),
                     }));
@@ -180,7 +187,7 @@ pub fn observe_job(job: &Job) -> Option<(TaskId, Vec<Observation>)> {
     if let Some(c) = failed
         && c.reason.as_deref() == Some("DeadlineExceeded")
     {
-        out.push(Observation::Now(Input::BackendFailed {
+        out.push(Observation::now(Input::BackendFailed {
             reason: FailureReason::DeadlineExceeded,
             message: c.message.clone(),
         }));
@@ -495,7 +502,7 @@ mod tests {
         assert_eq!(
             obs,
             [
-                Observation::Now(Input::PodBound {
+                Observation::now(Input::PodBound {
                     job: task().job_name(),
                     pod: "p1".into(),
                     node: Some("n1".into())
@@ -517,10 +524,7 @@ mod tests {
         let (_, obs) = observe_pod(&terminated("OOMKilled", 137)).unwrap();
         assert!(matches!(
             &obs[1],
-            Observation::Now(Input::BackendFailed {
-                reason: FailureReason::OomKilled,
-                ..
-            })
+            Observation::Now(input) if matches!(**input, Input::BackendFailed { reason: FailureReason::OomKilled, .. })
         ));
 
         let waiting = |reason: &str| {
@@ -534,10 +538,7 @@ mod tests {
         let (_, obs) = observe_pod(&waiting("ImagePullBackOff")).unwrap();
         assert!(matches!(
             &obs[1],
-            Observation::Now(Input::BackendFailed {
-                reason: FailureReason::ImagePull,
-                ..
-            })
+            Observation::Now(input) if matches!(**input, Input::BackendFailed { reason: FailureReason::ImagePull, .. })
         ));
         let (_, obs) = observe_pod(&waiting("ErrImagePull")).unwrap();
         assert!(matches!(
@@ -566,7 +567,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             obs[1],
-            Observation::Now(Input::BackendFailed {
+            Observation::now(Input::BackendFailed {
                 reason: FailureReason::Evicted,
                 message: Some("low on memory".into())
             })
@@ -579,7 +580,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             obs[1],
-            Observation::Now(Input::BackendFailed {
+            Observation::now(Input::BackendFailed {
                 reason: FailureReason::Evicted,
                 message: Some("EvictionByEvictionAPI: Eviction API: evicting".into())
             })
@@ -600,10 +601,7 @@ mod tests {
         let (_, obs) = observe_job(&job).unwrap();
         assert!(matches!(
             &obs[0],
-            Observation::Now(Input::BackendFailed {
-                reason: FailureReason::DeadlineExceeded,
-                ..
-            })
+            Observation::Now(input) if matches!(**input, Input::BackendFailed { reason: FailureReason::DeadlineExceeded, .. })
         ));
 
         let event: KubeEvent = serde_json::from_value(json!({
