@@ -64,6 +64,8 @@ enum Command {
     Mcp(cli::mcp::McpArgs),
     /// Serve the web UI and JSON API alone, against any NATS.
     Ui(cli::ui::UiCommandArgs),
+    /// List a task's artifacts, or fetch one (--get) or all (--all DIR).
+    Artifacts(cli::files::ArtifactsArgs),
     /// Print the Kubernetes Job the engine would create for a launch (YAML).
     RenderJob(cli::render::RenderArgs),
 }
@@ -101,6 +103,7 @@ async fn main() -> ExitCode {
         Command::Events(args) => cli::task::events(global, args).await,
         Command::Cancel(args) => cli::task::cancel(global, args).await,
         Command::Logs(args) => cli::logs::run(global, args).await,
+        Command::Artifacts(args) => cli::files::run(global, args).await,
         Command::Replay(args) => cli::replay::run(global, args).await,
         Command::Projections(args) => cli::projections::run(global, args).await,
         Command::Mcp(args) => cli::mcp::run(global, args).await,

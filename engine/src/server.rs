@@ -85,6 +85,19 @@ pub enum ServerError {
     /// One of the engine's loops failed.
     #[error("engine loop failed: {0}")]
     Loop(#[from] LoopError),
+    /// Inputs and artifacts at their per-task caps would not fit in a task pod's `/tmp` (they both live
+    /// there, beside the code's own scratch space).
+    #[error(
+        "inputs ({inputs} bytes) and artifacts ({artifacts} bytes) at their caps need more than three quarters of the pods' /tmp ({tmp} bytes): lower the caps or raise the /tmp size"
+    )]
+    FilesDoNotFit {
+        /// The cap on a task's inputs.
+        inputs: u64,
+        /// The cap on a task's artifacts.
+        artifacts: u64,
+        /// The pods' `/tmp` size.
+        tmp: u64,
+    },
 }
 
 /// Connects to NATS without credentials, retrying until `timeout` (the server may be starting alongside
@@ -219,6 +232,16 @@ pub struct Engine {
 impl Engine {
     /// Connects, ensures the topology and starts every loop.
     pub async fn start(config: EngineConfig) -> Result<Self, ServerError> {
+        if let BackendConfig::Kubernetes(kubernetes) = &config.backend {
+            let files = config.intake.policy.files;
+            if !files.fits_in(kubernetes.job.tmp_bytes) {
+                return Err(ServerError::FilesDoNotFit {
+                    inputs: files.max_input_bytes,
+                    artifacts: files.max_artifact_bytes,
+                    tmp: kubernetes.job.tmp_bytes,
+                });
+            }
+        }
         let nats = connect_as(
             &config.nats_urls,
             config.nats_creds.as_deref(),
@@ -469,4 +492,30 @@ pub fn error_chain_text(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::kubernetes::KubernetesConfig;
+
+    #[tokio::test]
+    async fn file_caps_that_do_not_fit_the_pods_tmp_stop_the_engine_before_it_starts() {
+        let mut kubernetes = KubernetesConfig::default();
+        kubernetes.job.tmp_bytes = 16 << 20;
+        let config = EngineConfig {
+            // Nothing listens here: the check comes before any connection.
+            nats_urls: vec!["nats://127.0.0.1:1".to_owned()],
+            backend: BackendConfig::Kubernetes(kubernetes),
+            ..EngineConfig::default()
+        };
+        match Engine::start(config).await {
+            Err(ServerError::FilesDoNotFit {
+                inputs,
+                artifacts,
+                tmp,
+            }) => assert_eq!((inputs, artifacts, tmp), (64 << 20, 64 << 20, 16 << 20)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -9,9 +9,11 @@
 //! - [`projections`]: rebuild, verify and status of the KV views.
 //! - [`task`]: launch, show, events, cancel.
 //! - [`ui`]: the web UI and JSON API alone (also served by `serve`).
+//! - [`files`]: a task's artifacts (list, get, all), and the inputs `launch --input` puts.
 
 pub mod auth;
 pub mod config;
+pub mod files;
 pub mod logs;
 pub mod mcp;
 pub mod projections;

@@ -50,6 +50,13 @@ pub struct ServeArgs {
     pub no_ui: bool,
     #[command(flatten)]
     pub ui: crate::cli::ui::UiArgs,
+    /// Hours task inputs and artifacts are kept (the files bucket's max age, default 168; set when the
+    /// bucket is created: changing it later is reported as a conflict, not applied).
+    #[arg(long, env = "TASKPODS_FILES_MAX_AGE_HOURS")]
+    pub files_max_age_hours: Option<u64>,
+    /// Delete a task's inputs and artifacts when the task is reaped.
+    #[arg(long, env = "TASKPODS_DELETE_FILES_ON_REAP")]
+    pub delete_files_on_reap: bool,
 }
 
 /// Where tasks run (`--backend`); clap refuses any other value and lists these.
@@ -83,6 +90,12 @@ pub fn engine_config(
     }
     if let Some(secs) = args.connect_timeout_secs {
         config.connect_timeout = Duration::from_secs(secs);
+    }
+    if let Some(hours) = args.files_max_age_hours {
+        config.topology.files_max_age = Duration::from_secs(hours.saturating_mul(3600));
+    }
+    if args.delete_files_on_reap {
+        config.files.delete_on_reap = true;
     }
     if args.task_signer.is_some() {
         config.auth.task_signer = args.task_signer;

@@ -32,6 +32,10 @@ pub struct LaunchArgs {
     /// Environment variable for the script, `NAME=value`; repeatable.
     #[arg(long = "env", value_parser = parse_pair)]
     pub env: Vec<(String, String)>,
+    /// An input file, `NAME=PATH`: stored in the files bucket before the launch, found by the code at
+    /// `/tmp/in/NAME`; repeatable.
+    #[arg(long = "input", value_parser = crate::cli::files::parse_input)]
+    pub inputs: Vec<(String, std::path::PathBuf)>,
     /// Label, `key=value`; repeatable.
     #[arg(long = "label", value_parser = parse_pair)]
     pub labels: Vec<(String, String)>,
@@ -85,7 +89,8 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not NAME=value"))
 }
 
-async fn connect(global: &Global) -> Result<Client, ClientError> {
+/// A client for the one-shot commands.
+pub(crate) async fn connect(global: &Global) -> Result<Client, ClientError> {
     let nats = global
         .connect()
         .await
@@ -116,7 +121,7 @@ pub async fn launch(global: Global, args: LaunchArgs) -> ExitCode {
         }
         other => other.map(str::to_owned),
     };
-    let launch = LaunchTask {
+    let mut launch = LaunchTask {
         idempotency_key: args.key.clone(),
         toolbox: args.toolbox.clone(),
         mode: if args.goal.is_some() {
@@ -136,6 +141,15 @@ pub async fn launch(global: Global, args: LaunchArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    if !args.inputs.is_empty() {
+        // Inputs are stored under the task's id, so the id is fixed before the launch.
+        let task = launch.task_id().unwrap_or_else(TaskId::mint);
+        launch.task_id = Some(task.0);
+        launch.inputs = match crate::cli::files::put_inputs(&client, task, &args.inputs).await {
+            Ok(inputs) => inputs,
+            Err(e) => return fail(e),
+        };
+    }
     let launched = match client.launch(launch).await {
         Ok(l) => l,
         Err(ClientError::Rejected { task_id, problems }) => {

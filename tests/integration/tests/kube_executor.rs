@@ -27,7 +27,8 @@ use taskpods_engine::executor::kubernetes::{KubeClient, KubernetesBackend, Kuber
 use taskpods_engine::executor::{Backend, BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::server::Engine;
-use taskpods_events::{FailureReason, LaunchPolicy, LaunchTask, TaskId, TaskState};
+use taskpods_events::files::FileLimits;
+use taskpods_events::{EventBody, FailureReason, LaunchPolicy, LaunchTask, TaskId, TaskState};
 use taskpods_harness::NatsServer;
 use taskpods_harness::kube::{
     ControlPlane, Fault, NodeSimulator, create_namespace, k8s_openapi, kube,
@@ -217,6 +218,12 @@ impl Setup {
             max_cpu_millis: 4000,
             default_cpu_millis: 100,
             default_memory_bytes: 64 << 20,
+            // Inputs and artifacts live in the pods' 16 MiB /tmp.
+            files: FileLimits {
+                max_input_bytes: 4 << 20,
+                max_artifact_bytes: 4 << 20,
+                ..FileLimits::default()
+            },
             ..LaunchPolicy::default()
         };
         policy
@@ -372,6 +379,45 @@ async fn a_task_runs_to_success_in_a_hardened_job_and_is_reaped() {
         kinds.contains(&"scheduled") && kinds.contains(&"running"),
         "{kinds:?}"
     );
+    s.all_gone(task).await;
+}
+
+#[tokio::test]
+async fn a_task_gets_its_input_and_leaves_an_artifact_in_its_pod() {
+    let s = Setup::start("kx-files").await;
+    let task = TaskId::mint();
+    let input = s
+        .tasks
+        .put_input(task, "numbers.txt", &mut &b"3\n1\n2\n"[..])
+        .await
+        .expect("put input");
+    // In the node simulator the pod's /tmp is its work directory: the script uses the variables.
+    let script = r#"sort -n "$TASKPODS_INPUT_DIR/numbers.txt" > "$TASKPODS_OUTPUT_DIR/sorted.txt""#;
+    s.launch(LaunchTask {
+        task_id: Some(task.0),
+        timeout_secs: Some(60),
+        inputs: vec![input],
+        ..LaunchTask::script(script)
+    })
+    .await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    let history = s.tasks.history(task).await.unwrap();
+    let outcome = history
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::Succeeded { outcome } => Some(outcome.clone()),
+            _ => None,
+        })
+        .expect("succeeded");
+    let paths: Vec<&str> = outcome.artifacts.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(paths, ["sorted.txt"]);
+    let mut sorted = Vec::new();
+    s.tasks
+        .get_artifact(task, "sorted.txt", &mut sorted)
+        .await
+        .expect("artifact");
+    assert_eq!(sorted, b"1\n2\n3\n");
     s.all_gone(task).await;
 }
 
