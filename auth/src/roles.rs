@@ -131,6 +131,8 @@ pub fn permissions(role: Role, names: &Names) -> Permissions {
                 "$JS.ACK.>".into(),
                 "$JS.FC.>".into(),
                 "$KV.>".into(),
+                // The files bucket: the engine serves inputs to agents and stores their artifacts.
+                format!("$O.{}.>", names.files_bucket()),
                 "_INBOX.>".into(),
             ],
             publish_deny: strings(&[
@@ -148,6 +150,8 @@ pub fn permissions(role: Role, names: &Names) -> Permissions {
             let mut brain = readers(names, &[names.command_stream(), names.dead_letter_stream()]);
             brain.publish.push(names.launch());
             brain.publish.push(format!("{p}.cmd.cancel.*"));
+            // Inputs are put into the files bucket before the launch names them.
+            brain.publish.push(format!("$O.{}.>", names.files_bucket()));
             brain
         }
         Role::Operator => {

@@ -114,9 +114,8 @@ impl Client {
             source,
         })?;
         let object = input_object(task, name);
-        let info = self
-            .files_bucket()
-            .await?
+        let bucket = self.files_bucket().await?;
+        let put = bucket
             .put(
                 ObjectMetadata {
                     name: object.clone(),
@@ -124,11 +123,24 @@ impl Client {
                 },
                 data,
             )
-            .await
-            .map_err(|source| FilesError::Put {
-                object: object.clone(),
-                source,
-            })?;
+            .await;
+        let info = match put {
+            Ok(info) => info,
+            // Putting the same input again replaces it; an identity that may not purge streams (a
+            // Brain's) leaves the old chunks for the bucket's max age, and the new object is whole.
+            Err(source) if source.kind() == object_store::PutErrorKind::PurgeOldChunks => {
+                bucket.info(&object).await.map_err(|_| FilesError::Put {
+                    object: object.clone(),
+                    source,
+                })?
+            }
+            Err(source) => {
+                return Err(FilesError::Put {
+                    object: object.clone(),
+                    source,
+                });
+            }
+        };
         Ok(InputFile {
             name: name.to_owned(),
             object,

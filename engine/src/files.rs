@@ -460,16 +460,23 @@ impl Files {
                 format!("storing {:?}: {e}", request.path),
             );
         }
-        match (&mut upload.put).await {
-            Ok(Ok(info)) => FilePutReply::Stored(Artifact {
+        let stored = match (&mut upload.put).await {
+            // A file uploaded again replaces the earlier object; when this identity may not purge
+            // streams, the old chunks stay until the bucket's max age, and the new object is whole.
+            Ok(Err(e)) if e.kind() == object_store::PutErrorKind::PurgeOldChunks => self
+                .bucket
+                .info(artifact_object(task, &request.path))
+                .await
+                .map_err(|info| format!("{e}; then {info}")),
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(info) => FilePutReply::Stored(Artifact {
                 path: request.path,
                 size: info.size as u64,
                 digest: info.digest.unwrap_or_default(),
             }),
-            Ok(Err(e)) => refused_put(
-                FileRefusal::Unavailable,
-                format!("storing {:?}: {e}", request.path),
-            ),
             Err(e) => refused_put(
                 FileRefusal::Unavailable,
                 format!("storing {:?}: {e}", request.path),
@@ -548,7 +555,15 @@ impl Files {
         for name in doomed {
             match self.bucket.delete(&name).await {
                 Ok(()) => debug!(object = %name, "files: deleted with its reaped task"),
-                Err(e) => warn!(object = %name, error = %e, "files: cannot delete"),
+                Err(e) => {
+                    // Marked deleted but not purged (an engine identity may not purge streams): the
+                    // object is gone for readers and its bytes go at the bucket's max age.
+                    if self.bucket.info(&name).await.is_ok_and(|info| info.deleted) {
+                        debug!(object = %name, error = %e, "files: deleted; its chunks stay until the bucket's max age");
+                    } else {
+                        warn!(object = %name, error = %e, "files: cannot delete");
+                    }
+                }
             }
         }
     }

@@ -645,4 +645,124 @@ async fn a_brain_cannot_write_events_or_agent_reports_and_an_operator_cannot_lau
         operator.publish(subject.clone(), "x".into()).await.unwrap();
         refused(&mut errors, "publish", &subject).await;
     }
+#[tokio::test]
+async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_own() {
+    use taskpods_events::EventBody;
+    use taskpods_events::files::{FileGet, FileGetReply, FileRefusal};
+    let setup = Setup::start().await;
+    let names = &setup.names;
+    // The Brain puts an input for each task with its own identity, and launches them.
+    let theirs = TaskId::mint();
+    let secret = setup
+        .brain
+        .put_input(theirs, "secret.txt", &mut &b"their data"[..])
+        .await
+        .expect("a Brain may put inputs");
+    setup
+        .brain
+        .launch(LaunchTask {
+            task_id: Some(theirs.0),
+            inputs: vec![secret.clone()],
+            ..LaunchTask::script("sleep 5")
+        })
+        .await
+        .expect("launch");
+    let mine = TaskId::mint();
+    let own = setup
+        .brain
+        .put_input(mine, "own.txt", &mut &b"my data"[..])
+        .await
+        .unwrap();
+    setup
+        .brain
+        .launch(LaunchTask {
+            task_id: Some(mine.0),
+            inputs: vec![own],
+            ..LaunchTask::script("tr a-z A-Z < /tmp/in/own.txt > /tmp/out/upper.txt; sleep 3")
+        })
+        .await
+        .expect("launch");
+    setup
+        .until_state(mine, TaskState::Running, Duration::from_secs(30))
+        .await;
+    let (client, mut errors) = connect_recording(
+        &setup.server.url(),
+        &setup.stolen(mine),
+        Some(taskpods_events::subject::task_inbox_prefix(mine)),
+    )
+    .await;
+
+    // Its own identity gets its own input through the engine...
+    let ask = |input: &str| {
+        codec_bytes(&FileGet {
+            input: input.to_owned(),
+            offset: 0,
+        })
+    };
+    let reply = client
+        .request(names.agent_files(mine, "get"), ask("own.txt"))
+        .await
+        .expect("the engine answers");
+    let reply: FileGetReply =
+        taskpods_events::codec::decode("reply", &reply.payload, taskpods_events::Encoding::Msgpack)
+            .unwrap();
+    assert!(
+        matches!(&reply, FileGetReply::Chunk { data, .. } if data.as_ref() == b"my data"),
+        "{reply:?}"
+    );
+    // ...but not another task's, by name on its own subject...
+    let reply = client
+        .request(names.agent_files(mine, "get"), ask("secret.txt"))
+        .await
+        .expect("the engine answers");
+    let reply: FileGetReply =
+        taskpods_events::codec::decode("reply", &reply.payload, taskpods_events::Encoding::Msgpack)
+            .unwrap();
+    assert!(
+        matches!(
+            reply,
+            FileGetReply::Refused {
+                code: FileRefusal::NotAnInput,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    // ...nor on the other task's subject (the server refuses the publish)...
+    client
+        .publish(names.agent_files(theirs, "get"), ask("secret.txt"))
+        .await
+        .unwrap();
+    refused(&mut errors, "publish", &names.agent_files(theirs, "get")).await;
+    // ...and the object store itself is closed to it: no stream API, no object subjects.
+    let chunk = format!("$O.{}.C.forged", names.files_bucket());
+    client.publish(chunk.clone(), "x".into()).await.unwrap();
+    refused(&mut errors, "publish", &chunk).await;
+    let info = format!("$JS.API.STREAM.INFO.OBJ_{}", names.files_bucket());
+    client.publish(info.clone(), "".into()).await.unwrap();
+    refused(&mut errors, "publish", &info).await;
+
+    // The task's own work went through: its artifact is stored, listed and readable by the Brain.
+    let ended = setup
+        .brain
+        .wait(mine, Duration::from_secs(60))
+        .await
+        .expect("task ends");
+    assert!(matches!(ended.state, TaskState::Succeeded), "{ended:?}");
+    let history = setup.brain.history(mine).await.unwrap();
+    assert!(history.iter().any(|e| matches!(
+        &e.event.body,
+        EventBody::Succeeded { outcome } if outcome.artifacts.len() == 1
+    )));
+    let mut upper = Vec::new();
+    setup
+        .brain
+        .get_artifact(mine, "upper.txt", &mut upper)
+        .await
+        .expect("the Brain reads artifacts");
+    assert_eq!(upper, b"MY DATA");
+}
+
+fn codec_bytes<T: serde::Serialize>(value: &T) -> bytes::Bytes {
+    taskpods_events::codec::to_msgpack(value).unwrap().into()
 }
