@@ -416,10 +416,34 @@ async fn ask<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
     codec::decode("reply", &reply.payload, Encoding::Msgpack).unwrap()
 }
 
+/// Asks for `input` of `task` from its start, as the task's agent would.
+async fn get_input(nats: &async_nats::Client, task: TaskId, input: &str) -> FileGetReply {
+    let request = FileGet {
+        input: input.to_owned(),
+        offset: 0,
+    };
+    ask(nats, Names::default().agent_files(task, "get"), &request).await
+}
+
+/// Hands over a last chunk of artifact `path` of `task` at `offset`, as the task's agent would.
+async fn put_chunk(
+    nats: &async_nats::Client,
+    task: TaskId,
+    path: &str,
+    offset: u64,
+) -> FilePutReply {
+    let request = FilePut {
+        path: path.to_owned(),
+        offset,
+        data: bytes::Bytes::from_static(b"forged"),
+        last: true,
+    };
+    ask(nats, Names::default().agent_files(task, "put"), &request).await
+}
+
 #[tokio::test]
 async fn a_task_reads_only_its_own_inputs_and_writes_only_clean_paths() {
     let setup = Setup::start(FileLimits::default(), false).await;
-    let names = Names::default();
     let secret = TaskId::mint();
     let secret_input = setup
         .client
@@ -444,15 +468,7 @@ async fn a_task_reads_only_its_own_inputs_and_writes_only_clean_paths() {
     let nats = setup.server.connect().await;
 
     // By the other task's input name, on its own subject: not one of its inputs.
-    let reply: FileGetReply = ask(
-        &nats,
-        names.agent_files(attacker, "get"),
-        &FileGet {
-            input: secret_input.name.clone(),
-            offset: 0,
-        },
-    )
-    .await;
+    let reply = get_input(&nats, attacker, &secret_input.name).await;
     assert!(
         matches!(
             reply,
@@ -464,65 +480,26 @@ async fn a_task_reads_only_its_own_inputs_and_writes_only_clean_paths() {
         "{reply:?}"
     );
     // Its own input is served.
-    let reply: FileGetReply = ask(
-        &nats,
-        names.agent_files(attacker, "get"),
-        &FileGet {
-            input: "own.txt".into(),
-            offset: 0,
-        },
-    )
-    .await;
+    let reply = get_input(&nats, attacker, "own.txt").await;
     assert!(
         matches!(&reply, FileGetReply::Chunk { data, last: true, .. } if data.as_ref() == b"mine"),
         "{reply:?}"
     );
-    // Artifact paths that would leave the task's `out/` are refused.
-    for path in ["../../in/secret.txt", "/etc/passwd", "a/../../b", "a//b"] {
-        let reply: FilePutReply = ask(
-            &nats,
-            names.agent_files(attacker, "put"),
-            &FilePut {
-                path: path.into(),
-                offset: 0,
-                data: bytes::Bytes::from_static(b"forged"),
-                last: true,
-            },
-        )
-        .await;
+    // Artifact paths that would leave the task's `out/` are refused, and so is a continuation of an
+    // upload that never started.
+    for (path, offset, refusal) in [
+        ("../../in/secret.txt", 0, FileRefusal::BadPath),
+        ("/etc/passwd", 0, FileRefusal::BadPath),
+        ("a/../../b", 0, FileRefusal::BadPath),
+        ("a//b", 0, FileRefusal::BadPath),
+        ("x", 10, FileRefusal::OutOfOrder),
+    ] {
+        let reply = put_chunk(&nats, attacker, path, offset).await;
         assert!(
-            matches!(
-                reply,
-                FilePutReply::Refused {
-                    code: FileRefusal::BadPath,
-                    ..
-                }
-            ),
+            matches!(reply, FilePutReply::Refused { code, .. } if code == refusal),
             "{path}: {reply:?}"
         );
     }
-    // A continuation of an upload that never started is refused too.
-    let reply: FilePutReply = ask(
-        &nats,
-        names.agent_files(attacker, "put"),
-        &FilePut {
-            path: "x".into(),
-            offset: 10,
-            data: bytes::Bytes::from_static(b"x"),
-            last: true,
-        },
-    )
-    .await;
-    assert!(
-        matches!(
-            reply,
-            FilePutReply::Refused {
-                code: FileRefusal::OutOfOrder,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
     let mut stolen = Vec::new();
     assert!(
         setup

@@ -174,6 +174,16 @@ impl Setup {
         std::fs::read_to_string(self.stolen.path().join(format!("{task}.creds"))).unwrap()
     }
 
+    /// A connection with the identity the engine handed `task`'s agent, recording the server's errors.
+    async fn as_task(&self, task: TaskId) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+        connect_recording(
+            &self.server.url(),
+            &self.stolen(task),
+            Some(taskpods_events::subject::task_inbox_prefix(task)),
+        )
+        .await
+    }
+
     /// Everything `task` wrote to its output.
     async fn stdout(&self, task: TaskId) -> String {
         let js = jetstream::new(self.server.connect().await);
@@ -288,12 +298,7 @@ async fn a_compromised_agent_can_do_nothing_but_its_own_task() {
     setup
         .until_state(theirs, TaskState::Running, Duration::from_secs(30))
         .await;
-    let (client, mut errors) = connect_recording(
-        &setup.server.url(),
-        &setup.stolen(mine),
-        Some(taskpods_events::subject::task_inbox_prefix(mine)),
-    )
-    .await;
+    let (client, mut errors) = setup.as_task(mine).await;
 
     // Read another task's instructions.
     let _ = client
@@ -685,39 +690,16 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
     setup
         .until_state(mine, TaskState::Running, Duration::from_secs(30))
         .await;
-    let (client, mut errors) = connect_recording(
-        &setup.server.url(),
-        &setup.stolen(mine),
-        Some(taskpods_events::subject::task_inbox_prefix(mine)),
-    )
-    .await;
+    let (client, mut errors) = setup.as_task(mine).await;
 
     // Its own identity gets its own input through the engine...
-    let ask = |input: &str| {
-        codec_bytes(&FileGet {
-            input: input.to_owned(),
-            offset: 0,
-        })
-    };
-    let reply = client
-        .request(names.agent_files(mine, "get"), ask("own.txt"))
-        .await
-        .expect("the engine answers");
-    let reply: FileGetReply =
-        taskpods_events::codec::decode("reply", &reply.payload, taskpods_events::Encoding::Msgpack)
-            .unwrap();
+    let reply = get_input(&client, names.agent_files(mine, "get"), "own.txt").await;
     assert!(
         matches!(&reply, FileGetReply::Chunk { data, .. } if data.as_ref() == b"my data"),
         "{reply:?}"
     );
     // ...but not another task's, by name on its own subject...
-    let reply = client
-        .request(names.agent_files(mine, "get"), ask("secret.txt"))
-        .await
-        .expect("the engine answers");
-    let reply: FileGetReply =
-        taskpods_events::codec::decode("reply", &reply.payload, taskpods_events::Encoding::Msgpack)
-            .unwrap();
+    let reply = get_input(&client, names.agent_files(mine, "get"), "secret.txt").await;
     assert!(
         matches!(
             reply,
@@ -729,8 +711,12 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
         "{reply:?}"
     );
     // ...nor on the other task's subject (the server refuses the publish)...
+    let request = FileGet {
+        input: "secret.txt".into(),
+        offset: 0,
+    };
     client
-        .publish(names.agent_files(theirs, "get"), ask("secret.txt"))
+        .publish(names.agent_files(theirs, "get"), codec_bytes(&request))
         .await
         .unwrap();
     refused(&mut errors, "publish", &names.agent_files(theirs, "get")).await;
@@ -765,4 +751,22 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
 
 fn codec_bytes<T: serde::Serialize>(value: &T) -> bytes::Bytes {
     taskpods_events::codec::to_msgpack(value).unwrap().into()
+}
+
+/// Asks the engine for `input` from its start on `subject`, as an agent would.
+async fn get_input(
+    client: &async_nats::Client,
+    subject: String,
+    input: &str,
+) -> taskpods_events::files::FileGetReply {
+    let request = taskpods_events::files::FileGet {
+        input: input.to_owned(),
+        offset: 0,
+    };
+    let reply = client
+        .request(subject, codec_bytes(&request))
+        .await
+        .expect("the engine answers");
+    taskpods_events::codec::decode("reply", &reply.payload, taskpods_events::Encoding::Msgpack)
+        .unwrap()
 }
