@@ -118,6 +118,10 @@ pub enum ConfigError {
     /// `TASKPODS_DEADLINE` is not an RFC 3339 time.
     #[error("TASKPODS_DEADLINE: not an RFC 3339 time")]
     Deadline(#[source] chrono::ParseError),
+    /// `TASKPODS_FILES_DIR` is not given and the working directory (its default under bubblewrap) is
+    /// unknown.
+    #[error("TASKPODS_FILES_DIR: no working directory to put files/ in")]
+    FilesDir(#[source] std::io::Error),
     /// `TASKPODS_SANDBOX` names no sandbox this agent knows (the value given).
     #[error("TASKPODS_SANDBOX: {0:?}: use bwrap or none")]
     Sandbox(String),
@@ -203,7 +207,7 @@ impl Config {
             (Some(dir), _) => dir.into(),
             (None, Sandbox::None) => std::env::temp_dir(),
             (None, Sandbox::Bwrap) => std::env::current_dir()
-                .map_err(|e| err("TASKPODS_FILES_DIR", &format!("no working directory: {e}")))?
+                .map_err(ConfigError::FilesDir)?
                 .join("files"),
         };
         Ok(Self {

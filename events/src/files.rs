@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use bytes::Bytes;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{Problem, TaskId};
@@ -31,7 +32,7 @@ pub const MAX_COMPONENT_BYTES: usize = 255;
 pub const MAX_OBJECT_NAME_BYTES: usize = 1024;
 
 /// An input named in a launch: the object to fetch and where the code finds it (`/tmp/in/<path>`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InputFile {
     /// The input's name; the agent asks for it by this name. Also its path when `path` is absent.
@@ -59,7 +60,7 @@ impl InputFile {
 
 /// Per-task limits on inputs and artifacts. On Kubernetes both live in the pod's size-limited `/tmp`
 /// emptyDir, so `max_input_bytes + max_artifact_bytes` must fit in it ([`FileLimits::fits_in`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct FileLimits {
     /// Most inputs a launch may name.
@@ -282,7 +283,7 @@ pub fn is_digest(text: &str) -> bool {
 }
 
 /// One artifact as stored: its path under `/tmp/out`, size and digest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Artifact {
     /// Relative to `/tmp/out`; the object is `<task>/out/<path>`.
     pub path: String,
@@ -293,7 +294,7 @@ pub struct Artifact {
 }
 
 /// What the caps left out: counted, not stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ArtifactsTruncated {
     /// Files not uploaded because the count or byte cap was reached.
     pub files: u64,
@@ -302,7 +303,7 @@ pub struct ArtifactsTruncated {
 }
 
 /// Something in `/tmp/out` that was not uploaded, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SkippedArtifact {
     /// Its path under `/tmp/out` (lossy UTF-8).
     pub path: String,
@@ -312,7 +313,7 @@ pub struct SkippedArtifact {
 
 /// Why a task's inputs could not be provided; the task fails with the matching reason before its code
 /// runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InputProblem {
     /// The object is not in the files bucket.
@@ -342,7 +343,7 @@ impl InputProblem {
 }
 
 /// The agent's report that an input could not be provided.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct InputFailure {
     /// What went wrong.
     pub problem: InputProblem,
@@ -353,7 +354,7 @@ pub struct InputFailure {
 }
 
 /// Why the engine refused a file request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileRefusal {
     /// The input's object is not in the bucket.
@@ -410,7 +411,7 @@ impl fmt::Display for FileRefusal {
 }
 
 /// The agent asks for the bytes of one of its inputs from `offset` on (`<p>.agent.<task>.files.get`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct FileGet {
     /// The input's name, as in the launch.
     pub input: String,
@@ -420,7 +421,7 @@ pub struct FileGet {
 }
 
 /// The engine's answer to a [`FileGet`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub enum FileGetReply {
     /// Bytes of the input from `offset`.
@@ -432,6 +433,7 @@ pub enum FileGetReply {
         /// The input's digest.
         digest: String,
         /// The bytes (msgpack bin).
+        #[schemars(with = "Vec<u8>")]
         data: Bytes,
         /// Whether `data` ends the input.
         last: bool,
@@ -447,20 +449,21 @@ pub enum FileGetReply {
 
 /// The agent hands over a chunk of an artifact (`<p>.agent.<task>.files.put`). Chunks of one file come
 /// in order; offset 0 starts (or restarts) the file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct FilePut {
     /// The artifact's path under `/tmp/out`.
     pub path: String,
     /// Where `data` starts in the file.
     pub offset: u64,
     /// The bytes (msgpack bin).
+    #[schemars(with = "Vec<u8>")]
     pub data: Bytes,
     /// Whether this chunk ends the file.
     pub last: bool,
 }
 
 /// The engine's answer to a [`FilePut`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub enum FilePutReply {
     /// Taken; send the chunk starting at `next_offset`.
