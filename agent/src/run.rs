@@ -76,8 +76,7 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
     // Inputs first: if one cannot be provided, the task fails with its reason and no code runs.
     let files = FilesClient::new(client.clone(), &config.names, task);
     let dirs = FileDirs::under(&config.files_dir);
-    let code_uid =
-        (config.sandbox == Sandbox::Bwrap && nix::unistd::geteuid().is_root()).then_some(1000);
+    let code_uid = (config.sandbox == Sandbox::Bwrap).then_some(sandbox::SANDBOX_UID);
     let prepared = match dirs.create(code_uid) {
         Ok(()) => {
             files

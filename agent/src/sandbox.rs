@@ -686,6 +686,8 @@ mod tests {
             deadline: chrono::Utc::now() + chrono::TimeDelta::seconds(60),
             heartbeat_interval_ms: 1000,
             output_cap_bytes: 1 << 20,
+            inputs: Vec::new(),
+            files: Default::default(),
         };
         (config, instructions)
     }

@@ -93,6 +93,8 @@ async fn run_agent_with(
         deadline: chrono::Utc::now() + chrono::TimeDelta::seconds(timeout_secs),
         heartbeat_interval_ms: 200,
         output_cap_bytes: cap,
+        inputs: Vec::new(),
+        files: Default::default(),
     };
     // The engine's part: first answer Wait, then Run.
     let mut hellos = client.subscribe(names.agent_hello(task)).await.unwrap();
