@@ -118,10 +118,6 @@ pub enum ConfigError {
     /// `TASKPODS_DEADLINE` is not an RFC 3339 time.
     #[error("TASKPODS_DEADLINE: not an RFC 3339 time")]
     Deadline(#[source] chrono::ParseError),
-    /// `TASKPODS_FILES_DIR` is not given and the working directory (its default under bubblewrap) is
-    /// unknown.
-    #[error("TASKPODS_FILES_DIR: no working directory to put files/ in")]
-    FilesDir(#[source] std::io::Error),
     /// `TASKPODS_SANDBOX` names no sandbox this agent knows (the value given).
     #[error("TASKPODS_SANDBOX: {0:?}: use bwrap or none")]
     Sandbox(String),
@@ -203,12 +199,12 @@ impl Config {
                 .map(|v| number("TASKPODS_MEMORY_BYTES", v))
                 .transpose()?,
         };
+        // Under bubblewrap the directories are bound into the sandbox by its own (unprivileged) UID, so
+        // they cannot sit in the engine's state directory, which is closed to that UID.
         let files_dir = match (var("TASKPODS_FILES_DIR"), sandbox) {
             (Some(dir), _) => dir.into(),
             (None, Sandbox::None) => std::env::temp_dir(),
-            (None, Sandbox::Bwrap) => std::env::current_dir()
-                .map_err(ConfigError::FilesDir)?
-                .join("files"),
+            (None, Sandbox::Bwrap) => std::env::temp_dir().join(format!("taskpods-files-{task}")),
         };
         Ok(Self {
             task,

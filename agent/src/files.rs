@@ -9,9 +9,10 @@
 //! counted as truncated.
 //!
 //! Where the directories are: in a pod (no sandbox of our own) `$TMPDIR/in` and `$TMPDIR/out`, i.e.
-//! `/tmp/in` and `/tmp/out` in the pod's size-limited emptyDir; under bubblewrap, `files/in` and
-//! `files/out` in the agent's working directory (its sandbox directory), bound into the sandbox at
-//! `/tmp/in` (read-only) and `/tmp/out`.
+//! `/tmp/in` and `/tmp/out` in the pod's size-limited emptyDir; under bubblewrap,
+//! `$TMPDIR/taskpods-files-<task>/in` and `…/out` on the host (reachable only by the sandbox's UID and
+//! root), bound into the sandbox at `/tmp/in` (read-only) and `/tmp/out`, and removed once the result is
+//! reported.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -62,27 +63,44 @@ impl FileDirs {
         }
     }
 
-    /// Creates both directories, the output one writable by the code's host user when that is another
-    /// user (`code_uid`): owned by it when the agent runs as root, else (a subordinate id the agent cannot
-    /// give files to) writable by all; the sandbox directory around it stays closed to other users.
-    pub fn create(&self, code_uid: Option<u32>) -> std::io::Result<()> {
+    /// Creates both directories. When the code runs as another host user (`code_uid`, the sandbox's),
+    /// that user must reach them to bind them and write the outputs: as root, the parent (`base`) and the
+    /// output directory are given to it and the parent closed to everyone else; otherwise (a subordinate
+    /// id the agent cannot give files to) the parent can be passed through but not listed, and the
+    /// output directory is writable by all.
+    pub fn create(&self, base: &Path, code_uid: Option<u32>) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        };
         for dir in [&self.inputs, &self.outputs] {
             std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            mode(dir, 0o755)?;
         }
         match code_uid {
             Some(uid) if nix::unistd::geteuid().is_root() => {
                 let id = Some(nix::unistd::Uid::from_raw(uid));
                 let gid = Some(nix::unistd::Gid::from_raw(uid));
-                nix::unistd::chown(&self.outputs, id, gid).map_err(std::io::Error::from)?;
+                for dir in [base, self.outputs.as_path()] {
+                    nix::unistd::chown(dir, id, gid).map_err(std::io::Error::from)?;
+                }
+                mode(base, 0o700)?;
             }
             Some(_) => {
-                std::fs::set_permissions(&self.outputs, std::fs::Permissions::from_mode(0o777))?
+                mode(base, 0o711)?;
+                mode(&self.outputs, 0o777)?;
             }
             None => {}
         }
         Ok(())
+    }
+
+    /// Removes both directories and, if then empty, `base` (the files are uploaded by now).
+    pub fn remove(&self, base: &Path) {
+        for dir in [&self.inputs, &self.outputs] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let _ = std::fs::remove_dir(base);
     }
 }
 

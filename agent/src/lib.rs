@@ -36,7 +36,7 @@
 //! | `TASKPODS_FLUSH_MS` | 200 | longest time output waits before it is sent |
 //! | `TASKPODS_KILL_GRACE_MS` | 5000 | how long past the deadline the agent itself kills the code (the engine's timer acts first) |
 //! | `TASKPODS_TERM_GRACE_MS` | 2000 | on SIGTERM: how long the code gets between the forwarded SIGTERM and SIGKILL |
-//! | `TASKPODS_FILES_DIR` | `$TMPDIR` (no sandbox) or `./files` (bubblewrap) | where `in/` and `out/` live on the agent's side |
+//! | `TASKPODS_FILES_DIR` | `$TMPDIR` (no sandbox) or `$TMPDIR/taskpods-files-<task>` (bubblewrap) | where `in/` and `out/` live on the agent's side |
 //! | `TASKPODS_ENV_FILE` | `/etc/taskpods/agent.env` if it exists | `NAME=value` lines (a mounted file) for any variable above not set in the environment |
 //!
 //! Layout: [`config`] (the environment above), [`protocol`] (connect, hello, acked reports, message ids),

@@ -77,7 +77,7 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
     let files = FilesClient::new(client.clone(), &config.names, task);
     let dirs = FileDirs::under(&config.files_dir);
     let code_uid = (config.sandbox == Sandbox::Bwrap).then_some(sandbox::SANDBOX_UID);
-    let prepared = match dirs.create(code_uid) {
+    let prepared = match dirs.create(&config.files_dir, code_uid) {
         Ok(()) => {
             files
                 .download_inputs(&instructions.inputs, &dirs.inputs)
@@ -100,6 +100,9 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
             input_failure: Some(failure),
             ..TaskOutcome::default()
         };
+        if config.sandbox == Sandbox::Bwrap {
+            dirs.remove(&config.files_dir);
+        }
         return publish_result(&js, &config, &outcome)
             .await
             .map(|()| outcome);
@@ -165,6 +168,9 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
         input_failure: None,
     };
     let reported = publish_result(&js, &config, &outcome).await;
+    if config.sandbox == Sandbox::Bwrap {
+        dirs.remove(&config.files_dir);
+    }
     heartbeat.abort();
     client.flush().await.ok();
     reported.map(|()| outcome)

@@ -140,10 +140,8 @@ async fn run_agent_with(
             setpriv
         }
     };
-    let files = tempfile::tempdir().unwrap();
     agent
         .env("TASKPODS_TASK_ID", task.to_string())
-        .env("TASKPODS_FILES_DIR", files.path())
         .env("TASKPODS_NATS_URL", server.url())
         .env("TASKPODS_SANDBOX", "bwrap")
         .env("TASKPODS_TMP_BYTES", "4194304")
