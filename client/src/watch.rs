@@ -225,6 +225,8 @@ mod tests {
                 .collect(),
             requester: requester.map(str::to_owned),
             idempotency_key: None,
+            inputs: Vec::new(),
+            files: Default::default(),
         };
         let filter = TaskFilter::requester("brain-a").label("team", "ml");
         assert!(filter.matches(&spec(Some("brain-a"), &[("team", "ml"), ("x", "y")])));
