@@ -175,6 +175,9 @@ pub enum LoopError {
     /// The timers failed.
     #[error("timers: {0}")]
     Timers(#[from] timers::TimersError),
+    /// The files loop failed.
+    #[error("files: {0}")]
+    Files(#[from] files::FilesError),
     /// The executor failed.
     #[error("executor: {0}")]
     Executor(#[from] executor::ExecutorError),
