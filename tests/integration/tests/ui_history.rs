@@ -31,6 +31,7 @@ fn outcome(exit_code: i32) -> TaskOutcome {
         output_truncated: false,
         result: None,
         output_tail: None,
+        ..TaskOutcome::default()
     }
 }
 

@@ -66,6 +66,7 @@ async fn figures_for_a_thousand_live_tasks_and_a_hundred_thousand_lines() {
                 output_truncated: false,
                 result: None,
                 output_tail: None,
+                ..TaskOutcome::default()
             },
         }),
     ));
