@@ -133,7 +133,7 @@ impl Default for TopologyConfig {
             dead_letter_max_age: Duration::from_secs(30 * 24 * 3600),
             max_message_bytes: 1 << 20,
             files_max_age: Duration::from_secs(7 * 24 * 3600),
-            files_max_bytes: 1 << 30,
+            files_max_bytes: 512 << 20,
         }
     }
 }
