@@ -334,6 +334,7 @@ impl Engine {
             })?;
         spawn(
             &mut loops,
+            &probe,
             "files",
             files::run(ctx.clone(), bucket, config.files.clone()),
         );

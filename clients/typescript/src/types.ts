@@ -95,6 +95,18 @@ export type CommandReply =
                 }
               | {
                   code: "backend_error";
+                }
+              | {
+                  code: "input_missing";
+                }
+              | {
+                  code: "input_too_large";
+                }
+              | {
+                  code: "input_corrupt";
+                }
+              | {
+                  code: "input_unavailable";
                 };
             state: "failed";
           }
@@ -196,6 +208,18 @@ export type CommandReply =
                 }
               | {
                   code: "backend_error";
+                }
+              | {
+                  code: "input_missing";
+                }
+              | {
+                  code: "input_too_large";
+                }
+              | {
+                  code: "input_corrupt";
+                }
+              | {
+                  code: "input_unavailable";
                 };
             state: "failed";
           }
@@ -351,6 +375,18 @@ export type Event1 =
           }
         | {
             code: "backend_error";
+          }
+        | {
+            code: "input_missing";
+          }
+        | {
+            code: "input_too_large";
+          }
+        | {
+            code: "input_corrupt";
+          }
+        | {
+            code: "input_unavailable";
           };
     }
   | {
@@ -370,6 +406,10 @@ export type Event1 =
   | {
       kind: "reaped";
     };
+/**
+ * One env value in a [`crate::TaskSpec`].
+ */
+export type EnvValue = SealedValue | string;
 /**
  * A report from the agent inside the task pod.
  */
@@ -478,6 +518,18 @@ export type TaskState =
           }
         | {
             code: "backend_error";
+          }
+        | {
+            code: "input_missing";
+          }
+        | {
+            code: "input_too_large";
+          }
+        | {
+            code: "input_corrupt";
+          }
+        | {
+            code: "input_unavailable";
           };
       state: "failed";
     }
@@ -695,6 +747,18 @@ export type TaskView1 =
           }
         | {
             code: "backend_error";
+          }
+        | {
+            code: "input_missing";
+          }
+        | {
+            code: "input_too_large";
+          }
+        | {
+            code: "input_corrupt";
+          }
+        | {
+            code: "input_unavailable";
           };
       state: "failed";
     }
@@ -830,6 +894,18 @@ export type ActiveView1 =
           }
         | {
             code: "backend_error";
+          }
+        | {
+            code: "input_missing";
+          }
+        | {
+            code: "input_too_large";
+          }
+        | {
+            code: "input_corrupt";
+          }
+        | {
+            code: "input_unavailable";
           };
       state: "failed";
     }
@@ -958,6 +1034,18 @@ export type FinishedView1 =
           }
         | {
             code: "backend_error";
+          }
+        | {
+            code: "input_missing";
+          }
+        | {
+            code: "input_too_large";
+          }
+        | {
+            code: "input_corrupt";
+          }
+        | {
+            code: "input_unavailable";
           };
       state: "failed";
     }
@@ -973,6 +1061,7 @@ export type FinishedView1 =
 
 /**
  * A request to run one task. Only `script` (or `goal`) is required; everything else has a default.
+ * `Debug` shows env names, never values.
  */
 export interface LaunchTask {
   /**
@@ -993,6 +1082,10 @@ export interface LaunchTask {
    * A container image to run; mutually exclusive with `toolbox`.
    */
   image?: string | null;
+  /**
+   * Objects of the files bucket the agent downloads into `/tmp/in/<path>` before the code runs.
+   */
+  inputs?: InputFile[];
   /**
    * Free-form labels for finding tasks later; Kubernetes label syntax.
    */
@@ -1024,6 +1117,32 @@ export interface LaunchTask {
    * The name of a configured toolbox image; the policy's default when neither is given.
    */
   toolbox?: string | null;
+}
+/**
+ * An input named in a launch: the object to fetch and where the code finds it (`/tmp/in/<path>`).
+ */
+export interface InputFile {
+  /**
+   * The digest the caller expects (`SHA-256=<base64url>`, as the object store writes it); checked
+   * against the stored object when given.
+   */
+  digest?: string | null;
+  /**
+   * The input's name; the agent asks for it by this name. Also its path when `path` is absent.
+   */
+  name: string;
+  /**
+   * The object in the files bucket holding its bytes (e.g. `<task>/in/<name>`).
+   */
+  object: string;
+  /**
+   * Where under `/tmp/in` the code finds it; `name` when absent.
+   */
+  path?: string | null;
+  /**
+   * The size the caller expects, in bytes; checked against the stored object when given.
+   */
+  size?: number | null;
 }
 /**
  * CPU and memory; defaults and caps come from the policy.
@@ -1081,11 +1200,12 @@ export interface Problem {
  */
 export interface TaskSpec {
   /**
-   * Environment for the user's code.
+   * Environment for the user's code: names in clear, values sealed by the engine.
    */
   env?: {
-    [k: string]: string;
+    [k: string]: EnvValue;
   };
+  files?: FileLimits;
   /**
    * The caller's idempotency key, kept for the record.
    */
@@ -1094,6 +1214,10 @@ export interface TaskSpec {
    * The image the task pod runs.
    */
   image: string;
+  /**
+   * The inputs, with their paths resolved (names, sizes and digests only: never contents).
+   */
+  inputs?: InputFile[];
   /**
    * The script (mode `script`) or goal (mode `agent`).
    */
@@ -1123,6 +1247,44 @@ export interface TaskSpec {
   toolbox?: string | null;
 }
 /**
+ * Encrypted by the engine.
+ */
+export interface SealedValue {
+  /**
+   * The algorithm and key version (`chacha20poly1305`).
+   */
+  alg: string;
+  /**
+   * `hmac-sha256:<hex>` of the value, keyed with a key derived from the seal key.
+   */
+  digest: string;
+  /**
+   * Nonce and ciphertext, base64.
+   */
+  sealed: string;
+}
+/**
+ * The limits on inputs and artifacts that applied at launch.
+ */
+export interface FileLimits {
+  /**
+   * Largest total size of a task's artifacts, bytes; the rest are counted as truncated.
+   */
+  max_artifact_bytes?: number;
+  /**
+   * Most artifacts kept from one task; the rest are counted as truncated.
+   */
+  max_artifacts?: number;
+  /**
+   * Largest total size of a task's inputs, bytes.
+   */
+  max_input_bytes?: number;
+  /**
+   * Most inputs a launch may name.
+   */
+  max_inputs?: number;
+}
+/**
  * CPU and memory.
  */
 export interface Resources {
@@ -1148,6 +1310,18 @@ export interface Resources {
  */
 export interface TaskOutcome {
   /**
+   * The files the code left in `/tmp/out` that were stored (`<task>/out/<path>`), in path order.
+   */
+  artifacts?: Artifact[];
+  /**
+   * What in `/tmp/out` was not stored for another reason (symlinks, special files, bad paths).
+   */
+  artifacts_skipped?: SkippedArtifact[];
+  /**
+   * What the per-task artifact caps left out, when they did.
+   */
+  artifacts_truncated?: ArtifactsTruncated | null;
+  /**
    * Wall-clock time of the user's code.
    */
   duration_ms?: number;
@@ -1155,6 +1329,10 @@ export interface TaskOutcome {
    * The exit code of the user's code; signals are reported as 128 + signal.
    */
   exit_code?: number;
+  /**
+   * Set when an input could not be provided: the code did not run.
+   */
+  input_failure?: InputFailure | null;
   /**
    * The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
    * output beyond the cap: what a person looks at first when a task failed.
@@ -1180,9 +1358,81 @@ export interface TaskOutcome {
   stdout_bytes?: number;
 }
 /**
+ * One artifact as stored: its path under `/tmp/out`, size and digest.
+ */
+export interface Artifact {
+  /**
+   * `SHA-256=<base64url>`, as the object store records it.
+   */
+  digest: string;
+  /**
+   * Relative to `/tmp/out`; the object is `<task>/out/<path>`.
+   */
+  path: string;
+  /**
+   * Bytes.
+   */
+  size: number;
+}
+/**
+ * Something in `/tmp/out` that was not uploaded, and why.
+ */
+export interface SkippedArtifact {
+  /**
+   * Its path under `/tmp/out` (lossy UTF-8).
+   */
+  path: string;
+  /**
+   * Why: `symlink`, `not a regular file`, `bad path`, `unreadable`, `refused`.
+   */
+  reason: string;
+}
+/**
+ * What the caps left out: counted, not stored.
+ */
+export interface ArtifactsTruncated {
+  /**
+   * Their bytes.
+   */
+  bytes: number;
+  /**
+   * Files not uploaded because the count or byte cap was reached.
+   */
+  files: number;
+}
+/**
+ * The agent's report that an input could not be provided.
+ */
+export interface InputFailure {
+  /**
+   * The input's name.
+   */
+  input: string;
+  /**
+   * Details for a person.
+   */
+  message: string;
+  /**
+   * What went wrong.
+   */
+  problem: "missing" | "too_large" | "corrupt" | "unavailable" | "unknown";
+}
+/**
  * What the agent reports when the user's code has exited.
  */
 export interface TaskOutcome1 {
+  /**
+   * The files the code left in `/tmp/out` that were stored (`<task>/out/<path>`), in path order.
+   */
+  artifacts?: Artifact[];
+  /**
+   * What in `/tmp/out` was not stored for another reason (symlinks, special files, bad paths).
+   */
+  artifacts_skipped?: SkippedArtifact[];
+  /**
+   * What the per-task artifact caps left out, when they did.
+   */
+  artifacts_truncated?: ArtifactsTruncated | null;
   /**
    * Wall-clock time of the user's code.
    */
@@ -1191,6 +1441,10 @@ export interface TaskOutcome1 {
    * The exit code of the user's code; signals are reported as 128 + signal.
    */
   exit_code?: number;
+  /**
+   * Set when an input could not be provided: the code did not run.
+   */
+  input_failure?: InputFailure | null;
   /**
    * The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
    * output beyond the cap: what a person looks at first when a task failed.

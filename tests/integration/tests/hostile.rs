@@ -298,7 +298,12 @@ async fn a_compromised_agent_can_do_nothing_but_its_own_task() {
     setup
         .until_state(theirs, TaskState::Running, Duration::from_secs(30))
         .await;
-    let (client, mut errors) = setup.as_task(mine).await;
+    let (client, mut errors) = connect_recording(
+        &setup.server.url(),
+        &setup.stolen(mine),
+        Some(taskpods_events::subject::task_inbox_prefix(mine)),
+    )
+    .await;
 
     // Read another task's instructions.
     let _ = client
@@ -650,6 +655,8 @@ async fn a_brain_cannot_write_events_or_agent_reports_and_an_operator_cannot_lau
         operator.publish(subject.clone(), "x".into()).await.unwrap();
         refused(&mut errors, "publish", &subject).await;
     }
+}
+
 #[tokio::test]
 async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_own() {
     use taskpods_events::EventBody;
