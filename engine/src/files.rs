@@ -217,8 +217,9 @@ impl Files {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) => {
-                    // The object store reader checks the digest when the last chunk arrives.
-                    let code = if e.to_string().contains("digest") {
+                    // The object store reader checks the digest when the last chunk arrives and
+                    // reports a mismatch as invalid data (other read failures are transport errors).
+                    let code = if e.kind() == std::io::ErrorKind::InvalidData {
                         FileRefusal::InputCorrupt
                     } else {
                         FileRefusal::Unavailable
