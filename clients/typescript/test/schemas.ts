@@ -18,6 +18,8 @@ function integerIn(min: number, max: number) {
 
 const ajv = new Ajv2020({ allErrors: true, strict: true });
 addFormats(ajv);
+// `uint` is schemars's format for Rust's usize (sizes and counts): a non-negative integer JS can hold.
+ajv.addFormat("uint", integerIn(0, Number.MAX_SAFE_INTEGER));
 ajv.addFormat("uint16", integerIn(0, 0xffff));
 ajv.addFormat("uint32", integerIn(0, 0xffff_ffff));
 ajv.addFormat("uint64", integerIn(0, Number.MAX_SAFE_INTEGER));
