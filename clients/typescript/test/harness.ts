@@ -111,7 +111,7 @@ export class Installation {
 
   /** Starts the engine (again, after `stopEngine`) and waits until its views exist. */
   async startEngine(): Promise<void> {
-    this.engine = track(spawn(TASKPODS_BIN, ["serve", "--nats-url", this.url, "--backend", "local"], {
+    this.engine = track(spawn(TASKPODS_BIN, ["serve", "--nats-url", this.url, "--backend", "local", "--no-ui"], {
       env: {
         ...process.env,
         TASKPODS_AGENT_BIN: AGENT_BIN,
