@@ -299,7 +299,8 @@ async fn a_hello_flood_for_random_ids_does_not_hold_up_a_real_tasks_start() {
     let task = client
         .launch(LaunchTask {
             timeout_secs: Some(120),
-            ..LaunchTask::script("echo started")
+            // It stays running a while, so the poll below cannot miss its Running state.
+            ..LaunchTask::script("echo started; sleep 3")
         })
         .await
         .unwrap()
