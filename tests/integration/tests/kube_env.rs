@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::Duration;
 
 use taskpods_harness::kube::{
@@ -883,5 +884,138 @@ async fn pod_failure_policy_ignores_eviction_and_the_job_controller_replaces_the
     assert!(
         pods.iter().any(|p| phase(p) == "Succeeded"),
         "a replacement pod succeeded"
+    );
+}
+
+/// What the kubelet gives a pod that a real cluster's in-cluster clients rely on: Secret and ConfigMap
+/// files at their mount paths (read-only, modes and `fsGroup` honoured), a writable emptyDir, and the
+/// ServiceAccount admission plugin's projected `kube-api-access-*` volume (a TokenRequest-minted token,
+/// `kube-root-ca.crt`, the namespace), so kube-rs's in-cluster configuration authenticates as the pod's
+/// ServiceAccount over verified TLS. Nothing is created on the host for the new mount points.
+#[tokio::test]
+async fn pods_see_their_volumes_and_in_cluster_clients_authenticate() {
+    let t = TestNs::new("volumes", true).await;
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "creds"}, "stringData": {"nats.creds": "TOP-SECRET", "other": "x"}
+    }))
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "settings"}, "data": {"engine.toml": "answer = 42\n"}
+    }))
+    .expect("config map");
+    Api::<ConfigMap>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &cm)
+        .await
+        .expect("create config map");
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let script = format!(
+        r#"set -u
+echo "id=$(id -u):$(id -g) groups=$(id -G)"
+echo "secret=$(cat /var/run/secrets/taskpods/nats/nats.creds) mode=$(stat -L -c %a /var/run/secrets/taskpods/nats/nats.creds)"
+test -e /var/run/secrets/taskpods/nats/other && echo LEAK:unlisted-key
+touch /var/run/secrets/taskpods/nats/x 2>/dev/null && echo LEAK:secret-writable
+echo "config=$(cat /etc/taskpods-volume-test/engine.toml)"
+echo scratch > /tmp/scratch && echo "tmp=$(cat /tmp/scratch)"
+echo "namespace=$(cat {sa}/namespace)"
+grep -q 'BEGIN CERTIFICATE' {sa}/ca.crt && echo ca=present
+"{whoami}"
+"#,
+        whoami = env!("CARGO_BIN_EXE_kube-whoami"),
+    );
+    let mut spec = restricted_spec(&script, json!([]));
+    spec["automountServiceAccountToken"] = json!(true);
+    spec["securityContext"]["fsGroup"] = json!(2000);
+    spec["volumes"] = json!([
+        {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 0o400,
+            "items": [{"key": "nats.creds", "path": "nats.creds"}]}},
+        {"name": "settings", "configMap": {"name": "settings"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
+    ]);
+    spec["containers"][0]["volumeMounts"] = json!([
+        {"name": "creds", "mountPath": "/var/run/secrets/taskpods/nats", "readOnly": true},
+        {"name": "settings", "mountPath": "/etc/taskpods-volume-test"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]);
+    let pods = t.pods();
+    pods.create(&PostParams::default(), &pod("mounts", spec, json!({})))
+        .await
+        .expect("create pod");
+    let done = wait_for("pod mounts to end", || async {
+        pods.get("mounts")
+            .await
+            .ok()
+            .filter(|p| matches!(phase(p).as_str(), "Succeeded" | "Failed"))
+    })
+    .await;
+    let logs = t.sim.logs(&t.ns, "mounts", "main").unwrap_or_default();
+    assert_eq!(terminated(&done), Some((0, "Completed".into())), "{logs}");
+    for expected in [
+        "id=1000:1000 groups=1000 2000",
+        // 0400 as asked, plus group-read for the fsGroup (the kubelet's ownership rules).
+        "secret=TOP-SECRET mode=440",
+        "config=answer = 42",
+        "tmp=scratch",
+        &format!("namespace={}", t.ns),
+        "ca=present",
+        &format!(
+            "user=system:serviceaccount:{}:default namespace={}",
+            t.ns, t.ns
+        ),
+    ] {
+        assert!(
+            logs.contains(expected),
+            "{expected:?} missing from:\n{logs}"
+        );
+    }
+    assert!(!logs.contains("LEAK"), "{logs}");
+    assert!(!Path::new("/var/run/secrets/taskpods").exists());
+    assert!(!Path::new("/etc/taskpods-volume-test").exists());
+}
+
+/// A pod whose Secret does not exist yet waits in `ContainerCreating`, with the kubelet's message, and
+/// starts once the Secret is created (the order the engine's per-task Secrets are made in).
+#[tokio::test]
+async fn a_pod_waits_for_its_secret_then_starts() {
+    let t = TestNs::new("late-secret", true).await;
+    let mut spec = restricted_spec("cat /var/run/secrets/late/key", json!([]));
+    spec["volumes"] = json!([{"name": "late", "secret": {"secretName": "late"}}]);
+    spec["containers"][0]["volumeMounts"] =
+        json!([{"name": "late", "mountPath": "/var/run/secrets/late", "readOnly": true}]);
+    let pods = t.pods();
+    pods.create(&PostParams::default(), &pod("waits", spec, json!({})))
+        .await
+        .expect("create pod");
+    let waiting = wait_for("the pod to wait for its secret", || async {
+        let pod = pods.get("waits").await.ok()?;
+        let status = pod.status?.container_statuses?.into_iter().next()?;
+        let waiting = status.state?.waiting?;
+        waiting
+            .message
+            .filter(|m| m.contains("secret \"late\" not found"))
+            .map(|m| (waiting.reason, m))
+    })
+    .await;
+    assert_eq!(
+        waiting.0.as_deref(),
+        Some("ContainerCreating"),
+        "{waiting:?}"
+    );
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "late"}, "stringData": {"key": "arrived"}
+    }))
+    .expect("secret");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(t.client.clone(), &t.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let done = pod_in_phase(&pods, "waits", "Succeeded").await;
+    assert_eq!(terminated(&done), Some((0, "Completed".into())));
+    assert_eq!(
+        t.sim.logs(&t.ns, "waits", "main").as_deref(),
+        Some("arrived")
     );
 }

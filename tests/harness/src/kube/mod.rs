@@ -13,6 +13,10 @@
 //! - [`node`]: [`NodeSimulator`] registers a Ready node, binds pending pods to it and runs each pod's
 //!   containers as local processes, reporting their status the way a kubelet would, so the real Job
 //!   controller computes Job status from it. Faults (OOM kill, image pull failure, eviction) on request.
+//!   Each container runs under bubblewrap with the pod's volumes mounted at their `mountPath`s.
+//! - `volumes` (private): makes a pod's `emptyDir`, `secret`, `configMap`, `downwardAPI` and `projected`
+//!   (incl. `serviceAccountToken` through the TokenRequest API) volumes on the host, and the bubblewrap
+//!   arguments that mount them, so in-cluster clients (kube-rs's `Config::incluster`) work in a pod.
 //!
 //! Nothing here imitates the API server: every request goes to the real one built from upstream source.
 //!
@@ -43,6 +47,7 @@ pub mod control_plane;
 pub mod node;
 pub mod pki;
 pub mod process;
+mod volumes;
 
 // Re-exported so test crates use exactly the client versions the harness was built with, without
 // depending on them (and compiling them) when the `kube` feature is off.

@@ -16,9 +16,18 @@
 //!
 //! What a container runs: its `command` + `args` (as the image's entrypoint is unknown here); if it has no
 //! `command`, the executable mapped to its image with [`SimulatorBuilder::image`] (this is how task pods
-//! run our agent binary). Processes run in a per-pod work directory (also their `HOME` and `TMPDIR`), as
-//! the pod's `runAsUser`/`runAsGroup` when the simulator runs as root (as in CI), else as the test's
-//! user; there is no other isolation, because the point is the API semantics, not the sandbox.
+//! run our agent binary). Each container runs under bubblewrap (`/usr/bin/bwrap`) in a mount namespace
+//! that shows the host's files with the pod's volumes mounted at the container's `mountPath`s (see
+//! `volumes`: emptyDir, secret, configMap, downwardAPI, projected with a TokenRequest-minted
+//! ServiceAccount token, so `/var/run/secrets/kubernetes.io/serviceaccount` is what the kubelet would
+//! mount), as the pod's `runAsUser`/`runAsGroup` with `fsGroup` and `supplementalGroups` as
+//! supplementary groups when the simulator runs as root (as in CI), else as the test's user.
+//! `HOME`, `TMPDIR` and the working directory are a per-pod work directory (shared by the pod's
+//! containers), or the container's volume at `/tmp` when it has one (which hides the host's `/tmp`).
+//! `KUBERNETES_SERVICE_HOST`/`_PORT` name the API server given to [`SimulatorBuilder::api_server`], as the
+//! kubelet sets them from the `kubernetes` Service, so in-cluster clients reach the real API server.
+//! Network and processes are the host's: the point is the API semantics and the files a pod sees, not
+//! the sandbox.
 //!
 //! Deletion: with no real kubelet, a pod with a `deletionTimestamp` would never go away. The simulator
 //! stops its processes (SIGTERM, then SIGKILL after the grace period, capped at 10 s), records the final
@@ -48,6 +57,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::volumes::{MountFailure, PodVolumes, bwrap_mounts, is_root};
 use super::{Error, Result};
 
 /// Pod annotation selecting a simulated fault: `oom-killed`, `image-pull` or `evicted`.
@@ -59,6 +69,10 @@ const FAULT_DELAY: Duration = Duration::from_millis(500);
 const MAX_GRACE: Duration = Duration::from_secs(10);
 /// Back-off before restarting a container under `restartPolicy: OnFailure`/`Always`.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// First and longest wait between attempts to mount a pod's volumes (the kubelet backs off from 500 ms).
+const MOUNT_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(4));
+/// The bubblewrap every container runs under (as the local backend uses it).
+const BWRAP: &str = "/usr/bin/bwrap";
 
 /// A failure the simulator plays instead of (or on top of) running the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +237,15 @@ impl SimulatorBuilder {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .map_err(Error::io("opening up node work directory"))?;
+        // Pods' volumes: reachable by the simulator only (bubblewrap binds them as root), so no pod
+        // reads another pod's volumes through host paths.
+        let volumes = work.path().join(VOLUMES_DIR);
+        std::fs::create_dir(&volumes).map_err(Error::io("creating the volumes directory"))?;
+        std::fs::set_permissions(
+            &volumes,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(Error::io("restricting the volumes directory"))?;
         let mut labels = BTreeMap::from([
             ("kubernetes.io/hostname".to_string(), self.node.clone()),
             ("kubernetes.io/os".to_string(), "linux".to_string()),
@@ -359,6 +382,45 @@ fn pod_dir(work: &Path, namespace: &str, pod: &str) -> PathBuf {
     work.join(namespace).join(pod)
 }
 
+/// Where an image's mapped executable appears inside its containers.
+const IMAGE_DIR: &str = "/run/taskpods-node-simulator/image";
+
+/// Where pods' volumes are made, under the node's work directory (one directory per pod UID).
+const VOLUMES_DIR: &str = ".volumes";
+
+/// Sends `signal` to a container's processes. The group leader is bubblewrap's monitor, which dies of a
+/// SIGTERM at once without passing it on; so a SIGTERM goes to the processes inside only (bubblewrap
+/// then exits with their status), and reaches the leader only when nothing else is left in the group.
+fn signal_container(pgid: i32, signal: Signal) {
+    if signal == Signal::SIGKILL {
+        let _ = killpg(Pid::from_raw(pgid), signal);
+        return;
+    }
+    let members: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != pgid)
+        .filter(|pid| {
+            // Field 5 of /proc/PID/stat, after the parenthesised command name.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect();
+    if members.is_empty() {
+        let _ = killpg(Pid::from_raw(pgid), signal);
+    }
+    for pid in members {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+    }
+}
+
 async fn register_node(inner: &Inner) -> Result<()> {
     let nodes: Api<Node> = Api::all(inner.client.clone());
     let node = Node {
@@ -491,6 +553,7 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
                     key: format!("{namespace}/{name}"),
                     stop_rx,
                     pgids: Arc::clone(&pgids),
+                    volumes: PodVolumes::default(),
                 };
                 let task = tokio::spawn(run.run());
                 pods.insert(
@@ -737,6 +800,8 @@ struct PodRun {
     key: String,
     stop_rx: mpsc::UnboundedReceiver<Stop>,
     pgids: Arc<Mutex<Vec<i32>>>,
+    /// The pod's volumes, once made (before any container starts).
+    volumes: PodVolumes,
 }
 
 /// An exit report from a container's waiter task: (init container?, index, generation, exit code).
@@ -755,6 +820,29 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(255)
+}
+
+/// Checks that `program` names an executable (a path, or a name found on `path`), as the runtime's exec
+/// would, before the sandbox starts, so a missing one is a start error.
+fn find_executable(program: &str, path: Option<&str>) -> std::result::Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(Path::new(program))
+    } else {
+        path.unwrap_or("/usr/local/bin:/usr/bin:/bin")
+            .split(':')
+            .any(|dir| executable(&Path::new(dir).join(program)))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "starting {program:?}: executable file not found in $PATH or no such file"
+        ))
+    }
 }
 
 /// Records a container's exit.
@@ -814,9 +902,72 @@ impl PodRun {
         if let Err(e) = self.run_inner().await {
             tracing::warn!(pod = %self.key, error = %e, "node simulator: pod run failed");
         }
-        // Whatever happened, leave no process behind.
+        // Whatever happened, leave no process behind, and no volume (secrets included).
         for pgid in lock(&self.pgids).drain(..) {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(self.volume_root());
+    }
+
+    fn volume_root(&self) -> PathBuf {
+        self.inner
+            .work
+            .path()
+            .join(VOLUMES_DIR)
+            .join(self.pod.uid().unwrap_or_default())
+    }
+
+    /// Makes the pod's volumes, trying again with back-off while something they need is missing (the
+    /// pod stays `Pending`, its containers `ContainerCreating` with the kubelet's message), until the pod
+    /// is stopped or its deadline passes. `false` when the pod was stopped (and its status written).
+    async fn mount_volumes(
+        &mut self,
+        base: &Value,
+        inits: &mut [Ctr],
+        ctrs: &mut [Ctr],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<bool> {
+        let mut delay = MOUNT_RETRY.0;
+        let mut reported = String::new();
+        loop {
+            let failure =
+                match PodVolumes::materialize(&self.inner.client, &self.pod, &self.volume_root())
+                    .await
+                {
+                    Ok(volumes) => {
+                        self.volumes = volumes;
+                        return Ok(true);
+                    }
+                    Err(failure) => failure,
+                };
+            let message = failure.to_string();
+            if message != reported {
+                tracing::debug!(pod = %self.key, %message, "node simulator: volumes not mounted yet");
+                for c in inits.iter_mut().chain(ctrs.iter_mut()) {
+                    c.state = CState::Waiting {
+                        reason: "ContainerCreating".into(),
+                        message: message.clone(),
+                    };
+                }
+                self.patch(self.status(base, "Pending", inits, ctrs, None))
+                    .await?;
+                reported = message;
+            }
+            let retry = match failure {
+                MountFailure::NotYet(_) => Some(tokio::time::Instant::now() + delay),
+                MountFailure::Unsupported(_) => None,
+            };
+            delay = (delay * 2).min(MOUNT_RETRY.1);
+            let stop = tokio::select! {
+                Some(stop) = self.stop_rx.recv() => Some(stop),
+                _ = sleep_until(deadline) => Some(Stop::Deadline),
+                _ = sleep_until(retry) => None,
+            };
+            if let Some(stop) = stop {
+                let (_tx, mut rx) = mpsc::unbounded_channel();
+                self.stop_all(base, inits, ctrs, &mut rx, stop).await?;
+                return Ok(false);
+            }
         }
     }
 
@@ -900,7 +1051,7 @@ impl PodRun {
         status
     }
 
-    /// Resolves a container's environment as the kubelet would.
+    /// Resolves a container's environment as the kubelet would; `dir` is its `HOME` and `TMPDIR`.
     async fn env(&self, c: &Container, dir: &Path) -> Result<Vec<(String, String)>> {
         let ns = self.pod.namespace().unwrap_or_else(|| "default".into());
         let mut env: Vec<(String, String)> = vec![
@@ -910,7 +1061,7 @@ impl PodRun {
             ),
             ("HOSTNAME".into(), self.name()),
             ("HOME".into(), dir.display().to_string()),
-            // The pod's private, writable /tmp stands in for an emptyDir at /tmp.
+            // The pod's private, writable directory (or its volume at /tmp) as the temporary directory.
             ("TMPDIR".into(), dir.display().to_string()),
         ];
         if let Some((host, port)) = &self.inner.api_server {
@@ -1078,9 +1229,7 @@ impl PodRun {
     /// 0 when unset, as a runtime does for an image without a group). Only when the simulator runs as
     /// root, which can switch to any user; otherwise processes run as the simulator's own user.
     fn identity(&self, c: &Container) -> Option<(u32, u32)> {
-        use std::os::unix::fs::MetadataExt;
-        // /proc/self belongs to the effective user of this process: a dependency-free "am I root?".
-        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        let root = is_root();
         let pod = self
             .pod
             .spec
@@ -1095,6 +1244,28 @@ impl PodRun {
             .or_else(|| pod.and_then(|s| s.run_as_group))
             .unwrap_or(0);
         (root && uid >= 0 && gid >= 0).then_some((uid as u32, gid as u32))
+    }
+
+    /// The supplementary groups of the pod's processes: `fsGroup` and `supplementalGroups`, as the
+    /// runtime adds them.
+    fn supplementary_groups(&self) -> Vec<u32> {
+        let Some(sc) = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+        else {
+            return Vec::new();
+        };
+        let mut groups: Vec<u32> = sc
+            .fs_group
+            .into_iter()
+            .chain(sc.supplemental_groups.iter().flatten().copied())
+            .filter_map(|g| u32::try_from(g).ok())
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
     }
 
     /// Starts a container's process; a start failure is recorded as the runtime would (`StartError`, 128).
@@ -1117,7 +1288,27 @@ impl PodRun {
                 finished: now(),
             };
         };
-        let env = match self.env(&c.spec, dir).await {
+        let mut mounts = match self.volumes.mounts_of(&c.spec) {
+            Ok(mounts) => mounts,
+            Err(failure) => {
+                c.state = CState::Waiting {
+                    reason: "CreateContainerConfigError".into(),
+                    message: failure.to_string(),
+                };
+                return Ok(());
+            }
+        };
+        // The pod's directory lives under the host's /tmp: a container with a volume there (task pods
+        // have one at /tmp) does not see it, and uses that volume as its home and temporary directory.
+        let hidden = |p: &Path| mounts.iter().any(|(at, ..)| p.starts_with(at));
+        let home = if !hidden(dir) {
+            dir.to_path_buf()
+        } else if mounts.iter().any(|(at, ..)| at == Path::new("/tmp")) {
+            PathBuf::from("/tmp")
+        } else {
+            PathBuf::from("/")
+        };
+        let env = match self.env(&c.spec, &home).await {
             Ok(env) => env,
             // A missing secret or config map keeps a real container in CreateContainerConfigError.
             Err(Error::Unrunnable { reason, .. }) => {
@@ -1129,20 +1320,55 @@ impl PodRun {
             }
             Err(e) => return Err(e),
         };
-        let argv = match self.argv(&c.spec, &env) {
+        let mut argv = match self.argv(&c.spec, &env) {
             Ok(argv) => argv,
             Err(message) => {
                 fail(c, message);
                 return Ok(());
             }
         };
+        // What a container runs must exist, as the runtime's exec checks: a missing one is a start
+        // error, not an exit of the process.
+        let path_var = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone());
+        if let Err(message) = find_executable(&argv[0], path_var.as_deref()) {
+            fail(c, message);
+            return Ok(());
+        }
+        if c.spec.command.as_ref().is_none_or(Vec::is_empty) {
+            // The image's entrypoint is part of the image: mounted where no volume can hide it (a
+            // volume at /tmp would hide an executable kept there on the host).
+            let name = Path::new(&argv[0])
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "entrypoint".into());
+            let inside = PathBuf::from(IMAGE_DIR).join(&name);
+            mounts.push((inside.clone(), PathBuf::from(&argv[0]), true));
+            argv[0] = inside.display().to_string();
+        }
         let workdir = c
             .spec
             .working_dir
             .as_deref()
             .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(|| dir.to_path_buf());
+            .unwrap_or_else(|| home.clone());
+        let mut sandbox = match bwrap_mounts(&mounts) {
+            Ok(args) => args,
+            Err(failure) => {
+                fail(c, failure.to_string());
+                return Ok(());
+            }
+        };
+        if !is_root() {
+            // Without root, mount namespaces need a user namespace (mapped to the same user).
+            sandbox.insert(0, "--unshare-user".into());
+        }
+        sandbox.push("--chdir".into());
+        sandbox.push(workdir.into());
+        sandbox.push("--".into());
         let log = dir.join(format!("{}.log", c.spec.name));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -1152,24 +1378,44 @@ impl PodRun {
         let err = out
             .try_clone()
             .map_err(Error::io("duplicating log handle"))?;
-        let mut command = tokio::process::Command::new(&argv[0]);
+        let mut command = tokio::process::Command::new(BWRAP);
+        command.args(sandbox);
+        if let Some((uid, gid)) = self.identity(&c.spec) {
+            // The pod's directory is its writable scratch space, so it must belong to that user.
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .map_err(Error::io(format!("chown {}", dir.display())))?;
+            // bubblewrap mounts as root; the container's process then becomes the pod's user.
+            let groups = self.supplementary_groups();
+            command.args([
+                "/usr/bin/setpriv".to_owned(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                if groups.is_empty() {
+                    "--clear-groups".to_owned()
+                } else {
+                    format!(
+                        "--groups={}",
+                        groups
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                },
+                "--".to_owned(),
+            ]);
+        }
         command
-            .args(&argv[1..])
+            .args(&argv)
             .env_clear()
             .envs(env)
-            .current_dir(workdir)
+            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             // Own process group, so stopping the container also stops whatever it forked.
             .process_group(0)
             .kill_on_drop(true);
-        if let Some((uid, gid)) = self.identity(&c.spec) {
-            // The pod's directory is its writable scratch space, so it must belong to that user.
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-                .map_err(Error::io(format!("chown {}", dir.display())))?;
-            command.uid(uid).gid(gid);
-        }
         match command.spawn() {
             Ok(mut child) => {
                 let pgid = child.id().map(|p| p as i32);
@@ -1232,6 +1478,18 @@ impl PodRun {
             return self
                 .image_pull_failure(&base, &inits, &mut ctrs, deadline)
                 .await;
+        }
+        if !self
+            .mount_volumes(&base, &mut inits, &mut ctrs, deadline)
+            .await?
+        {
+            return Ok(());
+        }
+        for c in inits.iter_mut().chain(ctrs.iter_mut()) {
+            c.state = CState::Waiting {
+                reason: "ContainerCreating".into(),
+                message: String::new(),
+            };
         }
 
         let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<Exit>();
@@ -1467,7 +1725,7 @@ impl PodRun {
                 break;
             }
             for pgid in pgids {
-                let _ = killpg(Pid::from_raw(pgid), signal);
+                signal_container(pgid, signal);
             }
             let until = tokio::time::Instant::now() + wait;
             while !running(inits, ctrs).is_empty() {
