@@ -23,7 +23,8 @@ struct Cli {
     )]
     nats_url: String,
     /// NATS credentials file (from `taskpods auth init`: `engine.creds` for `serve`, `brain.creds` or
-    /// `operator.creds` for the other commands), as the `nats` CLI's `--creds`.
+    /// `operator.creds` for the other commands), as the `nats` CLI's `--creds`. A leading `~/` is the home
+    /// directory (MCP hosts pass environment values as written).
     #[arg(long, env = "TASKPODS_CREDS", global = true)]
     creds: Option<std::path::PathBuf>,
     /// Subject prefix (streams and buckets are named after it).
@@ -93,7 +94,7 @@ async fn main() -> ExitCode {
             .split(',')
             .map(|s| s.trim().to_owned())
             .collect(),
-        creds: cli.creds,
+        creds: cli.creds.map(cli::home_relative),
         names,
     };
     match cli.command {

@@ -2,7 +2,10 @@
 // README.md shows this file as it is; test/examples.test.ts runs it against a real engine.
 import { TaskpodsClient } from "@taskpods/client";
 
-const taskpods = await TaskpodsClient.connect(process.env.TASKPODS_NATS_URL ?? "127.0.0.1:4222");
+// The Brain's NATS identity: brain.creds from `taskpods auth init` (scripts/run writes it where this says).
+const taskpods = await TaskpodsClient.connect(process.env.TASKPODS_NATS_URL ?? "127.0.0.1:4222", {
+  creds: process.env.TASKPODS_CREDS ?? "~/.local/share/taskpods/auth/brain.creds",
+});
 
 const { taskId } = await taskpods.launch({
   idempotency_key: "brain-42/turn-7/step-3", // a retry returns the same task, never a second one

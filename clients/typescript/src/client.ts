@@ -2,11 +2,17 @@
 // docs/PROTOCOL.md describes (commands as JSON on the command stream, events in msgpack on the event
 // stream, views as JSON in KV). The Rust client (`client/`) is the other implementation of that page.
 
+import { readFileSync } from "node:fs";
+import { homedir } from "node:os";
+
 import { decode as decodeMsgpack } from "@msgpack/msgpack";
 import {
   connect,
   type ConnectionOptions,
   createInbox,
+  credsAuthenticator,
+  ErrorCode,
+  NatsError,
   DeliverPolicy,
   headers as natsHeaders,
   type JetStreamClient,
@@ -39,6 +45,8 @@ export type ErrorKind =
   | "refused" // the engine refused the command (unknown task, already ended, already cancelling)
   | "invalid" // the engine could not read the command
   | "unreachable" // NATS could not be reached or a request failed
+  | "credentials" // the NATS credentials file could not be read
+  | "unauthorized" // NATS refused the credentials (or their absence), or they do not allow the operation
   | "timed_out" // nobody answered in time
   | "corrupt"; // a stored message could not be decoded
 
@@ -63,12 +71,36 @@ export class TaskpodsError extends Error {
   }
 }
 
+/**
+ * A failed NATS request as a {@link TaskpodsError}: `unauthorized` when the server's permissions for this
+ * identity forbid it (nats.js reports the violation on the request), `unreachable` otherwise.
+ */
+function requestFailed(message: string, e: unknown, extra: { taskId?: string } = {}): TaskpodsError {
+  if (e instanceof NatsError && e.code === ErrorCode.PermissionsViolation) {
+    return new TaskpodsError("unauthorized", `${message}: this NATS identity may not: ${e.message}`, { ...extra, cause: e });
+  }
+  return new TaskpodsError("unreachable", `${message}: ${e}`, { ...extra, cause: e });
+}
+
 /** Client settings. */
 export interface ClientOptions {
   /** Subject prefix of the installation (default `taskpods`). */
   prefix?: string;
   /** How long to wait for the engine's answer to a command, in ms (default 10 000). */
   replyTimeoutMs?: number;
+}
+
+/** How {@link TaskpodsClient.connect} connects. */
+export interface ConnectOptions extends ClientOptions {
+  /**
+   * The NATS credentials of the Brain's identity (`brain.creds` from `taskpods auth init`; `scripts/run`
+   * prints where): the path of the `.creds` file (a leading `~/` is the home directory) or its contents.
+   * Default: the file the `TASKPODS_CREDS` environment variable names, as for the `taskpods` CLI; none
+   * when it is unset. `false`: connect without credentials (a server without authorization).
+   */
+  creds?: string | Uint8Array | false;
+  /** Further nats.js connection options (`authenticator` is set from `creds`). */
+  nats?: ConnectionOptions;
 }
 
 /** The answer to a launch. */
@@ -167,6 +199,20 @@ export function decodeEvent(bytes: Uint8Array): Event {
   return value as unknown as Event;
 }
 
+/** The credentials `connect` uses: a file's contents, and where they came from for messages. */
+function loadCreds(creds: string | Uint8Array | false | undefined): { contents: Uint8Array; source: string } | undefined {
+  if (creds === undefined || creds === false || creds === "") return undefined;
+  if (typeof creds !== "string") return { contents: creds, source: "given" };
+  const path = creds.startsWith("~/") ? homedir() + creds.slice(1) : creds;
+  try {
+    return { contents: readFileSync(path), source: path };
+  } catch (e) {
+    throw new TaskpodsError("credentials", `cannot read the NATS credentials ${path}: ${(e as Error).message}`, {
+      cause: e,
+    });
+  }
+}
+
 /** A connection to a taskpods installation. */
 export class TaskpodsClient {
   readonly nc: NatsConnection;
@@ -182,15 +228,29 @@ export class TaskpodsClient {
     this.replyTimeoutMs = options.replyTimeoutMs ?? 10_000;
   }
 
-  /** Connects to NATS (`servers` like `127.0.0.1:4222`) and returns a client. */
-  static async connect(
-    servers: string | string[],
-    options: ClientOptions & { nats?: ConnectionOptions } = {},
-  ): Promise<TaskpodsClient> {
+  /**
+   * Connects to NATS (`servers` like `127.0.0.1:4222`) with the Brain's credentials (see
+   * {@link ConnectOptions.creds}) and returns a client. Fails with `credentials` when the file cannot be
+   * read, `unauthorized` when the server refuses the identity (or needs one and none was given),
+   * `unreachable` otherwise.
+   */
+  static async connect(servers: string | string[], options: ConnectOptions = {}): Promise<TaskpodsClient> {
+    const creds = loadCreds(options.creds === undefined ? process.env.TASKPODS_CREDS : options.creds);
+    const nats: ConnectionOptions = { ...options.nats, servers };
+    if (creds !== undefined) nats.authenticator = credsAuthenticator(creds.contents);
     try {
-      const nc = await connect({ ...options.nats, servers });
+      const nc = await connect(nats);
       return new TaskpodsClient(nc, options);
     } catch (e) {
+      if (e instanceof NatsError && e.code === ErrorCode.AuthorizationViolation) {
+        const why = creds === undefined
+          ? "it requires credentials: pass `creds` (brain.creds from `taskpods auth init`) or set TASKPODS_CREDS"
+          : `it does not accept the credentials ${creds.source} (from another installation, or revoked?)`;
+        throw new TaskpodsError("unauthorized", `NATS at ${servers} refused the connection: ${why}`, { cause: e });
+      }
+      if (creds !== undefined && e instanceof NatsError && e.code === ErrorCode.BadCreds) {
+        throw new TaskpodsError("credentials", `the NATS credentials ${creds.source} are not usable: ${e}`, { cause: e });
+      }
       throw new TaskpodsError("unreachable", `cannot reach NATS at ${servers}: ${e}`, { cause: e });
     }
   }
@@ -220,7 +280,7 @@ export class TaskpodsClient {
       try {
         ack = await this.js.publish(subject, te.encode(JSON.stringify(body)), { headers: h, msgID: msgId });
       } catch (e) {
-        throw new TaskpodsError("unreachable", `publishing to ${subject}: ${e}`, { cause: e });
+        throw requestFailed(`publishing to ${subject}`, e);
       }
       if (ack.duplicate) return undefined;
       const reply = await Promise.race([
@@ -300,7 +360,7 @@ export class TaskpodsClient {
       return { sequence: m.seq, event: decodeEvent(m.data) };
     } catch (e) {
       if (isNotFound(e)) return undefined;
-      throw new TaskpodsError("unreachable", `reading the events of ${taskId}: ${e}`, { cause: e, taskId });
+      throw requestFailed(`reading the events of ${taskId}`, e, { taskId });
     }
   }
 
@@ -327,7 +387,7 @@ export class TaskpodsClient {
       }
     } catch (e) {
       if (!isNotFound(e) && !String(e).includes("stream not found")) {
-        throw new TaskpodsError("unreachable", `reading the view pointer: ${e}`, { cause: e });
+        throw requestFailed("reading the view pointer", e);
       }
     }
     try {
@@ -467,7 +527,7 @@ export class TaskpodsClient {
       return decodeEvent(m.data);
     } catch (e) {
       if (isNotFound(e)) return undefined;
-      throw new TaskpodsError("unreachable", `reading the events of ${taskId}: ${e}`, { cause: e, taskId });
+      throw requestFailed(`reading the events of ${taskId}`, e, { taskId });
     }
   }
 
@@ -523,7 +583,7 @@ export class TaskpodsClient {
           return await direct(jsm).getMessage(stream, { seq });
         } catch (e) {
           if (isNotFound(e)) return undefined;
-          throw new TaskpodsError("unreachable", `reading finished entry ${seq}: ${e}`, { cause: e });
+          throw requestFailed(`reading finished entry ${seq}`, e);
         }
       }));
       for (const m of got) {

@@ -1,17 +1,19 @@
 // Real servers for the tests: a nats-server with JetStream on a free loopback port and the `taskpods`
 // engine (the built binary, local backend: tasks run under bubblewrap on this machine). Nothing is mocked.
+// Authorization is on, as `scripts/run` deploys it: `taskpods auth init` writes the identities, the server
+// trusts them, the engine runs as `engine` (minting one identity per task) and clients connect as `brain`.
 //
 // Binaries: NATS_SERVER_BIN (default `nats-server` on PATH), TASKPODS_BIN and TASKPODS_AGENT_BIN (default
 // the debug builds in the workspace's target dir; scripts/test builds them).
 
-import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { connect, type NatsConnection } from "nats";
+import { connect, credsAuthenticator, type NatsConnection } from "nats";
 
 import { TaskpodsClient } from "../src/index.js";
 
@@ -72,6 +74,9 @@ function track(child: ChildProcess): ChildProcess {
   return child;
 }
 
+/** The identities `taskpods auth init` writes credentials for. */
+export type Role = "admin" | "engine" | "brain" | "operator";
+
 /** A nats-server and an engine, started for one test file and stopped by `stop()`. */
 export class Installation {
   readonly dir: string;
@@ -87,17 +92,31 @@ export class Installation {
     this.url = url;
   }
 
+  /** Where `taskpods auth init` wrote this installation's identities. */
+  get authDir(): string {
+    return join(this.dir, "auth");
+  }
+
+  /** The credentials file of `role`. */
+  creds(role: Role): string {
+    return join(this.authDir, `${role}.creds`);
+  }
+
   static async start(): Promise<Installation> {
     const dir = mkdtempSync(join(tmpdir(), "taskpods-ts-"));
     const port = await freePort();
     const inst = new Installation(dir, `nats://127.0.0.1:${port}`);
-    inst.nats = track(spawn(NATS_SERVER_BIN, ["-js", "-sd", join(dir, "nats"), "-a", "127.0.0.1", "-p", String(port)], {
-      stdio: "ignore",
-    }));
+    execFileSync(TASKPODS_BIN, ["auth", "init", inst.authDir], { stdio: "ignore" });
+    const config = join(dir, "nats.conf");
+    writeFileSync(
+      config,
+      `listen: 127.0.0.1:${port}\njetstream { store_dir: "${join(dir, "nats")}" }\ninclude "auth/nats-auth.conf"\n`,
+    );
+    inst.nats = track(spawn(NATS_SERVER_BIN, ["-c", config], { stdio: "ignore" }));
     // The server is up when a connection succeeds.
     for (let i = 0;; i++) {
       try {
-        const nc = await connect({ servers: inst.url, reconnect: false });
+        const nc = await connect({ servers: inst.url, reconnect: false, authenticator: inst.authenticator("admin") });
         await nc.close();
         break;
       } catch (e) {
@@ -111,7 +130,9 @@ export class Installation {
 
   /** Starts the engine (again, after `stopEngine`) and waits until its views exist. */
   async startEngine(): Promise<void> {
-    this.engine = track(spawn(TASKPODS_BIN, ["serve", "--nats-url", this.url, "--backend", "local", "--no-ui"], {
+    const args = ["serve", "--nats-url", this.url, "--backend", "local", "--no-ui", "--creds", this.creds("engine")];
+    args.push("--task-signer", join(this.authDir, "task-signer.nk"), "--seal-key", join(this.authDir, "seal.key"));
+    this.engine = track(spawn(TASKPODS_BIN, args, {
       env: {
         ...process.env,
         TASKPODS_AGENT_BIN: AGENT_BIN,
@@ -151,16 +172,34 @@ export class Installation {
     this.engine = undefined;
   }
 
-  /** A NATS connection, closed by `stop()`. */
-  async connect(): Promise<NatsConnection> {
-    const nc = await connect({ servers: this.url });
+  /**
+   * A home directory where the Brain's credentials are where `scripts/run` writes them
+   * (`~/.local/share/taskpods/auth/brain.creds`), for running the README's snippets as printed.
+   */
+  home(): string {
+    const home = join(this.dir, "home");
+    const auth = join(home, ".local/share/taskpods/auth");
+    mkdirSync(auth, { recursive: true });
+    copyFileSync(this.creds("brain"), join(auth, "brain.creds"));
+    return home;
+  }
+
+  private authenticator(role: Role) {
+    return credsAuthenticator(readFileSync(this.creds(role)));
+  }
+
+  /** A NATS connection as `role` (default `admin`, for checks a Brain may not make), closed by `stop()`. */
+  async connect(role: Role = "admin"): Promise<NatsConnection> {
+    const nc = await connect({ servers: this.url, authenticator: this.authenticator(role) });
     this.connections.push(nc);
     return nc;
   }
 
-  /** A client on a fresh connection, closed by `stop()`. */
+  /** A client connected as a Brain is (`TaskpodsClient.connect` with `brain.creds`), closed by `stop()`. */
   async client(): Promise<TaskpodsClient> {
-    return new TaskpodsClient(await this.connect(), { replyTimeoutMs: 10_000 });
+    const client = await TaskpodsClient.connect(this.url, { creds: this.creds("brain"), replyTimeoutMs: 10_000 });
+    this.connections.push(client.nc);
+    return client;
   }
 
   async stop(): Promise<void> {

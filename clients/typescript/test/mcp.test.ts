@@ -1,7 +1,9 @@
 // `taskpods mcp` driven by the official MCP TypeScript SDK as the client, over stdio, against a real
-// engine: the server is started exactly as clients/mcp/mcp.json (the README's snippet) says.
+// engine with authorization on: the server is started exactly as clients/mcp/mcp.json (the README's
+// snippet) says, the Brain's credentials where `scripts/run` writes them.
 
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
@@ -32,22 +34,29 @@ async function ok(name: string, args: Record<string, unknown>): Promise<Record<s
   return answer.structuredContent ?? {};
 }
 
+interface ServerConfig {
+  command: string;
+  args: string[];
+  env: Record<string, string>;
+}
+
+const printed: ServerConfig = JSON.parse(readFileSync(join(REPO, "clients/mcp/mcp.json"), "utf8")).mcpServers.taskpods;
+
+/** The server's environment: `env` over a user's (no TASKPODS_CREDS of its own), the test's own NATS, the built binary first on PATH. */
+function serverEnv(env: Record<string, string>, home: string): Record<string, string> {
+  const base: Record<string, string> = { ...(process.env as Record<string, string>), HOME: home };
+  delete base.TASKPODS_CREDS;
+  return { ...base, ...env, TASKPODS_NATS_URL: inst.url, PATH: `${dirname(TASKPODS_BIN)}:${process.env.PATH}` };
+}
+
 before(async () => {
   inst = await Installation.start();
-  const config = JSON.parse(readFileSync(join(REPO, "clients/mcp/mcp.json"), "utf8"));
-  const server = config.mcpServers.taskpods;
   mcp = new Client({ name: "taskpods-test", version: "0.0.0" });
   await mcp.connect(
     new StdioClientTransport({
-      command: server.command,
-      args: server.args,
-      // As printed, but with the test's own NATS and the built binary first on PATH.
-      env: {
-        ...(process.env as Record<string, string>),
-        ...server.env,
-        TASKPODS_NATS_URL: inst.url,
-        PATH: `${dirname(TASKPODS_BIN)}:${process.env.PATH}`,
-      },
+      command: printed.command,
+      args: printed.args,
+      env: serverEnv(printed.env, inst.home()),
       stderr: "inherit",
     }),
   );
@@ -61,6 +70,38 @@ after(async () => {
 test("the README's MCP configuration is clients/mcp/mcp.json", () => {
   const snippet = readFileSync(join(REPO, "clients/mcp/mcp.json"), "utf8");
   assert.ok(readFileSync(join(REPO, "README.md"), "utf8").includes(snippet.trim()));
+});
+
+/** Starts the server with `env` (over the printed one) and returns what it said on stderr when the SDK's connect failed. */
+async function refusedStart(env: Record<string, string | undefined>): Promise<string> {
+  const merged = serverEnv({ ...printed.env }, inst.home());
+  for (const [k, v] of Object.entries(env)) {
+    if (v === undefined) delete merged[k];
+    else merged[k] = v;
+  }
+  const transport = new StdioClientTransport({ command: printed.command, args: printed.args, env: merged, stderr: "pipe" });
+  let stderr = "";
+  transport.stderr?.on("data", (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  const client = new Client({ name: "taskpods-test-refused", version: "0.0.0" });
+  await assert.rejects(client.connect(transport, { timeout: 60_000 }));
+  await client.close().catch(() => {});
+  return stderr;
+}
+
+test("without the Brain's credentials the server stops at once and says what to pass", async () => {
+  const stderr = await refusedStart({ TASKPODS_CREDS: undefined });
+  assert.match(stderr, /refused the connection: it requires credentials: pass --creds or set TASKPODS_CREDS/);
+});
+
+test("another installation's credentials, or a missing file, are named in the error", async () => {
+  const other = join(inst.dir, "other-auth");
+  execFileSync(TASKPODS_BIN, ["auth", "init", other], { stdio: "ignore" });
+  const stranger = await refusedStart({ TASKPODS_CREDS: join(other, "brain.creds") });
+  assert.match(stranger, /does not accept the credentials .*other-auth\/brain\.creds/);
+  const missing = await refusedStart({ HOME: join(inst.dir, "nobody") });
+  assert.match(missing, /cannot read the NATS credentials .*nobody\/\.local\/share\/taskpods\/auth\/brain\.creds/);
 });
 
 test("the tools are listed with descriptions that tell a model what the sandbox can do", async () => {

@@ -43,6 +43,17 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// NATS refused the identity (no credentials where it requires some, or credentials it does not trust).
+    #[error("NATS at {urls} refused the connection: {} ({source})", refusal_hint(creds.as_deref()))]
+    Refused {
+        /// The URLs tried.
+        urls: String,
+        /// The credentials file given, if any.
+        creds: Option<std::path::PathBuf>,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
     /// NATS could not be reached.
     #[error("cannot reach NATS at {urls}: {source}")]
     Connect {
@@ -109,7 +120,37 @@ impl Global {
         options
             .connect(urls.as_str())
             .await
-            .map_err(|source| CliError::Connect { urls, source })
+            .map_err(|source| match source.kind() {
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication => CliError::Refused {
+                    urls,
+                    creds: self.creds.clone(),
+                    source,
+                },
+                _ => CliError::Connect { urls, source },
+            })
+    }
+}
+
+/// What to do about a refused connection, for [`CliError::Refused`].
+fn refusal_hint(creds: Option<&std::path::Path>) -> String {
+    match creds {
+        None => "it requires credentials: pass --creds or set TASKPODS_CREDS (brain.creds from \
+                 `taskpods auth init`; scripts/run writes them into its data dir's auth folder)"
+            .to_owned(),
+        Some(path) => format!(
+            "it does not accept the credentials {} (another installation's, or revoked?)",
+            path.display()
+        ),
+    }
+}
+
+/// `path` with a leading `~/` replaced by the home directory (`$HOME`): configuration files such as an MCP
+/// host's pass `TASKPODS_CREDS` as written, with no shell to expand it.
+pub fn home_relative(path: std::path::PathBuf) -> std::path::PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => std::path::PathBuf::from(home).join(rest),
+        _ => path,
     }
 }
 
@@ -145,4 +186,36 @@ pub struct Global {
     pub creds: Option<std::path::PathBuf>,
     /// Subject prefix.
     pub names: Names,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn a_leading_tilde_is_the_home_directory_and_nothing_else_changes() {
+        let home = PathBuf::from(std::env::var_os("HOME").expect("HOME is set for tests"));
+        assert_eq!(
+            home_relative("~/.local/share/taskpods/auth/brain.creds".into()),
+            home.join(".local/share/taskpods/auth/brain.creds")
+        );
+        for unchanged in [
+            "/etc/brain.creds",
+            "brain.creds",
+            "~other/brain.creds",
+            "a/~/b",
+        ] {
+            assert_eq!(home_relative(unchanged.into()), PathBuf::from(unchanged));
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_what_to_pass_or_which_file_was_refused() {
+        assert!(refusal_hint(None).contains("TASKPODS_CREDS"));
+        assert!(
+            refusal_hint(Some(std::path::Path::new("/x/brain.creds"))).contains("/x/brain.creds")
+        );
+    }
 }
