@@ -26,6 +26,7 @@ use crate::config::EngineConfig;
 use crate::executor::BackendConfig;
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::local::LocalConfig;
+use crate::executor::noop::NoopConfig;
 use crate::http::HttpConfig;
 
 /// Prefix of the environment variables that override keys of the file: `TASKPODS__NATS__URLS`,
@@ -195,8 +196,9 @@ section! {
 section! {
     /// `[backend]`: where tasks run.
     BackendSection {
-        /// `local` (sandboxed processes on the engine's machine), `kubernetes` (a hardened Job per task) or
-        /// `none` (no executor: this engine only takes commands).
+        /// `local` (sandboxed processes on the engine's machine), `kubernetes` (a hardened Job per task),
+        /// `noop` (benchmarks and tests only: no code runs, each task's life is played in-process) or `none`
+        /// (no executor: this engine only takes commands).
         kind: String,
     }
 }
@@ -208,6 +210,14 @@ section! {
         agent_bin: PathBuf,
         /// Where sandboxes keep their pid file and agent log.
         state_dir: PathBuf,
+    }
+}
+
+section! {
+    /// `[noop]`: the no-op backend (benchmarks and tests).
+    NoopSection {
+        /// How long each simulated task runs between its agent's hello and its result.
+        work: HumanDuration,
     }
 }
 
@@ -286,6 +296,8 @@ pub struct FileConfig {
     pub local: LocalSection,
     /// The Kubernetes backend.
     pub kubernetes: KubernetesSection,
+    /// The no-op backend.
+    pub noop: NoopSection,
     /// Per-task NATS identities.
     pub auth: AuthSection,
     /// The web UI, API, metrics and probes.
@@ -385,11 +397,11 @@ impl FileConfig {
             message,
         };
         if let Some(kind) = &self.backend.kind
-            && !matches!(kind.as_str(), "local" | "kubernetes" | "none")
+            && !matches!(kind.as_str(), "local" | "kubernetes" | "noop" | "none")
         {
             return Err(invalid(
                 "backend.kind",
-                format!("{kind:?} is not one of local, kubernetes, none"),
+                format!("{kind:?} is not one of local, kubernetes, noop, none"),
             ));
         }
         if let Some(storage) = &self.topology.storage
@@ -535,6 +547,9 @@ impl FileConfig {
             Some("kubernetes") if !matches!(config.backend, BackendConfig::Kubernetes(_)) => {
                 config.backend = BackendConfig::Kubernetes(KubernetesConfig::default());
             }
+            Some("noop") if !matches!(config.backend, BackendConfig::Noop(_)) => {
+                config.backend = BackendConfig::Noop(NoopConfig::default());
+            }
             _ => {}
         }
         match &mut config.backend {
@@ -552,6 +567,7 @@ impl FileConfig {
                 set_duration(&mut kube.reconcile_interval, &section.reconcile_interval);
                 set_duration(&mut kube.lease_ttl, &section.lease_ttl);
             }
+            BackendConfig::Noop(noop) => set_duration(&mut noop.work, &self.noop.work),
             BackendConfig::None => {}
         }
     }
@@ -561,10 +577,14 @@ impl FileConfig {
         let d = |d: Duration| Some(HumanDuration(d));
         let local_defaults = LocalConfig::default();
         let kube_defaults = KubernetesConfig::default();
-        let (kind, local, kube) = match &config.backend {
-            BackendConfig::None => ("none", &local_defaults, &kube_defaults),
-            BackendConfig::Local(local) => ("local", local, &kube_defaults),
-            BackendConfig::Kubernetes(kube) => ("kubernetes", &local_defaults, kube),
+        let noop_defaults = NoopConfig::default();
+        let (kind, local, kube, noop) = match &config.backend {
+            BackendConfig::None => ("none", &local_defaults, &kube_defaults, &noop_defaults),
+            BackendConfig::Local(local) => ("local", local, &kube_defaults, &noop_defaults),
+            BackendConfig::Kubernetes(kube) => {
+                ("kubernetes", &local_defaults, kube, &noop_defaults)
+            }
+            BackendConfig::Noop(noop) => ("noop", &local_defaults, &kube_defaults, noop),
         };
         FileConfig {
             nats: NatsSection {
@@ -623,6 +643,7 @@ impl FileConfig {
                 reconcile_interval: d(kube.reconcile_interval),
                 lease_ttl: d(kube.lease_ttl),
             },
+            noop: NoopSection { work: d(noop.work) },
             auth: AuthSection {
                 task_signer: config.auth.task_signer.clone(),
                 task_credentials_grace: d(config.auth.task_credentials_grace),
@@ -718,6 +739,12 @@ pub fn reference() -> String {
             "The Kubernetes backend (defaults shown are the backend's own).",
             KubernetesSection::KEYS,
             &defaults.kubernetes,
+        ),
+        Section::new(
+            "noop",
+            "The no-op backend: for benchmarks and tests only, it runs no code (see ARCHITECTURE.md).",
+            NoopSection::KEYS,
+            &defaults.noop,
         ),
         Section::new(
             "auth",
@@ -837,6 +864,30 @@ mod tests {
             "dump → load → dump is stable"
         );
         assert!(matches!(config.backend, BackendConfig::Local(_)));
+    }
+
+    #[test]
+    fn the_noop_backend_is_chosen_by_the_file_with_its_work_time_and_dumps_back() {
+        let loaded = load(
+            None,
+            env(&[
+                ("TASKPODS__BACKEND__KIND", "noop"),
+                ("TASKPODS__NOOP__WORK", "250ms"),
+            ]),
+        )
+        .expect("loads");
+        let mut config = serve_defaults();
+        loaded.apply(&mut config);
+        let BackendConfig::Noop(noop) = &config.backend else {
+            panic!("noop backend expected, got {:?}", config.backend);
+        };
+        assert_eq!(noop.work, Duration::from_millis(250));
+        let dump = FileConfig::effective(&config);
+        assert_eq!(dump.backend.kind.as_deref(), Some("noop"));
+        assert_eq!(
+            dump.noop.work,
+            Some(HumanDuration(Duration::from_millis(250)))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! | `projector` | `taskpods_projections::projector` | always |
 //! | `gateway` | [`crate::gateway`] | always |
 //! | `timers` | [`crate::timers`] | `timers.enabled` |
-//! | `executor` | [`crate::executor`] over the configured backend | a backend is configured |
+//! | `executor` | [`crate::executor`] over the configured backend (local, Kubernetes or no-op) | a backend is configured |
 //! | `kubernetes watcher`, `reconciler` | [`crate::executor::kubernetes`] | the backend is Kubernetes |
 //!
 //! Every loop is `run(ctx, its config, ...)` and stops when `ctx.shutdown` is cancelled.
@@ -26,6 +26,7 @@ use crate::context::EngineCtx;
 use crate::credentials::TaskCredentials;
 use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
 use crate::executor::kubernetes::{KubernetesBackend, watcher};
+use crate::executor::noop::{AgentLink, NoopBackend};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
 use crate::files;
 use crate::gateway;
@@ -352,6 +353,22 @@ impl Engine {
                 let backend =
                     LocalBackend::new(local.clone(), ctx.names().clone(), &config.nats_urls)
                         .with_task_credentials(task_credentials.clone());
+                spawn(
+                    &mut loops,
+                    &probe,
+                    "executor",
+                    executor::run(ctx.clone(), Arc::new(backend), config.executor.clone()),
+                );
+            }
+            BackendConfig::Noop(noop) => {
+                let link = AgentLink::connect(&config.nats_urls, task_credentials.clone())
+                    .await
+                    .map_err(|source| ServerError::Connect {
+                        urls: config.nats_urls.join(","),
+                        timeout: config.connect_timeout,
+                        source,
+                    })?;
+                let backend = NoopBackend::new(ctx.clone(), link, noop.clone());
                 spawn(
                     &mut loops,
                     &probe,

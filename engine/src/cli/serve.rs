@@ -7,7 +7,7 @@ use crate::cli::Global;
 use crate::config::EngineConfig;
 use crate::config_file::{self, ConfigFileError};
 use crate::executor::kubernetes::KubernetesConfig;
-use crate::executor::{BackendConfig, local::LocalConfig};
+use crate::executor::{BackendConfig, local::LocalConfig, noop::NoopConfig};
 use crate::server;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +25,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub connect_timeout_secs: Option<u64>,
     /// Where tasks run: `local` (sandboxed processes on this machine; the default), `kubernetes` (a
-    /// hardened Job per task, in-cluster configuration or ~/.kube/config) or `none` (no executor).
+    /// hardened Job per task, in-cluster configuration or ~/.kube/config), `noop` (benchmarks and tests:
+    /// no code runs, each task's life is played in-process) or `none` (no executor).
     #[arg(long, env = "TASKPODS_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
     /// The agent binary for the local backend (default: `taskpods-agent` next to this binary).
@@ -66,6 +67,8 @@ pub enum BackendKind {
     Local,
     /// A hardened Job per task.
     Kubernetes,
+    /// Benchmarks and tests: no code runs; each task's sandbox and agent are played in-process.
+    Noop,
     /// No executor.
     None,
 }
@@ -115,7 +118,10 @@ pub fn engine_config(
         {
             config.backend = BackendConfig::Kubernetes(KubernetesConfig::default());
         }
-        Some(BackendKind::Local | BackendKind::Kubernetes) => {}
+        Some(BackendKind::Noop) if !matches!(config.backend, BackendConfig::Noop(_)) => {
+            config.backend = BackendConfig::Noop(NoopConfig::default());
+        }
+        Some(BackendKind::Local | BackendKind::Kubernetes | BackendKind::Noop) => {}
     }
     match &mut config.backend {
         BackendConfig::Local(local) => {
@@ -131,7 +137,7 @@ pub fn engine_config(
                 kubernetes.job.nats_url = url;
             }
         }
-        BackendConfig::None => {}
+        BackendConfig::Noop(_) | BackendConfig::None => {}
     }
     if args.no_ui {
         config.http = None;

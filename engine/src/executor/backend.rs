@@ -1,6 +1,6 @@
 //! What a backend is: the [`Backend`] trait the executor drives, and the [`BackendError`] it reports.
-//! Both backends ([`super::local`], [`super::kubernetes`]) depend on this module and nothing else of the
-//! executor, so the executor's modules import each other in one direction only.
+//! Every backend ([`super::local`], [`super::kubernetes`], [`super::noop`]) depends on this module and
+//! nothing else of the executor, so the executor's modules import each other in one direction only.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +70,13 @@ pub trait Backend: Send + Sync + 'static {
         spec: &TaskSpec,
         deadline: DateTime<Utc>,
     ) -> impl Future<Output = Result<String, BackendError>> + Send;
+
+    /// The executor has recorded `job` as the task's sandbox (`Scheduled` is appended). Backends whose
+    /// sandbox starts its work by itself ignore it; the no-op backend starts its simulated agent here, so
+    /// the agent's first report cannot overtake the record of its sandbox.
+    fn recorded(&self, task: TaskId, job: &str) {
+        let _ = (task, job);
+    }
 
     /// Stops the sandbox now (cancel, timeout, lost agent): asks politely, then kills after a grace
     /// period. Returns once nothing of the task runs any more. Succeeds when there is nothing to stop.

@@ -14,19 +14,21 @@
 //! for redelivery. Different tasks proceed in parallel (bounded); one task's messages are handled one at
 //! a time. The [`Backend`] trait ([`backend`]) is what a backend implements: [`local`] (a sandboxed process per
 //! task) is the embedded default; [`kubernetes`] (a Job per task, with its watcher and reconciler) plugs into
-//! the same loop.
+//! the same loop; [`noop`] (benchmarks and tests) plays each sandbox and its agent in-process.
 //!
-//! Layout (imports point one way: `mod.rs` → {`local`, `kubernetes`} → `backend`; inside `kubernetes/`,
+//! Layout (imports point one way: `mod.rs` → {`local`, `kubernetes`, `noop`} → `backend`; inside `kubernetes/`,
 //! {`watcher`, `reconciler`} → `kubernetes/mod.rs` → `job`; nothing imports back up):
 //! - `mod.rs`: the executor loop ([`run`], [`reconcile`]) and [`BackendConfig`];
 //! - [`backend`]: the [`Backend`] trait and [`BackendError`];
 //! - [`local`]: the local backend;
+//! - [`noop`]: the no-op backend (benchmarks and tests: no code runs);
 //! - [`kubernetes`]: the Kubernetes backend, its Job ([`kubernetes::job`]), watcher
 //!   ([`kubernetes::watcher`]) and reconciler ([`kubernetes::reconciler`]).
 
 pub mod backend;
 pub mod kubernetes;
 pub mod local;
+pub mod noop;
 
 pub use backend::{Backend, BackendError};
 
@@ -53,6 +55,8 @@ pub enum BackendConfig {
     Local(local::LocalConfig),
     /// Kubernetes Jobs (plus the watcher and the reconciler that come with them).
     Kubernetes(kubernetes::KubernetesConfig),
+    /// No sandbox at all: each task's life is played in-process (benchmarks and tests; no code runs).
+    Noop(noop::NoopConfig),
 }
 
 /// Executor settings.
@@ -131,6 +135,9 @@ pub async fn reconcile<B: Backend>(
                         Some(after) if after.task.state.is_terminal() => {
                             // Ended (cancelled) while we created: remove what we made.
                             backend.reap(task_id, &job, Duration::ZERO).await?;
+                        }
+                        Some(after) if after.task.job.as_ref() == Some(&job) => {
+                            backend.recorded(task_id, &job);
                         }
                         _ => {}
                     }
