@@ -28,6 +28,10 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Where pods find the in-cluster client check (the simulator shows it in every container; bound by
+/// root, so it works even where the build directory is closed to the pods' user).
+const WHOAMI: &str = "/usr/local/bin/kube-whoami";
+
 /// A namespace with its own simulated node.
 struct TestNs {
     cp: &'static ControlPlane,
@@ -53,6 +57,7 @@ impl TestNs {
             .node_name(format!("sim-{name}"))
             .namespace(name)
             .api_server(cp.server_url())
+            .file(WHOAMI, env!("CARGO_BIN_EXE_kube-whoami"))
             .start()
             .await
             .expect("node simulator starts");
@@ -922,9 +927,8 @@ echo "config=$(cat /etc/taskpods-volume-test/engine.toml)"
 echo scratch > /tmp/scratch && echo "tmp=$(cat /tmp/scratch)"
 echo "namespace=$(cat {sa}/namespace)"
 grep -q 'BEGIN CERTIFICATE' {sa}/ca.crt && echo ca=present
-"{whoami}"
-"#,
-        whoami = env!("CARGO_BIN_EXE_kube-whoami"),
+{WHOAMI}
+"#
     );
     let mut spec = restricted_spec(&script, json!([]));
     spec["automountServiceAccountToken"] = json!(true);

@@ -124,6 +124,7 @@ struct Inner {
     node: String,
     namespace: Option<String>,
     images: HashMap<String, PathBuf>,
+    files: Vec<(PathBuf, PathBuf)>,
     api_server: Option<(String, u16)>,
     labels: BTreeMap<String, String>,
     capacity: Capacity,
@@ -147,6 +148,7 @@ pub struct SimulatorBuilder {
     node: String,
     namespace: Option<String>,
     images: HashMap<String, PathBuf>,
+    files: Vec<(PathBuf, PathBuf)>,
     api_server: Option<(String, u16)>,
     labels: BTreeMap<String, String>,
     capacity: Capacity,
@@ -189,6 +191,13 @@ impl SimulatorBuilder {
     /// would). `image` matches with or without its tag.
     pub fn image(mut self, image: impl Into<String>, executable: impl Into<PathBuf>) -> Self {
         self.images.insert(image.into(), executable.into());
+        self
+    }
+
+    /// Shows the host file `host` at `inside` (read-only) in every container, as if every image contained
+    /// it (e.g. a tool a test's pod runs). Bound by root, so `host` may sit where the pod's user cannot go.
+    pub fn file(mut self, inside: impl Into<PathBuf>, host: impl Into<PathBuf>) -> Self {
+        self.files.push((inside.into(), host.into()));
         self
     }
 
@@ -258,6 +267,7 @@ impl SimulatorBuilder {
             node: self.node,
             namespace: self.namespace,
             images: self.images,
+            files: self.files,
             api_server: self.api_server,
             labels,
             capacity: self.capacity,
@@ -286,6 +296,7 @@ impl NodeSimulator {
             node: "taskpods-sim".into(),
             namespace: None,
             images: HashMap::new(),
+            files: Vec::new(),
             api_server: None,
             labels: BTreeMap::new(),
             // The machine this runs on: 2 cores, 24 GiB.
@@ -1338,6 +1349,12 @@ impl PodRun {
             fail(c, message);
             return Ok(());
         }
+        mounts.extend(
+            self.inner
+                .files
+                .iter()
+                .map(|(inside, host)| (inside.clone(), host.clone(), true)),
+        );
         if c.spec.command.as_ref().is_none_or(Vec::is_empty) {
             // The image's entrypoint is part of the image: mounted where no volume can hide it (a
             // volume at /tmp would hide an executable kept there on the host).
