@@ -385,7 +385,8 @@ impl Engine {
                     client.clone(),
                     kubernetes.job.clone(),
                     kubernetes.stop_timeout,
-                );
+                )
+                .with_task_credentials(task_credentials.clone());
                 spawn(
                     &mut loops,
                     &probe,

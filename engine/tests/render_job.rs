@@ -174,13 +174,7 @@ fn a_launch_from_stdin_renders_its_resources_and_keeps_its_script_and_env_out_of
         "resources": {"cpu_request": "250m", "cpu_limit": "1", "memory_request": "128Mi", "memory_limit": "256Mi"},
         "idempotency_key": "render-1", "requester": "brain-7"}"#;
     let mut child = Command::new(env!("CARGO_BIN_EXE_taskpods"))
-        .args([
-            "render-job",
-            "--launch",
-            "-",
-            "--nats-credentials-secret",
-            "",
-        ])
+        .args(["render-job", "--launch", "-", "--without-credentials"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

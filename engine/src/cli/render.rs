@@ -29,9 +29,10 @@ pub struct RenderArgs {
     /// The task pods' ServiceAccount.
     #[arg(long, default_value = "taskpods-task")]
     pub service_account: String,
-    /// The Secret with the agent's NATS credentials; empty for none.
-    #[arg(long, default_value = "taskpods-task-nats")]
-    pub nats_credentials_secret: String,
+    /// Render the Job without the task's own credentials Secret (for a NATS server without
+    /// authorization); by default it mounts `<job>-nats`, which the engine makes after the Job.
+    #[arg(long)]
+    pub without_credentials: bool,
     /// The NATS URL the agent connects to (default: the global --nats-url).
     #[arg(long)]
     pub agent_nats_url: Option<String>,
@@ -104,8 +105,7 @@ pub fn render(global: &Global, args: &RenderArgs) -> Result<String, RenderError>
             .clone()
             .unwrap_or_else(|| global.nats_urls.join(",")),
         prefix: global.names.prefix().to_owned(),
-        nats_credentials_secret: Some(args.nats_credentials_secret.clone())
-            .filter(|s| !s.is_empty()),
+        task_credentials: !args.without_credentials,
         ..JobConfig::default()
     };
     let job = job::build(task, &spec, deadline, &config);

@@ -15,14 +15,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, ResourceQuota, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Secret, ServiceAccount};
 use kube::api::{DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::discovery::ApiResource;
 use kube::{Api, Client};
 use serde_json::json;
 use taskpods_client::{Client as TaskClient, ClientConfig};
 use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::kubernetes::job::{JobConfig, TASK_LABEL};
+use taskpods_engine::executor::kubernetes::job::{self, JobConfig, TASK_LABEL};
 use taskpods_engine::executor::kubernetes::{KubeClient, KubernetesBackend, KubernetesConfig};
 use taskpods_engine::executor::{Backend, BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
@@ -37,6 +37,10 @@ use taskpods_integration as fixtures;
 
 const AGENT_IMAGE: &str = "registry.invalid/taskpods/agent:v1";
 const WAIT: Duration = Duration::from_secs(60);
+/// Where task pods find the attack tool (the simulator shows it in every container).
+const ATTACK_TOOL: &str = "/usr/local/bin/taskpods-nats-attack";
+/// How long past its deadline a task's identity lasts in the secured tests.
+const GRACE: Duration = Duration::from_secs(1);
 
 /// The manifests of `deploy/tasks/` (the task namespace), as JSON objects.
 fn deploy_manifests() -> Vec<serde_json::Value> {
@@ -164,6 +168,7 @@ impl Setup {
             .namespace(ns)
             .api_server(cp.server_url())
             .image("registry.invalid/taskpods/agent", agent_for_pods())
+            .file(ATTACK_TOOL, env!("CARGO_BIN_EXE_taskpods-nats-attack"))
             .start()
             .await
             .expect("node simulator");
@@ -172,6 +177,41 @@ impl Setup {
 
     async fn start(ns: &str) -> Self {
         Self::start_with(ns, |_| {}).await
+    }
+
+    /// Like [`Setup::start`], against nats-server with authorization as deployed: the engine with its
+    /// own identity and the task signer (so each task pod gets its own credentials Secret), the test's
+    /// client as a Brain.
+    async fn start_secured(ns: &str) -> Self {
+        let (admin, engine_client, sim) = Self::namespace(ns).await;
+        let server = NatsServer::start_secured();
+        server.wait_for_jetstream().await;
+        let mut config = Self::config(ns, &server, &engine_client, true);
+        let auth = server.auth_dir();
+        config.nats_creds = Some(server.creds("engine"));
+        config.auth = taskpods_engine::credentials::AuthConfig {
+            task_signer: Some(auth.join(taskpods_auth::material::files::TASK_SIGNER)),
+            seal_key: Some(auth.join(taskpods_auth::material::files::SEAL_KEY)),
+            task_credentials_grace: GRACE,
+            ..Default::default()
+        };
+        let engine = Engine::start(config).await.expect("engine");
+        let tasks = TaskClient::new(
+            server.connect_as("brain").await,
+            ClientConfig {
+                reply_timeout: Duration::from_secs(10),
+                ..ClientConfig::default()
+            },
+        );
+        Self {
+            ns: ns.to_owned(),
+            admin,
+            engine_client,
+            sim,
+            server,
+            engine: Some(engine),
+            tasks,
+        }
     }
 
     /// Like [`Setup::start`], with the engine's configuration adjusted by `tweak`.
@@ -203,8 +243,9 @@ impl Setup {
         JobConfig {
             namespace: ns.to_owned(),
             nats_url: server.url(),
-            // The test NATS server has no authentication (per-task credentials are not built yet).
-            nats_credentials_secret: None,
+            // Set by the engine from whether it has a task signer; a backend made directly by a test
+            // (no signer) mounts none.
+            task_credentials: false,
             tmp_bytes: 16 << 20,
             termination_grace_secs: 2,
             image_pull_policy: "IfNotPresent".to_owned(),
@@ -881,10 +922,33 @@ async fn the_engine_role_grants_nothing_beyond_what_the_executor_needs() {
         Err(kube::Error::Api(s)) if s.code == 403 => {}
         other => panic!("{what} must be forbidden to the engine, got {other:?}"),
     };
+    let secrets = Api::<Secret>::namespaced(engine.clone(), "kx-rbac");
     forbidden(
-        "reading Secrets",
-        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(engine.clone(), "kx-rbac")
-            .list(&ListParams::default())
+        "reading a Secret back",
+        secrets.get("any").await.map(|_| ()),
+    );
+    forbidden(
+        "changing a Secret",
+        secrets
+            .patch(
+                "any",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await
+            .map(|_| ()),
+    );
+    forbidden(
+        "watching Secrets",
+        secrets
+            .watch(&kube::api::WatchParams::default(), "0")
+            .await
+            .map(|_| ()),
+    );
+    forbidden(
+        "Secrets in another namespace",
+        Api::<Secret>::namespaced(engine.clone(), "default")
+            .create(&PostParams::default(), &Secret::default())
             .await
             .map(|_| ()),
     );
@@ -925,7 +989,23 @@ async fn the_engine_role_grants_nothing_beyond_what_the_executor_needs() {
             .await
             .map(|_| ()),
     );
-    // What it needs works.
+    // What it needs works: per-task credentials Secrets made, listed (metadata), deleted.
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "creds-rbac"}, "stringData": {"nats.creds": "x"}}),
+    )
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create a Secret");
+    secrets
+        .list_metadata(&ListParams::default())
+        .await
+        .expect("list Secrets");
+    secrets
+        .delete("creds-rbac", &DeleteParams::default())
+        .await
+        .expect("delete a Secret");
     Api::<Job>::namespaced(engine.clone(), "kx-rbac")
         .list(&ListParams::default())
         .await
@@ -1005,4 +1085,187 @@ async fn job_created_before_a_crash(ns: &str, script: &str, timeout_secs: u32) -
         tasks,
         task,
     }
+}
+
+/// Everything `task` wrote to its standard output.
+async fn stdout_of(s: &Setup, task: TaskId) -> String {
+    let js = async_nats::jetstream::new(s.server.connect().await);
+    let mut out = Vec::new();
+    taskpods_engine::cli::logs::read(
+        &js,
+        &taskpods_events::Names::default(),
+        task,
+        false,
+        Duration::from_secs(2),
+        async || true,
+        |piece| {
+            if let taskpods_engine::cli::logs::Piece::Stdout(b) = piece {
+                out.extend_from_slice(&b);
+            }
+        },
+    )
+    .await
+    .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Code in a real task pod, against nats-server with authorization as deployed: it reads the
+/// credentials mounted in its pod (its own, from the Secret the engine made for it, owned by its Job)
+/// and tries every attack with them. Each is refused by the server with a permission error; its own
+/// work succeeds; the other task ends on its own terms; the credentials are refused once the task has
+/// ended (past its deadline plus the grace), and the Secret goes with the Job.
+#[tokio::test]
+async fn code_in_a_task_pod_can_do_nothing_with_its_credentials_but_its_own_work() {
+    let s = Setup::start_secured("kx-hostile").await;
+    let theirs = s
+        .script(
+            "echo theirs; sleep 6; echo '{\"mine\": false}' > /tmp/result.json",
+            60,
+        )
+        .await;
+    s.until_state(theirs, TaskState::Running).await;
+    let creds = format!("{}/{}", job::CREDS_DIR, job::CREDS_KEY);
+    let script = format!(
+        "echo BEGIN-CREDS; cat {creds}; echo END-CREDS\n\
+         {ATTACK_TOOL} {url} {creds} \"$TASKPODS_TASK_ID\" {theirs}\n",
+        url = s.server.url(),
+    );
+    let mine = s.script(&script, 8).await;
+    // While it runs: its own Secret, owned by its Job, mounted read-only into its pod only.
+    let secret = wait_for("the task's credentials Secret", || async {
+        Api::<Secret>::namespaced(s.admin.clone(), &s.ns)
+            .get_opt(&job::credentials_secret_name(mine))
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let job_uid = s.jobs_of(mine).await[0].metadata.uid.clone();
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), Some(&owner.uid)),
+        ("Job", job_uid.as_ref())
+    );
+    let (state, kinds) = s.finished(mine).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    let out = stdout_of(&s, mine).await;
+    // What the code found is its own identity (a user JWT), nothing shared.
+    let found = out
+        .split("BEGIN-CREDS\n")
+        .nth(1)
+        .and_then(|rest| rest.split("END-CREDS").next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(found.contains("BEGIN NATS USER JWT"), "{out}");
+    let names = taskpods_events::Names::default();
+    let attacked = [
+        ("publish", names.agent_hello(theirs)),
+        ("subscription", "_INBOX.>".to_owned()),
+        ("publish", names.agent_report(theirs, "result")),
+        ("publish", names.agent_report(theirs, "progress")),
+        ("publish", names.log(theirs)),
+        ("publish", names.agent_heartbeat(theirs)),
+        ("publish", names.events(theirs)),
+        ("publish", names.launch()),
+        ("publish", names.cancel(theirs)),
+        (
+            "publish",
+            format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
+        ),
+        (
+            "publish",
+            format!(
+                "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
+                b = names.tasks_bucket()
+            ),
+        ),
+        ("publish", format!("$KV.{}.{theirs}", names.tasks_bucket())),
+        ("publish", "$JS.API.INFO".to_owned()),
+    ];
+    for (action, subject) in &attacked {
+        let line = format!("REFUSED {action} {subject} :: ");
+        let refused = out.lines().find(|l| l.starts_with(&line));
+        assert!(
+            refused.is_some_and(|l| l.to_lowercase().contains("permissions violation")),
+            "{subject} was not refused with a permission error:\n{out}"
+        );
+    }
+    assert!(!out.contains("NOT-REFUSED"), "{out}");
+    assert!(out.contains("OWN-WORK stored"), "its own work: {out}");
+    let progress = s
+        .tasks
+        .history(mine)
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| format!("{:?}", e.event.body).contains("own work"));
+    assert!(progress, "its own progress report was recorded");
+
+    // The other task was untouched: it ran to its own end, with its own result.
+    let (state, kinds) = s.finished(theirs).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    assert!(stdout_of(&s, theirs).await.contains("theirs"));
+
+    // The Secret went with the Job (garbage collector); the credentials die with the task.
+    s.all_gone(mine).await;
+    wait_for("the credentials Secret gone with its Job", || async {
+        Api::<Secret>::namespaced(s.admin.clone(), &s.ns)
+            .get_opt(&job::credentials_secret_name(mine))
+            .await
+            .ok()
+            .filter(Option::is_none)
+    })
+    .await;
+    let deadline = s.tasks.get(mine).await.unwrap().task.deadline.unwrap();
+    let expiry = deadline + chrono::TimeDelta::from_std(GRACE).unwrap();
+    let wait = (expiry - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(2);
+    tokio::time::sleep(wait).await;
+    let refused = async_nats::ConnectOptions::with_credentials(&found)
+        .unwrap()
+        .connect(s.server.url())
+        .await
+        .expect_err("credentials of an ended task must be refused");
+    assert!(
+        refused.to_string().to_lowercase().contains("authorization"),
+        "{refused}"
+    );
+}
+
+/// A credentials Secret whose task has no Job (left by a crash, or made by hand) is deleted by the
+/// reconciler; a Secret of a live task's Job is kept.
+#[tokio::test]
+async fn the_reconciler_deletes_credentials_secrets_whose_job_is_gone() {
+    let s = Setup::start_secured("kx-stray").await;
+    let live = s.script("sleep 20", 60).await;
+    s.until_state(live, TaskState::Running).await;
+    let stray_task = TaskId::mint();
+    let config = JobConfig {
+        namespace: s.ns.clone(),
+        ..JobConfig::default()
+    };
+    let mut stray = job::credentials_secret(stray_task, "no-such-uid", "x", &config);
+    // Without an owner the garbage collector would not touch it: only the reconciler removes it.
+    stray.metadata.owner_references = None;
+    let secrets = Api::<Secret>::namespaced(s.admin.clone(), &s.ns);
+    secrets
+        .create(&PostParams::default(), &stray)
+        .await
+        .expect("stray Secret");
+    wait_for("the stray Secret deleted", || async {
+        secrets
+            .get_opt(&job::credentials_secret_name(stray_task))
+            .await
+            .ok()
+            .filter(Option::is_none)
+    })
+    .await;
+    assert!(
+        secrets
+            .get_opt(&job::credentials_secret_name(live))
+            .await
+            .unwrap()
+            .is_some(),
+        "the live task's Secret is kept"
+    );
+    s.tasks.cancel(live, None).await.expect("cancel");
 }

@@ -13,19 +13,20 @@
 //! | cleaned up | `ttlSecondsAfterFinished` (a backstop: the reaper deletes the Job first) |
 //! | accounted | CPU and memory requests and limits always set |
 //! | selectable | labels on the Job and on the pod template (NetworkPolicies select pods) |
-//! | credentials | the NATS credentials file from a Secret volume mounted read-only into this pod only |
+//! | credentials | the task's own NATS identity, from its own Secret ([`credentials_secret`], owned by the Job), mounted read-only into this pod only |
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use taskpods_events::command::MAX_TIMEOUT_SECS;
 use taskpods_events::{Mode, TaskId, TaskSpec};
 
@@ -43,10 +44,52 @@ pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=taskpods";
 pub const CONTAINER: &str = "agent";
 /// The UID and GID task code runs as (the seed's posture).
 pub const TASK_UID: i64 = 1000;
-/// Where the NATS credentials Secret is mounted.
+/// Where the task's NATS credentials Secret is mounted.
 pub const CREDS_DIR: &str = "/var/run/secrets/taskpods/nats";
 /// The key of the credentials file in that Secret.
 pub const CREDS_KEY: &str = "nats.creds";
+/// Label marking a task's credentials Secret (value [`CREDENTIALS_COMPONENT`]), next to the task labels.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// The component value of credentials Secrets.
+pub const CREDENTIALS_COMPONENT: &str = "nats-credentials";
+/// The selector for every task credentials Secret the engine made.
+pub const CREDENTIALS_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=taskpods,app.kubernetes.io/component=nats-credentials";
+
+/// The name of `task`'s credentials Secret: its Job's name plus `-nats`.
+pub fn credentials_secret_name(task: TaskId) -> String {
+    format!("{}-nats", task.job_name())
+}
+
+/// The Secret holding `task`'s own NATS credentials (`creds`, a credentials file), owned by its Job
+/// (`job_uid`), so that deleting the Job deletes it; immutable, in the Job's namespace.
+pub fn credentials_secret(task: TaskId, job_uid: &str, creds: &str, config: &JobConfig) -> Secret {
+    let mut labels = labels(task);
+    labels.insert(COMPONENT_LABEL.to_owned(), CREDENTIALS_COMPONENT.to_owned());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(credentials_secret_name(task)),
+            namespace: Some(config.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "batch/v1".to_owned(),
+                kind: "Job".to_owned(),
+                name: task.job_name(),
+                uid: job_uid.to_owned(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            }]),
+            ..ObjectMeta::default()
+        },
+        immutable: Some(true),
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            CREDS_KEY.to_owned(),
+            ByteString(creds.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
 
 /// What the Job builder needs besides the task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,9 +102,10 @@ pub struct JobConfig {
     pub nats_url: String,
     /// Subject prefix.
     pub prefix: String,
-    /// The Secret holding the agent's NATS credentials (key [`CREDS_KEY`]); `None` for a NATS server
-    /// without authentication (tests).
-    pub nats_credentials_secret: Option<String>,
+    /// Whether task pods mount their own credentials Secret ([`credentials_secret_name`], made by the
+    /// backend after the Job). The engine sets it when it has a task signer; without, agents connect
+    /// with no credentials, which only a NATS server without authorization accepts.
+    pub task_credentials: bool,
     /// Size of the pod's writable `/tmp`, bytes.
     pub tmp_bytes: u64,
     /// Seconds a finished Job stays before Kubernetes deletes it (a backstop to the reaper).
@@ -84,7 +128,7 @@ impl Default for JobConfig {
             service_account: "taskpods-task".to_owned(),
             nats_url: "nats://nats.taskpods.svc:4222".to_owned(),
             prefix: "taskpods".to_owned(),
-            nats_credentials_secret: Some("taskpods-task-nats".to_owned()),
+            task_credentials: true,
             tmp_bytes: 256 << 20,
             ttl_after_finished_secs: 3600,
             termination_grace_secs: 10,
@@ -212,8 +256,10 @@ pub fn build(task: TaskId, spec: &TaskSpec, deadline: DateTime<Utc>, config: &Jo
         }),
         ..Volume::default()
     }];
-    if let Some(secret) = &config.nats_credentials_secret {
-        // A file, not an environment variable: env leaks into child processes and crash dumps.
+    if config.task_credentials {
+        // A file, not an environment variable: env leaks into child processes and crash dumps. The
+        // Secret is made right after the Job (it is owned by it); until it exists the pod waits in
+        // ContainerCreating, as the kubelet does for a missing Secret volume.
         vars.push(env(
             "TASKPODS_NATS_CREDS",
             format!("{CREDS_DIR}/{CREDS_KEY}"),
@@ -227,7 +273,7 @@ pub fn build(task: TaskId, spec: &TaskSpec, deadline: DateTime<Utc>, config: &Jo
         volumes.push(Volume {
             name: "nats-creds".to_owned(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
+                secret_name: Some(credentials_secret_name(task)),
                 default_mode: Some(0o400),
                 optional: Some(false),
                 ..SecretVolumeSource::default()
@@ -506,7 +552,10 @@ mod tests {
         assert_eq!(bytes(1000).0, "1000");
         assert_eq!(bytes(3 << 30).0, "3Gi");
         let creds = volumes.iter().find(|v| v["name"] == "nats-creds").unwrap();
-        assert_eq!(creds["secret"]["secretName"], "taskpods-task-nats");
+        assert_eq!(
+            creds["secret"]["secretName"],
+            format!("{}-nats", task().job_name())
+        );
         assert_eq!(creds["secret"]["defaultMode"], 0o400);
         assert_eq!(volumes.len(), 2, "no other volumes (no hostPath)");
 
@@ -556,12 +605,34 @@ mod tests {
     #[test]
     fn without_a_credentials_secret_nothing_refers_to_one() {
         let config = JobConfig {
-            nats_credentials_secret: None,
+            task_credentials: false,
             ..JobConfig::default()
         };
         let j = serde_json::to_value(build(task(), &spec(60), Utc::now(), &config)).unwrap();
         let text = j.to_string();
         assert!(!text.contains("TASKPODS_NATS_CREDS") && !text.contains("nats-creds"));
+    }
+
+    #[test]
+    fn the_credentials_secret_is_owned_by_the_job_and_immutable() {
+        let secret = credentials_secret(task(), "uid-1", "CREDS", &JobConfig::default());
+        let s = serde_json::to_value(&secret).unwrap();
+        assert_eq!(s["metadata"]["name"], credentials_secret_name(task()));
+        assert_eq!(s["metadata"]["namespace"], "baker-tasks");
+        let owner = &s["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Job");
+        assert_eq!(owner["apiVersion"], "batch/v1");
+        assert_eq!(owner["name"], task().job_name());
+        assert_eq!(owner["uid"], "uid-1");
+        assert_eq!(s["immutable"], true);
+        let labels = &s["metadata"]["labels"];
+        assert_eq!(labels[TASK_LABEL], task().to_string());
+        assert_eq!(labels[COMPONENT_LABEL], CREDENTIALS_COMPONENT);
+        assert_eq!(
+            CREDENTIALS_SELECTOR,
+            format!("{MANAGED_SELECTOR},{COMPONENT_LABEL}={CREDENTIALS_COMPONENT}")
+        );
+        assert_eq!(secret.data.unwrap()[CREDS_KEY].0, b"CREDS");
     }
 
     #[test]

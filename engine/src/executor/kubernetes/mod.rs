@@ -3,7 +3,10 @@
 //!
 //! Every effect is safe to repeat after a crash at any point:
 //! - `create`: `AlreadyExists` → read the Job, check its task-id label, adopt it (a Job of that name with
-//!   another task's label is an error, never overwritten);
+//!   another task's label is an error, never overwritten); then, with a task signer, the task's own NATS
+//!   credentials go into a Secret owned by the Job (`AlreadyExists`: made by an earlier try, kept). The
+//!   Job comes first so the Secret can name it as its owner and goes when the Job goes; its pod waits in
+//!   `ContainerCreating` for the Secret meanwhile (a secret volume that is not optional);
 //! - `stop`: delete with background propagation (`NotFound` is success), then wait until no pod of the
 //!   task is left, so `Cancelled`/`Reaped` are recorded only once nothing runs;
 //! - `reap`: give the pod a grace period to finish on its own (the agent flushing output), then `stop`.
@@ -23,7 +26,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 use taskpods_events::{FailureReason, TaskId, TaskSpec};
@@ -31,6 +34,7 @@ use tracing::{info, warn};
 
 use self::job::{JobConfig, TASK_LABEL};
 use super::backend::{Backend, BackendError};
+use crate::credentials::TaskCredentials;
 
 /// A Kubernetes client, wrapped so configurations stay `Debug`.
 #[derive(Clone)]
@@ -99,6 +103,8 @@ pub struct KubernetesBackend {
     stop_timeout: Duration,
     jobs: Api<Job>,
     pods: Api<Pod>,
+    secrets: Api<Secret>,
+    credentials: Option<TaskCredentials>,
 }
 
 impl fmt::Debug for KubernetesBackend {
@@ -136,9 +142,60 @@ impl KubernetesBackend {
     pub fn new(client: Client, config: JobConfig, stop_timeout: Duration) -> Self {
         Self {
             jobs: Api::namespaced(client.clone(), &config.namespace),
-            pods: Api::namespaced(client, &config.namespace),
+            pods: Api::namespaced(client.clone(), &config.namespace),
+            secrets: Api::namespaced(client, &config.namespace),
             config,
             stop_timeout,
+            credentials: None,
+        }
+    }
+
+    /// Gives each task pod its own NATS identity, minted by `credentials` into a per-task Secret (a
+    /// server with authorization); `None`: pods mount no credentials.
+    pub fn with_task_credentials(mut self, credentials: Option<TaskCredentials>) -> Self {
+        self.config.task_credentials = credentials.is_some();
+        self.credentials = credentials;
+        self
+    }
+
+    /// The task credentials Secrets in the task namespace (the reconciler removes strays).
+    pub fn secrets(&self) -> &Api<Secret> {
+        &self.secrets
+    }
+
+    /// Whether task pods get per-task credentials Secrets (the engine has a task signer).
+    pub fn makes_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// Makes `task`'s credentials Secret, owned by its Job `job_uid`; one made by an earlier try is kept
+    /// (its name is the task's, and it goes with that task's Job).
+    async fn create_credentials(
+        &self,
+        task: TaskId,
+        job_uid: &str,
+        deadline: DateTime<Utc>,
+    ) -> Result<(), BackendError> {
+        let Some(minter) = &self.credentials else {
+            return Ok(());
+        };
+        let creds = minter.mint(task, deadline).map_err(|e| {
+            let mut error = BackendError::fatal(
+                FailureReason::BackendError,
+                format!("cannot mint the task's NATS credentials: {e}"),
+            );
+            error.source = Some(std::sync::Arc::new(e));
+            error
+        })?;
+        let secret = job::credentials_secret(task, job_uid, &creds.to_file(), &self.config);
+        let name = job::credentials_secret_name(task);
+        match self.secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                info!(%task, secret = name, "credentials Secret created");
+                Ok(())
+            }
+            Err(e) if is_status(&e, 409) => Ok(()),
+            Err(e) => Err(classify(&format!("create Secret {name}"), e)),
         }
     }
 
@@ -175,7 +232,7 @@ impl KubernetesBackend {
         }
     }
 
-    /// Adopts the existing Job `name` if it carries `task`'s label.
+    /// Adopts the existing Job `name` if it carries `task`'s label; its UID.
     async fn adopt(&self, task: TaskId, name: &str) -> Result<String, BackendError> {
         let existing = self
             .jobs
@@ -195,7 +252,7 @@ impl KubernetesBackend {
             .and_then(|l| l.get(TASK_LABEL));
         if owner.map(String::as_str) == Some(task.to_string().as_str()) {
             info!(%task, job = name, "adopting the existing Job");
-            Ok(name.to_owned())
+            Ok(existing.metadata.uid.unwrap_or_default())
         } else {
             Err(BackendError::fatal(
                 FailureReason::BackendError,
@@ -246,14 +303,16 @@ impl Backend for KubernetesBackend {
             started.elapsed(),
             created.is_ok() || created.as_ref().is_err_and(|e| is_status(e, 409)),
         );
-        match created {
-            Ok(_) => {
+        let uid = match created {
+            Ok(job) => {
                 info!(%task, job = name, namespace = %self.config.namespace, "Job created");
-                Ok(name)
+                job.metadata.uid.unwrap_or_default()
             }
-            Err(e) if is_status(&e, 409) => self.adopt(task, &name).await,
-            Err(e) => Err(classify(&format!("create Job {name}"), e)),
-        }
+            Err(e) if is_status(&e, 409) => self.adopt(task, &name).await?,
+            Err(e) => return Err(classify(&format!("create Job {name}"), e)),
+        };
+        self.create_credentials(task, &uid, deadline).await?;
+        Ok(name)
     }
 
     async fn stop(&self, task: TaskId, job: &str) -> Result<(), BackendError> {

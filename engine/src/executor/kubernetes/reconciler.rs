@@ -10,7 +10,11 @@
 //! 3. a live task past its deadline → `DeadlineReached`; a `Scheduled`/`Starting`/`Running`/`Cancelling`
 //!    task whose Job is missing → `JobGone` (`Failed{JobLost}`, or `Cancelled` when cancelling);
 //! 4. a Job whose task is unknown, or ended more than `orphan_grace` ago → an orphan: deleted (waiting for its pods), and `Reaped`
-//!    recorded when the task ended without it.
+//!    recorded when the task ended without it;
+//! 5. a task credentials Secret whose task has no Job → a stray (the garbage collector removes a Secret
+//!    with its owning Job; this is the backstop): deleted. Secrets are listed (metadata only) before the
+//!    Jobs, and the backend makes a Secret only after its Job, so a Secret of a Job being created is
+//!    never taken for a stray.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,14 +24,14 @@ use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, TimeDelta, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
 use taskpods_events::{Input, TaskId, TaskState};
 use taskpods_projections::buckets::BucketError;
 use taskpods_projections::{BucketSettings, Views};
 
 use tracing::{debug, info, warn};
 
-use super::job::{MANAGED_SELECTOR, TASK_LABEL};
+use super::job::{CREDENTIALS_SELECTOR, MANAGED_SELECTOR, TASK_LABEL};
 use super::{KubernetesBackend, KubernetesConfig};
 use crate::context::EngineCtx;
 use crate::executor::backend::Backend;
@@ -48,6 +52,15 @@ pub enum ReconcileError {
     /// The Jobs could not be listed.
     #[error("list Jobs: {0}")]
     Kubernetes(#[from] kube::Error),
+    /// The credentials Secrets could not be listed or a stray one deleted.
+    #[error("{what}: {source}")]
+    Secrets {
+        /// What was being done.
+        what: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// What one pass did.
@@ -59,6 +72,8 @@ pub struct Report {
     pub timed_out: Vec<TaskId>,
     /// Orphan Jobs deleted.
     pub orphans: Vec<String>,
+    /// Credentials Secrets deleted because their task had no Job.
+    pub stray_secrets: Vec<String>,
 }
 
 /// The reconciler's settings.
@@ -179,6 +194,20 @@ pub async fn reconcile_once(
         let loaded = store.load(view.task).await?;
         live.push((view.task, loaded.task));
     }
+    // Before the Jobs (see step 5 in the module docs).
+    let secrets = if backend.makes_credentials() {
+        backend
+            .secrets()
+            .list_metadata(&ListParams::default().labels(CREDENTIALS_SELECTOR))
+            .await
+            .map_err(|source| ReconcileError::Secrets {
+                what: "list credentials Secrets".to_owned(),
+                source,
+            })?
+            .items
+    } else {
+        Vec::new()
+    };
     let listed = jobs
         .list(&ListParams::default().labels(MANAGED_SELECTOR))
         .await?;
@@ -215,6 +244,39 @@ pub async fn reconcile_once(
         if has_job && !by_task.contains_key(id) && settle(ctx, *id, &Input::JobGone).await? {
             info!(task = %id, "reconciler: the task's Job is gone");
             report.lost.push(*id);
+        }
+    }
+
+    for secret in secrets {
+        let task = secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(TASK_LABEL))
+            .and_then(|t| t.parse::<TaskId>().ok());
+        let Some(name) = secret.metadata.name else {
+            continue;
+        };
+        if task.is_some_and(|t| by_task.contains_key(&t)) {
+            continue;
+        }
+        info!(
+            secret = name,
+            "reconciler: deleting a credentials Secret whose Job is gone"
+        );
+        match backend
+            .secrets()
+            .delete(&name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => report.stray_secrets.push(name),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => {
+                return Err(ReconcileError::Secrets {
+                    what: format!("delete Secret {name}"),
+                    source,
+                });
+            }
         }
     }
 
