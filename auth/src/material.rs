@@ -38,8 +38,39 @@ pub enum MaterialError {
         source: std::io::Error,
     },
     /// The system's random source failed.
-    #[error("no randomness for the seal key: {0}")]
-    Random(String),
+    #[error("no randomness for the seal key")]
+    Random(#[source] getrandom::Error),
+}
+
+/// Why a seal key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SealKeyError {
+    /// The file could not be read.
+    #[error("cannot read the seal key {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not hexadecimal.
+    #[error("the seal key {path} is not hex")]
+    NotHex {
+        /// The file.
+        path: String,
+        /// Where decoding failed.
+        #[source]
+        source: data_encoding::DecodeError,
+    },
+    /// The key is not 32 bytes long.
+    #[error("the seal key {path} is {len} bytes, not 32 (64 hex digits)")]
+    Length {
+        /// The file.
+        path: String,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
 /// The file names inside an auth directory.
@@ -85,7 +116,7 @@ impl Material {
     pub fn generate() -> Result<Self, MaterialError> {
         let account = KeyPair::new_account();
         let mut seal_key = [0u8; 32];
-        getrandom::fill(&mut seal_key).map_err(|e| MaterialError::Random(e.to_string()))?;
+        getrandom::fill(&mut seal_key).map_err(MaterialError::Random)?;
         Ok(Self {
             operator: KeyPair::new_operator(),
             signer: Signer::new(account.public_key(), KeyPair::new_account()),
@@ -221,14 +252,22 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Reads a seal key file (64 hex digits).
-pub fn read_seal_key(path: &Path) -> Result<[u8; 32], String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_seal_key(path: &Path) -> Result<[u8; 32], SealKeyError> {
+    let shown = || path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| SealKeyError::Read {
+        path: shown(),
+        source,
+    })?;
     let bytes = data_encoding::HEXLOWER_PERMISSIVE
         .decode(text.trim().as_bytes())
-        .map_err(|_| format!("{}: not hex", path.display()))?;
+        .map_err(|source| SealKeyError::NotHex {
+            path: shown(),
+            source,
+        })?;
+    let len = bytes.len();
     bytes
         .try_into()
-        .map_err(|_| format!("{}: not 32 bytes (64 hex digits)", path.display()))
+        .map_err(|_| SealKeyError::Length { path: shown(), len })
 }
 
 #[cfg(test)]
@@ -282,5 +321,27 @@ mod tests {
                 .write(&target, &names, false),
             Err(MaterialError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn a_bad_seal_key_says_why_and_keeps_the_cause() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = read_seal_key(&dir.path().join("none")).expect_err("missing");
+        assert!(matches!(missing, SealKeyError::Read { .. }));
+        assert!(missing.source().is_some());
+        let not_hex = dir.path().join("not-hex");
+        std::fs::write(&not_hex, "zz").expect("write");
+        let error = read_seal_key(&not_hex).expect_err("not hex");
+        assert!(matches!(error, SealKeyError::NotHex { .. }) && error.source().is_some());
+        let short = dir.path().join("short");
+        std::fs::write(&short, "00ff").expect("write");
+        assert_eq!(
+            read_seal_key(&short).expect_err("short").to_string(),
+            format!(
+                "the seal key {} is 2 bytes, not 32 (64 hex digits)",
+                short.display()
+            )
+        );
     }
 }

@@ -29,9 +29,15 @@ pub enum SealError {
         /// The variable.
         name: String,
     },
-    /// The system's random source failed.
-    #[error("no randomness to seal with: {0}")]
-    Random(String),
+    /// The system's random source failed (for a key or a nonce).
+    #[error("no randomness to seal with")]
+    Random(#[source] getrandom::Error),
+    /// The cipher refused to encrypt (it reports no detail; e.g. a value beyond its length limit).
+    #[error("env value {name} could not be sealed")]
+    Encrypt {
+        /// The variable.
+        name: String,
+    },
 }
 
 /// Seals and opens env values.
@@ -72,7 +78,7 @@ impl Sealer {
     /// A sealer with a random key that lives as long as this process.
     pub fn ephemeral() -> Result<Self, SealError> {
         let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| SealError::Random(e.to_string()))?;
+        getrandom::fill(&mut key).map_err(SealError::Random)?;
         Ok(Self::new(&key))
     }
 
@@ -87,7 +93,7 @@ impl Sealer {
     /// Seals `value` of variable `name` for `task`.
     pub fn seal(&self, task: TaskId, name: &str, value: &str) -> Result<SealedValue, SealError> {
         let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).map_err(|e| SealError::Random(e.to_string()))?;
+        getrandom::fill(&mut nonce).map_err(SealError::Random)?;
         let aad = binding(task, name);
         let ciphertext = self
             .cipher
@@ -98,7 +104,9 @@ impl Sealer {
                     aad: &aad,
                 },
             )
-            .map_err(|_| SealError::Random("encryption failed".into()))?;
+            .map_err(|_| SealError::Encrypt {
+                name: name.to_owned(),
+            })?;
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&ciphertext);
         Ok(SealedValue {

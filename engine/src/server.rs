@@ -69,8 +69,11 @@ pub enum ServerError {
     )]
     NoTaskSigner,
     /// The seal key could not be read.
-    #[error("seal key: {0}")]
-    SealKey(String),
+    #[error(transparent)]
+    SealKey(#[from] taskpods_auth::material::SealKeyError),
+    /// Without a seal key, no ephemeral one could be made.
+    #[error("cannot make an ephemeral seal key")]
+    EphemeralSealKey(#[source] crate::seal::SealError),
     /// A URL is not a NATS URL.
     #[error("invalid NATS URL {0:?}")]
     BadUrl(String),
@@ -262,15 +265,13 @@ impl Engine {
         let js = jetstream::new(nats.clone());
         let topology = topology::ensure(&js, &config.topology).await?;
         let sealer = match &config.auth.seal_key {
-            Some(path) => Sealer::new(
-                &taskpods_auth::material::read_seal_key(path).map_err(ServerError::SealKey)?,
-            ),
+            Some(path) => Sealer::new(&taskpods_auth::material::read_seal_key(path)?),
             None => {
                 warn!(
                     "no seal key (--seal-key): env values are sealed with a key that dies with this \
                      process; tasks accepted before a restart cannot get their env back"
                 );
-                Sealer::ephemeral().map_err(|e| ServerError::SealKey(e.to_string()))?
+                Sealer::ephemeral().map_err(ServerError::EphemeralSealKey)?
             }
         };
         let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone())
