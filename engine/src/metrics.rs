@@ -12,6 +12,9 @@
 //! - `taskpods_backend_errors_total{kind}`: the executor, when a backend call fails;
 //! - `taskpods_kubernetes_api_seconds{verb,outcome}`: the Kubernetes backend's Job calls;
 //! - `taskpods_nats_reconnects_total`: the NATS connection's event callback;
+//! - `taskpods_store_loads_total` and `taskpods_store_events_read_total`: the event store's whole-history
+//!   reads (`store.rs`, `read`), which the loops keep off their per-event path;
+//! - `taskpods_executor_tasks_held`: the executor, when it holds or drops a task's folded state;
 //! - `taskpods_commands_total{outcome}`, `taskpods_tasks{state}` and `taskpods_projector_lag_*`: read when
 //!   scraped (intake's own counters, the active view, the projector's consumer), see [`render`].
 
@@ -22,7 +25,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use taskpods_events::{Event, EventBody, Task, TaskState};
 
@@ -53,6 +57,12 @@ pub struct Metrics {
     pub kube_api_seconds: HistogramVec,
     /// Times the NATS connection was re-established.
     pub nats_reconnects: IntCounter,
+    /// Whole-history reads of a task by the event store.
+    pub store_loads: IntCounter,
+    /// Events returned by those reads.
+    pub store_events_read: IntCounter,
+    /// Live tasks whose folded state the executor holds between their events.
+    pub executor_tasks_held: IntGauge,
 }
 
 impl Metrics {
@@ -109,6 +119,21 @@ impl Metrics {
             "Times the engine's NATS connection was re-established.",
         )
         .expect("valid metric");
+        let store_loads = IntCounter::new(
+            "taskpods_store_loads_total",
+            "Whole-history reads of a task by the event store (per event they would grow with history).",
+        )
+        .expect("valid metric");
+        let store_events_read = IntCounter::new(
+            "taskpods_store_events_read_total",
+            "Events returned by the event store's whole-history reads.",
+        )
+        .expect("valid metric");
+        let executor_tasks_held = IntGauge::new(
+            "taskpods_executor_tasks_held",
+            "Live tasks whose folded state the executor holds (none is held once a task is reaped).",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(transitions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(phase_seconds.clone()),
@@ -116,6 +141,9 @@ impl Metrics {
             Box::new(backend_errors.clone()),
             Box::new(kube_api_seconds.clone()),
             Box::new(nats_reconnects.clone()),
+            Box::new(store_loads.clone()),
+            Box::new(store_events_read.clone()),
+            Box::new(executor_tasks_held.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -146,6 +174,9 @@ impl Metrics {
             backend_errors,
             kube_api_seconds,
             nats_reconnects,
+            store_loads,
+            store_events_read,
+            executor_tasks_held,
         }
     }
 

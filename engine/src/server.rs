@@ -458,6 +458,11 @@ impl Engine {
         &self.ctx.topology
     }
 
+    /// What this engine's event store has read (whole-history reads of tasks).
+    pub fn store_stats(&self) -> &Arc<crate::store::StoreStats> {
+        self.ctx.store.stats()
+    }
+
     /// Stops every loop, lets them finish the work in hand, and flushes.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.ctx.shutdown.cancel();

@@ -4,7 +4,13 @@
 //!
 //! [`EventStore::execute`] is the one way the engine changes a task: load, `decide`, append, and on a
 //! conflict reload and decide again.
+//!
+//! Reading a task's whole history costs in proportion to its length, so the loops that see every event
+//! keep their own folded state and read only on a gap or conflict; [`StoreStats`] counts every read
+//! (per store, and in the process's metrics) so tests can hold them to it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -139,6 +145,26 @@ pub struct Executed {
     pub task: LoadedTask,
 }
 
+/// What a store has read, since it was made (shared by its clones).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Whole-history reads of a task ([`EventStore::load`] and [`EventStore::read`], including the
+    /// reloads `execute` does after a conflict or a refusal judged on a cached state).
+    pub loads: AtomicU64,
+    /// Events those reads returned.
+    pub events_read: AtomicU64,
+}
+
+impl StoreStats {
+    /// `(loads, events_read)` now.
+    pub fn snapshot(&self) -> (u64, u64) {
+        (
+            self.loads.load(Ordering::Relaxed),
+            self.events_read.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Reads and appends task events.
 #[derive(Debug, Clone)]
 pub struct EventStore {
@@ -146,6 +172,7 @@ pub struct EventStore {
     stream: Stream,
     names: Names,
     sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
+    stats: Arc<StoreStats>,
 }
 
 impl EventStore {
@@ -156,7 +183,13 @@ impl EventStore {
             stream,
             names,
             sealer: None,
+            stats: Arc::default(),
         }
+    }
+
+    /// What this store (and its clones) has read.
+    pub fn stats(&self) -> &Arc<StoreStats> {
+        &self.stats
     }
 
     /// Seals env values before they are written (the `accepted` event), with `sealer`.
@@ -195,9 +228,15 @@ impl EventStore {
 
     /// Every event of `task`, in order, with stream sequences.
     pub async fn read(&self, task: TaskId) -> Result<Vec<StoredEvent>, StoreError> {
-        log::read_events(&self.stream, &self.names, task)
+        let events = log::read_events(&self.stream, &self.names, task)
             .await
-            .map_err(StoreError::Read)
+            .map_err(StoreError::Read)?;
+        let read = events.len() as u64;
+        self.stats.loads.fetch_add(1, Ordering::Relaxed);
+        self.stats.events_read.fetch_add(read, Ordering::Relaxed);
+        crate::metrics::METRICS.store_loads.inc();
+        crate::metrics::METRICS.store_events_read.inc_by(read);
+        Ok(events)
     }
 
     /// The task folded from all its events.
