@@ -1,7 +1,7 @@
 //! The executor: a durable consumer of the event stream that makes the backend match each task's state.
 //!
-//! It is level-triggered: on any event of a task it loads the task and acts on its *current* state, so a
-//! redelivered or old event never repeats an effect, and every effect is idempotent besides:
+//! It is level-triggered: on a task's events it acts on the task's *current* state, so a redelivered or
+//! old event never repeats an effect, and every effect is idempotent besides:
 //!
 //! | current state | effect | then executes |
 //! |---|---|---|
@@ -10,15 +10,34 @@
 //! | terminal, with a Job, not reaped | wait a little for the agent to finish on its own (only after a result it reported), stop it, remove the sandbox | `Reaped` |
 //! | anything else | nothing | |
 //!
-//! A message is acked only after its effect is done and its event appended; a transient failure naks it
-//! for redelivery. Different tasks proceed in parallel (bounded); one task's messages are handled one at
-//! a time. The [`Backend`] trait ([`backend`]) is what a backend implements: [`local`] (a sandboxed process per
-//! task) is the embedded default; [`kubernetes`] (a Job per task, with its watcher and reconciler) plugs into
-//! the same loop; [`noop`] (benchmarks and tests) plays each sandbox and its agent in-process.
+//! **A task's cost per event does not grow with its history.** The executor holds each live task's
+//! folded state with the stream sequence of its last event ([`LoadedTask`]) and folds every delivered
+//! event onto it with the pure `evolve`. It reads the task's history from the store only when the events
+//! it holds do not follow on from that state (a gap: another engine took some of them, or this engine
+//! started after the task did) or when an append finds the log moved on (a conflict, which the store
+//! resolves by reading). A brand-new task is folded from its `accepted` event without a read. Events that
+//! cannot change an effect (`progress`, and kinds this version does not know) are folded and acked
+//! without a reconcile. A task's state is dropped once nothing more can be done for it (ended and reaped,
+//! or ended with no sandbox), so nothing is held per finished task; its `reaped` (or `rejected`) event is
+//! recognised as the end without a read.
 //!
-//! Layout (imports point one way: `mod.rs` → {`local`, `kubernetes`, `noop`} → `backend`; inside `kubernetes/`,
-//! {`watcher`, `reconciler`} → `kubernetes/mod.rs` → `job`; nothing imports back up):
-//! - `mod.rs`: the executor loop ([`run`], [`reconcile`]) and [`BackendConfig`];
+//! **Fair turns** ([`turns`]): delivered events wait in a queue per task; tasks take turns, first come
+//! first served, at most `concurrency` at once and each task on at most one worker. A turn takes all of
+//! a task's waiting events: they are folded together and reconciled once. So one task's backlog costs it
+//! one turn and cannot hold workers or delay other tasks; the consumer loop itself never waits on a task.
+//!
+//! A turn's messages are acked only after its effect is done and its event appended. On a transient
+//! failure the newest is naked for redelivery (the others acked) and the task's state is dropped, so the
+//! redelivery reads the task and reconciles it whatever the event's kind. At shutdown mid-effect the
+//! turn's messages stay unacked for the next engine. The [`Backend`] trait ([`backend`]) is what a
+//! backend implements: [`local`] (a sandboxed process per task) is the embedded default; [`kubernetes`] (a
+//! Job per task, with its watcher and reconciler) plugs into the same loop; [`noop`] (benchmarks and
+//! tests) plays each sandbox and its agent in-process.
+//!
+//! Layout (imports point one way: `mod.rs` → {`local`, `kubernetes`, `noop`, `turns`} → `backend`; inside
+//! `kubernetes/`, {`watcher`, `reconciler`} → `kubernetes/mod.rs` → `job`; nothing imports back up):
+//! - `mod.rs`: the executor loop ([`run`], [`reconcile`]), the folded states, and [`BackendConfig`];
+//! - [`turns`]: the fair run queue across tasks;
 //! - [`backend`]: the [`Backend`] trait and [`BackendError`];
 //! - [`local`]: the local backend;
 //! - [`noop`]: the no-op backend (benchmarks and tests: no code runs);
@@ -29,6 +48,7 @@ pub mod backend;
 pub mod kubernetes;
 pub mod local;
 pub mod noop;
+pub mod turns;
 
 pub use backend::{Backend, BackendError};
 
@@ -38,11 +58,15 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::StreamExt;
-use taskpods_events::{Addressed, FailureReason, Input, TaskId, TaskState};
+use taskpods_events::{Addressed, EventBody, FailureReason, Input, TaskId, TaskState, evolve};
+use taskpods_projections::log;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::context::EngineCtx;
-use crate::store::{ExecuteError, LoadedTask};
+use crate::store::{ExecuteError, LoadedTask, StoredEvent};
+use crate::timers::AbortOnDrop;
+use turns::Turns;
 
 /// Which backend the executor drives.
 #[derive(Debug, Clone, Default)]
@@ -110,38 +134,32 @@ pub enum Effect {
     Reaped,
 }
 
-/// Makes the backend match the task's current state (see the module table).
+/// Makes the backend match `loaded`, the task's current state (see the module table). Returns what it did
+/// and the task after it (as the store left it: after the effect's append, or as found on a refusal).
 pub async fn reconcile<B: Backend>(
     ctx: &EngineCtx,
     backend: &B,
     task_id: TaskId,
+    loaded: LoadedTask,
     config: &ExecutorConfig,
-) -> Result<Effect, BackendError> {
-    let store = &ctx.store;
-    let loaded = store
-        .load(task_id)
-        .await
-        .map_err(|e| BackendError::transient_from("loading the task", e))?;
+) -> Result<(Effect, LoadedTask), BackendError> {
     let task = &loaded.task;
     match task.state {
         TaskState::Accepted => {
             let (Some(spec), Some(deadline)) = (&task.spec, task.deadline) else {
-                return Ok(Effect::Nothing);
+                return Ok((Effect::Nothing, loaded));
             };
             match backend.create(task_id, spec, deadline).await {
                 Ok(job) => {
                     let input = Input::JobCreated { job: job.clone() };
-                    match execute(ctx, task_id, &input, Some(loaded.clone())).await? {
-                        Some(after) if after.task.state.is_terminal() => {
-                            // Ended (cancelled) while we created: remove what we made.
-                            backend.reap(task_id, &job, Duration::ZERO).await?;
-                        }
-                        Some(after) if after.task.job.as_ref() == Some(&job) => {
-                            backend.recorded(task_id, &job);
-                        }
-                        _ => {}
+                    let after = execute(ctx, task_id, &input, loaded).await?;
+                    if after.task.state.is_terminal() {
+                        // Ended (cancelled) while we created: remove what we made.
+                        backend.reap(task_id, &job, Duration::ZERO).await?;
+                    } else if after.task.job.as_ref() == Some(&job) {
+                        backend.recorded(task_id, &job);
                     }
-                    Ok(Effect::Created(job))
+                    Ok((Effect::Created(job), after))
                 }
                 Err(e) if e.retryable => Err(e),
                 Err(e) => {
@@ -149,22 +167,22 @@ pub async fn reconcile<B: Backend>(
                         reason: e.reason,
                         message: Some(e.message.clone()),
                     };
-                    execute(ctx, task_id, &input, Some(loaded.clone())).await?;
-                    Ok(Effect::Nothing)
+                    let after = execute(ctx, task_id, &input, loaded).await?;
+                    Ok((Effect::Nothing, after))
                 }
             }
         }
         TaskState::Cancelling => {
             let Some(job) = &task.job else {
-                return Ok(Effect::Nothing);
+                return Ok((Effect::Nothing, loaded));
             };
             backend.stop(task_id, job).await?;
-            execute(ctx, task_id, &Input::JobGone, None).await?;
-            Ok(Effect::Stopped)
+            let after = execute(ctx, task_id, &Input::JobGone, loaded).await?;
+            Ok((Effect::Stopped, after))
         }
         state if state.is_terminal() && !task.reaped => {
-            let Some(job) = &task.job else {
-                return Ok(Effect::Nothing);
+            let Some(job) = task.job.clone() else {
+                return Ok((Effect::Nothing, loaded));
             };
             // After a result the agent reported, it is only flushing and exiting: let it.
             let reported = matches!(
@@ -179,74 +197,212 @@ pub async fn reconcile<B: Backend>(
             } else {
                 Duration::ZERO
             };
-            backend.reap(task_id, job, grace).await?;
-            execute(ctx, task_id, &Input::Reaped, None).await?;
-            Ok(Effect::Reaped)
+            backend.reap(task_id, &job, grace).await?;
+            let after = execute(ctx, task_id, &Input::Reaped, loaded).await?;
+            Ok((Effect::Reaped, after))
         }
-        _ => Ok(Effect::Nothing),
+        _ => Ok((Effect::Nothing, loaded)),
     }
 }
 
-/// Executes `input`; a refusal is fine (someone else moved the task on) and gives the task as it is.
+/// Executes `input` on `current`; a refusal is fine (someone else moved the task on) and gives the task as
+/// it is. A stale `current` costs the store a read (conflict), never a wrong decision.
 async fn execute(
     ctx: &EngineCtx,
     task: TaskId,
     input: &Input,
-    cached: Option<LoadedTask>,
-) -> Result<Option<LoadedTask>, BackendError> {
+    current: LoadedTask,
+) -> Result<LoadedTask, BackendError> {
     match ctx
         .store
-        .execute(task, input, ctx.clock.now(), cached)
+        .execute(task, input, ctx.clock.now(), Some(current))
         .await
     {
-        Ok(executed) => Ok(Some(executed.task)),
+        Ok(executed) => Ok(executed.task),
         Err(ExecuteError::Refused { refusal, task: t }) => {
             debug!(%task, %refusal, ?input, "executor input refused");
-            Ok(Some(*t))
+            Ok(*t)
         }
         Err(ExecuteError::Store(e)) => Err(BackendError::transient_from("recording the effect", e)),
     }
 }
 
-/// One executor: what every message's work shares.
+/// Whether an event of this kind can never call for an effect: it changes no state the effect table
+/// reads (a progress report leaves a running or cancelling task as it was).
+fn cannot_change_an_effect(body: &EventBody) -> bool {
+    matches!(body, EventBody::Progress { .. } | EventBody::Unknown)
+}
+
+/// Whether an event of this kind ends the executor's interest in its task for good: `reaped` is a task's
+/// last event, and a `rejected` task never had a sandbox.
+fn ends_the_task(body: &EventBody) -> bool {
+    matches!(body, EventBody::Reaped | EventBody::Rejected { .. })
+}
+
+/// Whether nothing more can ever be done for `task`: it ended, and its sandbox is gone or never existed.
+fn finished_with(task: &taskpods_events::Task) -> bool {
+    task.state == TaskState::New
+        || (task.state.is_terminal() && (task.reaped || task.job.is_none()))
+}
+
+/// A delivered event waiting for its task's turn.
+struct Delivery {
+    msg: jetstream::Message,
+    /// The event, or `None` when it could not be decoded (the task is then read from the store).
+    event: Option<StoredEvent>,
+}
+
+/// What a turn found when it folded its events onto the task's state.
+struct Folding {
+    /// The task's state after the events that follow on from it.
+    current: LoadedTask,
+    /// An event did not follow on (or could not be read): the state must be read from the store.
+    gap: bool,
+    /// An event may call for an effect.
+    effectful: bool,
+    /// An event says nothing more can be done for the task.
+    ended: bool,
+}
+
+/// Folds `batch` onto `current`: events at the next position are evolved in, events already folded (this
+/// executor's own appends, redeliveries) skipped, anything else is a gap.
+fn fold(mut current: LoadedTask, batch: &[Delivery]) -> Folding {
+    let (mut gap, mut effectful, mut ended) = (false, false, false);
+    for delivery in batch {
+        let Some(stored) = &delivery.event else {
+            gap = true;
+            effectful = true;
+            continue;
+        };
+        effectful |= !cannot_change_an_effect(&stored.event.body);
+        ended |= ends_the_task(&stored.event.body);
+        match stored.position {
+            Some(p) if p == current.task.events && stored.sequence > current.last_sequence => {
+                current.task = evolve(std::mem::take(&mut current.task), &stored.event);
+                if current.first_sequence == 0 {
+                    current.first_sequence = stored.sequence;
+                }
+                current.last_sequence = stored.sequence;
+            }
+            Some(p) if p < current.task.events => {}
+            _ => gap = true,
+        }
+    }
+    Folding {
+        current,
+        gap,
+        effectful,
+        ended,
+    }
+}
+
+/// One executor: what every turn shares.
 struct Executor<B> {
     ctx: Arc<EngineCtx>,
     backend: Arc<B>,
     config: ExecutorConfig,
-    /// One lock per task with work in hand, so a task's messages are handled one at a time.
-    locks: Mutex<HashMap<TaskId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The run queue across tasks.
+    turns: Mutex<Turns<Delivery>>,
+    /// Woken when a task joins the line.
+    ready: Notify,
+    /// Each live task's folded state, as of the last event this executor saw or wrote. A task is in it
+    /// only between its turns (a turn takes it out), and never once [`finished_with`].
+    folded: Mutex<HashMap<TaskId, LoadedTask>>,
 }
 
 impl<B: Backend> Executor<B> {
-    /// The lock of `task`, taken in message order (before the work is spawned).
-    fn lock_of(&self, task: TaskId) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(task)
-            .or_default()
-            .clone()
+    fn turns(&self) -> std::sync::MutexGuard<'_, Turns<Delivery>> {
+        self.turns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reconciles `task` for `msg` under its `lock`, then acks, naks or, at shutdown, leaves it.
-    async fn handle(
-        &self,
-        task: TaskId,
-        msg: jetstream::Message,
-        lock: Arc<tokio::sync::Mutex<()>>,
-    ) {
-        let guard = lock.lock().await;
-        let work = reconcile(&self.ctx, &*self.backend, task, &self.config);
+    fn folded(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, LoadedTask>> {
+        self.folded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a delivered event for its task's turn.
+    fn deliver(&self, task: TaskId, delivery: Delivery) {
+        if self.turns().push(task, delivery) {
+            self.ready.notify_one();
+        }
+    }
+
+    /// The next ready task and its events, once there is one.
+    async fn next_turn(&self) -> (TaskId, Vec<Delivery>) {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(turn) = self.turns().take_turn() {
+                return turn;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends `task`'s turn; it joins the line again if events arrived meanwhile.
+    fn end_turn(&self, task: TaskId) {
+        if self.turns().done(task) {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Keeps `loaded` as `task`'s state until its next turn, unless nothing more can be done for it.
+    fn hold(&self, task: TaskId, mut loaded: LoadedTask) {
+        let mut folded = self.folded();
+        if !finished_with(&loaded.task) {
+            // The launch is only needed to create the sandbox: do not hold it for the task's whole life.
+            if loaded.task.state != TaskState::Accepted {
+                loaded.task.spec = None;
+            }
+            folded.insert(task, loaded);
+        }
+        crate::metrics::METRICS
+            .executor_tasks_held
+            .set(i64::try_from(folded.len()).unwrap_or(i64::MAX));
+    }
+
+    /// One turn of `task`: fold its events, reconcile once if any may call for an effect, then ack.
+    async fn turn(&self, task: TaskId, batch: Vec<Delivery>) {
+        let held = self.folded().remove(&task);
+        let was_held = held.is_some();
+        let Folding {
+            mut current,
+            gap,
+            effectful,
+            ended,
+        } = fold(held.unwrap_or_default(), &batch);
+        if ended {
+            // The task is done for good: nothing to read, nothing to hold.
+            ack_all(&batch).await;
+            self.hold(task, LoadedTask::default());
+            return;
+        }
+        if gap {
+            match self.ctx.store.load(task).await {
+                Ok(loaded) => current = loaded,
+                Err(e) => {
+                    warn!(%task, error = %e, "executor: cannot read the task; will retry");
+                    self.retry_later(&batch).await;
+                    return;
+                }
+            }
+        }
+        if was_held && !gap && !effectful {
+            ack_all(&batch).await;
+            self.hold(task, current);
+            return;
+        }
+        let work = reconcile(&self.ctx, &*self.backend, task, current, &self.config);
         let result = tokio::select! {
             result = work => Some(result),
             () = self.ctx.shutdown.cancelled() => None,
         };
         match result {
-            Some(Ok(effect)) => {
+            Some(Ok((effect, after))) => {
                 if effect != Effect::Nothing {
                     debug!(%task, ?effect, "executor");
                 }
-                let _ = msg.double_ack().await;
+                // The effect's own event comes back through the consumer: it is already folded then.
+                self.hold(task, after);
+                ack_all(&batch).await;
             }
             Some(Err(e)) => {
                 crate::metrics::METRICS
@@ -258,19 +414,37 @@ impl<B: Backend> Executor<B> {
                     }])
                     .inc();
                 warn!(%task, error = %e, "executor: will retry");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
-                    .await;
+                self.retry_later(&batch).await;
             }
-            // Shutting down mid-effect: leave the message unacked, the next engine redoes it.
+            // Shutting down mid-effect: leave the messages unacked, the next engine redoes it.
             None => {}
         }
-        drop(guard);
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::strong_count(&lock) == 2 {
-            locks.remove(&task);
-        }
     }
+
+    /// Acks all of `batch` but its newest event, which is redelivered after the retry delay; the task's
+    /// state is not held, so the redelivery reads it and reconciles whatever the event's kind.
+    async fn retry_later(&self, batch: &[Delivery]) {
+        let Some((newest, older)) = batch.split_last() else {
+            return;
+        };
+        ack_all(older).await;
+        let _ = newest
+            .msg
+            .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
+            .await;
+    }
+}
+
+/// Acks every message of `batch` (the last one waiting for the server's confirmation, so a turn's acks
+/// are in before the task's next turn).
+async fn ack_all(batch: &[Delivery]) {
+    let Some((newest, older)) = batch.split_last() else {
+        return;
+    };
+    for delivery in older {
+        let _ = delivery.msg.ack().await;
+    }
+    let _ = newest.msg.double_ack().await;
 }
 
 /// Runs the executor over `backend` until `ctx.shutdown`.
@@ -304,8 +478,28 @@ pub async fn run<B: Backend>(
         ctx: ctx.clone(),
         backend,
         config,
-        locks: Mutex::default(),
+        turns: Mutex::default(),
+        ready: Notify::new(),
+        folded: Mutex::default(),
     });
+    // Hands ready tasks to workers, first come first served, as workers free up.
+    let _dispatcher = AbortOnDrop(tokio::spawn({
+        let executor = executor.clone();
+        async move {
+            loop {
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let (task, batch) = executor.next_turn().await;
+                let executor = executor.clone();
+                tokio::spawn(async move {
+                    executor.turn(task, batch).await;
+                    executor.end_turn(task);
+                    drop(permit);
+                });
+            }
+        }
+    }));
     info!("executor running");
     loop {
         let next = tokio::select! {
@@ -324,15 +518,8 @@ pub async fn run<B: Backend>(
             let _ = msg.ack().await;
             continue;
         };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        let lock = executor.lock_of(task);
-        let executor = executor.clone();
-        tokio::spawn(async move {
-            executor.handle(task, msg, lock).await;
-            drop(permit);
-        });
+        let event = log::decode_message(&names, &msg).ok();
+        executor.deliver(task, Delivery { msg, event });
     }
     Ok(())
 }
