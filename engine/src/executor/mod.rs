@@ -264,12 +264,16 @@ struct Folding {
     ended: bool,
 }
 
-/// Folds `batch` onto `current`: events at the next position are evolved in, events already folded (this
-/// executor's own appends, redeliveries) skipped, anything else is a gap.
-fn fold(mut current: LoadedTask, batch: &[Delivery]) -> Folding {
+/// Folds a turn's events (`None`: one that could not be decoded) onto `current`: events at the next
+/// position are evolved in, events already folded (this executor's own appends, redeliveries) skipped,
+/// anything else is a gap.
+fn fold<'a>(
+    mut current: LoadedTask,
+    events: impl IntoIterator<Item = Option<&'a StoredEvent>>,
+) -> Folding {
     let (mut gap, mut effectful, mut ended) = (false, false, false);
-    for delivery in batch {
-        let Some(stored) = &delivery.event else {
+    for event in events {
+        let Some(stored) = event else {
             gap = true;
             effectful = true;
             continue;
@@ -368,7 +372,10 @@ impl<B: Backend> Executor<B> {
             gap,
             effectful,
             ended,
-        } = fold(held.unwrap_or_default(), &batch);
+        } = fold(
+            held.unwrap_or_default(),
+            batch.iter().map(|delivery| delivery.event.as_ref()),
+        );
         if ended {
             // The task is done for good: nothing to read, nothing to hold.
             ack_all(&batch).await;
@@ -522,4 +529,115 @@ pub async fn run<B: Backend>(
         executor.deliver(task, Delivery { msg, event });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use taskpods_events::{Event, LaunchPolicy, LaunchTask, Task, decide, stamp};
+
+    /// A task's events as stored from stream sequence 10 on, with positions.
+    fn history(task: TaskId, inputs: &[Input]) -> Vec<StoredEvent> {
+        let at = Utc::now();
+        let mut folded = Task::default();
+        let mut out = Vec::new();
+        for input in inputs {
+            let events: Vec<Event> = stamp(task, &folded, at, decide(&folded, input).unwrap());
+            for event in events {
+                folded = evolve(folded, &event);
+                out.push(StoredEvent {
+                    sequence: 10 + out.len() as u64,
+                    stored_at: None,
+                    position: Some(out.len() as u64),
+                    kind: event.body.kind().to_owned(),
+                    event,
+                });
+            }
+        }
+        out
+    }
+
+    fn lifecycle(task: TaskId) -> Vec<StoredEvent> {
+        let launch = Input::Launch {
+            spec: LaunchTask::script("true").validate(&LaunchPolicy::default()),
+            at: Utc::now(),
+        };
+        let mut inputs = vec![
+            launch,
+            Input::JobCreated { job: "j".into() },
+            Input::AgentHello,
+        ];
+        for i in 0..5 {
+            inputs.push(Input::AgentProgress {
+                message: format!("{i}"),
+                percent: None,
+            });
+        }
+        inputs.push(Input::AgentResult(Default::default()));
+        inputs.push(Input::Reaped);
+        history(task, &inputs)
+    }
+
+    #[test]
+    fn a_new_task_is_folded_from_its_first_event_and_equals_a_replay() {
+        let events = lifecycle(TaskId::mint());
+        let replay = Task::replay(events.iter().map(|e| &e.event));
+        // Event by event, and all at once, as turns coalesce them.
+        let mut current = LoadedTask::default();
+        for e in &events {
+            let f = fold(current, [Some(e)]);
+            assert!(!f.gap, "{e:?}");
+            current = f.current;
+        }
+        assert_eq!(current.task, replay);
+        assert_eq!(
+            (current.first_sequence, current.last_sequence),
+            (10, 10 + events.len() as u64 - 1)
+        );
+        let all = fold(LoadedTask::default(), events.iter().map(Some));
+        assert_eq!((all.current, all.gap), (current, false));
+    }
+
+    #[test]
+    fn events_already_folded_are_skipped_and_a_missing_one_is_a_gap() {
+        let events = lifecycle(TaskId::mint());
+        let upto = |n: usize| fold(LoadedTask::default(), events[..n].iter().map(Some)).current;
+        // Redelivered (or this executor's own append coming back): nothing changes, no gap.
+        let f = fold(upto(4), [Some(&events[2]), Some(&events[3])]);
+        assert_eq!((f.current, f.gap), (upto(4), false));
+        // An event that does not follow on: the task must be read.
+        assert!(fold(upto(3), [Some(&events[4])]).gap);
+        // The first event seen is not the task's first (another replica, or a restart): read it.
+        assert!(fold(LoadedTask::default(), [Some(&events[5])]).gap);
+        // An event that could not be decoded: read it.
+        assert!(fold(upto(3), [None]).gap);
+    }
+
+    #[test]
+    fn progress_calls_for_no_effect_and_reaped_ends_the_executors_interest() {
+        let events = lifecycle(TaskId::mint());
+        let progress: Vec<&StoredEvent> = events
+            .iter()
+            .filter(|e| matches!(e.event.body, EventBody::Progress { .. }))
+            .collect();
+        assert_eq!(progress.len(), 5);
+        let running = fold(LoadedTask::default(), events[..4].iter().map(Some)).current;
+        let f = fold(running, progress.iter().copied().map(Some));
+        assert!(!f.effectful && !f.gap && !f.ended);
+        assert_eq!(f.current.task.progress, 5);
+        let reaped = events.last().unwrap();
+        let f = fold(LoadedTask::default(), [Some(reaped)]);
+        assert!(
+            f.ended,
+            "a reaped event needs no read, whatever the state held"
+        );
+        let done = Task::replay(events.iter().map(|e| &e.event));
+        assert!(finished_with(&done));
+        let ended_not_reaped = Task::replay(events[..events.len() - 1].iter().map(|e| &e.event));
+        assert!(
+            !finished_with(&ended_not_reaped),
+            "its sandbox is still to be reaped"
+        );
+    }
 }
