@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, stream::Stream};
 use chrono::{DateTime, Utc};
 use taskpods_events::codec::{self, CodecError, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
@@ -153,6 +154,8 @@ pub struct StoreStats {
     pub loads: AtomicU64,
     /// Events those reads returned.
     pub events_read: AtomicU64,
+    /// Reads of a task's first event alone ([`EventStore::first`]: one message, whatever the history).
+    pub first_reads: AtomicU64,
 }
 
 impl StoreStats {
@@ -237,6 +240,34 @@ impl EventStore {
         crate::metrics::METRICS.store_loads.inc();
         crate::metrics::METRICS.store_events_read.inc_by(read);
         Ok(events)
+    }
+
+    /// The first event of `task` (its `accepted`, which holds the launch and the deadline, or its
+    /// `rejected`): one direct get, whatever the length of its history. `None` for an unknown task.
+    pub async fn first(&self, task: TaskId) -> Result<Option<StoredEvent>, StoreError> {
+        self.stats.first_reads.fetch_add(1, Ordering::Relaxed);
+        let subject = self.names.events(task);
+        match self
+            .stream
+            .direct_get_next_for_subject(subject, Some(1))
+            .await
+        {
+            Ok(message) => log::decode(
+                &self.names,
+                message.subject.as_str(),
+                message.sequence,
+                Some(&message.headers),
+                &message.payload,
+                log::to_chrono(message.time.unix_timestamp_nanos()),
+            )
+            .map(Some)
+            .map_err(StoreError::Read),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Read(LogError::Read {
+                operation: "direct get",
+                source: e.into(),
+            })),
+        }
     }
 
     /// The task folded from all its events.

@@ -5,8 +5,11 @@
 //!
 //! Which tasks are live, and their deadlines, come from the event stream through [`follow_events`]: an
 //! ordered consumer that first delivers the last event of every task (the state at start-up: a task
-//! whose last event is not terminal is live, and is loaded once for its deadline) and then every new event.
-//! So a restarted engine re-arms every deadline without replaying whole histories.
+//! whose last event is not terminal is live) and then every new event. A live task first seen by a later
+//! event is armed from its first event (`accepted`: the deadline and the acceptance time), one read
+//! whatever the length of its history; whether its startup timeout applies follows from the event seen.
+//! So a restarted engine re-arms every deadline without replaying whole histories, and no event costs a
+//! read of its task's history.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -229,32 +232,35 @@ impl Timers {
             }
             EventBody::Running | EventBody::CancelRequested { .. } => {
                 self.startups.remove(task);
-                self.load_deadline(store, task).await;
+                self.arm_from_first_event(store, task, false).await;
             }
-            _ => self.load_deadline(store, task).await,
+            // Not yet running: the startup timeout applies.
+            EventBody::Scheduled { .. } | EventBody::Started { .. } => {
+                self.arm_from_first_event(store, task, true).await;
+            }
+            // Progress (running or cancelling), or a kind this version does not know.
+            _ => self.arm_from_first_event(store, task, false).await,
         }
     }
 
-    /// A live task seen first by a later event (start-up): load it once for its deadlines.
-    async fn load_deadline(&mut self, store: &EventStore, task: TaskId) {
+    /// A live task first seen by a later event (start-up): arms its deadline, and its startup timeout when
+    /// it is still `starting`, from its `accepted` event. Once armed, its later events read nothing.
+    async fn arm_from_first_event(&mut self, store: &EventStore, task: TaskId, starting: bool) {
         if self.deadlines.contains(task) {
             return;
         }
-        match store.load(task).await {
-            Ok(loaded) if !loaded.task.state.is_terminal() => {
-                if let Some(deadline) = loaded.task.deadline {
+        match store.first(task).await {
+            Ok(Some(first)) => {
+                if let EventBody::Accepted { deadline, .. } = first.event.body {
                     self.deadlines.insert(task, deadline);
-                }
-                let starting = matches!(
-                    loaded.task.state,
-                    TaskState::Accepted | TaskState::Scheduled | TaskState::Starting
-                );
-                if let (true, Some(at)) = (starting, loaded.task.accepted_at) {
-                    self.startups.insert(task, at + self.startup_timeout);
+                    if starting {
+                        self.startups
+                            .insert(task, first.event.at + self.startup_timeout);
+                    }
                 }
             }
-            Ok(_) => {}
-            Err(e) => warn!(%task, error = %e, "timers: cannot load task for its deadline"),
+            Ok(None) => {}
+            Err(e) => warn!(%task, error = %e, "timers: cannot read the task's deadline"),
         }
     }
 
