@@ -5,6 +5,7 @@
 //! - [`api`]: the JSON API under `/api/` (documented in `docs/API.md`).
 //! - [`live`]: what changes while a page is open: the active-task hub (one KV watch, fanned out to every
 //!   page as server-sent events), the header's status (projection lag, engine health), one task's stream.
+//! - [`files`]: a task's inputs and artifacts, listed and downloaded from the object store.
 //! - [`access`]: who may read and who may cancel (loopback without a token, or bearer tokens).
 //! - [`assets`]: the page itself (HTML, CSS, JS), embedded in the binary.
 //!
@@ -14,6 +15,7 @@
 pub mod access;
 pub mod api;
 pub mod assets;
+pub mod files;
 pub mod live;
 pub mod ops;
 
@@ -122,6 +124,7 @@ pub type AppState = Arc<Shared>;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api::routes())
+        .merge(files::routes())
         .merge(assets::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -476,3 +476,236 @@ async fn a_non_loopback_address_without_a_token_is_refused() {
     .await;
     assert!(allowed.is_ok());
 }
+
+/// The artifact list and downloads with a read token, and every way an attacker could phrase a URL to
+/// reach another object: `..` raw and encoded, absolute paths, NUL and CR/LF, a task id that is not one,
+/// another task's input by name, a task the views do not know. None of them returns a byte of the other
+/// task's input, and the same input is served to its own task (so the refusals mean something).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_download_byte_exact_and_hostile_urls_reach_no_other_object() {
+    let docs = documented();
+    let stack = Stack::start(HttpConfig {
+        read_token: Some("reader-token-1".into()),
+        ..HttpConfig::default()
+    })
+    .await;
+    let addr = stack.addr;
+    let reader = [("Authorization", "Bearer reader-token-1")];
+    // A task that times out after writing an artifact: it reports no outcome, its files come from the
+    // bucket.
+    let late = stack
+        .launch("echo late > /tmp/out/late.txt; sleep 60", 2)
+        .await;
+    let files = stack.files_task().await;
+    let task = files.task;
+    const SECRET: &str = "top secret input of another task";
+    let other = TaskId::mint();
+    let secret = stack
+        .client
+        .put_input(other, "secret.txt", &mut SECRET.as_bytes())
+        .await
+        .unwrap();
+    stack
+        .launch_with(LaunchTask {
+            task_id: Some(other.0),
+            inputs: vec![secret],
+            ..LaunchTask::script("true")
+        })
+        .await;
+    let unknown = TaskId::mint();
+    stack
+        .client
+        .put_input(unknown, "x", &mut SECRET.as_bytes())
+        .await
+        .unwrap();
+
+    // Without the token: nothing.
+    for path in [
+        format!("/api/tasks/{task}/files"),
+        format!("/api/tasks/{task}/artifacts/copy.bin"),
+        format!("/api/tasks/{task}/inputs/data.bin"),
+    ] {
+        let answer = request(addr, "GET", &path, &[], b"").await;
+        assert_eq!(answer.status, 401, "{path}");
+        assert!(
+            answer.body.len() < 200,
+            "{path}: {} bytes",
+            answer.body.len()
+        );
+    }
+
+    // The list: documented, the artifacts as the object store has them.
+    let listed = request(
+        addr,
+        "GET",
+        &format!("/api/tasks/{task}/files"),
+        &reader,
+        b"",
+    )
+    .await;
+    assert_eq!(listed.status, 200);
+    let listed = listed.json();
+    conforms(&docs, "Files", &listed, "GET /api/tasks/{task}/files");
+    assert_eq!(listed["artifacts_from"], "outcome");
+    let stored = stack.client.artifacts(task).await.unwrap();
+    assert_eq!(
+        stored.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(),
+        web::FILES_ARTIFACTS
+    );
+    assert_eq!(listed["artifacts"], serde_json::to_value(&stored).unwrap());
+    assert_eq!(listed["inputs"][0]["name"], "data.bin");
+    assert_eq!(listed["inputs"][0]["size"], files.input.len());
+
+    // Downloads: exact bytes, an attachment with its name, an inert type.
+    let url = |path: &str| format!("/api/tasks/{task}/artifacts/{path}");
+    let copy = request(addr, "GET", &url("copy.bin"), &reader, b"").await;
+    assert_eq!(copy.status, 200);
+    assert!(
+        copy.body == files.input,
+        "copy.bin is the input, byte for byte"
+    );
+    assert_eq!(
+        copy.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(
+        copy.header("content-disposition"),
+        Some("attachment; filename=\"copy.bin\"; filename*=UTF-8''copy.bin")
+    );
+    assert_eq!(copy.header("x-content-type-options"), Some("nosniff"));
+    let input = request(
+        addr,
+        "GET",
+        &format!("/api/tasks/{task}/inputs/data.bin"),
+        &reader,
+        b"",
+    )
+    .await;
+    assert_eq!(input.status, 200);
+    assert!(input.body == files.input, "the input, byte for byte");
+    let empty = request(addr, "GET", &url("empty.dat"), &reader, b"").await;
+    assert_eq!((empty.status, empty.body.len()), (200, 0));
+    let report = request(addr, "GET", &url("sub/dir/report.txt"), &reader, b"").await;
+    assert_eq!(report.status, 200);
+    assert_eq!(report.body, b"report line\n");
+    assert_eq!(
+        report.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    let html = request(addr, "GET", &url("we%22ird%20%C3%A9.html"), &reader, b"").await;
+    assert_eq!(html.status, 200);
+    assert_eq!(html.body, web::HOSTILE_HTML.as_bytes());
+    assert_eq!(
+        html.header("content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(html.header("content-security-policy"), Some("sandbox"));
+    assert_eq!(
+        html.header("content-disposition"),
+        Some("attachment; filename=\"we_ird _.html\"; filename*=UTF-8''we%22ird%20%C3%A9.html")
+    );
+
+    // The other task's input is served to a reader under its own task, and under no other name.
+    let own = request(
+        addr,
+        "GET",
+        &format!("/api/tasks/{other}/inputs/secret.txt"),
+        &reader,
+        b"",
+    )
+    .await;
+    assert_eq!((own.status, own.body.as_slice()), (200, SECRET.as_bytes()));
+    let hostile = [
+        (format!("/api/tasks/{task}/artifacts/../in/data.bin"), 400),
+        (
+            format!("/api/tasks/{task}/artifacts/..%2F..%2F{other}%2Fin%2Fsecret.txt"),
+            400,
+        ),
+        (
+            format!("/api/tasks/{task}/artifacts/../../{other}/in/secret.txt"),
+            400,
+        ),
+        (
+            format!("/api/tasks/{task}/artifacts/sub%2F..%2F..%2Fin%2Fdata.bin"),
+            400,
+        ),
+        (format!("/api/tasks/{task}/artifacts/%2Fetc%2Fpasswd"), 400),
+        (format!("/api/tasks/{task}/artifacts//etc/passwd"), 400),
+        (
+            format!("/api/tasks/{task}/artifacts/sub//dir/report.txt"),
+            400,
+        ),
+        (format!("/api/tasks/{task}/artifacts/copy.bin%00.txt"), 400),
+        (
+            format!("/api/tasks/{task}/artifacts/copy.bin%0D%0AX-Evil:%201"),
+            400,
+        ),
+        (format!("/api/tasks/{task}/artifacts/%FF"), 400),
+        (format!("/api/tasks/..%2F{other}/artifacts/x"), 400),
+        (format!("/api/tasks/{other}%2Fin/inputs/secret.txt"), 400),
+        ("/api/tasks/not-a-task/files".to_owned(), 400),
+        (format!("/api/tasks/{task}/artifacts/secret.txt"), 404),
+        (format!("/api/tasks/{task}/inputs/secret.txt"), 404),
+        (
+            format!("/api/tasks/{task}/inputs/..%2F..%2F{other}%2Fin%2Fsecret.txt"),
+            404,
+        ),
+        (
+            format!("/api/tasks/{task}/inputs/{other}/in/secret.txt"),
+            404,
+        ),
+        (format!("/api/tasks/{unknown}/inputs/x"), 404),
+        (format!("/api/tasks/{unknown}/artifacts/x"), 404),
+        (format!("/api/tasks/{unknown}/files"), 404),
+    ];
+    for (path, status) in hostile {
+        let answer = request(addr, "GET", &path, &reader, b"").await;
+        assert_eq!(answer.status, status, "{path}: {:?}", answer.json());
+        let body = String::from_utf8_lossy(&answer.body);
+        assert!(
+            !body.contains(SECRET) && answer.body.len() < 1000,
+            "{path} answered {body}"
+        );
+        assert!(answer.header("x-evil").is_none(), "{path}");
+    }
+
+    // The timed-out task: no outcome, its artifact listed from the bucket and served.
+    let end = stack.ended(late, Duration::from_secs(60)).await;
+    assert_eq!(end["task"]["state"], "timed_out", "{end}");
+    // The agent's flush on SIGTERM may land just after the timeout is recorded.
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let listed = request(
+            addr,
+            "GET",
+            &format!("/api/tasks/{late}/files"),
+            &reader,
+            b"",
+        )
+        .await;
+        let listed = listed.json();
+        if listed["artifacts"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+            || tokio::time::Instant::now() > until
+        {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    conforms(&docs, "Files", &listed, "the files of a timed-out task");
+    assert_eq!(listed["artifacts_from"], "bucket", "{listed}");
+    assert_eq!(listed["artifacts"][0]["path"], "late.txt", "{listed}");
+    let late_file = request(
+        addr,
+        "GET",
+        &format!("/api/tasks/{late}/artifacts/late.txt"),
+        &reader,
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (late_file.status, late_file.body.as_slice()),
+        (200, &b"late\n"[..])
+    );
+}

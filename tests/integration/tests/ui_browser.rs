@@ -360,3 +360,129 @@ async fn live_tasks_stream_move_to_history_cancel_and_never_run_task_html() {
         .await;
     browser.screenshot(&shots.join("ui-task-narrow.png")).await;
 }
+
+/// Fetches the link of the file row `path` in table `table` the way a click would (same origin, the
+/// page's cookies) and returns its status, headers, attributes and bytes.
+const FETCH_LINK: &str = "const [table, path, done] = arguments;
+     const row = [...document.querySelectorAll(`#${table} tr`)].find(r => r.dataset.path === path);
+     if (!row) { done({ error: 'no row ' + path }); return; }
+     const a = row.querySelector('a');
+     fetch(a.href, { credentials: 'same-origin' }).then(async (r) => done({
+       status: r.status,
+       type: r.headers.get('content-type'),
+       disposition: r.headers.get('content-disposition'),
+       download: a.getAttribute('download'),
+       href: a.getAttribute('href'),
+       bytes: Array.from(new Uint8Array(await r.arrayBuffer())),
+     })).catch((e) => done({ error: String(e) }));";
+
+fn bytes_of(fetched: &serde_json::Value) -> Vec<u8> {
+    fetched["bytes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no bytes: {fetched}"))
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_inputs_and_artifacts_are_listed_and_download_byte_exact() {
+    let stack = Stack::start(HttpConfig::default()).await;
+    let files = stack.files_task().await;
+    let task = files.task;
+    let stored = stack.client.artifacts(task).await.unwrap();
+    let (shots, _keep) = screenshot_dir();
+    let browser = Browser::start(1280, 800).await;
+    browser.goto(&stack.url(&format!("/#/task/{task}"))).await;
+    let paths = browser
+        .until(
+            "the artifacts",
+            Duration::from_secs(30),
+            "const rows = [...document.querySelectorAll('#t-artifacts tr')]; \
+             return rows.length === 4 ? rows.map(r => r.dataset.path) : null;",
+        )
+        .await;
+    assert_eq!(paths, serde_json::json!(web::FILES_ARTIFACTS));
+    // Each row shows the path, the size and the digest the object store recorded.
+    let rows = browser
+        .js("return [...document.querySelectorAll('#t-artifacts tr')].map(r => [...r.cells].map(c => c.textContent));")
+        .await;
+    for (row, artifact) in rows.as_array().unwrap().iter().zip(&stored) {
+        assert_eq!(row[0], artifact.path.as_str());
+        assert!(
+            row[1]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{} ", artifact.size))
+                || row[1] == format!("{} B", artifact.size),
+            "{row} {artifact:?}"
+        );
+        assert_eq!(row[2], artifact.digest.as_str());
+    }
+    let inputs = browser.text("t-inputs").await;
+    assert!(
+        inputs.contains("data.bin")
+            && inputs.contains("307200 bytes")
+            && inputs.contains("SHA-256="),
+        "{inputs}"
+    );
+    assert!(
+        browser.text("t-files-info").await.contains("4 artifacts"),
+        "{}",
+        browser.text("t-files-info").await
+    );
+    browser
+        .js("document.getElementById('t-files').scrollIntoView(); return true;")
+        .await;
+    browser.screenshot(&shots.join("ui-files.png")).await;
+
+    // Following a link returns the exact bytes, as an attachment named after the file.
+    let fetch = |table: &'static str, path: &'static str| {
+        let client = browser.client.clone();
+        async move {
+            client
+                .execute_async(FETCH_LINK, vec![table.into(), path.into()])
+                .await
+                .expect("the fetch script")
+        }
+    };
+    let copy = fetch("t-artifacts", "copy.bin").await;
+    assert_eq!(copy["status"], 200, "{}", copy["error"]);
+    assert!(
+        bytes_of(&copy) == files.input,
+        "copy.bin differs from the input"
+    );
+    assert_eq!(copy["download"], "copy.bin");
+    assert_eq!(
+        copy["href"],
+        format!("/api/tasks/{task}/artifacts/copy.bin")
+    );
+    let input = fetch("t-inputs", "data.bin").await;
+    assert_eq!(input["status"], 200, "{}", input["error"]);
+    assert!(bytes_of(&input) == files.input, "the input differs");
+    let report = fetch("t-artifacts", "sub/dir/report.txt").await;
+    assert_eq!(bytes_of(&report), b"report line\n");
+    assert_eq!(report["download"], "report.txt");
+    let empty = fetch("t-artifacts", "empty.dat").await;
+    assert_eq!(
+        (empty["status"].clone(), bytes_of(&empty).len()),
+        (200.into(), 0)
+    );
+    // The hostile name is one encoded URL component per path component, its bytes are served as an
+    // inert attachment, and nothing of it ran in the page.
+    let html = fetch("t-artifacts", "we\"ird é.html").await;
+    assert_eq!(
+        html["href"],
+        format!("/api/tasks/{task}/artifacts/we%22ird%20%C3%A9.html")
+    );
+    assert_eq!(bytes_of(&html), web::HOSTILE_HTML.as_bytes());
+    assert_eq!(html["type"], "application/octet-stream");
+    assert!(
+        html["disposition"]
+            .as_str()
+            .unwrap()
+            .starts_with("attachment;"),
+        "{html}"
+    );
+    assert_eq!(browser.js(&format!("return {INJECTED};")).await, false);
+}

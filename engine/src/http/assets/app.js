@@ -204,7 +204,7 @@ function startLive() {
 }
 
 // ---- Task detail ------------------------------------------------------------------------------------
-const detail = { task: null, source: null, next: 0, end: false, kept: 0, lines: 0, doc: null };
+const detail = { task: null, source: null, next: 0, end: false, kept: 0, lines: 0, doc: null, filesKey: null };
 function stopDetail() {
   if (detail.source) detail.source.close();
   detail.source = null;
@@ -247,8 +247,62 @@ function renderTask(doc) {
       el("span", { class: "kind" }, entry.kind), ` → ${entry.state}`, entry.detail ? ` · ${entry.detail}` : ""));
   }
   if (doc.history && doc.history.dropped) timeline.append(el("li", { class: "muted" }, `${doc.history.dropped} older entries not kept`));
+  refreshFiles(v);
   const cancel = $("t-cancel");
   cancel.hidden = !(whoami.role === "operator") || isTerminal(v) || v.state === "cancelling";
+}
+// ---- Files: inputs and artifacts, each a download link served by the API ---------------------------
+function bytesText(n) {
+  if (n === undefined || n === null) return "";
+  if (n < 1024) return `${n} B`;
+  const units = ["KiB", "MiB", "GiB"];
+  let value = n / 1024, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit++; }
+  return `${value.toFixed(1)} ${units[unit]} (${n} bytes)`;
+}
+// A path from a task goes into the URL one encoded component at a time, so it cannot name another route.
+function fileHref(task, kind, path) {
+  return `/api/tasks/${encodeURIComponent(task)}/${kind}/` + path.split("/").map(encodeURIComponent).join("/");
+}
+function fileRow(task, kind, path, label, size, digest) {
+  const name = path.split("/").pop();
+  return el("tr", { dataset: { path } },
+    el("td", { dataset: { label: kind === "inputs" ? "Name" : "Path" } },
+      el("a", { href: fileHref(task, kind, path), download: name, class: "file" }, label)),
+    el("td", { class: "num", dataset: { label: "Size" } }, bytesText(size)),
+    el("td", { dataset: { label: "Digest" } }, el("code", { class: "digest" }, digest || "")));
+}
+async function loadFiles(task) {
+  let files;
+  try {
+    files = await api(`/api/tasks/${task}/files`);
+  } catch (e) {
+    if (detail.task === task) $("t-files-info").textContent = "could not list the files: " + e.message;
+    return;
+  }
+  if (detail.task !== task) return;
+  const inputs = document.createDocumentFragment();
+  for (const i of files.inputs) inputs.append(fileRow(task, "inputs", i.name, i.path === i.name ? i.name : `${i.name} → ${i.path}`, i.size, i.digest));
+  $("t-inputs").replaceChildren(inputs);
+  const artifacts = document.createDocumentFragment();
+  for (const a of files.artifacts) artifacts.append(fileRow(task, "artifacts", a.path, a.path, a.size, a.digest));
+  $("t-artifacts").replaceChildren(artifacts);
+  const cut = files.artifacts_truncated;
+  $("t-artifacts-truncated").hidden = !cut;
+  $("t-artifacts-truncated").textContent = cut ? `⚠ ${cut.files} more files (${bytesText(cut.bytes)}) were not kept: over the per-task artifact caps` : "";
+  $("t-artifacts-skipped").replaceChildren(...files.artifacts_skipped.map((s) => el("li", {}, `not stored: ${s.path} (${s.reason})`)));
+  const total = files.artifacts.reduce((sum, a) => sum + a.size, 0);
+  const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
+  $("t-files-info").textContent = count(files.inputs.length, "input") + " · " + (files.artifacts_from === "none"
+    ? "artifacts are stored when the code exits"
+    : `${count(files.artifacts.length, "artifact")}, ${bytesText(total)}` + (files.artifacts_from === "bucket" ? " (as stored: the task reported no outcome)" : ""));
+}
+// Lists the files once per state the page shows (they change when the task ends).
+function refreshFiles(v) {
+  const key = `${v.task}/${v.state}`;
+  if (detail.filesKey === key) return;
+  detail.filesKey = key;
+  loadFiles(v.task);
 }
 function isTerminal(v) {
   return ["succeeded", "failed", "timed_out", "cancelled", "rejected"].includes(v.state);
@@ -331,6 +385,12 @@ async function showTask(task) {
   $("t-output").replaceChildren();
   $("t-timeline").replaceChildren();
   $("t-facts").replaceChildren();
+  $("t-inputs").replaceChildren();
+  $("t-artifacts").replaceChildren();
+  $("t-artifacts-skipped").replaceChildren();
+  $("t-artifacts-truncated").hidden = true;
+  $("t-files-info").textContent = "";
+  detail.filesKey = null;
   $("t-cancel-msg").textContent = "";
   $("t-download").href = `/api/tasks/${task}/output.txt`;
   $("t-download").setAttribute("download", `${task}.log`);

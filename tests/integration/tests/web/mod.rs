@@ -127,6 +127,55 @@ impl Stack {
     }
 }
 
+/// What [`FILES_SCRIPT`] leaves in `/tmp/out`, in path order: a copy of its binary input, an empty file,
+/// a nested text file, and a file whose name (a quote, a space, a non-ASCII letter) and contents (script)
+/// are hostile.
+pub const FILES_ARTIFACTS: [&str; 4] = [
+    "copy.bin",
+    "empty.dat",
+    "sub/dir/report.txt",
+    "we\"ird é.html",
+];
+/// The script of [`Stack::files_task`].
+pub const FILES_SCRIPT: &str = "cp /tmp/in/data.bin /tmp/out/copy.bin && : > /tmp/out/empty.dat && \
+     mkdir -p /tmp/out/sub/dir && echo 'report line' > /tmp/out/sub/dir/report.txt && \
+     printf '<script>window.__pwned=9</script>' > '/tmp/out/we\"ird é.html'";
+/// The bytes of [`FILES_ARTIFACTS`]`[3]`.
+pub const HOSTILE_HTML: &str = "<script>window.__pwned=9</script>";
+
+/// A finished task with files (see [`Stack::files_task`]).
+pub struct FilesTask {
+    pub task: TaskId,
+    /// The bytes of its input `data.bin` (and of its artifact `copy.bin`).
+    pub input: Vec<u8>,
+}
+
+impl Stack {
+    /// Puts a 300 KiB binary input `data.bin` (every byte value), launches [`FILES_SCRIPT`] with it and
+    /// waits until it has succeeded.
+    pub async fn files_task(&self) -> FilesTask {
+        let input: Vec<u8> = (0..300 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let task = TaskId::mint();
+        let put = self
+            .client
+            .put_input(task, "data.bin", &mut &input[..])
+            .await
+            .expect("put the input");
+        self.launch_with(LaunchTask {
+            task_id: Some(task.0),
+            inputs: vec![put],
+            timeout_secs: Some(60),
+            ..LaunchTask::script(FILES_SCRIPT)
+        })
+        .await;
+        let end = self.ended(task, Duration::from_secs(60)).await;
+        assert_eq!(end["task"]["state"], "succeeded", "{end}");
+        FilesTask { task, input }
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         if let Some(engine) = self.engine.take() {
