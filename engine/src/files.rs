@@ -78,12 +78,83 @@ impl Default for FilesConfig {
     }
 }
 
-/// Errors that stop the files loop.
+/// Errors of the files loop: the one that stops it, and why an artifact chunk was not stored (answered
+/// to the agent as a refusal whose message carries the causes).
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
     /// The request subscription could not be made.
-    #[error("files subscription: {0}")]
+    #[error("files subscription")]
     Subscribe(#[source] async_nats::SubscribeError),
+    /// The chunk would take the task past its cap on the number of artifacts.
+    #[error("the task may keep at most {limit} artifacts")]
+    TooManyArtifacts {
+        /// The cap.
+        limit: u64,
+    },
+    /// The chunk would take the task past its cap on the bytes of artifacts.
+    #[error("the task may keep at most {limit} bytes of artifacts")]
+    TooManyArtifactBytes {
+        /// The cap, bytes.
+        limit: u64,
+    },
+    /// The chunk could not be handed to the object store upload of its file.
+    #[error("storing {path:?}")]
+    Write {
+        /// The artifact's path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The object store failed the upload.
+    #[error("storing {path:?}")]
+    Store {
+        /// The artifact's path.
+        path: String,
+        /// Why.
+        #[source]
+        source: object_store::PutError,
+    },
+    /// The file replaced an earlier object whose chunks could not be purged (an identity that may not
+    /// purge), and the new object could not be read back to confirm it.
+    #[error(
+        "storing {path:?}: the earlier object's chunks stay ({purge}); reading the new one back"
+    )]
+    ReadBack {
+        /// The artifact's path.
+        path: String,
+        /// The purge failure that was tolerated.
+        purge: object_store::PutError,
+        /// Why the new object could not be read back.
+        #[source]
+        source: object_store::InfoError,
+    },
+    /// The upload of the file stopped without an answer (it panicked or was aborted).
+    #[error("storing {path:?}: the upload stopped")]
+    Stopped {
+        /// The artifact's path.
+        path: String,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+impl FilesError {
+    /// The refusal an agent gets for this failure of its upload.
+    pub fn refusal(&self) -> FileRefusal {
+        match self {
+            Self::TooManyArtifacts { .. } | Self::TooManyArtifactBytes { .. } => {
+                FileRefusal::OverCap
+            }
+            _ => FileRefusal::Unavailable,
+        }
+    }
+}
+
+/// The refusal of an artifact chunk, with the failure and its causes in the message.
+fn refused_upload(failure: &FilesError) -> FilePutReply {
+    refused_put(failure.refusal(), crate::server::error_chain_text(failure))
 }
 
 /// An input being read, at `position`.
@@ -410,9 +481,9 @@ impl Files {
         }
         let key = (task, request.path.clone());
         let len = request.data.len() as u64;
-        if let Err(message) = self.count(task, &request, spec.files) {
+        if let Err(over) = self.count(task, &request, spec.files) {
             lock(&self.uploads).remove(&key);
-            return refused_put(FileRefusal::OverCap, message);
+            return refused_upload(&over);
         }
         let upload = if request.offset == 0 {
             let (writer, mut reader) = tokio::io::duplex(self.config.chunk_bytes.max(64 << 10));
@@ -442,11 +513,11 @@ impl Files {
                 ),
             );
         };
-        if let Err(e) = upload.writer.write_all(&request.data).await {
-            return refused_put(
-                FileRefusal::Unavailable,
-                format!("storing {:?}: {e}", request.path),
-            );
+        if let Err(source) = upload.writer.write_all(&request.data).await {
+            return refused_upload(&FilesError::Write {
+                path: request.path,
+                source,
+            });
         }
         upload.next_offset += len;
         if !request.last {
@@ -455,38 +526,46 @@ impl Files {
             lock(&self.uploads).insert(key, upload);
             return FilePutReply::Accepted { next_offset };
         }
-        if let Err(e) = upload.writer.shutdown().await {
-            return refused_put(
-                FileRefusal::Unavailable,
-                format!("storing {:?}: {e}", request.path),
-            );
+        if let Err(source) = upload.writer.shutdown().await {
+            return refused_upload(&FilesError::Write {
+                path: request.path,
+                source,
+            });
         }
+        let path = request.path;
         let stored = match (&mut upload.put).await {
             // A file uploaded again replaces the earlier object; when this identity may not purge
             // streams, the old chunks stay until the bucket's max age, and the new object is whole.
-            Ok(Err(e)) if e.kind() == object_store::PutErrorKind::PurgeOldChunks => self
+            Ok(Err(purge)) if purge.kind() == object_store::PutErrorKind::PurgeOldChunks => self
                 .bucket
-                .info(artifact_object(task, &request.path))
+                .info(artifact_object(task, &path))
                 .await
-                .map_err(|info| format!("{e}; then {info}")),
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                .map_err(|source| FilesError::ReadBack {
+                    path: path.clone(),
+                    purge,
+                    source,
+                }),
+            Ok(result) => result.map_err(|source| FilesError::Store {
+                path: path.clone(),
+                source,
+            }),
+            Err(source) => Err(FilesError::Stopped {
+                path: path.clone(),
+                source,
+            }),
         };
         match stored {
             Ok(info) => FilePutReply::Stored(Artifact {
-                path: request.path,
+                path,
                 size: info.size as u64,
                 digest: info.digest.unwrap_or_default(),
             }),
-            Err(e) => refused_put(
-                FileRefusal::Unavailable,
-                format!("storing {:?}: {e}", request.path),
-            ),
+            Err(failure) => refused_upload(&failure),
         }
     }
 
-    /// Counts the chunk against the task's caps; the message says which cap it would break.
-    fn count(&self, task: TaskId, request: &FilePut, limits: FileLimits) -> Result<(), String> {
+    /// Counts the chunk against the task's caps; the error says which cap it would break.
+    fn count(&self, task: TaskId, request: &FilePut, limits: FileLimits) -> Result<(), FilesError> {
         let mut counted = lock(&self.counted);
         let paths = counted.entry(task).or_default();
         let before = if request.offset == 0 {
@@ -502,16 +581,14 @@ impl Files {
         let files = paths.len() as u64 + u64::from(!paths.contains_key(&request.path));
         let bytes = others + before + request.data.len() as u64;
         if files > limits.max_artifacts {
-            return Err(format!(
-                "the task may keep at most {} artifacts",
-                limits.max_artifacts
-            ));
+            return Err(FilesError::TooManyArtifacts {
+                limit: limits.max_artifacts,
+            });
         }
         if bytes > limits.max_artifact_bytes {
-            return Err(format!(
-                "the task may keep at most {} bytes of artifacts",
-                limits.max_artifact_bytes
-            ));
+            return Err(FilesError::TooManyArtifactBytes {
+                limit: limits.max_artifact_bytes,
+            });
         }
         paths.insert(request.path.clone(), before + request.data.len() as u64);
         Ok(())
