@@ -12,7 +12,9 @@
 //! `/tmp/in` and `/tmp/out` in the pod's size-limited emptyDir; under bubblewrap,
 //! `$TMPDIR/taskpods-files-<task>/in` and `…/out` on the host (reachable only by the sandbox's UID and
 //! root), bound into the sandbox at `/tmp/in` (read-only) and `/tmp/out`, and removed once the result is
-//! reported.
+//! reported (the engine's local backend removes them at reap too, for an agent that was killed). While
+//! the code runs, that `/tmp/out` is measured ([`watch_out_dir`]) and held to the size of the sandbox's
+//! `/tmp`: past it, the code is stopped, as Kubernetes evicts a pod whose `/tmp` goes past its size.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -24,7 +26,8 @@ use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
 use taskpods_events::codec;
 use taskpods_events::files::{
     Artifact, ArtifactsTruncated, FileGet, FileGetReply, FileLimits, FilePut, FilePutReply,
-    FileRefusal, InputFailure, InputFile, InputProblem, SkippedArtifact, check_relative_path,
+    FileRefusal, InputFailure, InputFile, InputProblem, OutDirExceeded, SkippedArtifact,
+    check_relative_path,
 };
 use taskpods_events::{Encoding, Names, TaskId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -495,6 +498,93 @@ fn walk(
     Ok(())
 }
 
+/// What a directory tree uses on disk, as `du` counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of disk (512-byte blocks: a sparse file counts what it really uses).
+    pub bytes: u64,
+    /// Files, directories and anything else, below the top directory.
+    pub entries: u64,
+}
+
+/// Deepest nesting [`usage`] measures; anything deeper counts as over any entry limit, so nothing can
+/// hide below it.
+const MEASURE_DEPTH: usize = 64;
+
+/// What `dir` uses, never following a symlink, walked from a descriptor of it like [`scan`]. Stops
+/// counting once `max_entries` is passed (the answer is then over it), so a tree of millions of files
+/// costs no more than that.
+pub fn usage(dir: &Path, max_entries: u64) -> nix::Result<Usage> {
+    fn measure(dir: OwnedFd, depth: usize, max_entries: u64, usage: &mut Usage) -> nix::Result<()> {
+        let at = dir.try_clone().map_err(|_| nix::errno::Errno::EMFILE)?;
+        let mut entries = nix::dir::Dir::from_fd(dir)?;
+        for entry in entries.iter() {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name();
+            if matches!(name.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            usage.entries += 1;
+            if usage.entries > max_entries {
+                return Ok(());
+            }
+            let Ok(stat) = fstatat(at.as_fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            usage.bytes = usage.bytes.saturating_add(
+                u64::try_from(stat.st_blocks)
+                    .unwrap_or(0)
+                    .saturating_mul(512),
+            );
+            if kind(&stat) == SFlag::S_IFDIR {
+                if depth >= MEASURE_DEPTH {
+                    usage.entries = max_entries.saturating_add(1);
+                    return Ok(());
+                }
+                if let Ok(sub) = openat(at.as_fd(), name, DIR_FLAGS, Mode::empty()) {
+                    measure(sub, depth + 1, max_entries, usage)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    let root = nix::fcntl::open(dir, DIR_FLAGS, Mode::empty())?;
+    let mut total = Usage::default();
+    measure(root, 0, max_entries, &mut total)?;
+    Ok(total)
+}
+
+/// How often the output directory is measured while the code runs.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Most files and directories the local sandbox's `/tmp/out` may hold while the code runs.
+pub const OUT_DIR_MAX_ENTRIES: u64 = 10_000;
+
+/// Measures `dir` every [`WATCH_INTERVAL`] and returns once it uses more than `limit_bytes` of disk or
+/// holds more than [`OUT_DIR_MAX_ENTRIES`] entries: the caller then stops the code. The local sandbox's
+/// `/tmp/out` is a host directory (so it outlives the sandbox for the upload), outside the sandbox's
+/// size-limited `/tmp`; this holds it to the same size.
+pub async fn watch_out_dir(dir: PathBuf, limit_bytes: u64) -> OutDirExceeded {
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let measured = dir.clone();
+        let used = tokio::task::spawn_blocking(move || usage(&measured, OUT_DIR_MAX_ENTRIES))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        if used.bytes > limit_bytes || used.entries > OUT_DIR_MAX_ENTRIES {
+            return OutDirExceeded {
+                limit_bytes,
+                limit_entries: OUT_DIR_MAX_ENTRIES,
+                used_bytes: used.bytes,
+                entries: used.entries,
+            };
+        }
+    }
+}
+
 /// Opens `dir/path` for reading one component at a time without following any symlink; only a
 /// regular file.
 fn open_beneath(dir: &Path, path: &str) -> Result<tokio::fs::File, String> {
@@ -526,6 +616,28 @@ fn open_beneath(dir: &Path, path: &str) -> Result<tokio::fs::File, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_counts_disk_and_entries_without_following_symlinks() {
+        let dir = tempfile::tempdir().expect("dir");
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(out.join("a/b")).expect("mkdir");
+        std::fs::write(out.join("a/b/one.bin"), vec![7u8; 100_000]).expect("write");
+        std::fs::write(out.join("empty"), b"").expect("write");
+        // A symlink to a big tree counts as one entry of its own, never what it points to.
+        std::os::unix::fs::symlink("/usr", out.join("usr")).expect("symlink");
+        let used = usage(&out, 1_000).expect("measured");
+        assert_eq!(used.entries, 5, "a, a/b, a/b/one.bin, empty, usr");
+        assert!(
+            (100_000..200_000).contains(&used.bytes),
+            "the file's blocks: {used:?}"
+        );
+        // Past the entry limit the count stops, over the limit.
+        for i in 0..20 {
+            std::fs::write(out.join(format!("f{i}")), b"").expect("write");
+        }
+        assert_eq!(usage(&out, 10).expect("measured").entries, 11);
+    }
 
     fn found(path: &str, size: u64) -> Found {
         Found {

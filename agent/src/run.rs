@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use taskpods_events::codec;
+use taskpods_events::files::OutDirExceeded;
 use taskpods_events::{AgentReport, Instructions, TaskOutcome};
 use tokio::sync::mpsc;
 
@@ -110,7 +111,7 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
 
     let started = tokio::time::Instant::now();
     let code = sandbox::Code::from_instructions(&instructions, &config);
-    let (exit_code, stats, result_doc, stopped_at) =
+    let (exit_code, stats, result_doc, stopped_at, out_dir_exceeded) =
         match run_code(&config, &instructions, code, &js, progress_tx).await {
             Ok(done) => done,
             Err(e) => {
@@ -166,6 +167,7 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
         artifacts_truncated: truncated,
         artifacts_skipped: skipped,
         input_failure: None,
+        out_dir_exceeded,
     };
     let reported = publish_result(&js, &config, &outcome).await;
     if config.sandbox == Sandbox::Bwrap {
@@ -176,13 +178,14 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
     reported.map(|()| outcome)
 }
 
-/// What running the code gave: exit code, output counters, the result document, and when a SIGTERM
-/// stopped it (if one did).
+/// What running the code gave: exit code, output counters, the result document, when a SIGTERM
+/// stopped it (if one did), and whether it was stopped for filling `/tmp/out`.
 type CodeDone = (
     i32,
     OutputStats,
     Option<serde_json::Value>,
     Option<tokio::time::Instant>,
+    Option<Box<OutDirExceeded>>,
 );
 
 /// Runs the code and streams its output.
@@ -228,12 +231,30 @@ async fn run_code(
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let hard_stop = until(instructions.deadline) + config.kill_grace;
     let mut stopped_at = None;
+    let mut out_dir_exceeded = None;
+    // Under bubblewrap `/tmp/out` is a host directory outside the sandbox's size-limited `/tmp`: hold it
+    // to the same size. (In a pod it is part of the size-limited `/tmp`, which Kubernetes enforces.)
+    let watch = async {
+        match config.sandbox {
+            Sandbox::Bwrap => {
+                let outputs = FileDirs::under(&config.files_dir).outputs;
+                crate::files::watch_out_dir(outputs, config.limits.tmp_bytes).await
+            }
+            Sandbox::None => std::future::pending().await,
+        }
+    };
     let status = tokio::select! {
         status = running.child.wait() => status.ok(),
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
             eprintln!("taskpods-agent: SIGTERM: stopping the code");
             stopped_at = Some(tokio::time::Instant::now());
             running.terminate(config.term_grace).await
+        }
+        over = watch => {
+            eprintln!("taskpods-agent: {over}");
+            out_dir_exceeded = Some(Box::new(over));
+            running.kill();
+            running.child.wait().await.ok()
         }
         () = tokio::time::sleep(hard_stop) => {
             eprintln!("taskpods-agent: past the deadline: killing the code");
@@ -256,7 +277,7 @@ async fn run_code(
         }
     };
     let result = running.result_document().await;
-    Ok((exit_code, stats, result, stopped_at))
+    Ok((exit_code, stats, result, stopped_at, out_dir_exceeded))
 }
 
 /// The environment the user's code sees: the task's env plus a few taskpods variables, never the NATS

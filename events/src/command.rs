@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use crate::TaskId;
 use crate::files::{
-    Artifact, ArtifactsTruncated, FileLimits, InputFailure, InputFile, SkippedArtifact,
+    Artifact, ArtifactsTruncated, FileLimits, InputFailure, InputFile, OutDirExceeded,
+    SkippedArtifact,
 };
 use crate::policy::Problem;
 
@@ -167,6 +168,10 @@ pub struct TaskOutcome {
     /// Set when an input could not be provided: the code did not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_failure: Option<InputFailure>,
+    /// Set when `/tmp/out` went past its limit while the code ran, and the agent stopped the code (the
+    /// local sandbox; in a pod, Kubernetes evicts it when its `/tmp` goes past its size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_dir_exceeded: Option<Box<OutDirExceeded>>,
 }
 
 /// Resolved CPU and memory, in millicores and bytes, every value within the policy's caps.

@@ -302,6 +302,33 @@ pub struct ArtifactsTruncated {
     pub bytes: u64,
 }
 
+/// What `/tmp/out` held when the agent stopped the code for going past its limit. The local sandbox's
+/// `/tmp/out` lives on the host (so it outlives the sandbox) and is not inside the sandbox's size-limited
+/// `/tmp`: the agent measures it while the code runs and holds it to the same size as that `/tmp`, as the
+/// pod's size-limited `/tmp` holds it in Kubernetes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct OutDirExceeded {
+    /// The most bytes of disk `/tmp/out` may use (what `du` counts).
+    pub limit_bytes: u64,
+    /// The most files and directories it may hold.
+    pub limit_entries: u64,
+    /// The bytes of disk measured when the code was stopped.
+    pub used_bytes: u64,
+    /// The files and directories counted when the code was stopped.
+    pub entries: u64,
+}
+
+impl fmt::Display for OutDirExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "/tmp/out went past its limit ({} bytes in {} entries; at most {} bytes and {} entries): \
+             the code was stopped",
+            self.used_bytes, self.entries, self.limit_bytes, self.limit_entries
+        )
+    }
+}
+
 /// Something in `/tmp/out` that was not uploaded, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SkippedArtifact {
@@ -652,6 +679,35 @@ mod tests {
             InputProblem::TooLarge.failure_reason().to_string(),
             "input_too_large"
         );
+        // `/tmp/out` past its limit: evicted, as a pod past its `/tmp` would be, whatever the exit code.
+        let over = OutDirExceeded {
+            limit_bytes: 4 << 20,
+            limit_entries: 10_000,
+            used_bytes: 5 << 20,
+            entries: 3,
+        };
+        let outcome = TaskOutcome {
+            exit_code: 0,
+            out_dir_exceeded: Some(Box::new(over)),
+            ..TaskOutcome::default()
+        };
+        let events = decide(&task, &Input::AgentResult(outcome)).expect("decided");
+        match &events[..] {
+            [
+                EventBody::Failed {
+                    reason, message, ..
+                },
+            ] => {
+                assert_eq!(*reason, FailureReason::Evicted);
+                assert!(
+                    message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("5242880 bytes")),
+                    "{message:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -332,6 +332,15 @@ pub fn decide(task: &Task, input: &Input) -> Result<Vec<EventBody>, Refusal> {
                     outcome: Some(outcome.clone()),
                 }]
             }
+            // Like a pod evicted for going past its `/tmp`: the code was stopped by the agent.
+            S::Running if outcome.out_dir_exceeded.is_some() => vec![E::Failed {
+                reason: FailureReason::Evicted,
+                message: outcome
+                    .out_dir_exceeded
+                    .as_ref()
+                    .map(|over| over.to_string()),
+                outcome: Some(outcome.clone()),
+            }],
             S::Running if outcome.exit_code == 0 => vec![E::Succeeded {
                 outcome: outcome.clone(),
             }],

@@ -1334,6 +1334,11 @@ export interface TaskOutcome {
    */
   input_failure?: InputFailure | null;
   /**
+   * Set when `/tmp/out` went past its limit while the code ran, and the agent stopped the code (the
+   * local sandbox; in a pod, Kubernetes evicts it when its `/tmp` goes past its size).
+   */
+  out_dir_exceeded?: OutDirExceeded | null;
+  /**
    * The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
    * output beyond the cap: what a person looks at first when a task failed.
    */
@@ -1418,6 +1423,30 @@ export interface InputFailure {
   problem: "missing" | "too_large" | "corrupt" | "unavailable" | "unknown";
 }
 /**
+ * What `/tmp/out` held when the agent stopped the code for going past its limit. The local sandbox's
+ * `/tmp/out` lives on the host (so it outlives the sandbox) and is not inside the sandbox's size-limited
+ * `/tmp`: the agent measures it while the code runs and holds it to the same size as that `/tmp`, as the
+ * pod's size-limited `/tmp` holds it in Kubernetes.
+ */
+export interface OutDirExceeded {
+  /**
+   * The files and directories counted when the code was stopped.
+   */
+  entries: number;
+  /**
+   * The most bytes of disk `/tmp/out` may use (what `du` counts).
+   */
+  limit_bytes: number;
+  /**
+   * The most files and directories it may hold.
+   */
+  limit_entries: number;
+  /**
+   * The bytes of disk measured when the code was stopped.
+   */
+  used_bytes: number;
+}
+/**
  * What the agent reports when the user's code has exited.
  */
 export interface TaskOutcome1 {
@@ -1445,6 +1474,11 @@ export interface TaskOutcome1 {
    * Set when an input could not be provided: the code did not run.
    */
   input_failure?: InputFailure | null;
+  /**
+   * Set when `/tmp/out` went past its limit while the code ran, and the agent stopped the code (the
+   * local sandbox; in a pod, Kubernetes evicts it when its `/tmp` goes past its size).
+   */
+  out_dir_exceeded?: OutDirExceeded | null;
   /**
    * The last bytes (at most 2 KiB) the code wrote to stdout and stderr, as they arrived, including
    * output beyond the cap: what a person looks at first when a task failed.

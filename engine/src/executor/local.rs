@@ -4,7 +4,9 @@
 //!
 //! The sandbox's name is the task's deterministic Job name (`task-<uuid>`); its state lives in
 //! `<state_dir>/<name>/`: `pid` (the agent's pid and its start time, so a recycled pid is never mistaken
-//! for it) and `agent.log` (the agent's own diagnostics). The agent runs in its own process group, with
+//! for it) and `agent.log` (the agent's own diagnostics). Its inputs and artifacts are staged in
+//! `<files_dir>/taskpods-files-<task>/` (removed at reap, whatever became of the agent). The agent
+//! runs in its own process group, with
 //! no pipe to the engine, so it outlives an engine restart; the restarted engine finds it by name and
 //! adopts it instead of starting a second one.
 
@@ -42,6 +44,10 @@ pub struct LocalConfig {
     pub kill_grace: Duration,
     /// What mode `agent` tasks run with their goal as the argument (the agent's default when `None`).
     pub agent_entrypoint: Option<String>,
+    /// Where agents keep each task's `/tmp/in` and `/tmp/out` (`<files_dir>/taskpods-files-<task>`).
+    /// The sandbox's UID binds them, so not inside the (closed) data directory; default: the system's
+    /// temporary directory. Removed at reap, also when the agent was killed before it could.
+    pub files_dir: PathBuf,
 }
 
 impl Default for LocalConfig {
@@ -66,6 +72,7 @@ impl Default for LocalConfig {
             max_file_bytes: 128 << 20,
             kill_grace: Duration::from_secs(5),
             agent_entrypoint: None,
+            files_dir: std::env::temp_dir(),
         }
     }
 }
@@ -144,6 +151,11 @@ impl LocalBackend {
         self.config.state_dir.join(job)
     }
 
+    /// Where the agent of `task` keeps its inputs and artifacts.
+    pub fn files_dir(&self, task: TaskId) -> PathBuf {
+        self.config.files_dir.join(format!("taskpods-files-{task}"))
+    }
+
     /// The agent process of `job`, if it runs.
     pub fn process(&self, job: &str) -> Option<ProcessId> {
         let text = std::fs::read_to_string(self.dir(job).join("pid")).ok()?;
@@ -200,6 +212,7 @@ impl LocalBackend {
             .env("TASKPODS_DEADLINE", deadline.to_rfc3339())
             .env("TASKPODS_SANDBOX", &self.config.sandbox)
             .env("TASKPODS_TMP_BYTES", self.config.tmp_bytes.to_string())
+            .env("TASKPODS_FILES_DIR", self.files_dir(task))
             .env("TASKPODS_MAX_PROCS", self.config.max_procs.to_string())
             .env(
                 "TASKPODS_MAX_FILE_BYTES",
@@ -347,6 +360,13 @@ impl Backend for LocalBackend {
             && !Self::wait_gone(id, grace).await
         {
             self.stop(task, job).await?;
+        }
+        // An agent that was killed (SIGKILL, a crash) left its inputs and artifacts behind. Best effort:
+        // an engine that is not root cannot remove directories the code made as its subordinate UID,
+        // and that must not hold up the reap.
+        let files = self.files_dir(task);
+        if let Err(e) = remove_dir(&files) {
+            warn!(%task, dir = %files.display(), "cannot remove the task's files: {e}");
         }
         remove_dir(&self.dir(job))
     }

@@ -3,22 +3,18 @@
 //! Brain through the client, and, for the attacks, a task's agent sending its own file requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use taskpods_client::{Client, ClientConfig};
-use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::local::LocalConfig;
-use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::files::FilesConfig;
-use taskpods_engine::gateway::GatewayConfig;
-use taskpods_engine::intake::IntakeConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::files::{
     FileGet, FileGetReply, FileLimits, FilePut, FilePutReply, FileRefusal, InputFile, input_object,
 };
 use taskpods_events::{
-    Encoding, EventBody, FailureReason, LaunchPolicy, LaunchTask, Names, TaskId, TaskOutcome,
-    TaskState, codec,
+    Encoding, EventBody, FailureReason, LaunchTask, Names, TaskId, TaskOutcome, TaskState, codec,
 };
 use taskpods_harness::{NatsServer, nats_server_version};
 
@@ -27,6 +23,8 @@ const MIB: u64 = 1 << 20;
 struct Setup {
     server: NatsServer,
     _state: tempfile::TempDir,
+    /// Where the agents stage `/tmp/in` and `/tmp/out`.
+    files_dir: tempfile::TempDir,
     engine: Option<Engine>,
     client: Client,
 }
@@ -35,44 +33,24 @@ impl Setup {
     async fn start(files: FileLimits, delete_on_reap: bool) -> Self {
         let server = NatsServer::start();
         let state = tempfile::tempdir().unwrap();
-        let config = EngineConfig {
-            nats_urls: vec![server.url()],
-            intake: IntakeConfig {
-                policy: LaunchPolicy {
-                    files,
-                    ..LaunchPolicy::default()
-                },
-                ..IntakeConfig::default()
-            },
-            gateway: GatewayConfig {
-                heartbeat_interval: Duration::from_millis(200),
-                hello_retry_after: Duration::from_millis(100),
-                ..GatewayConfig::default()
-            },
-            executor: ExecutorConfig {
-                retry_delay: Duration::from_millis(200),
-                reap_grace: Duration::from_secs(3),
-                ..ExecutorConfig::default()
-            },
-            files: FilesConfig {
-                delete_on_reap,
-                ..FilesConfig::default()
-            },
-            backend: BackendConfig::Local(LocalConfig {
-                agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
-                state_dir: state.path().to_owned(),
-                tmp_bytes: 8 << 20,
-                max_procs: 64,
-                kill_grace: Duration::from_secs(4),
-                ..LocalConfig::default()
-            }),
-            ..EngineConfig::default()
+        let files_dir = common::files_dir();
+        let mut config = common::local_engine(&server, state.path());
+        config.intake.policy.files = files;
+        config.executor.reap_grace = Duration::from_secs(3);
+        config.files = FilesConfig {
+            delete_on_reap,
+            ..FilesConfig::default()
         };
+        let local = common::local(&mut config);
+        local.tmp_bytes = 8 << 20;
+        local.kill_grace = Duration::from_secs(4);
+        local.files_dir = files_dir.path().to_owned();
         let engine = Engine::start(config).await.expect("engine");
         let client = Client::new(server.connect().await, ClientConfig::default());
         Self {
             server,
             _state: state,
+            files_dir,
             engine: Some(engine),
             client,
         }
@@ -552,4 +530,51 @@ async fn with_delete_on_reap_a_tasks_objects_go_with_it() {
     }
     let kept = bucket.info(input_object(keep, "other.txt")).await.unwrap();
     assert!(!kept.deleted, "another task's input is kept");
+}
+
+/// The local sandbox's `/tmp/out` is a host directory (it must outlive the sandbox for the upload), so the
+/// sandbox's size-limited `/tmp` does not bound it: the agent measures it while the code runs and stops
+/// the code once it goes past the same size (8 MiB here), as Kubernetes evicts a pod past its `/tmp`.
+#[tokio::test]
+async fn a_task_filling_tmp_out_past_the_sandboxes_tmp_size_is_stopped_as_evicted() {
+    let setup = Setup::start(FileLimits::default(), false).await;
+    let task = TaskId::mint();
+    // Up to 250 MiB in 256 KiB files, then a line on stdout: it never gets that far.
+    let script = "echo kept > /tmp/out/first.txt; \
+                  for i in $(seq 1 1000); do head -c 262144 /dev/zero > /tmp/out/fill-$i.bin; done; \
+                  echo finished";
+    setup.launch(task, script, Vec::new(), 120).await;
+    let end = setup.ended(task).await;
+    let EventBody::Failed {
+        reason,
+        message,
+        outcome: Some(outcome),
+    } = &end
+    else {
+        panic!("{end:?}");
+    };
+    assert_eq!(*reason, FailureReason::Evicted);
+    let message = message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("/tmp/out went past its limit"),
+        "{message}"
+    );
+    let over = outcome
+        .out_dir_exceeded
+        .as_deref()
+        .expect("the outcome says why");
+    assert_eq!(over.limit_bytes, 8 * MIB);
+    assert!(over.used_bytes > over.limit_bytes, "{over:?}");
+    assert_eq!(
+        outcome.stdout_bytes, 0,
+        "the code was stopped before its end"
+    );
+    // What it wrote is still uploaded within the artifact caps, and the host directory is gone.
+    assert_eq!(setup.artifact(task, "first.txt").await, b"kept\n");
+    setup.reaped(task).await;
+    let staged = setup
+        .files_dir
+        .path()
+        .join(format!("taskpods-files-{task}"));
+    assert!(!staged.exists(), "{staged:?} left behind");
 }

@@ -10,8 +10,6 @@ use taskpods_client::{Client, ClientConfig};
 use taskpods_engine::cli::logs::{self, Piece};
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::executor::local::{LocalConfig, ProcessId};
-use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
-use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{
     EventBody, FailureReason, LaunchTask, Names, ResourceRequest, TaskId, TaskState,
@@ -19,34 +17,20 @@ use taskpods_events::{
 use taskpods_harness::NatsServer;
 use taskpods_integration as fixtures;
 
+mod common;
+
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The shared local engine with a short heartbeat timeout (for the lost-agent tests) and room for 8 MiB
+/// of output.
 fn config(server: &NatsServer, state_dir: &Path) -> EngineConfig {
-    EngineConfig {
-        nats_urls: vec![server.url()],
-        gateway: GatewayConfig {
-            heartbeat_interval: HEARTBEAT_INTERVAL,
-            heartbeat_timeout: HEARTBEAT_TIMEOUT,
-            output_cap_bytes: 8 << 20,
-            hello_retry_after: Duration::from_millis(100),
-            ..GatewayConfig::default()
-        },
-        executor: ExecutorConfig {
-            retry_delay: Duration::from_millis(200),
-            reap_grace: Duration::from_secs(3),
-            ..ExecutorConfig::default()
-        },
-        backend: BackendConfig::Local(LocalConfig {
-            agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
-            state_dir: state_dir.to_owned(),
-            tmp_bytes: 4 << 20,
-            max_procs: 64,
-            kill_grace: Duration::from_secs(1),
-            ..LocalConfig::default()
-        }),
-        ..EngineConfig::default()
-    }
+    let mut config = common::local_engine(server, state_dir);
+    config.gateway.heartbeat_interval = HEARTBEAT_INTERVAL;
+    config.gateway.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+    config.gateway.output_cap_bytes = 8 << 20;
+    config.executor.reap_grace = Duration::from_secs(3);
+    config
 }
 
 struct Setup {
@@ -338,10 +322,21 @@ echo "fork bomb: stopped ($?)"
 #[tokio::test]
 async fn a_killed_agent_is_lost_after_the_heartbeat_timeout() {
     let setup = Setup::start().await;
-    let task = setup.launch("sleep 300", 120).await;
+    let task = setup
+        .launch("echo partial > /tmp/out/partial.txt; sleep 300", 120)
+        .await;
     setup
         .until_state(task, TaskState::Running, Duration::from_secs(20))
         .await;
+    // The agent stages the task's /tmp/in and /tmp/out on the host; a killed agent cannot remove them.
+    let staged = LocalConfig::default()
+        .files_dir
+        .join(format!("taskpods-files-{task}"));
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !staged.join("out/partial.txt").exists() {
+        assert!(tokio::time::Instant::now() < until, "{staged:?} not staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let agent = setup.agent(task);
     let killed = std::time::Instant::now();
     std::process::Command::new("kill")
@@ -369,6 +364,8 @@ async fn a_killed_agent_is_lost_after_the_heartbeat_timeout() {
         ["accepted", "scheduled", "running", "failed", "reaped"]
     );
     gone(task, Duration::from_secs(5)).await;
+    // The reap removed what the killed agent left behind.
+    assert!(!staged.exists(), "{staged:?} is left behind after the reap");
 }
 
 #[tokio::test]
@@ -403,9 +400,7 @@ async fn an_agent_that_cannot_start_fails_the_task_with_a_backend_error() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
     let mut config = config(&server, state.path());
-    if let BackendConfig::Local(local) = &mut config.backend {
-        local.agent_bin = state.path().join("no-such-agent");
-    }
+    common::local(&mut config).agent_bin = state.path().join("no-such-agent");
     let engine = Engine::start(config).await.expect("engine");
     let client = Client::new(server.connect().await, ClientConfig::default());
     let task = client
@@ -526,9 +521,7 @@ async fn an_agent_that_never_says_hello_fails_at_the_startup_timeout() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
     let mut config = config(&server, state.path());
-    if let BackendConfig::Local(local) = &mut config.backend {
-        local.agent_bin = "/bin/true".into();
-    }
+    common::local(&mut config).agent_bin = "/bin/true".into();
     config.timers.startup_timeout = Duration::from_secs(1);
     let engine = Engine::start(config).await.expect("engine");
     let client = Client::new(server.connect().await, ClientConfig::default());
@@ -598,9 +591,7 @@ async fn agent_mode_hands_the_goal_to_the_entrypoint() {
     let server = NatsServer::start();
     let state = tempfile::tempdir().unwrap();
     let mut config = config(&server, state.path());
-    if let BackendConfig::Local(local) = &mut config.backend {
-        local.agent_entrypoint = Some("/bin/echo".into());
-    }
+    common::local(&mut config).agent_entrypoint = Some("/bin/echo".into());
     let engine = Engine::start(config).await.expect("engine");
     let setup_client = Client::new(server.connect().await, ClientConfig::default());
     let launch = LaunchTask {

@@ -1,4 +1,6 @@
-//! Fixtures shared by the hostile-input and fair-share tests.
+//! Fixtures shared by the tests that run a real engine with the local backend (files, hostile, local
+//! tasks, fair shares, hostile input, the web UI): one engine configuration, each test overriding only
+//! what it is about.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -37,6 +39,24 @@ pub fn local_engine(server: &NatsServer, state_dir: &Path) -> EngineConfig {
         }),
         ..EngineConfig::default()
     }
+}
+
+/// The local backend's settings of `config` (made by [`local_engine`]), to override a field.
+pub fn local(config: &mut EngineConfig) -> &mut LocalConfig {
+    match &mut config.backend {
+        BackendConfig::Local(local) => local,
+        other => panic!("not the local backend: {other:?}"),
+    }
+}
+
+/// A directory for the agents' `/tmp/in` and `/tmp/out` ([`LocalConfig::files_dir`]) that the
+/// sandbox's UID can pass through (a fresh temporary directory is closed to everyone but its owner).
+pub fn files_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("open the directory to the sandbox's UID");
+    dir
 }
 
 /// Asserts the intake consumer holds nothing, within `within`: every command was acked, none is
