@@ -8,17 +8,16 @@
 //! the server with a permission error; the task's own work still succeeds; the other task is untouched.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use taskpods_client::{Client, ClientConfig};
-use taskpods_engine::config::EngineConfig;
 use taskpods_engine::credentials::AuthConfig;
 use taskpods_engine::executor::local::LocalConfig;
-use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
-use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
@@ -91,42 +90,27 @@ impl Setup {
         server.wait_for_jetstream().await;
         let state = tempfile::tempdir().unwrap();
         let stolen = tempfile::tempdir().unwrap();
-        let config = EngineConfig {
-            nats_urls: vec![server.url()],
-            nats_creds: Some(server.creds("engine")),
-            auth: AuthConfig {
-                seal_key: Some(
-                    server
-                        .auth_dir()
-                        .join(taskpods_auth::material::files::SEAL_KEY),
-                ),
-                task_signer: Some(
-                    server
-                        .auth_dir()
-                        .join(taskpods_auth::material::files::TASK_SIGNER),
-                ),
-                task_credentials_grace: GRACE,
-                ..AuthConfig::default()
-            },
-            gateway: GatewayConfig {
-                heartbeat_interval: Duration::from_millis(200),
-                hello_retry_after: Duration::from_millis(100),
-                ..GatewayConfig::default()
-            },
-            executor: ExecutorConfig {
-                retry_delay: Duration::from_millis(200),
-                reap_grace: Duration::from_secs(3),
-                ..ExecutorConfig::default()
-            },
-            backend: BackendConfig::Local(LocalConfig {
-                agent_bin: compromised_agent(stolen.path()),
-                state_dir: state.path().to_owned(),
-                tmp_bytes: 4 << 20,
-                kill_grace: Duration::from_secs(1),
-                ..LocalConfig::default()
-            }),
-            ..EngineConfig::default()
+        // The shared local engine, with identities on (operator mode) and the compromised agent.
+        let mut config = common::local_engine(&server, state.path());
+        config.nats_creds = Some(server.creds("engine"));
+        config.auth = AuthConfig {
+            seal_key: Some(
+                server
+                    .auth_dir()
+                    .join(taskpods_auth::material::files::SEAL_KEY),
+            ),
+            task_signer: Some(
+                server
+                    .auth_dir()
+                    .join(taskpods_auth::material::files::TASK_SIGNER),
+            ),
+            task_credentials_grace: GRACE,
+            ..AuthConfig::default()
         };
+        config.executor.reap_grace = Duration::from_secs(3);
+        let local = common::local(&mut config);
+        local.agent_bin = compromised_agent(stolen.path());
+        local.max_procs = LocalConfig::default().max_procs;
         let engine = Engine::start(config).await.expect("engine");
         let brain = Client::new(
             server.connect_as("brain").await,

@@ -4,6 +4,9 @@
 //! `scripts/install-deps`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -11,9 +14,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use taskpods_client::{Client, ClientConfig};
-use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::local::LocalConfig;
-use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
 use taskpods_engine::http::HttpConfig;
 use taskpods_engine::server::Engine;
@@ -37,33 +37,18 @@ impl Stack {
     pub async fn start(http: HttpConfig) -> Self {
         let server = NatsServer::start();
         let state = tempfile::tempdir().unwrap();
-        let config = EngineConfig {
-            nats_urls: vec![server.url()],
-            gateway: GatewayConfig {
-                heartbeat_interval: Duration::from_millis(500),
-                output_cap_bytes: OUTPUT_CAP,
-                ..GatewayConfig::default()
-            },
-            executor: ExecutorConfig {
-                retry_delay: Duration::from_millis(200),
-                reap_grace: Duration::from_secs(2),
-                ..ExecutorConfig::default()
-            },
-            backend: BackendConfig::Local(LocalConfig {
-                agent_bin: env!("CARGO_BIN_EXE_taskpods-agent-under-test").into(),
-                state_dir: state.path().to_owned(),
-                tmp_bytes: 4 << 20,
-                max_procs: 64,
-                kill_grace: Duration::from_secs(1),
-                ..LocalConfig::default()
-            }),
-            http: Some(HttpConfig {
-                bind: "127.0.0.1:0".parse().unwrap(),
-                status_interval: Duration::from_millis(500),
-                ..http
-            }),
-            ..EngineConfig::default()
+        // The shared local engine, with its web UI on a random port and a small output cap.
+        let mut config = common::local_engine(&server, state.path());
+        config.gateway = GatewayConfig {
+            heartbeat_interval: Duration::from_millis(500),
+            output_cap_bytes: OUTPUT_CAP,
+            ..GatewayConfig::default()
         };
+        config.http = Some(HttpConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            status_interval: Duration::from_millis(500),
+            ..http
+        });
         let engine = Engine::start(config).await.expect("engine");
         let addr = engine
             .ui_url()
