@@ -55,6 +55,10 @@ export class Names {
     const base = this.bucket(view);
     return generation <= 1 ? base : `${base}_g${generation}`;
   }
+  /** The object store bucket of task inputs and artifacts (`<task>/in/<name>`, `<task>/out/<path>`). */
+  filesBucket(): string {
+    return this.bucket("files");
+  }
   /** The bucket holding the pointer to the view generation readers follow. */
   projectionsBucket(): string {
     return this.bucket("projections");
