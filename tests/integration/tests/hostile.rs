@@ -718,6 +718,16 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
     let info = format!("$JS.API.STREAM.INFO.OBJ_{}", names.files_bucket());
     client.publish(info.clone(), "".into()).await.unwrap();
     refused(&mut errors, "publish", &info).await;
+    // Nor can it read the other task's input's bytes from the stream, or sniff chunks as they are put.
+    let direct = format!("$JS.API.DIRECT.GET.OBJ_{}", names.files_bucket());
+    client
+        .publish(direct.clone(), r#"{"last_by_subj": "$O.>"}"#.into())
+        .await
+        .unwrap();
+    refused(&mut errors, "publish", &direct).await;
+    let sniff = format!("$O.{}.>", names.files_bucket());
+    let _subscription = client.subscribe(sniff.clone()).await.unwrap();
+    refused(&mut errors, "subscription", &sniff).await;
 
     // The task's own work went through: its artifact is stored, listed and readable by the Brain.
     let ended = setup
@@ -738,6 +748,15 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
         .await
         .expect("the Brain reads artifacts");
     assert_eq!(upper, b"MY DATA");
+    let listed = setup
+        .brain
+        .artifacts(mine)
+        .await
+        .expect("the Brain lists artifacts");
+    assert_eq!(
+        listed.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(),
+        ["upper.txt"]
+    );
 }
 
 fn codec_bytes<T: serde::Serialize>(value: &T) -> bytes::Bytes {
