@@ -61,7 +61,8 @@ pub struct FilesDocument {
     /// The stored artifacts, in path order.
     pub artifacts: Vec<Artifact>,
     /// Where the artifact list came from: `outcome` (what the agent reported), `bucket` (the task ended
-    /// without an outcome, e.g. timed out: the objects stored under it) or `none` (not ended yet).
+    /// without an outcome, e.g. timed out: the objects stored under it) or `none` (not ended yet, or its
+    /// code never ran).
     pub artifacts_from: &'static str,
     /// What the per-task caps left out.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,8 +136,8 @@ async fn files(
         },
         None => {
             // Ended without an outcome (timed out, lost, cancelled before the code exited): what the
-            // agent flushed is only in the bucket.
-            let ended = view.state.is_terminal();
+            // agent flushed is only in the bucket. A task whose agent never ran has nothing there.
+            let ended = view.state.is_terminal() && view.running_at.is_some();
             let artifacts = if ended {
                 state
                     .client

@@ -294,7 +294,7 @@ async function loadFiles(task) {
   const total = files.artifacts.reduce((sum, a) => sum + a.size, 0);
   const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
   $("t-files-info").textContent = count(files.inputs.length, "input") + " · " + (files.artifacts_from === "none"
-    ? "artifacts are stored when the code exits"
+    ? (detail.doc && isTerminal(detail.doc.task) ? "no artifacts: the code never ran" : "artifacts are stored when the code exits")
     : `${count(files.artifacts.length, "artifact")}, ${bytesText(total)}` + (files.artifacts_from === "bucket" ? " (as stored: the task reported no outcome)" : ""));
 }
 // Lists the files once per state the page shows (they change when the task ends).
