@@ -540,7 +540,8 @@ async fn a_task_filling_tmp_out_past_the_sandboxes_tmp_size_is_stopped_as_evicte
     let setup = Setup::start(FileLimits::default(), false).await;
     let task = TaskId::mint();
     // Up to 250 MiB in 256 KiB files, then a line on stdout: it never gets that far.
-    let script = "echo kept > /tmp/out/first.txt; \
+    // (`a-kept.txt` sorts first, so the artifact caps take it before any fill file.)
+    let script = "echo kept > /tmp/out/a-kept.txt; \
                   for i in $(seq 1 1000); do head -c 262144 /dev/zero > /tmp/out/fill-$i.bin; done; \
                   echo finished";
     setup.launch(task, script, Vec::new(), 120).await;
@@ -570,7 +571,7 @@ async fn a_task_filling_tmp_out_past_the_sandboxes_tmp_size_is_stopped_as_evicte
         "the code was stopped before its end"
     );
     // What it wrote is still uploaded within the artifact caps, and the host directory is gone.
-    assert_eq!(setup.artifact(task, "first.txt").await, b"kept\n");
+    assert_eq!(setup.artifact(task, "a-kept.txt").await, b"kept\n");
     setup.reaped(task).await;
     let staged = setup
         .files_dir
