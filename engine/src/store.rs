@@ -23,6 +23,10 @@ use taskpods_events::{
 };
 use taskpods_projections::log::{self, LogError};
 
+/// Header on every appended event: the engine replica that appended it (its `engine_id`), so a task's
+/// events show which replica did each effect.
+pub const HEADER_ENGINE: &str = "Taskpods-Engine";
+
 /// How many times `execute` reloads and decides again after losing a race.
 const CONFLICT_RETRIES: usize = 8;
 
@@ -176,6 +180,7 @@ pub struct EventStore {
     names: Names,
     sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
     stats: Arc<StoreStats>,
+    engine: Option<String>,
 }
 
 impl EventStore {
@@ -187,12 +192,19 @@ impl EventStore {
             names,
             sealer: None,
             stats: Arc::default(),
+            engine: None,
         }
     }
 
     /// What this store (and its clones) has read.
     pub fn stats(&self) -> &Arc<StoreStats> {
         &self.stats
+    }
+
+    /// Marks every appended event with `engine_id` ([`HEADER_ENGINE`]).
+    pub fn with_engine(mut self, engine_id: &str) -> Self {
+        self.engine = Some(engine_id.to_owned());
+        self
     }
 
     /// Seals env values before they are written (the `accepted` event), with `sealer`.
@@ -299,6 +311,9 @@ impl EventStore {
                 HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 last.to_string().as_str(),
             );
+            if let Some(engine) = &self.engine {
+                headers.insert(HEADER_ENGINE, engine.as_str());
+            }
             let ack = self
                 .js
                 .publish_with_headers(self.names.events(event.task), headers, payload.into())
