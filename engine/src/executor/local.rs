@@ -170,8 +170,6 @@ impl LocalBackend {
         deadline: DateTime<Utc>,
     ) -> Result<ProcessId, BackendError> {
         let dir = self.dir(job);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| BackendError::transient(format!("create {}: {e}", dir.display())))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -315,17 +313,42 @@ impl Backend for LocalBackend {
         deadline: DateTime<Utc>,
     ) -> Result<String, BackendError> {
         let job = task.job_name();
-        // The sandbox exists once its pid file does, whether or not its agent still runs (as a Job
-        // exists after its pod died): adopt it, never start a second agent for the task. A dead one is
-        // found by the startup timer or the heartbeat timeout.
-        if self.dir(&job).join("pid").exists() {
-            match self.process(&job) {
-                Some(id) => info!(%task, pid = id.pid, "adopting the running sandbox"),
-                None => warn!(%task, "adopting the sandbox; its agent has already exited"),
+        // The sandbox exists once its directory does, whether or not its agent still runs (as a Job
+        // exists after its pod died): adopt it, never start a second agent for the task. Creating the
+        // directory is the claim, atomic across engine replicas sharing the state directory: of two
+        // executors racing for one task, one creates it and the other adopts. A dead agent (or one that
+        // never started, its engine killed between the claim and the spawn) is found by the startup
+        // timer or the heartbeat timeout.
+        let dir = self.dir(&job);
+        std::fs::create_dir_all(&self.config.state_dir).map_err(|e| {
+            BackendError::transient(format!("create {}: {e}", self.config.state_dir.display()))
+        })?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                match self.process(&job) {
+                    Some(id) => info!(%task, pid = id.pid, "adopting the running sandbox"),
+                    None => warn!(%task, "adopting the sandbox; its agent is not running"),
+                }
+                return Ok(job);
             }
-            return Ok(job);
+            Err(e) => {
+                return Err(BackendError::transient(format!(
+                    "create {}: {e}",
+                    dir.display()
+                )));
+            }
         }
-        let id = self.spawn(task, spec, &job, deadline)?;
+        let id = match self.spawn(task, spec, &job, deadline) {
+            Ok(id) => id,
+            Err(e) => {
+                // Nothing started (no pid file): give the claim up, so a retry can start it.
+                if !dir.join("pid").exists() {
+                    let _ = remove_dir(&dir);
+                }
+                return Err(e);
+            }
+        };
         info!(%task, pid = id.pid, job, "sandbox started");
         Ok(job)
     }
