@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use taskpods_events::{Addressed, EventBody, FailureReason, Input, TaskId, TaskState, evolve};
 use taskpods_projections::log;
 use tokio::sync::Notify;
@@ -92,7 +92,8 @@ pub struct ExecutorConfig {
     pub max_in_flight: usize,
     /// Tasks worked on at once.
     pub concurrency: usize,
-    /// How long the server waits for an ack before redelivering (longer than any effect).
+    /// How long the server waits for an ack before redelivering: the time a dead replica's events take
+    /// to reach another. Effects may take longer (the turn sends progress acks meanwhile).
     pub ack_wait: Duration,
     /// How long before a message that hit a transient failure is redelivered.
     pub retry_delay: Duration,
@@ -106,7 +107,7 @@ impl Default for ExecutorConfig {
             durable_name: "taskpods-executor".to_owned(),
             max_in_flight: 512,
             concurrency: 64,
-            ack_wait: Duration::from_secs(60),
+            ack_wait: Duration::from_secs(30),
             retry_delay: Duration::from_secs(1),
             reap_grace: Duration::from_secs(10),
         }
@@ -383,7 +384,14 @@ impl<B: Backend> Executor<B> {
             return;
         }
         if gap {
-            match self.ctx.store.load(task).await {
+            // The state read must include the newest event delivered: on a cluster a lagging stream
+            // replica may answer the read without it.
+            let newest = batch
+                .iter()
+                .filter_map(|d| d.msg.info().ok().map(|i| i.stream_sequence))
+                .max()
+                .unwrap_or(0);
+            match self.ctx.store.load_at_least(task, newest).await {
                 Ok(loaded) => current = loaded,
                 Err(e) => {
                     warn!(%task, error = %e, "executor: cannot read the task; will retry");
@@ -397,10 +405,18 @@ impl<B: Backend> Executor<B> {
             self.hold(task, current);
             return;
         }
-        let work = reconcile(&self.ctx, &*self.backend, task, current, &self.config);
+        // While the effect runs the turn's messages are kept alive with progress acks, so the
+        // consumer's ack wait (how long a dead replica's events take to reach another) can be short
+        // however long an effect takes. At shutdown the effect gets the shutdown grace, then its
+        // messages are handed back for another replica, which redoes it idempotently.
+        let work = keep_alive(
+            &batch,
+            self.config.ack_wait,
+            reconcile(&self.ctx, &*self.backend, task, current, &self.config),
+        );
         let result = tokio::select! {
             result = work => Some(result),
-            () = self.ctx.shutdown.cancelled() => None,
+            () = hand_over_time(&self.ctx) => None,
         };
         match result {
             Some(Ok((effect, after))) => {
@@ -423,8 +439,12 @@ impl<B: Backend> Executor<B> {
                 warn!(%task, error = %e, "executor: will retry");
                 self.retry_later(&batch).await;
             }
-            // Shutting down mid-effect: leave the messages unacked, the next engine redoes it.
-            None => {}
+            None => {
+                info!(%task, "executor: stopping mid-effect; handing the events to another replica");
+                for delivery in &batch {
+                    hand_over(&delivery.msg, "executor").await;
+                }
+            }
         }
     }
 
@@ -439,6 +459,47 @@ impl<B: Backend> Executor<B> {
             .msg
             .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
             .await;
+    }
+}
+
+/// Completes `shutdown_grace` after the engine was asked to stop: the moment work still in hand is
+/// handed back to its stream.
+pub(crate) async fn hand_over_time(ctx: &EngineCtx) {
+    ctx.shutdown.cancelled().await;
+    tokio::time::sleep(ctx.shutdown_grace).await;
+}
+
+/// Gives `msg` back to its stream for immediate redelivery (to another replica), counting it.
+pub(crate) async fn hand_over(msg: &jetstream::Message, loop_name: &str) {
+    crate::metrics::METRICS
+        .handed_over
+        .with_label_values(&[loop_name])
+        .inc();
+    if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+        // Not handed back: the server redelivers it after its ack wait anyway.
+        warn!(error = %e, loop_name, "could not hand a message back; it is redelivered after its ack wait");
+    }
+}
+
+/// Runs `work`, telling the server every third of `ack_wait` that the messages of `batch` are still
+/// being worked on.
+async fn keep_alive<T>(
+    batch: &[Delivery],
+    ack_wait: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut work = std::pin::pin!(work);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            result = &mut work => return result,
+            _ = ticks.tick() => {
+                for delivery in batch {
+                    let _ = delivery.msg.ack_with(AckKind::Progress).await;
+                }
+            }
+        }
     }
 }
 
@@ -480,7 +541,9 @@ pub async fn run<B: Backend>(
         .messages()
         .await
         .map_err(|e| ExecutorError::Consumer(e.into()))?;
-    let limit = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
+    let workers = config.concurrency.max(1);
+    let limit = Arc::new(tokio::sync::Semaphore::new(workers));
+    let all_workers = limit.clone();
     let executor = Arc::new(Executor {
         ctx: ctx.clone(),
         backend,
@@ -490,7 +553,7 @@ pub async fn run<B: Backend>(
         folded: Mutex::default(),
     });
     // Hands ready tasks to workers, first come first served, as workers free up.
-    let _dispatcher = AbortOnDrop(tokio::spawn({
+    let dispatcher = AbortOnDrop(tokio::spawn({
         let executor = executor.clone();
         async move {
             loop {
@@ -507,7 +570,7 @@ pub async fn run<B: Backend>(
             }
         }
     }));
-    info!("executor running");
+    info!(ack_wait = ?executor.config.ack_wait, "executor running");
     loop {
         let next = tokio::select! {
             () = ctx.shutdown.cancelled() => break,
@@ -528,6 +591,33 @@ pub async fn run<B: Backend>(
         let event = log::decode_message(&names, &msg).ok();
         executor.deliver(task, Delivery { msg, event });
     }
+    // Stopping: no new turns; what the client pulled but nobody started goes back at once; the turns
+    // in hand finish or hand their events back (each bounds itself by the shutdown grace); then what
+    // queued behind them goes back too.
+    drop(dispatcher);
+    let mut handed = 0;
+    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+        hand_over(&msg, "executor").await;
+        handed += 1;
+    }
+    let all = u32::try_from(workers).unwrap_or(u32::MAX);
+    let finished = tokio::time::timeout(
+        ctx.shutdown_grace + Duration::from_secs(1),
+        all_workers.acquire_many(all),
+    )
+    .await
+    .is_ok();
+    let queued: Vec<Delivery> = {
+        let mut turns = executor.turns();
+        std::iter::from_fn(|| turns.take_turn())
+            .flat_map(|(_, batch)| batch)
+            .collect()
+    };
+    for delivery in &queued {
+        hand_over(&delivery.msg, "executor").await;
+        handed += 1;
+    }
+    info!(handed_over_unstarted = handed, finished, "executor stopped");
     Ok(())
 }
 
