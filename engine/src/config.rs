@@ -43,6 +43,23 @@ pub struct EngineConfig {
     pub http: Option<HttpConfig>,
     /// Inputs and artifacts moved between agents and the files bucket.
     pub files: FilesConfig,
+    /// This replica's name: in its leases, in the `Taskpods-Engine` header of every event it appends,
+    /// and in its logs. Unique per process (the host name plus a random suffix), so a restarted replica
+    /// is a new holder.
+    pub engine_id: String,
+    /// How long, after a shutdown signal, work in hand may take to finish before it is handed back to
+    /// the streams (nak) for another replica, and the process exits.
+    pub shutdown_grace: Duration,
+}
+
+/// A fresh engine id: `$HOSTNAME` (a pod's name) or `engine`, then 8 random hex digits.
+pub fn fresh_engine_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && !h.contains(char::is_whitespace))
+        .unwrap_or_else(|| "engine".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &random[..8])
 }
 
 impl Default for EngineConfig {
@@ -61,6 +78,8 @@ impl Default for EngineConfig {
             clock: Clock::wall(),
             http: None,
             files: FilesConfig::default(),
+            engine_id: fresh_engine_id(),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

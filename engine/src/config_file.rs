@@ -130,6 +130,16 @@ section! {
 }
 
 section! {
+    /// `[engine]`: this replica (several may run against one NATS; see the README's "Running several
+    /// engines").
+    EngineSection {
+        /// After SIGTERM, how long work in hand may take to finish before it is handed back to the streams
+        /// for another replica; the process exits shortly after.
+        shutdown_grace: HumanDuration,
+    }
+}
+
+section! {
     /// `[topology]`: the streams and buckets the engine creates or checks at start-up.
     TopologySection {
         /// Replicas of every stream and bucket (3 on a three-node cluster).
@@ -160,6 +170,9 @@ section! {
         max_payload_bytes: usize,
         /// Deliveries of one command before it is dead-lettered.
         max_deliver: i64,
+        /// How long a delivered command may stay unacked before it is redelivered: the longest a dead
+        /// replica's commands wait before another replica takes them.
+        ack_wait: HumanDuration,
     }
 }
 
@@ -190,6 +203,9 @@ section! {
         concurrency: usize,
         /// How long an ended task's sandbox is kept before it is reaped.
         reap_grace: HumanDuration,
+        /// How long a delivered event may stay unacked before it is redelivered: the longest a dead
+        /// replica's effects wait before another replica takes them (live work renews it).
+        ack_wait: HumanDuration,
     }
 }
 
@@ -278,6 +294,8 @@ section! {
 pub struct FileConfig {
     /// How the engine reaches NATS.
     pub nats: NatsSection,
+    /// This replica.
+    pub engine: EngineSection,
     /// Streams and buckets.
     pub topology: TopologySection,
     /// The command consumer.
@@ -456,6 +474,8 @@ impl FileConfig {
             config.topology.names = names;
         }
 
+        set_duration(&mut config.shutdown_grace, &self.engine.shutdown_grace);
+
         let topology = &self.topology;
         set(&mut config.topology.replicas, &topology.replicas);
         if let Some(storage) = &topology.storage {
@@ -487,6 +507,7 @@ impl FileConfig {
             &intake.max_payload_bytes,
         );
         set(&mut config.intake.max_deliver, &intake.max_deliver);
+        set_duration(&mut config.intake.ack_wait, &intake.ack_wait);
         set(&mut config.intake.policy, &self.policy);
 
         let gateway = &self.gateway;
@@ -509,6 +530,7 @@ impl FileConfig {
         );
         set(&mut config.executor.concurrency, &self.executor.concurrency);
         set_duration(&mut config.executor.reap_grace, &self.executor.reap_grace);
+        set_duration(&mut config.executor.ack_wait, &self.executor.ack_wait);
 
         if self.auth.task_signer.is_some() {
             config.auth.task_signer = self.auth.task_signer.clone();
@@ -593,6 +615,9 @@ impl FileConfig {
                 connect_timeout: d(config.connect_timeout),
                 prefix: Some(config.topology.names.prefix().to_owned()),
             },
+            engine: EngineSection {
+                shutdown_grace: d(config.shutdown_grace),
+            },
             topology: TopologySection {
                 replicas: Some(config.topology.replicas),
                 storage: Some(
@@ -613,6 +638,7 @@ impl FileConfig {
                 workers: Some(config.intake.workers),
                 max_payload_bytes: Some(config.intake.max_payload_bytes),
                 max_deliver: Some(config.intake.max_deliver),
+                ack_wait: d(config.intake.ack_wait),
             },
             policy: Some(config.intake.policy.clone()),
             gateway: GatewaySection {
@@ -626,6 +652,7 @@ impl FileConfig {
             executor: ExecutorSection {
                 concurrency: Some(config.executor.concurrency),
                 reap_grace: d(config.executor.reap_grace),
+                ack_wait: d(config.executor.ack_wait),
             },
             backend: BackendSection {
                 kind: Some(kind.to_owned()),
@@ -691,6 +718,12 @@ pub fn reference() -> String {
             "How the engine reaches NATS.",
             NatsSection::KEYS,
             &defaults.nats,
+        ),
+        Section::new(
+            "engine",
+            "This replica (several may share one NATS).",
+            EngineSection::KEYS,
+            &defaults.engine,
         ),
         Section::new(
             "topology",

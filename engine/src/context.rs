@@ -29,6 +29,10 @@ pub struct EngineCtx {
     pub clock: Clock,
     /// Cancelled when the engine stops; every loop finishes the work in hand and returns.
     pub shutdown: CancellationToken,
+    /// This replica's name (leases, the `Taskpods-Engine` header of its events, logs).
+    pub engine_id: String,
+    /// How long work in hand may take to finish after `shutdown` before it is handed back (nak).
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl EngineCtx {

@@ -60,7 +60,8 @@ pub struct IntakeConfig {
     pub max_in_flight: usize,
     /// Sequential workers; a task always maps to the same one.
     pub workers: usize,
-    /// How long the server waits for an ack before redelivering.
+    /// How long the server waits for an ack before redelivering: the time a dead replica's commands
+    /// take to reach another.
     pub ack_wait: Duration,
     /// How long to wait before a command that hit a transient failure is redelivered.
     pub retry_delay: Duration,
@@ -147,9 +148,12 @@ struct Shared {
     ctx: Arc<EngineCtx>,
     config: IntakeConfig,
     stats: Arc<IntakeStats>,
+    /// Set at shutdown: from then on, commands still queued are handed back (nak) instead of handled.
+    hand_over_at: std::sync::OnceLock<Instant>,
 }
 
-/// Runs the intake until `ctx.shutdown`, then finishes the commands in hand.
+/// Runs the intake until `ctx.shutdown`, then finishes the commands in hand within the shutdown grace
+/// and hands the rest back to the stream (nak) for another replica.
 pub async fn run(
     ctx: Arc<EngineCtx>,
     config: IntakeConfig,
@@ -178,6 +182,7 @@ pub async fn run(
         ctx: ctx.clone(),
         config: config.clone(),
         stats,
+        hand_over_at: std::sync::OnceLock::new(),
     });
 
     let workers = config.workers.max(1);
@@ -209,6 +214,10 @@ pub async fn run(
             }
             None => break,
         };
+        crate::metrics::METRICS
+            .in_flight
+            .with_label_values(&["intake"])
+            .inc();
         let routed = route(&shared, message);
         let shard = routed.shard(workers);
         if let Err(mpsc::error::SendError(routed)) = queues[shard].send(routed).await {
@@ -223,11 +232,19 @@ pub async fn run(
             }
         }
     }
+    // Stopping: commands the client pulled but nobody queued go back at once; the queued ones are
+    // handled until the grace is over, then handed back.
+    let _ = shared.hand_over_at.set(Instant::now() + ctx.shutdown_grace);
+    let mut handed = 0;
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        crate::executor::hand_over(&message, "intake").await;
+        handed += 1;
+    }
     drop(queues);
     for handle in handles {
         let _ = handle.await;
     }
-    info!("intake stopped");
+    info!(handed_over_unstarted = handed, "intake stopped");
     Ok(())
 }
 
@@ -417,8 +434,20 @@ fn launch_identity(payload: &[u8], encoding: Encoding) -> Option<TaskId> {
 
 async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
     let mut local = WorkerState::default();
+    let in_flight = crate::metrics::METRICS
+        .in_flight
+        .with_label_values(&["intake"]);
     while let Some(routed) = queue.recv().await {
         let Routed { message, kind } = routed;
+        if shared
+            .hand_over_at
+            .get()
+            .is_some_and(|at| Instant::now() >= *at)
+        {
+            crate::executor::hand_over(&message, "intake").await;
+            in_flight.dec();
+            continue;
+        }
         let delivered = message.info().map_or(1, |info| info.delivered);
         let handled = AssertUnwindSafe(handle(&shared, &mut local, kind, &message))
             .catch_unwind()
@@ -466,6 +495,7 @@ async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
             // The command will be redelivered; applying it again is a no-op.
             warn!(error = %e, subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), "ack failed");
         }
+        in_flight.dec();
     }
 }
 

@@ -17,6 +17,8 @@
 //! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
 //! - [`metrics`]: the Prometheus instruments and `/metrics` text.
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
+//! - [`lease`]: a named lease in the `<prefix>_leases` KV bucket, for loops that one replica runs at a
+//!   time (the Kubernetes reconciler).
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
 //! - [`seal`]: env values sealed in the `accepted` event, opened only for the task's own agent.
@@ -36,6 +38,7 @@ pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod intake;
+pub mod lease;
 pub mod mcp;
 pub mod metrics;
 pub mod seal;

@@ -15,6 +15,13 @@
 //! - `taskpods_store_loads_total` and `taskpods_store_events_read_total`: the event store's whole-history
 //!   reads (`store.rs`, `read`), which the loops keep off their per-event path;
 //! - `taskpods_executor_tasks_held`: the executor, when it holds or drops a task's folded state;
+//! - `taskpods_nats_reconnects_total`, `taskpods_nats_connected`, `taskpods_nats_slow_consumers_total`: the
+//!   NATS connection's event callback (0 connected while degraded: the loops wait, nothing is lost);
+//! - `taskpods_in_flight{loop}`: messages the intake and the executor hold unacked (bounded by their max
+//!   in flight, so memory stays bounded while NATS is slow);
+//! - `taskpods_handed_over_total{loop}`: messages given back to their stream (nak) at shutdown, for
+//!   another replica;
+//! - `taskpods_lease_held{lease}`: 1 while this replica holds the lease;
 //! - `taskpods_commands_total{outcome}`, `taskpods_tasks{state}` and `taskpods_projector_lag_*`: read when
 //!   scraped (intake's own counters, the active view, the projector's consumer), see [`render`].
 
@@ -25,8 +32,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use taskpods_events::{Event, EventBody, Task, TaskState};
 
@@ -63,6 +70,16 @@ pub struct Metrics {
     pub store_events_read: IntCounter,
     /// Live tasks whose folded state the executor holds between their events.
     pub executor_tasks_held: IntGauge,
+    /// 1 while the NATS connection is up, 0 while it is lost (the client reconnects on its own).
+    pub nats_connected: IntGauge,
+    /// Times a subscription fell behind and the client dropped messages for it.
+    pub nats_slow_consumers: IntCounter,
+    /// Messages held unacked, by loop (`intake`, `executor`).
+    pub in_flight: IntGaugeVec,
+    /// Messages given back to their stream at shutdown for another replica, by loop.
+    pub handed_over: IntCounterVec,
+    /// 1 while this replica holds the lease, by lease name.
+    pub lease_held: IntGaugeVec,
 }
 
 impl Metrics {
@@ -132,6 +149,38 @@ impl Metrics {
         let executor_tasks_held = IntGauge::new(
             "taskpods_executor_tasks_held",
             "Live tasks whose folded state the executor holds (none is held once a task is reaped).",
+        let nats_connected = IntGauge::new(
+            "taskpods_nats_connected",
+            "1 while the engine's NATS connection is up, 0 while it is lost.",
+        )
+        .expect("valid metric");
+        let nats_slow_consumers = IntCounter::new(
+            "taskpods_nats_slow_consumers_total",
+            "Times a subscription of the engine fell behind and the client dropped messages for it.",
+        )
+        .expect("valid metric");
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "taskpods_in_flight",
+                "Messages held unacked by a loop (bounded by its max in flight).",
+            ),
+            &["loop"],
+        )
+        .expect("valid metric");
+        let handed_over = IntCounterVec::new(
+            Opts::new(
+                "taskpods_handed_over_total",
+                "Messages given back to their stream at shutdown, for another replica, by loop.",
+            ),
+            &["loop"],
+        )
+        .expect("valid metric");
+        let lease_held = IntGaugeVec::new(
+            Opts::new(
+                "taskpods_lease_held",
+                "1 while this replica holds the lease, by lease name.",
+            ),
+            &["lease"],
         )
         .expect("valid metric");
         for collector in [
@@ -144,6 +193,11 @@ impl Metrics {
             Box::new(store_loads.clone()),
             Box::new(store_events_read.clone()),
             Box::new(executor_tasks_held.clone()),
+            Box::new(nats_connected.clone()),
+            Box::new(nats_slow_consumers.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(handed_over.clone()),
+            Box::new(lease_held.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -155,6 +209,10 @@ impl Metrics {
             for outcome in ["ok", "error"] {
                 kube_api_seconds.with_label_values(&[verb, outcome]);
             }
+        }
+        for name in ["intake", "executor"] {
+            in_flight.with_label_values(&[name]);
+            handed_over.with_label_values(&[name]);
         }
         for reason in [
             "undecodable",
@@ -177,6 +235,11 @@ impl Metrics {
             store_loads,
             store_events_read,
             executor_tasks_held,
+            nats_connected,
+            nats_slow_consumers,
+            in_flight,
+            handed_over,
+            lease_held,
         }
     }
 

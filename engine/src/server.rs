@@ -132,10 +132,27 @@ pub async fn connect_as(
         let mut options = async_nats::ConnectOptions::new()
             .name("taskpods-engine")
             .event_callback(|event| async move {
-                if matches!(event, async_nats::Event::Connected) {
-                    // The first connection is made before this callback exists; every later
-                    // `Connected` is a reconnect.
-                    crate::metrics::METRICS.nats_reconnects.inc();
+                let metrics = &crate::metrics::METRICS;
+                match event {
+                    async_nats::Event::Connected => {
+                        // The first connection is made before this callback exists; every later
+                        // `Connected` is a reconnect.
+                        metrics.nats_reconnects.inc();
+                        metrics.nats_connected.set(1);
+                        info!("NATS connection re-established; loops resume");
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics.nats_connected.set(0);
+                        warn!(
+                            "NATS connection lost: commands and events wait in the streams, \
+                             the client reconnects on its own"
+                        );
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        metrics.nats_slow_consumers.inc();
+                        warn!(sid, "NATS slow consumer: a subscription fell behind");
+                    }
+                    _ => {}
                 }
             });
         if let Some(creds) = creds {
@@ -148,7 +165,10 @@ pub async fn connect_as(
             })?;
         }
         match options.connect(addrs.clone()).await {
-            Ok(client) => return Ok(client),
+            Ok(client) => {
+                crate::metrics::METRICS.nats_connected.set(1);
+                return Ok(client);
+            }
             Err(source) if tokio::time::Instant::now() + delay > deadline => {
                 return Err(ServerError::Connect {
                     urls: urls.join(","),
@@ -204,6 +224,10 @@ pub enum LoopError {
     #[error("no loops running")]
     NoLoops,
 }
+
+/// How long past the shutdown grace loops get to return (their hand-over naks, the lease release) before
+/// they are aborted.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 
 /// The engine's loops, each named, ending with its result.
 type Loops = JoinSet<(&'static str, Result<(), LoopError>)>;
@@ -275,7 +299,8 @@ impl Engine {
             }
         };
         let store = EventStore::new(js.clone(), topology.events.clone(), topology.names.clone())
-            .with_sealer(Arc::new(sealer));
+            .with_sealer(Arc::new(sealer))
+            .with_engine(&config.engine_id);
         let ctx = Arc::new(EngineCtx {
             nats,
             js,
@@ -287,6 +312,8 @@ impl Engine {
             topology,
             clock: config.clock.clone(),
             shutdown: CancellationToken::new(),
+            engine_id: config.engine_id.clone(),
+            shutdown_grace: config.shutdown_grace,
         });
         let intake_stats = Arc::new(IntakeStats::default());
         let gateway_stats = Arc::new(gateway::GatewayStats::default());
@@ -398,7 +425,7 @@ impl Engine {
                         config.executor.clone(),
                     ),
                 );
-                let reconciler = ReconcilerConfig::for_backend(&kubernetes);
+                let reconciler = ReconcilerConfig::for_backend(&kubernetes, &ctx.engine_id);
                 spawn(
                     &mut loops,
                     &probe,
@@ -435,6 +462,7 @@ impl Engine {
         }
 
         info!(
+            engine = %ctx.engine_id,
             prefix = %ctx.names(),
             events = %ctx.names().event_stream(),
             "engine running"
@@ -463,18 +491,37 @@ impl Engine {
         self.ctx.store.stats()
     }
 
-    /// Stops every loop, lets them finish the work in hand, and flushes.
+    /// This replica's name (in its leases and in the `Taskpods-Engine` header of its events).
+    pub fn engine_id(&self) -> &str {
+        &self.ctx.engine_id
+    }
+
+    /// Stops taking new work, lets every loop finish (or hand back) the work in hand within the
+    /// shutdown grace, releases the lease, and flushes. A loop still running a little after the grace
+    /// (a NATS call that hangs) is aborted: what it had not acked is redelivered to another replica.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        info!(engine = %self.ctx.engine_id, grace = ?self.ctx.shutdown_grace, "stopping: no new work, finishing or handing over the work in hand");
         self.ctx.shutdown.cancel();
         let mut failed = None;
-        while let Some(joined) = self.loops.join_next().await {
+        let until = tokio::time::Instant::now() + self.ctx.shutdown_grace + SHUTDOWN_MARGIN;
+        loop {
+            let joined = tokio::select! {
+                joined = self.loops.join_next() => joined,
+                () = tokio::time::sleep_until(until) => {
+                    warn!(loops = self.loops.len(), "loops still running after the shutdown grace; aborting them (their unacked work is redelivered)");
+                    self.loops.abort_all();
+                    break;
+                }
+            };
             match joined {
-                Ok((_, Ok(()))) => {}
-                Ok((_, Err(e))) => failed = Some(e),
-                Err(e) => failed = Some(LoopError::Panicked(e)),
+                None => break,
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((_, Err(e)))) => failed = Some(e),
+                Some(Err(e)) => failed = Some(LoopError::Panicked(e)),
             }
         }
-        self.ctx.nats.flush().await.ok();
+        let _ = tokio::time::timeout(SHUTDOWN_MARGIN, self.ctx.nats.flush()).await;
+        info!(engine = %self.ctx.engine_id, "stopped");
         failed.map_or(Ok(()), |e| Err(ServerError::Loop(e)))
     }
 

@@ -1,7 +1,7 @@
 //! The reconciler: at start-up and then periodically, heals what the event log and Kubernetes disagree on
-//! (docs/ARCHITECTURE.md, invariant 6). Only one engine replica reconciles at a time: it holds a lease in the KV bucket
-//! `<prefix>_leases` (key `reconciler`, value `<holder> <expiry ms>`, written with revision checks), so two
-//! replicas never delete the same Job or append for the same task from two stale pictures.
+//! (docs/ARCHITECTURE.md, invariant 6). Only one engine replica reconciles at a time: it holds the lease
+//! `reconciler` ([`crate::lease`]), so two replicas never delete the same Job or append for the same task
+//! from two stale pictures; at shutdown it releases the lease, so another replica takes over at once.
 //!
 //! One pass:
 //! 1. load every live task (from the `active` view, then the event log, which is the truth);
@@ -9,25 +9,25 @@
 //!    the Job is created before `Scheduled` is appended);
 //! 3. a live task past its deadline → `DeadlineReached`; a `Scheduled`/`Starting`/`Running`/`Cancelling`
 //!    task whose Job is missing → `JobGone` (`Failed{JobLost}`, or `Cancelled` when cancelling);
-//! 4. a Job whose task is unknown, or ended more than `orphan_grace` ago → an orphan: deleted (waiting for its pods), and `Reaped`
-//!    recorded when the task ended without it;
+//! 4. a Job whose task is unknown, or ended more than `orphan_grace` ago → an orphan: `Reaped` recorded
+//!    when the task ended without it, then the Job deleted (waiting for its pods). Jobs are walked in
+//!    task order;
 //! 5. a task credentials Secret whose task has no Job → a stray (the garbage collector removes a Secret
 //!    with its owning Job; this is the backstop): deleted. Secrets are listed (metadata only) before the
 //!    Jobs, and the backend makes a Secret only after its Job, so a Secret of a Job being created is
 //!    never taken for a stray.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::TimeDelta;
 use k8s_openapi::api::batch::v1::Job;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
 use taskpods_events::{Input, TaskId, TaskState};
+use taskpods_projections::Views;
 use taskpods_projections::buckets::BucketError;
-use taskpods_projections::{BucketSettings, Views};
 
 use tracing::{debug, info, warn};
 
@@ -35,17 +35,18 @@ use super::job::{CREDENTIALS_SELECTOR, MANAGED_SELECTOR, TASK_LABEL};
 use super::{KubernetesBackend, KubernetesConfig};
 use crate::context::EngineCtx;
 use crate::executor::backend::Backend;
+use crate::lease::{Lease, LeaseError};
 use crate::store::{ExecuteError, StoreError};
 
 /// Why a pass could not be completed (the next one tries again).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// The lease bucket or the live-task view could not be opened or read.
-    #[error("lease or views: {0}")]
+    /// The live-task view could not be opened or read.
+    #[error("views: {0}")]
     Views(#[from] BucketError),
-    /// The lease could not be read.
-    #[error("lease: {0}")]
-    Lease(#[source] kv::EntryError),
+    /// The lease could not be read or written.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     /// The event store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -90,89 +91,16 @@ pub struct ReconcilerConfig {
 }
 
 impl ReconcilerConfig {
-    /// The reconciler of the Kubernetes backend configured by `config`, holding the lease as this
-    /// replica (`$HOSTNAME` plus a fresh id, so a restarted pod is a new holder).
-    pub fn for_backend(config: &KubernetesConfig) -> Self {
-        let holder = std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .map_or_else(
-                || format!("engine-{}", uuid::Uuid::now_v7()),
-                |h| format!("{h}-{}", uuid::Uuid::now_v7()),
-            );
+    /// The reconciler of the Kubernetes backend configured by `config`, holding the lease as the engine
+    /// `engine_id` (unique per process, so a restarted replica is a new holder).
+    pub fn for_backend(config: &KubernetesConfig, engine_id: &str) -> Self {
+        let holder = engine_id.to_owned();
         Self {
             holder,
             interval: config.reconcile_interval,
             lease_ttl: config.lease_ttl,
             orphan_grace: config.orphan_grace,
         }
-    }
-}
-
-/// A lease in a KV bucket: at most one holder until it expires.
-#[derive(Debug, Clone)]
-pub struct Lease {
-    kv: kv::Store,
-    key: String,
-    holder: String,
-    ttl: Duration,
-}
-
-impl Lease {
-    /// Opens (creating when missing) the lease bucket of `prefix`.
-    pub async fn open(
-        js: &jetstream::Context,
-        prefix: &str,
-        key: &str,
-        holder: &str,
-        ttl: Duration,
-        settings: BucketSettings,
-    ) -> Result<Self, ReconcileError> {
-        let bucket = format!("{}_leases", prefix.replace('.', "_"));
-        let kv = taskpods_projections::buckets::ensure_bucket(js, &bucket, settings).await?;
-        Ok(Self {
-            kv,
-            key: key.to_owned(),
-            holder: holder.to_owned(),
-            ttl,
-        })
-    }
-
-    /// Takes or renews the lease; whether this holder has it now.
-    pub async fn acquire(&self, now: DateTime<Utc>) -> Result<bool, ReconcileError> {
-        let expiry = now + TimeDelta::from_std(self.ttl).unwrap_or(TimeDelta::seconds(30));
-        let value = format!("{} {}", self.holder, expiry.timestamp_millis());
-        let current = self
-            .kv
-            .entry(&self.key)
-            .await
-            .map_err(ReconcileError::Lease)?;
-        let result = match current {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                let text = String::from_utf8_lossy(&entry.value);
-                let mut parts = text.split_whitespace();
-                let holder = parts.next().unwrap_or_default();
-                let until = parts
-                    .next()
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .unwrap_or(0);
-                if holder != self.holder && until > now.timestamp_millis() {
-                    return Ok(false);
-                }
-                self.kv
-                    .update(&self.key, value.into(), entry.revision)
-                    .await
-                    .is_ok()
-            }
-            Some(entry) => self
-                .kv
-                .update(&self.key, value.into(), entry.revision)
-                .await
-                .is_ok(),
-            None => self.kv.create(&self.key, value.into()).await.is_ok(),
-        };
-        // A failed conditional write means another replica got there first.
-        Ok(result)
     }
 }
 
@@ -211,7 +139,8 @@ pub async fn reconcile_once(
     let listed = jobs
         .list(&ListParams::default().labels(MANAGED_SELECTOR))
         .await?;
-    let mut by_task: HashMap<TaskId, String> = HashMap::new();
+    // In task order, so a pass walks the Jobs in the same order on every replica.
+    let mut by_task: BTreeMap<TaskId, String> = BTreeMap::new();
     for job in listed.items {
         let (Some(name), Some(task)) = (
             job.metadata.name.clone(),
@@ -299,12 +228,16 @@ pub async fn reconcile_once(
             continue;
         }
         info!(task = %id, job, state = task.state.name(), "reconciler: deleting an orphan Job");
+        // `Reaped` is recorded before the Job is deleted: a holder killed between the two leaves a Job
+        // of a reaped, long-ended task, which the next holder's pass finds and deletes (as an orphan,
+        // recording nothing twice). The other order would lose the record: once the Job is gone, no
+        // pass lists it again, and the ended task is not among the live ones.
+        if task.state.is_terminal() && !task.reaped {
+            settle(ctx, id, &Input::Reaped).await?;
+        }
         if let Err(e) = backend.stop(id, &job).await {
             warn!(task = %id, job, error = %e, "reconciler: orphan not deleted yet");
             continue;
-        }
-        if task.state.is_terminal() && !task.reaped {
-            settle(ctx, id, &Input::Reaped).await?;
         }
         report.orphans.push(job);
     }
@@ -341,8 +274,13 @@ pub async fn run(
     let mut views = Views::open(&ctx.js, ctx.names(), ctx.buckets).await?;
     let jobs = backend.jobs().clone();
     info!(holder = %config.holder, interval = ?config.interval, "reconciler running");
+    let held = crate::metrics::METRICS
+        .lease_held
+        .with_label_values(&["reconciler"]);
     loop {
-        match lease.acquire(ctx.clock.now()).await {
+        let acquired = lease.acquire(ctx.clock.now()).await;
+        held.set(i64::from(matches!(acquired, Ok(true))));
+        match acquired {
             Ok(true) => {
                 match reconcile_once(&ctx, &mut views, &jobs, &backend, config.orphan_grace).await {
                     Ok(report) if report != Report::default() => info!(?report, "reconciled"),
@@ -354,59 +292,15 @@ pub async fn run(
             Err(e) => warn!(error = %e, "reconciler lease unavailable"),
         }
         tokio::select! {
-            () = ctx.shutdown.cancelled() => return Ok(()),
+            () = ctx.shutdown.cancelled() => break,
             () = tokio::time::sleep(config.interval) => {}
         }
     }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-    use taskpods_harness::NatsServer;
-
-    /// Against a real nats-server: one holder at a time, renewals keep it, expiry hands it over.
-    #[tokio::test]
-    async fn the_lease_has_one_holder_until_it_expires() {
-        let server = NatsServer::start();
-        let js = jetstream::new(server.connect().await);
-        let ttl = Duration::from_secs(10);
-        let open = |holder: &'static str| {
-            let js = js.clone();
-            async move {
-                Lease::open(
-                    &js,
-                    "taskpods",
-                    "reconciler",
-                    holder,
-                    ttl,
-                    BucketSettings::default(),
-                )
-                .await
-                .expect("lease bucket")
-            }
-        };
-        let (a, b) = (open("a").await, open("b").await);
-        let t0 = Utc::now();
-        assert!(a.acquire(t0).await.unwrap(), "a takes the free lease");
-        assert!(
-            !b.acquire(t0).await.unwrap(),
-            "b is refused while a holds it"
-        );
-        assert!(
-            a.acquire(t0 + TimeDelta::seconds(5)).await.unwrap(),
-            "a renews"
-        );
-        // Still within a's renewed term (5 s + 10 s).
-        assert!(!b.acquire(t0 + TimeDelta::seconds(14)).await.unwrap());
-        assert!(
-            b.acquire(t0 + TimeDelta::seconds(16)).await.unwrap(),
-            "b takes over after expiry"
-        );
-        assert!(
-            !a.acquire(t0 + TimeDelta::seconds(16)).await.unwrap(),
-            "a lost it"
-        );
+    held.set(0);
+    match lease.release().await {
+        Ok(true) => info!(holder = %config.holder, "reconciler lease released"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "reconciler lease not released; it expires on its own"),
     }
+    Ok(())
 }
