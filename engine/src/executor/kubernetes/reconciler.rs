@@ -256,6 +256,28 @@ async fn settle(ctx: &EngineCtx, task: TaskId, input: &Input) -> Result<bool, Re
     }
 }
 
+/// Renews `lease` every third of `ttl`; completes when a renewal is refused or fails twice in a row
+/// (renewals are a third of the lease apart, so two failures still leave the lease ours when this gives
+/// up).
+async fn renew_until_lost(lease: &Lease, ctx: &EngineCtx, ttl: Duration) {
+    let period = (ttl / 3).max(Duration::from_millis(100));
+    let mut failures = 0;
+    loop {
+        tokio::time::sleep(period).await;
+        match lease.acquire(ctx.clock.now()).await {
+            Ok(true) => failures = 0,
+            Ok(false) => return,
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, "reconciler lease renewal failed");
+                if failures >= 2 {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Runs passes every `config.interval` while holding the lease, until `ctx.shutdown`.
 pub async fn run(
     ctx: Arc<EngineCtx>,
@@ -282,10 +304,24 @@ pub async fn run(
         held.set(i64::from(matches!(acquired, Ok(true))));
         match acquired {
             Ok(true) => {
-                match reconcile_once(&ctx, &mut views, &jobs, &backend, config.orphan_grace).await {
-                    Ok(report) if report != Report::default() => info!(?report, "reconciled"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "reconciler pass failed; next pass retries"),
+                // A pass can outlast the lease (a Job whose pods take long to go): the lease is renewed
+                // while it runs, and the pass is abandoned the moment it cannot be, so a second holder
+                // never works beside it.
+                let pass = reconcile_once(&ctx, &mut views, &jobs, &backend, config.orphan_grace);
+                tokio::select! {
+                    result = pass => match result {
+                        Ok(report) if report != Report::default() => info!(?report, "reconciled"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "reconciler pass failed; next pass retries"),
+                    },
+                    () = renew_until_lost(&lease, &ctx, config.lease_ttl) => {
+                        held.set(0);
+                        warn!("reconciler lease lost mid-pass; pass abandoned (the new holder redoes it)");
+                    }
+                    () = crate::executor::hand_over_time(&ctx) => {
+                        info!("stopping mid-pass; the next holder redoes it");
+                        break;
+                    }
                 }
             }
             Ok(false) => debug!("reconciler lease held by another replica"),
