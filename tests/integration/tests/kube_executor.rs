@@ -1269,3 +1269,216 @@ async fn the_reconciler_deletes_credentials_secrets_whose_job_is_gone() {
     );
     s.tasks.cancel(live, None).await.expect("cancel");
 }
+
+/// Who holds the reconciler's lease on `server` now, and until when.
+async fn reconciler_lease(server: &NatsServer) -> Option<taskpods_engine::lease::Holding> {
+    let js = async_nats::jetstream::new(server.connect().await);
+    let lease = taskpods_engine::lease::Lease::open(
+        &js,
+        "taskpods",
+        "reconciler",
+        "observer",
+        Duration::from_secs(5),
+        taskpods_projections::BucketSettings::default(),
+    )
+    .await
+    .expect("lease bucket");
+    lease.current(chrono::Utc::now()).await.expect("lease read")
+}
+
+/// The engine that appended each `reaped` event of `task` (its `Taskpods-Engine` header).
+async fn reaped_by(server: &NatsServer, task: TaskId) -> Vec<Option<String>> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(server.connect().await);
+    let names = taskpods_events::Names::default();
+    let stream = js.get_stream(names.event_stream()).await.expect("stream");
+    let mut messages = taskpods_projections::log::ordered(
+        &stream,
+        &names,
+        Some(task),
+        taskpods_projections::log::Start::First,
+    )
+    .await
+    .expect("ordered consumer");
+    let mut by = Vec::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+    {
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        if header(taskpods_events::codec::HEADER_KIND).as_deref() == Some("reaped") {
+            by.push(header(taskpods_engine::store::HEADER_ENGINE));
+        }
+        if message.info().is_ok_and(|info| info.pending == 0) {
+            break;
+        }
+    }
+    by
+}
+
+#[tokio::test]
+async fn a_lease_holder_killed_mid_reconcile_is_replaced_within_the_lease_time_and_the_reconcile_completes_once()
+ {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams};
+    const HOLD: &str = "taskpods.test/hold";
+    let ns = "kx-lease";
+    let (admin, engine_client, _sim) = Setup::namespace(ns).await;
+    let server = NatsServer::start();
+    // Three tasks cancelled before any Job was recorded, each with a Job left over (created behind the
+    // back of an engine that only takes commands, as by one that crashed before recording it).
+    let first = Engine::start(Setup::config(ns, &server, &engine_client, false))
+        .await
+        .expect("engine");
+    let tasks = TaskClient::new(server.connect().await, ClientConfig::default());
+    let backend = KubernetesBackend::new(
+        engine_client.clone(),
+        Setup::job_config(ns, &server),
+        Duration::from_secs(30),
+    );
+    let mut left = Vec::new();
+    for i in 0..3 {
+        let task = tasks
+            .launch(LaunchTask {
+                idempotency_key: Some(format!("kx-lease-{i}")),
+                timeout_secs: Some(120),
+                ..LaunchTask::script("sleep 300")
+            })
+            .await
+            .expect("launch")
+            .task_id;
+        let deadline = chrono::Utc::now() + chrono::TimeDelta::seconds(120);
+        backend
+            .create(task, &spec("sleep 300"), deadline)
+            .await
+            .expect("left-over Job");
+        tasks.cancel(task, None).await.expect("cancel");
+        left.push(task);
+    }
+    for task in &left {
+        fixtures::until_state(&tasks, *task, TaskState::Cancelled, WAIT).await;
+    }
+    first.shutdown().await.ok();
+    // The reconciler walks Jobs in task order: the first one's pod cannot go away (a finalizer the test
+    // holds), so the holder that deletes it waits there, mid-pass, renewing its lease.
+    left.sort();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let pods_of = |task: TaskId| {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    let held_pod = wait_for("the first left-over Job's pod", || async {
+        pods_of(left[0]).await.into_iter().next()
+    })
+    .await;
+    let held_name = held_pod.metadata.name.clone().expect("pod name");
+    pods.patch(
+        &held_name,
+        &PatchParams::default(),
+        &Patch::Strategic(json!({"metadata": {"finalizers": [HOLD]}})),
+    )
+    .await
+    .expect("hold the pod");
+
+    let a = Engine::start(Setup::config(ns, &server, &engine_client, true))
+        .await
+        .expect("engine a");
+    let a_id = a.engine_id().to_owned();
+    wait_for("a holds the lease", || async {
+        reconciler_lease(&server)
+            .await
+            .filter(|h| h.holder == a_id)
+            .map(|_| ())
+    })
+    .await;
+    let b = Engine::start(Setup::config(ns, &server, &engine_client, true))
+        .await
+        .expect("engine b");
+    let b_id = b.engine_id().to_owned();
+    // a is mid-pass: it recorded the first task reaped and deleted its Job, and waits for the held pod.
+    wait_for("a mid-pass on the first Job", || async {
+        let deleting = pods
+            .get_opt(&held_name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+        (deleting && reaped_by(&server, left[0]).await.len() == 1).then_some(())
+    })
+    .await;
+    let a_until = reconciler_lease(&server)
+        .await
+        .filter(|h| h.holder == a_id)
+        .expect("a still holds the lease mid-pass (it renews while it works)")
+        .until;
+    a.abort();
+    let killed = std::time::Instant::now();
+    let b_holds = wait_for("b takes the lease over", || async {
+        reconciler_lease(&server).await.filter(|h| h.holder == b_id)
+    })
+    .await;
+    let failover = killed.elapsed();
+    println!(
+        "lease failover after the holder was killed: {failover:?} (lease 5 s, passes 1 s apart)"
+    );
+    // b's term began (its expiry minus the lease time) no earlier than a's ended: never two holders.
+    assert!(
+        b_holds.until - chrono::TimeDelta::seconds(5) >= a_until,
+        "b took the lease at {} while a held it until {a_until}",
+        b_holds.until - chrono::TimeDelta::seconds(5)
+    );
+    // Let the held pod go, then everything a left undone is done by b, and nothing twice.
+    let current = pods.get(&held_name).await.expect("held pod");
+    let finalizers: Vec<String> = current
+        .metadata
+        .finalizers
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f != HOLD)
+        .collect();
+    pods.patch(
+        &held_name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
+    )
+    .await
+    .expect("release the pod");
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), ns);
+    for task in &left {
+        wait_for("the left-over Job and its pods gone", || async {
+            let job = jobs.get_opt(&task.job_name()).await.ok()?;
+            (job.is_none() && pods_of(*task).await.is_empty()).then_some(())
+        })
+        .await;
+    }
+    for task in &left[1..] {
+        wait_for("reaped by b", || async {
+            (!reaped_by(&server, *task).await.is_empty()).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(reaped_by(&server, left[0]).await, vec![Some(a_id.clone())]);
+    for task in &left[1..] {
+        assert_eq!(
+            reaped_by(&server, *task).await,
+            vec![Some(b_id.clone())],
+            "reaped once, by the holder that took over"
+        );
+    }
+    b.shutdown().await.ok();
+    assert_eq!(
+        reconciler_lease(&server).await,
+        None,
+        "b released the lease at its shutdown"
+    );
+}
