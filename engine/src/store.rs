@@ -75,6 +75,17 @@ pub enum StoreError {
     /// Other writers kept winning the race for the task.
     #[error("event store: too many concurrent writers")]
     Contended,
+    /// The task's events read back end before an event known to be stored: the stream replica that
+    /// answered is behind (on a cluster any replica answers direct gets).
+    #[error(
+        "event store: the events of {task} read end before sequence {sequence} (a lagging replica)"
+    )]
+    Behind {
+        /// The task.
+        task: TaskId,
+        /// The sequence known to be stored.
+        sequence: u64,
+    },
 }
 
 impl StoreError {
@@ -95,6 +106,7 @@ impl StoreError {
                 _ => StoreErrorKind::Other,
             },
             Self::Duplicate { .. } | Self::Contended => StoreErrorKind::Conflict,
+            Self::Behind { .. } => StoreErrorKind::Unavailable,
         }
     }
 }
@@ -290,6 +302,28 @@ impl EventStore {
             last_sequence: events.last().map_or(0, |e| e.sequence),
             task: Task::replay(events.iter().map(|e| &e.event)),
         })
+    }
+
+    /// The task folded from all its events, including at least the one stored at `sequence` (an event
+    /// just delivered by a consumer). On a cluster any replica of the stream answers the direct gets a
+    /// load is made of, and one that lags may not have that event yet: acting on its answer would act on
+    /// a state the task has left. Such a read is retried for a moment, then reported
+    /// [`StoreError::Behind`] (`Unavailable`: the caller retries later).
+    pub async fn load_at_least(
+        &self,
+        task: TaskId,
+        sequence: u64,
+    ) -> Result<LoadedTask, StoreError> {
+        let mut delay = Duration::from_millis(10);
+        for _ in 0..8 {
+            let loaded = self.load(task).await?;
+            if loaded.last_sequence >= sequence {
+                return Ok(loaded);
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        Err(StoreError::Behind { task, sequence })
     }
 
     /// Appends `events` (positions following `expected.task.events`) after `expected.last_sequence`.
