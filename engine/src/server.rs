@@ -184,6 +184,31 @@ pub async fn connect_as(
     }
 }
 
+/// Runs a start-up step until it succeeds, retrying JetStream failures (a NATS node down, a stream leader
+/// being elected) for up to `within`; a conflicting configuration is reported at once.
+async fn until_reachable<T, F>(
+    within: Duration,
+    mut step: impl FnMut() -> F,
+) -> Result<T, TopologyError>
+where
+    F: Future<Output = Result<T, TopologyError>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match step().await {
+            Err(e @ TopologyError::JetStream { .. })
+                if tokio::time::Instant::now() + delay < deadline =>
+            {
+                warn!(error = %e, "streams and buckets not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Why one of the engine's loops stopped: the loop's own error, kept as the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -287,7 +312,10 @@ impl Engine {
             return Err(ServerError::NoTaskSigner);
         }
         let js = jetstream::new(nats.clone());
-        let topology = topology::ensure(&js, &config.topology).await?;
+        let topology = until_reachable(config.connect_timeout, || {
+            topology::ensure(&js, &config.topology)
+        })
+        .await?;
         let sealer = match &config.auth.seal_key {
             Some(path) => Sealer::new(&taskpods_auth::material::read_seal_key(path)?),
             None => {
@@ -350,17 +378,17 @@ impl Engine {
             "gateway",
             gateway::run(ctx.clone(), config.gateway.clone(), gateway_stats.clone()),
         );
-        let bucket = ctx
-            .js
-            .get_object_store(ctx.names().files_bucket())
-            .await
-            .map_err(|e| {
-                ServerError::Topology(TopologyError::JetStream {
+        let bucket = until_reachable(config.connect_timeout, || async {
+            ctx.js
+                .get_object_store(ctx.names().files_bucket())
+                .await
+                .map_err(|e| TopologyError::JetStream {
                     operation: "open bucket",
                     name: ctx.names().files_bucket(),
                     source: e.into(),
                 })
-            })?;
+        })
+        .await?;
         spawn(
             &mut loops,
             &probe,
