@@ -22,6 +22,8 @@ pub struct Logged {
     pub sequence: u64,
     /// The `Taskpods-Engine` header: the replica that appended it.
     pub engine: Option<String>,
+    /// When the server stored it.
+    pub stored_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Every event of the event stream, in order, read within `within`.
@@ -55,6 +57,9 @@ async fn try_event_log(
         let message = message?;
         let info = message.info()?;
         let sequence = info.stream_sequence;
+        let published = info.published.unix_timestamp_nanos();
+        let stored_at =
+            chrono::DateTime::from_timestamp_nanos(i64::try_from(published).unwrap_or(i64::MAX));
         let Ok(Addressed::Events(task)) = names.parse(&message.subject) else {
             continue;
         };
@@ -70,6 +75,7 @@ async fn try_event_log(
             kind: header(HEADER_KIND).unwrap_or_default(),
             sequence,
             engine: header(HEADER_ENGINE),
+            stored_at,
         });
         if sequence >= last {
             break;
