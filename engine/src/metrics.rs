@@ -149,6 +149,8 @@ impl Metrics {
         let executor_tasks_held = IntGauge::new(
             "taskpods_executor_tasks_held",
             "Live tasks whose folded state the executor holds (none is held once a task is reaped).",
+        )
+        .expect("valid metric");
         let nats_connected = IntGauge::new(
             "taskpods_nats_connected",
             "1 while the engine's NATS connection is up, 0 while it is lost.",
