@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::pull, context::PublishErrorKind};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use serde::Deserialize;
 use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
 use taskpods_events::{
@@ -159,25 +159,20 @@ pub async fn run(
     config: IntakeConfig,
     stats: Arc<IntakeStats>,
 ) -> Result<(), IntakeError> {
-    let consumer: pull::Stream = ctx
-        .topology
-        .commands
-        .get_or_create_consumer(
-            &config.durable_name,
-            pull::Config {
-                durable_name: Some(config.durable_name.clone()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
-                max_ack_pending: i64::try_from(config.max_in_flight).unwrap_or(i64::MAX),
-                max_deliver: config.max_deliver.max(2),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| IntakeError::Consumer(e.into()))?
-        .messages()
-        .await
-        .map_err(|e| IntakeError::Consumer(e.into()))?;
+    let mut messages = crate::pull::DurableMessages::open(
+        &ctx.topology.commands,
+        pull::Config {
+            durable_name: Some(config.durable_name.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_ack_pending: i64::try_from(config.max_in_flight).unwrap_or(i64::MAX),
+            max_deliver: config.max_deliver.max(2),
+            ..Default::default()
+        },
+        "intake",
+    )
+    .await
+    .map_err(IntakeError::Consumer)?;
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         config: config.clone(),
@@ -199,20 +194,11 @@ pub async fn run(
         "intake running"
     );
 
-    let mut messages = consumer;
     loop {
+        // Heartbeat misses and reconnects are handled (and logged) by `DurableMessages`.
         let message = tokio::select! {
             () = ctx.shutdown.cancelled() => break,
-            next = messages.next() => next,
-        };
-        let message = match message {
-            Some(Ok(message)) => message,
-            Some(Err(e)) => {
-                // Heartbeat misses and reconnects surface here; the consumer keeps going.
-                warn!(error = %e, "command consumer hiccup");
-                continue;
-            }
-            None => break,
+            message = messages.next() => message,
         };
         crate::metrics::METRICS
             .in_flight
@@ -236,7 +222,7 @@ pub async fn run(
     // handled until the grace is over, then handed back.
     let _ = shared.hand_over_at.set(Instant::now() + ctx.shutdown_grace);
     let mut handed = 0;
-    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+    for message in messages.buffered() {
         crate::executor::hand_over(&message, "intake").await;
         handed += 1;
     }

@@ -16,6 +16,8 @@
 //! - [`timers`]: deadlines (`TimedOut`).
 //! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
 //! - [`metrics`]: the Prometheus instruments and `/metrics` text.
+//! - [`pull`]: durable pull consumption that starts over with fresh pull requests when a NATS node is
+//!   lost (intake, executor).
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`lease`]: a named lease in the `<prefix>_leases` KV bucket, for loops that one replica runs at a
 //!   time (the Kubernetes reconciler).
@@ -41,6 +43,7 @@ pub mod intake;
 pub mod lease;
 pub mod mcp;
 pub mod metrics;
+pub mod pull;
 pub mod seal;
 pub mod server;
 pub mod store;

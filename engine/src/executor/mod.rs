@@ -57,7 +57,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use futures::{FutureExt, StreamExt};
 use taskpods_events::{Addressed, EventBody, FailureReason, Input, TaskId, TaskState, evolve};
 use taskpods_projections::log;
 use tokio::sync::Notify;
@@ -522,25 +521,20 @@ pub async fn run<B: Backend>(
     config: ExecutorConfig,
 ) -> Result<(), ExecutorError> {
     let names = ctx.names().clone();
-    let mut messages = ctx
-        .topology
-        .events
-        .get_or_create_consumer(
-            &config.durable_name,
-            pull::Config {
-                durable_name: Some(config.durable_name.clone()),
-                filter_subject: names.events_all(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
-                max_ack_pending: i64::try_from(config.max_in_flight).unwrap_or(i64::MAX),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| ExecutorError::Consumer(e.into()))?
-        .messages()
-        .await
-        .map_err(|e| ExecutorError::Consumer(e.into()))?;
+    let mut messages = crate::pull::DurableMessages::open(
+        &ctx.topology.events,
+        pull::Config {
+            durable_name: Some(config.durable_name.clone()),
+            filter_subject: names.events_all(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_ack_pending: i64::try_from(config.max_in_flight).unwrap_or(i64::MAX),
+            ..Default::default()
+        },
+        "executor",
+    )
+    .await
+    .map_err(ExecutorError::Consumer)?;
     let workers = config.concurrency.max(1);
     let limit = Arc::new(tokio::sync::Semaphore::new(workers));
     let all_workers = limit.clone();
@@ -572,17 +566,9 @@ pub async fn run<B: Backend>(
     }));
     info!(ack_wait = ?executor.config.ack_wait, "executor running");
     loop {
-        let next = tokio::select! {
+        let msg = tokio::select! {
             () = ctx.shutdown.cancelled() => break,
-            next = messages.next() => next,
-        };
-        let msg = match next {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                warn!(error = %e, "executor: consumer error");
-                continue;
-            }
-            None => break,
+            msg = messages.next() => msg,
         };
         let Ok(Addressed::Events(task)) = names.parse(&msg.subject) else {
             let _ = msg.ack().await;
@@ -596,7 +582,7 @@ pub async fn run<B: Backend>(
     // queued behind them goes back too.
     drop(dispatcher);
     let mut handed = 0;
-    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+    for msg in messages.buffered() {
         hand_over(&msg, "executor").await;
         handed += 1;
     }

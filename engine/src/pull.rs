@@ -1,0 +1,117 @@
+//! Durable pull consumption that survives losing a NATS node, for the loops that share work through a
+//! durable consumer (intake, executor).
+//!
+//! A pull consumer's message stream keeps pull requests outstanding on the server it is connected to.
+//! When that server dies the requests die with it, but the client still counts them as outstanding and
+//! asks for no more: the stream reports missed heartbeats and would never deliver again. So on a missed
+//! heartbeat (or a deleted consumer, no responders, or the stream ending) [`DurableMessages`] starts over:
+//! it gets or creates the consumer again and issues fresh pull requests. Messages the old stream had
+//! received but not yet handed out are redelivered by the server after the consumer's ack wait.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::{self, stream::Stream};
+use futures::{FutureExt, StreamExt};
+use tracing::{info, warn};
+
+/// A durable pull consumer's messages, started over with fresh pull requests when the old ones are lost.
+pub struct DurableMessages {
+    stream: Stream,
+    config: pull::Config,
+    messages: pull::Stream,
+    loop_name: &'static str,
+}
+
+impl std::fmt::Debug for DurableMessages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableMessages")
+            .field("consumer", &self.config.durable_name)
+            .field("loop_name", &self.loop_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DurableMessages {
+    /// Gets or creates the durable consumer `config` on `stream` and starts pulling, for `loop_name`
+    /// (in logs).
+    pub async fn open(
+        stream: &Stream,
+        config: pull::Config,
+        loop_name: &'static str,
+    ) -> Result<Self, async_nats::Error> {
+        let messages = subscribe(stream, &config).await?;
+        Ok(Self {
+            stream: stream.clone(),
+            config,
+            messages,
+            loop_name,
+        })
+    }
+
+    /// The next message. Errors are logged; those that mean the outstanding pull requests are lost
+    /// start the stream over (retrying with backoff while the server is unreachable). Never ends: the
+    /// caller stops by no longer asking (it is cancel-safe).
+    pub async fn next(&mut self) -> jetstream::Message {
+        loop {
+            match self.messages.next().await {
+                Some(Ok(message)) => return message,
+                Some(Err(e)) => {
+                    let lost = matches!(
+                        e.kind(),
+                        MessagesErrorKind::MissingHeartbeat
+                            | MessagesErrorKind::ConsumerDeleted
+                            | MessagesErrorKind::NoResponders
+                    );
+                    warn!(loop_name = self.loop_name, error = %e, lost, "consumer error");
+                    if lost {
+                        self.restart().await;
+                    }
+                }
+                None => self.restart().await,
+            }
+        }
+    }
+
+    /// The messages already received and not yet handed out (at shutdown, to hand them back).
+    pub fn buffered(&mut self) -> Vec<jetstream::Message> {
+        let mut out = Vec::new();
+        while let Some(Some(Ok(message))) = self.messages.next().now_or_never() {
+            out.push(message);
+        }
+        out
+    }
+
+    async fn restart(&mut self) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match subscribe(&self.stream, &self.config).await {
+                Ok(messages) => {
+                    self.messages = messages;
+                    info!(
+                        loop_name = self.loop_name,
+                        "consumer started over with fresh pull requests"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    warn!(loop_name = self.loop_name, error = %e, retry_in = ?delay, "consumer unavailable");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe(
+    stream: &Stream,
+    config: &pull::Config,
+) -> Result<pull::Stream, async_nats::Error> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    Ok(stream
+        .get_or_create_consumer(&name, config.clone())
+        .await?
+        .messages()
+        .await?)
+}
