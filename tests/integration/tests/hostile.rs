@@ -711,6 +711,18 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
         .await
         .unwrap();
     refused(&mut errors, "publish", &names.agent_files(theirs, "get")).await;
+    // ...and it cannot hand over artifacts as the other task either.
+    let forged = taskpods_events::files::FilePut {
+        path: "forged.txt".into(),
+        offset: 0,
+        data: bytes::Bytes::from_static(b"forged"),
+        last: true,
+    };
+    client
+        .publish(names.agent_files(theirs, "put"), codec_bytes(&forged))
+        .await
+        .unwrap();
+    refused(&mut errors, "publish", &names.agent_files(theirs, "put")).await;
     // ...and the object store itself is closed to it: no stream API, no object subjects.
     let chunk = format!("$O.{}.C.forged", names.files_bucket());
     client.publish(chunk.clone(), "x".into()).await.unwrap();
@@ -756,6 +768,10 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
     assert_eq!(
         listed.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(),
         ["upper.txt"]
+    );
+    assert!(
+        setup.brain.artifacts(theirs).await.unwrap().is_empty(),
+        "nothing was stored as the other task's artifact"
     );
 }
 
