@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use taskpods_client::{Client, ClientConfig};
-use taskpods_engine::credentials::AuthConfig;
 use taskpods_engine::executor::local::LocalConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
@@ -92,21 +91,8 @@ impl Setup {
         let stolen = tempfile::tempdir().unwrap();
         // The shared local engine, with identities on (operator mode) and the compromised agent.
         let mut config = common::local_engine(&server, state.path());
-        config.nats_creds = Some(server.creds("engine"));
-        config.auth = AuthConfig {
-            seal_key: Some(
-                server
-                    .auth_dir()
-                    .join(taskpods_auth::material::files::SEAL_KEY),
-            ),
-            task_signer: Some(
-                server
-                    .auth_dir()
-                    .join(taskpods_auth::material::files::TASK_SIGNER),
-            ),
-            task_credentials_grace: GRACE,
-            ..AuthConfig::default()
-        };
+        common::with_identities(&mut config, &server);
+        config.auth.task_credentials_grace = GRACE;
         config.executor.reap_grace = Duration::from_secs(3);
         let local = common::local(&mut config);
         local.agent_bin = compromised_agent(stolen.path());
