@@ -165,8 +165,9 @@ pub struct Executed {
 /// What a store has read, since it was made (shared by its clones).
 #[derive(Debug, Default)]
 pub struct StoreStats {
-    /// Whole-history reads of a task ([`EventStore::load`] and [`EventStore::read`], including the
-    /// reloads `execute` does after a conflict or a refusal judged on a cached state).
+    /// Reads of a task's events ([`EventStore::load`] and [`EventStore::read`] of the whole history,
+    /// including the reloads `execute` does after a conflict or a refusal judged on a cached state, and
+    /// [`EventStore::read_after`] of the events after a sequence).
     pub loads: AtomicU64,
     /// Events those reads returned.
     pub events_read: AtomicU64,
@@ -255,9 +256,23 @@ impl EventStore {
 
     /// Every event of `task`, in order, with stream sequences.
     pub async fn read(&self, task: TaskId) -> Result<Vec<StoredEvent>, StoreError> {
-        let events = log::read_events(&self.stream, &self.names, task)
-            .await
-            .map_err(StoreError::Read)?;
+        self.read_after(task, 0).await
+    }
+
+    /// The events of `task` stored after stream sequence `after`, in order: what a holder of the task's
+    /// state up to `after` is missing, at a cost in proportion to that and not to the whole history.
+    pub async fn read_after(
+        &self,
+        task: TaskId,
+        after: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let events: Vec<StoredEvent> =
+            log::read_task(&self.stream, &self.names, task, after + 1, u64::MAX)
+                .await
+                .map_err(StoreError::Read)?
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .map_err(StoreError::Read)?;
         let read = events.len() as u64;
         self.stats.loads.fetch_add(1, Ordering::Relaxed);
         self.stats.events_read.fetch_add(read, Ordering::Relaxed);

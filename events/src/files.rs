@@ -663,18 +663,24 @@ mod tests {
             }),
             ..TaskOutcome::default()
         };
-        let events = decide(&task, &Input::AgentResult(outcome)).expect("decided");
-        match &events[..] {
+        // The one event the agent's result decides, as (reason, message) of a failure.
+        let failure = |outcome: TaskOutcome| match &decide(&task, &Input::AgentResult(outcome))
+            .expect("decided")[..]
+        {
             [
                 EventBody::Failed {
                     reason, message, ..
                 },
-            ] => {
-                assert_eq!(*reason, FailureReason::InputMissing);
-                assert_eq!(message.as_deref(), Some("not in the files bucket"));
-            }
+            ] => (*reason, message.clone().unwrap_or_default()),
             other => panic!("{other:?}"),
-        }
+        };
+        assert_eq!(
+            failure(outcome),
+            (
+                FailureReason::InputMissing,
+                "not in the files bucket".to_owned()
+            )
+        );
         assert_eq!(
             InputProblem::TooLarge.failure_reason().to_string(),
             "input_too_large"
@@ -691,23 +697,9 @@ mod tests {
             out_dir_exceeded: Some(Box::new(over)),
             ..TaskOutcome::default()
         };
-        let events = decide(&task, &Input::AgentResult(outcome)).expect("decided");
-        match &events[..] {
-            [
-                EventBody::Failed {
-                    reason, message, ..
-                },
-            ] => {
-                assert_eq!(*reason, FailureReason::Evicted);
-                assert!(
-                    message
-                        .as_deref()
-                        .is_some_and(|m| m.contains("5242880 bytes")),
-                    "{message:?}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
+        let (reason, message) = failure(outcome);
+        assert_eq!(reason, FailureReason::Evicted);
+        assert!(message.contains("5242880 bytes"), "{message}");
     }
 
     #[test]

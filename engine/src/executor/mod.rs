@@ -12,10 +12,12 @@
 //!
 //! **A task's cost per event does not grow with its history.** The executor holds each live task's
 //! folded state with the stream sequence of its last event ([`LoadedTask`]) and folds every delivered
-//! event onto it with the pure `evolve`. It reads the task's history from the store only when the events
-//! it holds do not follow on from that state (a gap: another engine took some of them, or this engine
-//! started after the task did) or when an append finds the log moved on (a conflict, which the store
-//! resolves by reading). A brand-new task is folded from its `accepted` event without a read. Events that
+//! event onto it with the pure `evolve`. It reads from the store only when the events it is handed do not
+//! follow on from that state (a gap: another engine took some of them, or this engine started after the
+//! task did), and then only the events after its state's sequence (the whole history when it holds
+//! none), or when an append finds the log moved on (a conflict, which the store resolves by reading). So
+//! engines sharing the consumer each read the events the others took, once: still a constant cost per
+//! event. A brand-new task is folded from its `accepted` event without a read. Events that
 //! cannot change an effect (`progress`, and kinds this version does not know) are folded and acked
 //! without a reconcile. A task's state is dropped once nothing more can be done for it (ended and reaped,
 //! or ended with no sandbox), so nothing is held per finished task; its `reaped` (or `rejected`) event is
@@ -26,9 +28,12 @@
 //! a task's waiting events: they are folded together and reconciled once. So one task's backlog costs it
 //! one turn and cannot hold workers or delay other tasks; the consumer loop itself never waits on a task.
 //!
-//! A turn's messages are acked only after its effect is done and its event appended. On a transient
-//! failure the newest is naked for redelivery (the others acked) and the task's state is dropped, so the
-//! redelivery reads the task and reconciles it whatever the event's kind. At shutdown mid-effect the
+//! A turn's messages are acked only after its effect is done and its event appended, except events that
+//! cannot call for an effect, acked on delivery so that a flood of them cannot fill the consumer's window
+//! of unacked messages and stall every other task's delivery (a crash before they are folded loses
+//! nothing: the next engine reads what it is missing). On a transient failure the newest unacked message
+//! is naked for redelivery (the others acked) and the task's state is dropped, so the redelivery reads the
+//! task and reconciles it whatever the event's kind. At shutdown mid-effect the
 //! turn's messages stay unacked for the next engine. The [`Backend`] trait ([`backend`]) is what a
 //! backend implements: [`local`] (a sandboxed process per task) is the embedded default; [`kubernetes`] (a
 //! Job per task, with its watcher and reconciler) plugs into the same loop; [`noop`] (benchmarks and
@@ -247,7 +252,9 @@ fn finished_with(task: &taskpods_events::Task) -> bool {
 
 /// A delivered event waiting for its task's turn.
 struct Delivery {
-    msg: jetstream::Message,
+    /// The message to ack once the turn's effect is done; `None` when it was acked on delivery (an event
+    /// that cannot call for an effect, see [`run`]).
+    msg: Option<jetstream::Message>,
     /// The event, or `None` when it could not be decoded (the task is then read from the store).
     event: Option<StoredEvent>,
 }
@@ -387,11 +394,11 @@ impl<B: Backend> Executor<B> {
             // replica may answer the read without it.
             let newest = batch
                 .iter()
-                .filter_map(|d| d.msg.info().ok().map(|i| i.stream_sequence))
+                .filter_map(|d| d.msg.as_ref()?.info().ok().map(|i| i.stream_sequence))
                 .max()
                 .unwrap_or(0);
-            match self.ctx.store.load_at_least(task, newest).await {
-                Ok(loaded) => current = loaded,
+            match self.catch_up(task, current, newest).await {
+                Ok(caught_up) => current = caught_up,
                 Err(e) => {
                     warn!(%task, error = %e, "executor: cannot read the task; will retry");
                     self.retry_later(&batch).await;
@@ -440,22 +447,44 @@ impl<B: Backend> Executor<B> {
             }
             None => {
                 info!(%task, "executor: stopping mid-effect; handing the events to another replica");
-                for delivery in &batch {
-                    hand_over(&delivery.msg, "executor").await;
+                for msg in batch.iter().filter_map(|d| d.msg.as_ref()) {
+                    hand_over(msg, "executor").await;
                 }
             }
         }
     }
 
-    /// Acks all of `batch` but its newest event, which is redelivered after the retry delay; the task's
-    /// state is not held, so the redelivery reads it and reconciles whatever the event's kind.
+    /// `held` brought up to date with the events stored after it: only the missing events are read (one
+    /// or two when another engine took them), so a gap costs what is missing, not the whole history. A
+    /// state those events do not follow on from is replaced by a read of the whole task.
+    async fn catch_up(
+        &self,
+        task: TaskId,
+        held: LoadedTask,
+        newest: u64,
+    ) -> Result<LoadedTask, crate::store::StoreError> {
+        let store = &self.ctx.store;
+        let missing = store.read_after(task, held.last_sequence).await?;
+        let caught_up = fold(held, missing.iter().map(Some));
+        if caught_up.gap || caught_up.current.last_sequence < newest {
+            // A gap, or a read that ends before an event already delivered (a lagging replica).
+            return store.load_at_least(task, newest).await;
+        }
+        Ok(caught_up.current)
+    }
+
+    /// Acks all of `batch` but its newest unacked message, which is redelivered after the retry delay;
+    /// the task's state is not held, so the redelivery reads it and reconciles whatever the event's kind.
+    /// (A turn whose every message was acked on delivery called for no effect: dropping the state is all.)
     async fn retry_later(&self, batch: &[Delivery]) {
-        let Some((newest, older)) = batch.split_last() else {
+        let mut unacked = batch.iter().filter_map(|d| d.msg.as_ref());
+        let Some(newest) = unacked.next_back() else {
             return;
         };
-        ack_all(older).await;
+        for msg in unacked {
+            let _ = msg.ack().await;
+        }
         let _ = newest
-            .msg
             .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
             .await;
     }
@@ -494,24 +523,25 @@ async fn keep_alive<T>(
         tokio::select! {
             result = &mut work => return result,
             _ = ticks.tick() => {
-                for delivery in batch {
-                    let _ = delivery.msg.ack_with(AckKind::Progress).await;
+                for msg in batch.iter().filter_map(|d| d.msg.as_ref()) {
+                    let _ = msg.ack_with(AckKind::Progress).await;
                 }
             }
         }
     }
 }
 
-/// Acks every message of `batch` (the last one waiting for the server's confirmation, so a turn's acks
-/// are in before the task's next turn).
+/// Acks every message of `batch` not acked yet (the newest waiting for the server's confirmation, so a
+/// turn's acks are in before the task's next turn).
 async fn ack_all(batch: &[Delivery]) {
-    let Some((newest, older)) = batch.split_last() else {
+    let mut unacked = batch.iter().filter_map(|d| d.msg.as_ref());
+    let Some(newest) = unacked.next_back() else {
         return;
     };
-    for delivery in older {
-        let _ = delivery.msg.ack().await;
+    for msg in unacked {
+        let _ = msg.ack().await;
     }
-    let _ = newest.msg.double_ack().await;
+    let _ = newest.double_ack().await;
 }
 
 /// Runs the executor over `backend` until `ctx.shutdown`.
@@ -575,6 +605,16 @@ pub async fn run<B: Backend>(
             continue;
         };
         let event = log::decode_message(&names, &msg).ok();
+        // An event that cannot call for an effect is acked now, before its turn: acking it later could
+        // only redo nothing, and a flood of them must not fill the consumer's window of unacked messages
+        // (`max_in_flight`), which would stop the delivery of every other task's events.
+        let msg = match &event {
+            Some(stored) if cannot_change_an_effect(&stored.event.body) => {
+                let _ = msg.ack().await;
+                None
+            }
+            _ => Some(msg),
+        };
         executor.deliver(task, Delivery { msg, event });
     }
     // Stopping: no new turns; what the client pulled but nobody started goes back at once; the turns
@@ -599,8 +639,8 @@ pub async fn run<B: Backend>(
             .flat_map(|(_, batch)| batch)
             .collect()
     };
-    for delivery in &queued {
-        hand_over(&delivery.msg, "executor").await;
+    for msg in queued.iter().filter_map(|d| d.msg.as_ref()) {
+        hand_over(msg, "executor").await;
         handed += 1;
     }
     info!(handed_over_unstarted = handed, finished, "executor stopped");

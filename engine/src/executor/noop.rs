@@ -31,7 +31,9 @@
 //!
 //! The simulated agents live in the engine's process: an engine that stops takes them with it, and a
 //! restarted engine finds its `Running` tasks silent (the heartbeat timeout fails them), as a host that
-//! lost its processes would. Never use it for real work: the task's code is not run.
+//! lost its processes would. With several engines, a sandbox lives in the engine that created it: a stop
+//! or reap handled by another engine finds nothing there to stop (the agent ends with its work or its
+//! engine). Never use it for real work: the task's code is not run.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use taskpods_client::{Client, ClientConfig};
-use taskpods_engine::credentials::AuthConfig;
 use taskpods_engine::executor::local::LocalConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
@@ -92,21 +91,8 @@ impl Setup {
         let stolen = tempfile::tempdir().unwrap();
         // The shared local engine, with identities on (operator mode) and the compromised agent.
         let mut config = common::local_engine(&server, state.path());
-        config.nats_creds = Some(server.creds("engine"));
-        config.auth = AuthConfig {
-            seal_key: Some(
-                server
-                    .auth_dir()
-                    .join(taskpods_auth::material::files::SEAL_KEY),
-            ),
-            task_signer: Some(
-                server
-                    .auth_dir()
-                    .join(taskpods_auth::material::files::TASK_SIGNER),
-            ),
-            task_credentials_grace: GRACE,
-            ..AuthConfig::default()
-        };
+        common::with_identities(&mut config, &server);
+        config.auth.task_credentials_grace = GRACE;
         config.executor.reap_grace = Duration::from_secs(3);
         let local = common::local(&mut config);
         local.agent_bin = compromised_agent(stolen.path());
@@ -711,6 +697,18 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
         .await
         .unwrap();
     refused(&mut errors, "publish", &names.agent_files(theirs, "get")).await;
+    // ...and it cannot hand over artifacts as the other task either.
+    let forged = taskpods_events::files::FilePut {
+        path: "forged.txt".into(),
+        offset: 0,
+        data: bytes::Bytes::from_static(b"forged"),
+        last: true,
+    };
+    client
+        .publish(names.agent_files(theirs, "put"), codec_bytes(&forged))
+        .await
+        .unwrap();
+    refused(&mut errors, "publish", &names.agent_files(theirs, "put")).await;
     // ...and the object store itself is closed to it: no stream API, no object subjects.
     let chunk = format!("$O.{}.C.forged", names.files_bucket());
     client.publish(chunk.clone(), "x".into()).await.unwrap();
@@ -756,6 +754,10 @@ async fn with_identities_files_move_only_through_the_engine_and_only_the_tasks_o
     assert_eq!(
         listed.iter().map(|a| a.path.as_str()).collect::<Vec<_>>(),
         ["upper.txt"]
+    );
+    assert!(
+        setup.brain.artifacts(theirs).await.unwrap().is_empty(),
+        "nothing was stored as the other task's artifact"
     );
 }
 

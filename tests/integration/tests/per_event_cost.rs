@@ -1,6 +1,9 @@
 //! A task's cost per event does not grow with its history, and one task's flood of events delays no other
 //! task: real nats-server, real engine, the no-op backend (so the engine is the only thing measured).
 //!
+//! Once with one engine, once with two sharing the work (each executor is handed part of the task's events
+//! and reads the ones the other took: once each, never the whole history per event).
+//!
 //! The flood is 10,000 `progress` events of one running task, written to its subject of the event log
 //! the way the store writes them. Agents cannot get that many in (the state machine records at most
 //! `MAX_PROGRESS_EVENTS` reports per task; `fair_shares.rs` floods through the agent path), but the log is
@@ -74,22 +77,35 @@ async fn executor_drained(js: &jetstream::Context) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_events_of_one_task_delay_no_other_task_and_cost_no_reads_per_event() {
+/// Sums `(loads, events_read)` of `engines`' stores.
+fn reads(engines: &[Engine]) -> (u64, u64) {
+    engines
+        .iter()
+        .map(|e| e.store_stats().snapshot())
+        .fold((0, 0), |(l, r), (l2, r2)| (l + l2, r + r2))
+}
+
+/// Starts `replicas` engines on one server, floods one running task with [`FLOOD`] events while
+/// [`OTHERS`] tasks launch, checks the others start, and returns the store reads the engines made while
+/// the flood went by, then ends every task.
+async fn flood_while_others_start(replicas: usize) -> (u64, u64) {
     let server = NatsServer::start();
-    let config = EngineConfig {
-        nats_urls: vec![server.url()],
-        executor: ExecutorConfig {
-            retry_delay: Duration::from_millis(200),
-            ..ExecutorConfig::default()
-        },
-        // Every task "runs" until it is cancelled.
-        backend: BackendConfig::Noop(NoopConfig {
-            work: Duration::from_secs(3600),
-        }),
-        ..EngineConfig::default()
-    };
-    let engine = Engine::start(config).await.expect("engine");
+    let mut engines = Vec::new();
+    for _ in 0..replicas {
+        let config = EngineConfig {
+            nats_urls: vec![server.url()],
+            executor: ExecutorConfig {
+                retry_delay: Duration::from_millis(200),
+                ..ExecutorConfig::default()
+            },
+            // Every task "runs" until it is cancelled.
+            backend: BackendConfig::Noop(NoopConfig {
+                work: Duration::from_secs(3600),
+            }),
+            ..EngineConfig::default()
+        };
+        engines.push(Engine::start(config).await.expect("engine"));
+    }
     let nats = server.connect().await;
     let js = jetstream::new(nats.clone());
     let client = client(nats);
@@ -100,14 +116,14 @@ async fn ten_thousand_events_of_one_task_delay_no_other_task_and_cost_no_reads_p
         .unwrap()
         .task_id;
     wait_for(&client, busy, |t| t.state == TaskState::Running, "running").await;
-    let (loads_before, read_before) = engine.store_stats().snapshot();
+    let (loads_before, read_before) = reads(&engines);
 
     // The flood, in order and with expected sequences, as the store appends.
     let written = Arc::new(AtomicU64::new(0));
     let flood = tokio::spawn({
         let store = EventStore::new(
             js.clone(),
-            engine.topology().events.clone(),
+            engines[0].topology().events.clone(),
             Names::default(),
         );
         let written = written.clone();
@@ -156,27 +172,22 @@ async fn ten_thousand_events_of_one_task_delay_no_other_task_and_cost_no_reads_p
         wait_for(&client, task, |t| t.state == TaskState::Running, "running").await;
     }
     eprintln!(
-        "{OTHERS} other tasks launched after {during} flood events and running by event {} of {FLOOD}",
+        "{replicas} engine(s): {OTHERS} other tasks launched after {during} flood events and running by \
+         event {} of {FLOOD}",
         written.load(Ordering::Relaxed)
     );
     flood.await.unwrap();
     executor_drained(&js).await;
-
-    let (loads, read) = engine.store_stats().snapshot();
+    let (loads, read) = reads(&engines);
     let (loads, read) = (loads - loads_before, read - read_before);
     let events = FLOOD + 4 * OTHERS as u64;
     eprintln!(
-        "store reads while {events} events went by: {loads} task loads, {read} events read ({:.4} per event)",
+        "{replicas} engine(s): store reads while {events} events went by: {loads} task reads, {read} \
+         events read ({:.4} per event)",
         read as f64 / events as f64
     );
-    // Each other task is read twice at its start (its pod bound and its hello: a few events each); the
-    // flood itself costs no read at all. A read per event of the busy task would be about 50 million.
-    assert!(
-        loads <= 4 * OTHERS as u64 && read <= 40 * OTHERS as u64,
-        "reads grew with the flood: {loads} loads, {read} events read"
-    );
 
-    // The engine still works for the busy task, and everything ends.
+    // The engines still work for the busy task, and everything ends.
     for &task in others.iter().chain([&busy]) {
         client.cancel(task, None).await.unwrap();
     }
@@ -188,5 +199,30 @@ async fn ten_thousand_events_of_one_task_delay_no_other_task_and_cost_no_reads_p
         4 + FLOOD + 3,
         "accepted, scheduled, started, running, the flood, cancel_requested, cancelled, reaped"
     );
-    engine.shutdown().await.expect("shutdown");
+    for engine in engines {
+        engine.shutdown().await.expect("shutdown");
+    }
+    (loads, read)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_of_one_task_delay_no_other_task_and_cost_no_reads_per_event() {
+    let (loads, read) = flood_while_others_start(1).await;
+    // Each other task is read twice at its start (its pod bound and its hello: a few events each); the
+    // flood itself costs no read at all. A read per event of the busy task would be about 50 million.
+    assert!(
+        loads <= 4 * OTHERS as u64 && read <= 40 * OTHERS as u64,
+        "reads grew with the flood: {loads} reads, {read} events read"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_sharing_a_floods_events_read_each_missing_event_once() {
+    let (_, read) = flood_while_others_start(2).await;
+    // Each executor is handed about half of the flood and reads the half the other took, about once
+    // each; a read of the whole history per missing event would be tens of millions.
+    assert!(
+        read <= 3 * FLOOD + 40 * OTHERS as u64,
+        "reads grew with the history: {read} events read for a flood of {FLOOD}"
+    );
 }

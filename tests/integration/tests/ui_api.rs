@@ -357,6 +357,22 @@ async fn without_tokens_foreign_hosts_and_forged_posts_get_nothing() {
     )
     .await;
     assert_eq!(forged.status, 403);
+    // Nor can such a page list or download a task's files.
+    for path in [
+        format!("/api/tasks/{task}/files"),
+        format!("/api/tasks/{task}/artifacts/report.txt"),
+        format!("/api/tasks/{task}/inputs/data.csv"),
+    ] {
+        let answer = request(
+            addr,
+            "GET",
+            &path,
+            &[("Host", "attacker.example:8080")],
+            b"",
+        )
+        .await;
+        assert_eq!(answer.status, 403, "{path}");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, doc) = get_json(addr, &format!("/api/tasks/{task}")).await;
     assert!(

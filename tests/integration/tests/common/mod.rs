@@ -41,6 +41,15 @@ pub fn local_engine(server: &NatsServer, state_dir: &Path) -> EngineConfig {
     }
 }
 
+/// Turns identities on in `config` for `server` (started with `NatsServer::start_secured`): the engine's
+/// own credentials, and the task signer and seal key `taskpods auth init` wrote.
+pub fn with_identities(config: &mut EngineConfig, server: &NatsServer) {
+    use taskpods_auth::material::files::{SEAL_KEY, TASK_SIGNER};
+    config.nats_creds = Some(server.creds("engine"));
+    config.auth.seal_key = Some(server.auth_dir().join(SEAL_KEY));
+    config.auth.task_signer = Some(server.auth_dir().join(TASK_SIGNER));
+}
+
 /// The local backend's settings of `config` (made by [`local_engine`]), to override a field.
 pub fn local(config: &mut EngineConfig) -> &mut LocalConfig {
     match &mut config.backend {
