@@ -474,7 +474,12 @@ async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
             Disposition::Done => AckKind::Ack,
             Disposition::Retry => {
                 shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-                AckKind::Nak(Some(shared.config.retry_delay))
+                // Backing off with each delivery, so a store unavailable for a while (a stream leader
+                // being elected after a node loss) does not use up `max_deliver` in a few seconds.
+                let doublings = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
+                let delay = (shared.config.retry_delay * 2u32.pow(doublings))
+                    .min(std::time::Duration::from_secs(30));
+                AckKind::Nak(Some(delay))
             }
         };
         if let Err(e) = message.ack_with(ack).await {
