@@ -224,15 +224,14 @@ class TaskpodsClient:
         name = f"{self._bucket_stem}_{view}" + ("" if generation <= 1 else f"_g{generation}")
         return await self.js.key_value(name)
 
+    async def _from_the_start(self, subject: str, stream: str):
+        """An ordered consumer on `subject` of `stream`, from its first message, then live."""
+        return await self.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+
     async def events(self, task_id: str, until_end: bool = False) -> AsyncIterator[tuple[int, dict]]:
         """The task's events (stream sequence, event) from the first, then live; with `until_end` it stops
         after the event that ends the task."""
-        sub = await self.js.subscribe(
-            f"{self.prefix}.evt.{task_id}",
-            stream=self._event_stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
+        sub = await self._from_the_start(f"{self.prefix}.evt.{task_id}", self._event_stream)
         try:
             async for m in sub.messages:
                 event = msgpack.unpackb(m.data)
@@ -263,12 +262,7 @@ class TaskpodsClient:
     async def logs(self, task_id: str, quiet: float = 2.0) -> AsyncIterator[LogChunk]:
         """The task's output from the start, live, until the agent's `end` marker (or, for an agent killed
         before it wrote one, until the task has ended and no output came for `quiet` seconds)."""
-        sub = await self.js.subscribe(
-            f"{self.prefix}.log.{task_id}",
-            stream=self._log_stream,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
+        sub = await self._from_the_start(f"{self.prefix}.log.{task_id}", self._log_stream)
         try:
             while True:
                 try:

@@ -12,6 +12,7 @@ import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/
 
 import { taskIdFromIdempotencyKey } from "../src/index.js";
 import { Installation, TASKPODS_BIN, track } from "./harness.js";
+import { toolCaller } from "./tools.js";
 
 const TOKEN = "test-token-0123456789abcdef0123456789abcdef";
 
@@ -45,21 +46,7 @@ function transport(headers: Record<string, string>): StreamableHTTPClientTranspo
   return new StreamableHTTPClientTransport(url, { requestInit: { headers } });
 }
 
-interface ToolAnswer {
-  isError?: boolean;
-  content: { text: string }[];
-  structuredContent?: Record<string, unknown>;
-}
-
-async function call(name: string, args: Record<string, unknown>): Promise<ToolAnswer> {
-  return (await mcp.callTool({ name, arguments: args }, undefined, { timeout: 120_000 })) as ToolAnswer;
-}
-
-async function ok(name: string, args: Record<string, unknown>): Promise<Record<string, unknown>> {
-  const answer = await call(name, args);
-  assert.ok(!answer.isError, `${name} failed: ${answer.content[0]?.text}`);
-  return answer.structuredContent ?? {};
-}
+const { call, ok } = toolCaller(() => mcp);
 
 before(async () => {
   inst = await Installation.start();
