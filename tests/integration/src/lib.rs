@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use taskpods_client::Client;
 use taskpods_events::{LaunchTask, TaskId, TaskState};
-use taskpods_harness::nats_server_version;
+use taskpods_harness::{NatsServer, nats_server_version};
 
 /// Launches `script` with a timeout of `timeout_secs`; returns the task.
 pub async fn launch_script(client: &Client, script: &str, timeout_secs: u32) -> TaskId {
@@ -86,4 +86,46 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every message of every stream of the installation, raw (payload and headers).
+pub async fn every_stored_byte(server: &NatsServer) -> Vec<u8> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(server.connect().await);
+    let mut names = js.stream_names();
+    let mut all = Vec::new();
+    let mut streams = Vec::new();
+    while let Some(name) = names.next().await {
+        streams.push(name.unwrap());
+    }
+    for name in streams {
+        let stream = js.get_stream(&name).await.unwrap();
+        let last = stream.cached_info().state.last_sequence;
+        for seq in 1..=last {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                all.extend_from_slice(&message.payload);
+                all.extend_from_slice(format!("{:?}", message.headers).as_bytes());
+            }
+        }
+    }
+    all
+}
+
+/// The SHA-256 of `text`, in hex (as `sha256sum` prints it, which computes it).
+pub fn sha256_hex(text: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
 }

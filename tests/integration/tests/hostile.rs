@@ -20,6 +20,7 @@ use taskpods_engine::executor::local::LocalConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
+use taskpods_integration::{every_stored_byte, sha256_hex};
 use tokio::sync::mpsc;
 
 /// How long past its deadline a task's identity lasts in these tests.
@@ -477,29 +478,6 @@ async fn replies_go_only_to_inboxes_and_the_streams_keep_every_message() {
     assert_eq!(view.task, task);
 }
 
-/// Every message of every stream of the installation, raw (payload and headers).
-async fn every_stored_byte(server: &NatsServer) -> Vec<u8> {
-    use futures::StreamExt;
-    let js = jetstream::new(server.connect().await);
-    let mut names = js.stream_names();
-    let mut all = Vec::new();
-    let mut streams = Vec::new();
-    while let Some(name) = names.next().await {
-        streams.push(name.unwrap());
-    }
-    for name in streams {
-        let stream = js.get_stream(&name).await.unwrap();
-        let last = stream.cached_info().state.last_sequence;
-        for seq in 1..=last {
-            if let Ok(message) = stream.get_raw_message(seq).await {
-                all.extend_from_slice(&message.payload);
-                all.extend_from_slice(format!("{:?}", message.headers).as_bytes());
-            }
-        }
-    }
-    all
-}
-
 #[tokio::test]
 async fn an_api_token_reaches_the_script_and_nowhere_else() {
     let setup = Setup::start().await;
@@ -572,24 +550,6 @@ async fn an_api_token_reaches_the_script_and_nowhere_else() {
 
 fn uuid_like() -> String {
     TaskId::mint().to_string().replace('-', "")
-}
-
-fn sha256_hex(text: &str) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test]
