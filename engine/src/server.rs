@@ -288,6 +288,10 @@ impl Engine {
             clock: config.clock.clone(),
             shutdown: CancellationToken::new(),
         });
+        let mut intake_config = config.intake.clone();
+        // Only the Kubernetes backend can hand a task values from Kubernetes Secrets.
+        intake_config.policy.allow_secret_env =
+            matches!(config.backend, BackendConfig::Kubernetes(_));
         let intake_stats = Arc::new(IntakeStats::default());
         let gateway_stats = Arc::new(gateway::GatewayStats::default());
         let mut loops = Loops::new();
@@ -297,7 +301,7 @@ impl Engine {
             &mut loops,
             &probe,
             "intake",
-            intake::run(ctx.clone(), config.intake.clone(), intake_stats.clone()),
+            intake::run(ctx.clone(), intake_config, intake_stats.clone()),
         );
         // The projector folds events into the KV views; it retries transient failures itself, so it
         // only ends at shutdown (or when the event stream is missing, which `ensure` just ruled out).

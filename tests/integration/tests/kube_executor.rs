@@ -1269,3 +1269,63 @@ async fn the_reconciler_deletes_credentials_secrets_whose_job_is_gone() {
     );
     s.tasks.cancel(live, None).await.expect("cancel");
 }
+
+/// A launch taking `API_TOKEN` from a Secret of the task namespace: the script sees the value; the value is
+/// in no stream or bucket of the installation (events, views, output, dead letters) and not in the Job; the
+/// `accepted` event holds only the reference.
+#[tokio::test]
+async fn a_secret_key_ref_reaches_the_script_and_nowhere_else() {
+    let s = Setup::start("kx-secret-env").await;
+    let token = TaskId::mint().to_string().replace('-', "");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "brain-tokens"}, "stringData": {"api-token": token}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(s.admin.clone(), &s.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("the Brain's Secret");
+    let reference = taskpods_events::env::SecretKeyRef {
+        name: "brain-tokens".into(),
+        key: "api-token".into(),
+    };
+    let task = s
+        .launch(LaunchTask {
+            timeout_secs: Some(60),
+            secret_env: BTreeMap::from([("API_TOKEN".to_owned(), reference.clone())]),
+            ..LaunchTask::script(r#"printf %s "$API_TOKEN" | sha256sum"#)
+        })
+        .await;
+    let job = wait_for("the Job", || async {
+        let job = s.jobs_of(task).await.into_iter().next();
+        assert!(
+            job.is_some() || !s.state(task).await.is_terminal(),
+            "{:?}",
+            s.tasks.history(task).await.unwrap()
+        );
+        job
+    })
+    .await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    let out = stdout_of(&s, task).await;
+    assert!(
+        out.contains(&fixtures::sha256_hex(&token)),
+        "the script saw the value: {out}"
+    );
+    let history = s.tasks.history(task).await.unwrap();
+    let accepted = history
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::Accepted { spec, .. } => Some(spec.clone()),
+            _ => None,
+        })
+        .expect("accepted");
+    assert_eq!(accepted.secret_env["API_TOKEN"], reference);
+    let stored = fixtures::every_stored_byte(&s.server).await;
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(&token),
+        "the value is stored somewhere"
+    );
+    assert!(!serde_json::to_string(&job).unwrap().contains(&token));
+}

@@ -68,6 +68,7 @@ fn spec() -> TaskSpec {
         mode: Mode::Script,
         instructions: "echo hello".into(),
         env: BTreeMap::from([("INPUT".into(), "x".into())]),
+        secret_env: BTreeMap::new(),
         timeout_secs: 600,
         resources: Resources {
             cpu_request_millis: 250,
