@@ -129,3 +129,26 @@ pub fn sha256_hex(text: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// What hostile code publishes to with a task's credentials to attack task `theirs` and the engine's
+/// state (the server must refuse each): forge the other task's result, progress, output and heartbeat;
+/// publish an event, launch, cancel; purge the event stream, read and write a KV bucket, call the
+/// JetStream API at all. (Reading its hello and listening on `_INBOX.>` are tried besides.)
+pub fn attacked_subjects(names: &taskpods_events::Names, theirs: TaskId) -> Vec<String> {
+    vec![
+        names.agent_report(theirs, "result"),
+        names.agent_report(theirs, "progress"),
+        names.log(theirs),
+        names.agent_heartbeat(theirs),
+        names.events(theirs),
+        names.launch(),
+        names.cancel(theirs),
+        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
+        format!(
+            "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
+            b = names.tasks_bucket()
+        ),
+        format!("$KV.{}.{theirs}", names.tasks_bucket()),
+        "$JS.API.INFO".to_owned(),
+    ]
+}

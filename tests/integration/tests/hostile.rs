@@ -284,25 +284,8 @@ async fn a_compromised_agent_can_do_nothing_but_its_own_task() {
     // Listen to every reply.
     let _all = client.subscribe("_INBOX.>").await.unwrap();
     refused(&mut errors, "subscription", "_INBOX.>").await;
-    // Forge another task's result, progress and output.
-    for subject in [
-        names.agent_report(theirs, "result"),
-        names.agent_report(theirs, "progress"),
-        names.log(theirs),
-        names.agent_heartbeat(theirs),
-        // Publish an event, launch, cancel.
-        names.events(theirs),
-        names.launch(),
-        names.cancel(theirs),
-        // Purge the event stream, read and write a KV bucket, call the JetStream API at all.
-        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
-        format!(
-            "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
-            b = names.tasks_bucket()
-        ),
-        format!("$KV.{}.{theirs}", names.tasks_bucket()),
-        "$JS.API.INFO".to_owned(),
-    ] {
+    // Forge another task's reports, write events and commands, touch the JetStream API.
+    for subject in taskpods_integration::attacked_subjects(names, theirs) {
         client.publish(subject.clone(), "x".into()).await.unwrap();
         refused(&mut errors, "publish", &subject).await;
     }

@@ -183,46 +183,44 @@ impl Setup {
     /// own identity and the task signer (so each task pod gets its own credentials Secret), the test's
     /// client as a Brain.
     async fn start_secured(ns: &str) -> Self {
-        let (admin, engine_client, sim) = Self::namespace(ns).await;
-        let server = NatsServer::start_secured();
-        server.wait_for_jetstream().await;
-        let mut config = Self::config(ns, &server, &engine_client, true);
-        let auth = server.auth_dir();
-        config.nats_creds = Some(server.creds("engine"));
-        config.auth = taskpods_engine::credentials::AuthConfig {
-            task_signer: Some(auth.join(taskpods_auth::material::files::TASK_SIGNER)),
-            seal_key: Some(auth.join(taskpods_auth::material::files::SEAL_KEY)),
-            task_credentials_grace: GRACE,
-            ..Default::default()
-        };
-        let engine = Engine::start(config).await.expect("engine");
-        let tasks = TaskClient::new(
-            server.connect_as("brain").await,
-            ClientConfig {
-                reply_timeout: Duration::from_secs(10),
-                ..ClientConfig::default()
-            },
-        );
-        Self {
-            ns: ns.to_owned(),
-            admin,
-            engine_client,
-            sim,
-            server,
-            engine: Some(engine),
-            tasks,
-        }
+        Self::start_on(ns, NatsServer::start_secured(), |config, server| {
+            let auth = server.auth_dir();
+            config.nats_creds = Some(server.creds("engine"));
+            config.auth = taskpods_engine::credentials::AuthConfig {
+                task_signer: Some(auth.join(taskpods_auth::material::files::TASK_SIGNER)),
+                seal_key: Some(auth.join(taskpods_auth::material::files::SEAL_KEY)),
+                task_credentials_grace: GRACE,
+                ..Default::default()
+            };
+        })
+        .await
     }
 
     /// Like [`Setup::start`], with the engine's configuration adjusted by `tweak`.
     async fn start_with(ns: &str, tweak: impl FnOnce(&mut EngineConfig)) -> Self {
+        Self::start_on(ns, NatsServer::start(), |config, _| tweak(config)).await
+    }
+
+    /// The namespace, the engine (configuration adjusted by `tweak`) on `server`, and a client (a Brain
+    /// when the server has authorization).
+    async fn start_on(
+        ns: &str,
+        server: NatsServer,
+        tweak: impl FnOnce(&mut EngineConfig, &NatsServer),
+    ) -> Self {
         let (admin, engine_client, sim) = Self::namespace(ns).await;
-        let server = NatsServer::start();
+        server.wait_for_jetstream().await;
         let mut config = Self::config(ns, &server, &engine_client, true);
-        tweak(&mut config);
+        tweak(&mut config, &server);
+        let secured = config.nats_creds.is_some();
         let engine = Engine::start(config).await.expect("engine");
+        let connection = if secured {
+            server.connect_as("brain").await
+        } else {
+            server.connect().await
+        };
         let tasks = TaskClient::new(
-            server.connect().await,
+            connection,
             ClientConfig {
                 reply_timeout: Duration::from_secs(10),
                 ..ClientConfig::default()
@@ -1161,28 +1159,14 @@ async fn code_in_a_task_pod_can_do_nothing_with_its_credentials_but_its_own_work
     let attacked = [
         ("publish", names.agent_hello(theirs)),
         ("subscription", "_INBOX.>".to_owned()),
-        ("publish", names.agent_report(theirs, "result")),
-        ("publish", names.agent_report(theirs, "progress")),
-        ("publish", names.log(theirs)),
-        ("publish", names.agent_heartbeat(theirs)),
-        ("publish", names.events(theirs)),
-        ("publish", names.launch()),
-        ("publish", names.cancel(theirs)),
-        (
-            "publish",
-            format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
-        ),
-        (
-            "publish",
-            format!(
-                "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
-                b = names.tasks_bucket()
-            ),
-        ),
-        ("publish", format!("$KV.{}.{theirs}", names.tasks_bucket())),
-        ("publish", "$JS.API.INFO".to_owned()),
-    ];
-    for (action, subject) in &attacked {
+    ]
+    .into_iter()
+    .chain(
+        fixtures::attacked_subjects(&names, theirs)
+            .into_iter()
+            .map(|subject| ("publish", subject)),
+    );
+    for (action, subject) in attacked {
         let line = format!("REFUSED {action} {subject} :: ");
         let refused = out.lines().find(|l| l.starts_with(&line));
         assert!(
