@@ -1085,25 +1085,15 @@ async fn job_created_before_a_crash(ns: &str, script: &str, timeout_secs: u32) -
     }
 }
 
-/// Everything `task` wrote to its standard output.
+/// Everything `task` wrote to its standard output, read as the test's client (a Brain may read output).
 async fn stdout_of(s: &Setup, task: TaskId) -> String {
-    let js = async_nats::jetstream::new(s.server.connect().await);
+    let page = s.tasks.output_page(task, 0, 8 << 20).await.expect("output");
     let mut out = Vec::new();
-    taskpods_engine::cli::logs::read(
-        &js,
-        &taskpods_events::Names::default(),
-        task,
-        false,
-        Duration::from_secs(2),
-        async || true,
-        |piece| {
-            if let taskpods_engine::cli::logs::Piece::Stdout(b) = piece {
-                out.extend_from_slice(&b);
-            }
-        },
-    )
-    .await
-    .unwrap();
+    for chunk in page.chunks {
+        if let taskpods_client::output::Piece::Stdout(bytes) = chunk.piece {
+            out.extend_from_slice(&bytes);
+        }
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 
