@@ -10,6 +10,7 @@ use crate::files::FilesConfig;
 use crate::gateway::GatewayConfig;
 use crate::http::HttpConfig;
 use crate::intake::IntakeConfig;
+use crate::telemetry::TelemetryConfig;
 use crate::timers::TimersConfig;
 use crate::topology::TopologyConfig;
 
@@ -43,6 +44,8 @@ pub struct EngineConfig {
     pub http: Option<HttpConfig>,
     /// Inputs and artifacts moved between agents and the files bucket.
     pub files: FilesConfig,
+    /// Trace export (OTLP); installed by `taskpods serve` with the process's subscriber.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +64,7 @@ impl Default for EngineConfig {
             clock: Clock::wall(),
             http: None,
             files: FilesConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

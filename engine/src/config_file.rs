@@ -272,6 +272,21 @@ section! {
     }
 }
 
+section! {
+    /// `[telemetry]`: one trace per task, exported over OTLP/HTTP (off unless an endpoint is set here or
+    /// in `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    TelemetrySection {
+        /// The OTLP/HTTP endpoint of a collector (its port 4318, e.g. `http://otel-collector:4318`); traces
+        /// go to `<endpoint>/v1/traces`. Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+        /// `OTEL_EXPORTER_OTLP_ENDPOINT` when set, else no export. Only http/protobuf is spoken.
+        otlp_endpoint: String,
+        /// The exported `service.name` (unset: `OTEL_SERVICE_NAME`, else `taskpods-engine`).
+        service_name: String,
+        /// The share of tasks traced, 0.0 to 1.0, decided from the task's trace id (the same on every replica).
+        sample_ratio: f64,
+    }
+}
+
 /// The whole file. Each section is optional, and so is each key in it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -302,6 +317,8 @@ pub struct FileConfig {
     pub auth: AuthSection,
     /// The web UI, API, metrics and probes.
     pub http: HttpSection,
+    /// Trace export.
+    pub telemetry: TelemetrySection,
 }
 
 /// Reads `path`, applies the `TASKPODS__…` overrides from `env`, and checks every key.
@@ -423,6 +440,22 @@ impl FileConfig {
         if self.nats.urls.as_ref().is_some_and(Vec::is_empty) {
             return Err(invalid("nats.urls", "needs at least one URL".to_owned()));
         }
+        if let Some(ratio) = self.telemetry.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format!("{ratio} is not between 0.0 and 1.0"),
+            ));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?} is not an http:// or https:// URL"),
+            ));
+        }
         if let Some(policy) = &self.policy
             && !policy.toolboxes.contains_key(&policy.default_toolbox)
         {
@@ -537,6 +570,15 @@ impl FileConfig {
             }
             set(&mut server.read_only, &http.read_only);
         }
+
+        let telemetry = &self.telemetry;
+        if telemetry.otlp_endpoint.is_some() {
+            config.telemetry.otlp_endpoint = telemetry.otlp_endpoint.clone();
+        }
+        if telemetry.service_name.is_some() {
+            config.telemetry.service_name = telemetry.service_name.clone();
+        }
+        set(&mut config.telemetry.sample_ratio, &telemetry.sample_ratio);
 
         // The backend: the kind the file names (else the one `config` has), then its section's keys.
         match self.backend.kind.as_deref() {
@@ -663,6 +705,11 @@ impl FileConfig {
                     ..HttpSection::default()
                 },
             },
+            telemetry: TelemetrySection {
+                otlp_endpoint: config.telemetry.otlp_endpoint.clone(),
+                service_name: config.telemetry.service_name.clone(),
+                sample_ratio: Some(config.telemetry.sample_ratio),
+            },
         }
     }
 
@@ -757,6 +804,12 @@ pub fn reference() -> String {
             "The web UI, its JSON API, `/metrics` and the health probes.",
             HttpSection::KEYS,
             &defaults.http,
+        ),
+        Section::new(
+            "telemetry",
+            "One trace per task (spans for intake, create, hello, result, reap, cancel and timeouts), exported over OTLP/HTTP; off unless an endpoint is set.",
+            TelemetrySection::KEYS,
+            &defaults.telemetry,
         ),
     ];
     let mut out = String::from(
@@ -907,6 +960,10 @@ mod tests {
             env(&[
                 ("TASKPODS__KUBERNETES__NAMESPACE", "tasks-b"),
                 ("TASKPODS__INTAKE__WORKERS", "7"),
+                (
+                    "TASKPODS__TELEMETRY__OTLP_ENDPOINT",
+                    "http://collector:4318",
+                ),
                 ("TASKPODS_NOT_AN_OVERRIDE", "x"),
             ]),
         )
@@ -918,6 +975,10 @@ mod tests {
         assert_eq!(config.topology.replicas, 3);
         assert_eq!(config.intake.workers, 7);
         assert_eq!(config.intake.policy.default_toolbox, "py");
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
         let BackendConfig::Kubernetes(kube) = &config.backend else {
             panic!("kubernetes backend expected, got {:?}", config.backend);
         };
@@ -939,6 +1000,14 @@ mod tests {
             (
                 "[policy]\ndefault_toolbox = \"missing\"\n",
                 "policy.default_toolbox",
+            ),
+            (
+                "[telemetry]\nsample_ratio = 2.0\n",
+                "telemetry.sample_ratio",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4318\"\n",
+                "telemetry.otlp_endpoint",
             ),
         ] {
             std::fs::write(&path, text).expect("written");

@@ -34,7 +34,7 @@ use taskpods_events::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::context::EngineCtx;
 use crate::store::{ExecuteError, LoadedTask, StoreErrorKind};
@@ -645,6 +645,13 @@ async fn apply(
         }
     };
 
+    // The task's trace (crate::telemetry): launches, cancels and results; progress reports are too many.
+    let span = match &input {
+        Input::Launch { .. } => crate::task_span!("intake", task, outcome = tracing::field::Empty),
+        Input::Cancel(_) => crate::task_span!("cancel", task, outcome = tracing::field::Empty),
+        Input::AgentResult(_) => crate::task_span!("result", task, outcome = tracing::field::Empty),
+        _ => tracing::Span::none(),
+    };
     // A launch is almost always for a new task: append with expected sequence 0 straight away and let a
     // conflict (the task exists) trigger the load. Saves a round trip on the hot path.
     let cache = &mut local.cache;
@@ -652,7 +659,13 @@ async fn apply(
         .get(&task)
         .cloned()
         .or_else(|| is_launch.then(LoadedTask::default));
-    let reply = match shared.ctx.store.execute(task, &input, now, cached).await {
+    let executed = shared
+        .ctx
+        .store
+        .execute(task, &input, now, cached)
+        .instrument(span.clone())
+        .await;
+    let reply = match executed {
         Ok(executed) => {
             remember(
                 cache,
@@ -740,7 +753,18 @@ async fn apply(
             }
         },
     };
-    send_reply(shared, reply_to, encoding, &reply).await;
+    span.record(
+        "outcome",
+        match &reply {
+            CommandReply::Applied { .. } => "applied",
+            CommandReply::Rejected { .. } => "rejected",
+            CommandReply::Refused { .. } => "refused",
+            CommandReply::Invalid { .. } => "invalid",
+        },
+    );
+    send_reply(shared, reply_to, encoding, &reply)
+        .instrument(span)
+        .await;
     Disposition::Done
 }
 

@@ -19,6 +19,8 @@
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
+//! - [`telemetry`]: the log subscriber, and one trace per task (ids derived from the task id) exported over
+//!   OTLP/HTTP when configured.
 //! - [`seal`]: env values sealed in the `accepted` event, opened only for the task's own agent.
 //! - [`server`]: `run(config, shutdown)`, the entry point that starts every loop, in one place, from one
 //!   shared context.
@@ -41,5 +43,6 @@ pub mod metrics;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod timers;
 pub mod topology;

@@ -73,13 +73,6 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-        )
-        .init();
     let cli = Cli::parse();
     let names = match Names::new(&cli.prefix) {
         Ok(names) => names,
@@ -96,6 +89,11 @@ async fn main() -> ExitCode {
             .collect(),
         creds: cli.creds.map(cli::home_relative),
         names,
+    };
+    // `serve` installs logging itself, once its configuration says whether traces are exported.
+    let _logs = match &cli.command {
+        Command::Serve(_) => None,
+        _ => taskpods_engine::telemetry::install(None).ok(),
     };
     match cli.command {
         Command::Serve(args) => cli::serve::run(global, args).await,

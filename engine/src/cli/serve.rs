@@ -9,6 +9,7 @@ use crate::config_file::{self, ConfigFileError};
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::{BackendConfig, local::LocalConfig, noop::NoopConfig};
 use crate::server;
+use crate::telemetry;
 use tokio_util::sync::CancellationToken;
 
 /// Arguments of `taskpods serve`. Each flag, when given, wins over the configuration file; the file
@@ -154,6 +155,17 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let telemetry = match config
+        .telemetry
+        .resolve(|name| std::env::var(name).ok())
+        .and_then(|export| telemetry::install(export.as_ref()))
+    {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {}", server::error_chain_text(&e));
+            return ExitCode::from(2);
+        }
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -162,7 +174,10 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
             shutdown.cancel();
         }
     });
-    match server::run(config, shutdown).await {
+    let result = server::run(config, shutdown).await;
+    // The exporter blocks while it sends what is left; off the async workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", server::error_chain_text(&e));
