@@ -4,7 +4,7 @@
 //!   killed and cleaned up on drop; can be killed and restarted on the same port and store for fault tests.
 //! - [`NatsCluster`]: three routed servers with JetStream clustering, for R3 streams and losing a node.
 //!
-//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH` (`scripts/install-deps` installs both
+//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH` (`scripts/install-test-deps` installs both
 //! supported versions).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,7 +1,7 @@
 //! The cluster installation in `deploy/` (the kustomize base and `overlays/production`), checked the way a
 //! platform team checks manifests before applying them:
 //!
-//! - rendered by `kustomize build` (the binary `scripts/install-deps` builds from its Go module);
+//! - rendered by `kustomize build` (the binary `scripts/install-test-deps` builds from its Go module);
 //! - every object validated by `kubernetes-validate -k 1.37 --strict`, and checkov finding nothing but the
 //!   skips written next to the objects (`checkov.io/skip*` annotations, each with its reason);
 //! - (feature `kube`) applied to the real test API server with server-side dry-run (schema, defaulting,
@@ -30,7 +30,7 @@ fn kustomize_build(dir: &str) -> String {
         .unwrap_or_else(|| cache().join("bin/kustomize-v5.8.1/kustomize"));
     assert!(
         bin.exists(),
-        "kustomize not found at {}: run scripts/install-deps",
+        "kustomize not found at {}: run scripts/install-test-deps",
         bin.display()
     );
     let out = Command::new(&bin)
@@ -66,7 +66,7 @@ fn validators() -> PathBuf {
     let bin = cache().join("validators/bin");
     assert!(
         bin.join("checkov").exists() && bin.join("kubernetes-validate").exists(),
-        "validators not found in {}: run scripts/install-deps",
+        "validators not found in {}: run scripts/install-test-deps",
         bin.display()
     );
     bin

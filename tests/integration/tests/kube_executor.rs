@@ -7,7 +7,7 @@
 //! simulator, NATS server and engine, so tests run in parallel. Short startup/exit/reconcile settings keep
 //! them quick. Needs the binaries built by `tests/kube-env/build.sh` (the tests fail naming the script
 //! otherwise, never skip) and PyYAML to read `deploy/` (the validators' virtualenv from
-//! `scripts/install-deps` has it; else the system's python3).
+//! `scripts/install-test-deps` has it; else the system's python3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -45,7 +45,7 @@ const GRACE: Duration = Duration::from_secs(1);
 /// The manifests of `deploy/tasks/` (the task namespace), as JSON objects.
 fn deploy_manifests() -> Vec<serde_json::Value> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/tasks");
-    // The validators' virtualenv (scripts/install-deps) has PyYAML for sure; else the system's python3.
+    // The validators' virtualenv (scripts/install-test-deps) has PyYAML for sure; else the system's python3.
     let venv = std::env::var_os("TASKPODS_CACHE")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/taskpods")))

@@ -295,7 +295,7 @@ fn python_check(args: &[&Path]) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "the Python check failed (scripts/install-deps installs its `msgpack` and `jsonschema`):\n{stdout}{}",
+        "the Python check failed (scripts/install-test-deps installs its `msgpack` and `jsonschema`):\n{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
