@@ -240,6 +240,11 @@ section! {
         reconcile_interval: HumanDuration,
         /// How long the reconciler's lease lasts without renewal (another replica takes over after it).
         lease_ttl: HumanDuration,
+        /// Requests per second the executor sends the API server at most, on average (about four per
+        /// task: create, pod lists, delete); 0: no limit.
+        api_qps: f64,
+        /// Requests the executor may send at once above the average rate.
+        api_burst: u32,
     }
 }
 
@@ -608,6 +613,8 @@ impl FileConfig {
                 set_duration(&mut kube.startup_timeout, &section.startup_timeout);
                 set_duration(&mut kube.reconcile_interval, &section.reconcile_interval);
                 set_duration(&mut kube.lease_ttl, &section.lease_ttl);
+                set(&mut kube.api_qps, &section.api_qps);
+                set(&mut kube.api_burst, &section.api_burst);
             }
             BackendConfig::Noop(noop) => set_duration(&mut noop.work, &self.noop.work),
             BackendConfig::None => {}
@@ -684,6 +691,8 @@ impl FileConfig {
                 startup_timeout: d(kube.startup_timeout),
                 reconcile_interval: d(kube.reconcile_interval),
                 lease_ttl: d(kube.lease_ttl),
+                api_qps: Some(kube.api_qps),
+                api_burst: Some(kube.api_burst),
             },
             noop: NoopSection { work: d(noop.work) },
             auth: AuthSection {

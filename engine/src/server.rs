@@ -25,6 +25,7 @@ use crate::config::EngineConfig;
 use crate::context::EngineCtx;
 use crate::credentials::TaskCredentials;
 use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
+use crate::executor::kubernetes::throttle::Throttle;
 use crate::executor::kubernetes::{KubernetesBackend, watcher};
 use crate::executor::noop::{AgentLink, NoopBackend};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
@@ -391,7 +392,8 @@ impl Engine {
                     kubernetes.job.clone(),
                     kubernetes.stop_timeout,
                 )
-                .with_task_credentials(task_credentials.clone());
+                .with_task_credentials(task_credentials.clone())
+                .with_throttle(Throttle::new(kubernetes.api_qps, kubernetes.api_burst));
                 spawn(
                     &mut loops,
                     &probe,

@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// Without it a random key is used that dies with the process.
     #[arg(long, env = "TASKPODS_SEAL_KEY")]
     pub seal_key: Option<std::path::PathBuf>,
+    /// Kubernetes backend: API requests per second at most, on average (default 0: no limit).
+    #[arg(long, env = "TASKPODS_KUBE_QPS")]
+    pub kube_qps: Option<f64>,
+    /// Kubernetes backend: API requests at once above that rate (default 100).
+    #[arg(long, env = "TASKPODS_KUBE_BURST")]
+    pub kube_burst: Option<u32>,
     /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
     #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
     pub agent_nats_url: Option<String>,
@@ -136,6 +142,12 @@ pub fn engine_config(
             }
             if let Some(url) = args.agent_nats_url {
                 kubernetes.job.nats_url = url;
+            }
+            if let Some(qps) = args.kube_qps {
+                kubernetes.api_qps = qps;
+            }
+            if let Some(burst) = args.kube_burst {
+                kubernetes.api_burst = burst;
             }
         }
         BackendConfig::Noop(_) | BackendConfig::None => {}
