@@ -112,8 +112,7 @@ async fn main() {
         print_phases(&mut phases);
     }
     let in_flight = env("SATURATION_IN_FLIGHT", 1024);
-    let (lifecycles, mut phases) =
-        run(&client, &seen, saturation, Pace::InFlight(in_flight)).await;
+    let (lifecycles, mut phases) = run(&client, &seen, saturation, Pace::InFlight(in_flight)).await;
     best = best.max(lifecycles);
     println!(
         "saturation ({in_flight} launches in flight, {saturation} tasks): {lifecycles:>7.0} lifecycles/s = {:.2}x raw/8",
@@ -218,7 +217,11 @@ async fn run(client: &Client, seen: &Seen, n: usize, pace: Pace) -> (f64, Vec<Ph
 }
 
 fn print_phases(phases: &mut [Phases]) {
-    type Step = (&'static str, fn(&Phases) -> Option<Instant>, fn(&Phases) -> Option<Instant>);
+    type Step = (
+        &'static str,
+        fn(&Phases) -> Option<Instant>,
+        fn(&Phases) -> Option<Instant>,
+    );
     let steps: [Step; 7] = [
         ("command → accepted", |p| p.launched, |p| p.accepted),
         ("accepted → scheduled", |p| p.accepted, |p| p.scheduled),

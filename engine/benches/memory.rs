@@ -42,7 +42,14 @@ async fn main() {
     println!("{}", measure::machine_line());
     let engine = EngineProcess(
         Command::new(env!("CARGO_BIN_EXE_taskpods"))
-            .args(["--nats-url", &server.url(), "serve", "--backend", "none", "--no-ui"])
+            .args([
+                "--nats-url",
+                &server.url(),
+                "serve",
+                "--backend",
+                "none",
+                "--no-ui",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -80,16 +87,25 @@ async fn main() {
     live.extend(launch(&client, small - 1).await);
     settle(&js, &names).await;
     let at_small = memory(pid);
-    println!("engine with {small:>6} live tasks:         {}", at_small.summary());
+    println!(
+        "engine with {small:>6} live tasks:         {}",
+        at_small.summary()
+    );
     live.extend(launch(&client, wave - small).await);
     settle(&js, &names).await;
     let at_wave = memory(pid);
-    println!("engine with {wave:>6} live tasks:         {}", at_wave.summary());
+    println!(
+        "engine with {wave:>6} live tasks:         {}",
+        at_wave.summary()
+    );
 
     cancel(&client, &live).await;
     settle(&js, &names).await;
     let ended = memory(pid);
-    println!("after they ended ({wave} finished):     {}", ended.summary());
+    println!(
+        "after they ended ({wave} finished):     {}",
+        ended.summary()
+    );
 
     let second = launch(&client, wave).await;
     cancel(&client, &second).await;
@@ -125,7 +141,10 @@ async fn settle(js: &async_nats::jetstream::Context, names: &Names) {
         if lag.events_behind == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "projector did not catch up: {lag:?}");
+        assert!(
+            Instant::now() < deadline,
+            "projector did not catch up: {lag:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -57,10 +57,7 @@ async fn main() {
         js.create_stream(config).await.expect("event stream");
     }
     let names = Names::default();
-    println!(
-        "{}; {tasks} random task histories",
-        measure::machine_line()
-    );
+    println!("{}; {tasks} random task histories", measure::machine_line());
 
     let histories = generate::histories(1, tasks, Utc::now(), 10);
     let events = generate::interleave(&mut Rng::new(2), &histories);

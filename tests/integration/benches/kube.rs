@@ -274,8 +274,7 @@ fn agent_for_pods() -> PathBuf {
     let staging = dir.join(format!("taskpods-agent.{}", std::process::id()));
     std::fs::copy(env!("CARGO_BIN_EXE_taskpods-agent-under-test"), &staging)
         .expect("copy the agent");
-    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))
-        .expect("agent mode");
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755)).expect("agent mode");
     let copy = dir.join("taskpods-agent");
     std::fs::rename(&staging, &copy).expect("agent in place");
     copy

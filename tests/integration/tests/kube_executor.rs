@@ -292,6 +292,7 @@ impl Setup {
                     reconcile_interval: Duration::from_secs(1),
                     lease_ttl: Duration::from_secs(5),
                     orphan_grace: Duration::from_secs(5),
+                    ..KubernetesConfig::default()
                 })
             } else {
                 BackendConfig::None

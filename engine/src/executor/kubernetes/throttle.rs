@@ -58,7 +58,9 @@ impl Throttle {
     fn reserve(&self) -> Option<Duration> {
         let bucket = self.bucket.as_ref()?;
         // A poisoned lock only means another caller panicked mid-update of plain numbers.
-        let mut b = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut b = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         let refill = now.duration_since(b.at).as_secs_f64() * b.qps;
         b.tokens = (b.tokens + refill).min(b.burst);
