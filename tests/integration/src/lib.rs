@@ -152,3 +152,62 @@ pub fn attacked_subjects(names: &taskpods_events::Names, theirs: TaskId) -> Vec<
         "$JS.API.INFO".to_owned(),
     ]
 }
+
+/// The repository's root (for `deploy/`).
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Where `scripts/install-test-deps` puts its tools (`$TASKPODS_CACHE`, else `~/.cache/taskpods`).
+pub fn cache() -> std::path::PathBuf {
+    std::env::var_os("TASKPODS_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/taskpods"))
+        })
+        .expect("HOME or TASKPODS_CACHE is set")
+}
+
+/// `kustomize build <repo>/<dir>`, as YAML (the binary `scripts/install-test-deps` builds from its Go
+/// module, or `$TASKPODS_KUSTOMIZE`).
+pub fn kustomize_build(dir: &str) -> String {
+    let bin = std::env::var_os("TASKPODS_KUSTOMIZE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cache().join("bin/kustomize-v5.8.1/kustomize"));
+    assert!(
+        bin.exists(),
+        "kustomize not found at {}: run scripts/install-test-deps",
+        bin.display()
+    );
+    let out = std::process::Command::new(&bin)
+        .arg("build")
+        .arg(repo().join(dir))
+        .output()
+        .expect("kustomize runs");
+    assert!(
+        out.status.success(),
+        "kustomize build {dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("kustomize prints UTF-8")
+}
+
+/// YAML documents as JSON objects, read by PyYAML (from the validators' virtualenv, else the system's
+/// python3).
+pub fn yaml_objects(yaml: &str) -> Vec<serde_json::Value> {
+    let python = Some(cache().join("validators/bin/python"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "python3".into());
+    let mut child = std::process::Command::new(python)
+        .arg("-c")
+        .arg("import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
+        .expect("yaml written");
+    let out = child.wait_with_output().expect("python exits");
+    assert!(out.status.success(), "PyYAML could not read the YAML");
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
+}

@@ -17,8 +17,6 @@
 //! are reaped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -39,55 +37,9 @@ const ENGINE_NS: &str = "taskpods";
 const TASKS_NS: &str = "baker-tasks";
 const WAIT: Duration = Duration::from_secs(120);
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("TASKPODS_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/taskpods")))
-        .expect("HOME or TASKPODS_CACHE is set")
-}
-
-/// `kustomize build deploy/<dir>`, read into JSON objects (PyYAML from the validators' virtualenv, else
-/// the system's python3).
+/// `kustomize build deploy/<dir>`, as JSON objects.
 fn rendered(dir: &str) -> Vec<Value> {
-    let kustomize = std::env::var_os("TASKPODS_KUSTOMIZE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("bin/kustomize-v5.8.1/kustomize"));
-    assert!(
-        kustomize.exists(),
-        "kustomize not found at {}: run scripts/install-test-deps",
-        kustomize.display()
-    );
-    let out = Command::new(&kustomize)
-        .arg("build")
-        .arg(repo().join("deploy").join(dir))
-        .output()
-        .expect("kustomize runs");
-    assert!(
-        out.status.success(),
-        "kustomize build deploy/{dir}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let python = Some(cache().join("validators/bin/python"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| "python3".into());
-    let mut child = Command::new(python)
-        .arg("-c")
-        .arg("import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &out.stdout).unwrap();
-    let parsed = child.wait_with_output().unwrap();
-    assert!(
-        parsed.status.success(),
-        "PyYAML could not read the rendering"
-    );
-    serde_json::from_slice(&parsed.stdout).unwrap()
+    fixtures::yaml_objects(&fixtures::kustomize_build(&format!("deploy/{dir}")))
 }
 
 /// Creates `object` as the admin would with `kubectl create`.
