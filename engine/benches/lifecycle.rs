@@ -53,17 +53,10 @@ struct Phases {
 
 type Seen = Arc<Mutex<HashMap<TaskId, Phases>>>;
 
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
-    let secs: u64 = env("LIFECYCLE_SECS", 5);
-    let saturation: usize = env("SATURATION", 5000);
+    let secs: u64 = measure::env_or("LIFECYCLE_SECS", 5);
+    let saturation: usize = measure::env_or("SATURATION", 5000);
     let rates: Vec<u64> = std::env::var("LIFECYCLE_RATES")
         .ok()
         .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
@@ -111,7 +104,7 @@ async fn main() {
         );
         print_phases(&mut phases);
     }
-    let in_flight = env("SATURATION_IN_FLIGHT", 1024);
+    let in_flight = measure::env_or("SATURATION_IN_FLIGHT", 1024);
     let (lifecycles, mut phases) = run(&client, &seen, saturation, Pace::InFlight(in_flight)).await;
     best = best.max(lifecycles);
     println!(

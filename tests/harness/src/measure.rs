@@ -8,6 +8,14 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::future::join_all;
 
+/// The environment variable `name` parsed as a `T` (a bench's size or rate), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// `nats-server <version> · <n> cores · load <1m> <5m> <15m>`: what every benchmark prints first, so a
 /// figure is never read without the machine and the load it was measured under.
 pub fn machine_line() -> String {

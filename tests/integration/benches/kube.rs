@@ -40,18 +40,11 @@ use taskpods_harness::measure::{self, Latencies};
 
 const AGENT_IMAGE: &str = "registry.invalid/taskpods/agent:v1";
 
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
-    let jobs: usize = env("JOBS", 200);
-    let qps: f64 = env("KUBE_QPS", 0.0);
-    let burst: u32 = env("KUBE_BURST", 100);
+    let jobs: usize = measure::env_or("JOBS", 200);
+    let qps: f64 = measure::env_or("KUBE_QPS", 0.0);
+    let burst: u32 = measure::env_or("KUBE_BURST", 100);
     let concurrency = ExecutorConfig::default().concurrency;
     let cp = ControlPlane::start()
         .await
