@@ -79,6 +79,9 @@ pub struct Config {
     pub term_grace: Duration,
     /// Where `in/` (inputs) and `out/` (artifacts) live on the agent's side.
     pub files_dir: std::path::PathBuf,
+    /// Values the kubelet put in the pod from Kubernetes Secrets (the task's `secret_env`), for the code,
+    /// by name: `TASKPODS_SECRET_ENV` lists the names, `TASKPODS_SECRET_ENV_<NAME>` holds each value.
+    pub secret_env: std::collections::BTreeMap<String, Secret>,
 }
 
 /// A secret text (NATS credentials) that `Debug` never shows.
@@ -225,6 +228,18 @@ impl Config {
             flush_interval: Duration::from_millis(num("TASKPODS_FLUSH_MS", 200)?.max(1)),
             kill_grace: Duration::from_millis(num("TASKPODS_KILL_GRACE_MS", 5000)?),
             term_grace: Duration::from_millis(num("TASKPODS_TERM_GRACE_MS", 2000)?),
+            secret_env: var(taskpods_events::env::SECRET_ENV_NAMES_VAR)
+                .unwrap_or_default()
+                .split(',')
+                .filter(|name| !name.is_empty())
+                .filter_map(|name| {
+                    let value = var(&format!(
+                        "{}{name}",
+                        taskpods_events::env::SECRET_ENV_VALUE_PREFIX
+                    ))?;
+                    Some((name.to_owned(), Secret(value)))
+                })
+                .collect(),
         })
     }
 }
@@ -291,6 +306,28 @@ mod tests {
         })
         .expect_err("bad sandbox");
         assert!(bad.to_string().contains("use bwrap or none"));
+    }
+
+    #[test]
+    fn secret_env_values_come_from_their_prefixed_variables_and_never_show() {
+        let task = TaskId::mint();
+        let env = BTreeMap::from([
+            ("TASKPODS_TASK_ID".to_owned(), task.to_string()),
+            (
+                "TASKPODS_SECRET_ENV".to_owned(),
+                "API_TOKEN,ABSENT".to_owned(),
+            ),
+            (
+                "TASKPODS_SECRET_ENV_API_TOKEN".to_owned(),
+                "s3cret".to_owned(),
+            ),
+            // Not listed: not handed to the code.
+            ("TASKPODS_SECRET_ENV_OTHER".to_owned(), "x".to_owned()),
+        ]);
+        let config = Config::from_env(|n| env.get(n).cloned()).expect("valid");
+        assert_eq!(config.secret_env.len(), 1);
+        assert_eq!(config.secret_env["API_TOKEN"].0, "s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"));
     }
 
     #[test]

@@ -308,6 +308,10 @@ pub fn code_env(config: &Config, instructions: &Instructions) -> BTreeMap<String
         "TASKPODS_OUTPUT_DIR".to_owned(),
         dirs.outputs.display().to_string(),
     );
+    // Values from Kubernetes Secrets (the intake keeps their names apart from `env`'s).
+    for (k, v) in &config.secret_env {
+        env.insert(k.clone(), v.0.clone());
+    }
     for (k, v) in &instructions.env {
         env.insert(k.clone(), v.clone());
     }

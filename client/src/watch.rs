@@ -212,6 +212,7 @@ mod tests {
             mode: taskpods_events::Mode::Script,
             instructions: "true".into(),
             env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
             timeout_secs: 60,
             resources: taskpods_events::Resources {
                 cpu_request_millis: 1,

@@ -10,6 +10,7 @@ use crate::files::FilesConfig;
 use crate::gateway::GatewayConfig;
 use crate::http::HttpConfig;
 use crate::intake::IntakeConfig;
+use crate::telemetry::TelemetryConfig;
 use crate::timers::TimersConfig;
 use crate::topology::TopologyConfig;
 
@@ -50,6 +51,8 @@ pub struct EngineConfig {
     /// How long, after a shutdown signal, work in hand may take to finish before it is handed back to
     /// the streams (nak) for another replica, and the process exits.
     pub shutdown_grace: Duration,
+    /// Trace export (OTLP); installed by `taskpods serve` with the process's subscriber.
+    pub telemetry: TelemetryConfig,
 }
 
 /// A fresh engine id: `$HOSTNAME` (a pod's name) or `engine`, then 8 random hex digits.
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
             files: FilesConfig::default(),
             engine_id: fresh_engine_id(),
             shutdown_grace: Duration::from_secs(5),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

@@ -256,6 +256,11 @@ section! {
         reconcile_interval: HumanDuration,
         /// How long the reconciler's lease lasts without renewal (another replica takes over after it).
         lease_ttl: HumanDuration,
+        /// Requests per second the executor sends the API server at most, on average (about four per
+        /// task: create, pod lists, delete); 0: no limit.
+        api_qps: f64,
+        /// Requests the executor may send at once above the average rate.
+        api_burst: u32,
     }
 }
 
@@ -285,6 +290,21 @@ section! {
         task_credentials_grace: HumanDuration,
         /// The seal key (`seal.key` from `taskpods auth init`) env values are sealed with in events.
         seal_key: PathBuf,
+    }
+}
+
+section! {
+    /// `[telemetry]`: one trace per task, exported over OTLP/HTTP (off unless an endpoint is set here or
+    /// in `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    TelemetrySection {
+        /// The OTLP/HTTP endpoint of a collector (its port 4318, e.g. `http://otel-collector:4318`); traces
+        /// go to `<endpoint>/v1/traces`. Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+        /// `OTEL_EXPORTER_OTLP_ENDPOINT` when set, else no export. Only http/protobuf is spoken.
+        otlp_endpoint: String,
+        /// The exported `service.name` (unset: `OTEL_SERVICE_NAME`, else `taskpods-engine`).
+        service_name: String,
+        /// The share of tasks traced, 0.0 to 1.0, decided from the task's trace id (the same on every replica).
+        sample_ratio: f64,
     }
 }
 
@@ -320,6 +340,8 @@ pub struct FileConfig {
     pub auth: AuthSection,
     /// The web UI, API, metrics and probes.
     pub http: HttpSection,
+    /// Trace export.
+    pub telemetry: TelemetrySection,
 }
 
 /// Reads `path`, applies the `TASKPODS__…` overrides from `env`, and checks every key.
@@ -441,6 +463,22 @@ impl FileConfig {
         if self.nats.urls.as_ref().is_some_and(Vec::is_empty) {
             return Err(invalid("nats.urls", "needs at least one URL".to_owned()));
         }
+        if let Some(ratio) = self.telemetry.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                format!("{ratio} is not between 0.0 and 1.0"),
+            ));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                format!("{endpoint:?} is not an http:// or https:// URL"),
+            ));
+        }
         if let Some(policy) = &self.policy
             && !policy.toolboxes.contains_key(&policy.default_toolbox)
         {
@@ -560,6 +598,15 @@ impl FileConfig {
             set(&mut server.read_only, &http.read_only);
         }
 
+        let telemetry = &self.telemetry;
+        if telemetry.otlp_endpoint.is_some() {
+            config.telemetry.otlp_endpoint = telemetry.otlp_endpoint.clone();
+        }
+        if telemetry.service_name.is_some() {
+            config.telemetry.service_name = telemetry.service_name.clone();
+        }
+        set(&mut config.telemetry.sample_ratio, &telemetry.sample_ratio);
+
         // The backend: the kind the file names (else the one `config` has), then its section's keys.
         match self.backend.kind.as_deref() {
             Some("none") => config.backend = BackendConfig::None,
@@ -588,6 +635,8 @@ impl FileConfig {
                 set_duration(&mut kube.startup_timeout, &section.startup_timeout);
                 set_duration(&mut kube.reconcile_interval, &section.reconcile_interval);
                 set_duration(&mut kube.lease_ttl, &section.lease_ttl);
+                set(&mut kube.api_qps, &section.api_qps);
+                set(&mut kube.api_burst, &section.api_burst);
             }
             BackendConfig::Noop(noop) => set_duration(&mut noop.work, &self.noop.work),
             BackendConfig::None => {}
@@ -669,6 +718,8 @@ impl FileConfig {
                 startup_timeout: d(kube.startup_timeout),
                 reconcile_interval: d(kube.reconcile_interval),
                 lease_ttl: d(kube.lease_ttl),
+                api_qps: Some(kube.api_qps),
+                api_burst: Some(kube.api_burst),
             },
             noop: NoopSection { work: d(noop.work) },
             auth: AuthSection {
@@ -689,6 +740,11 @@ impl FileConfig {
                     enabled: Some(false),
                     ..HttpSection::default()
                 },
+            },
+            telemetry: TelemetrySection {
+                otlp_endpoint: config.telemetry.otlp_endpoint.clone(),
+                service_name: config.telemetry.service_name.clone(),
+                sample_ratio: Some(config.telemetry.sample_ratio),
             },
         }
     }
@@ -790,6 +846,12 @@ pub fn reference() -> String {
             "The web UI, its JSON API, `/metrics` and the health probes.",
             HttpSection::KEYS,
             &defaults.http,
+        ),
+        Section::new(
+            "telemetry",
+            "One trace per task (spans for intake, create, hello, result, reap, cancel and timeouts), exported over OTLP/HTTP; off unless an endpoint is set.",
+            TelemetrySection::KEYS,
+            &defaults.telemetry,
         ),
     ];
     let mut out = String::from(
@@ -940,6 +1002,10 @@ mod tests {
             env(&[
                 ("TASKPODS__KUBERNETES__NAMESPACE", "tasks-b"),
                 ("TASKPODS__INTAKE__WORKERS", "7"),
+                (
+                    "TASKPODS__TELEMETRY__OTLP_ENDPOINT",
+                    "http://collector:4318",
+                ),
                 ("TASKPODS_NOT_AN_OVERRIDE", "x"),
             ]),
         )
@@ -951,6 +1017,10 @@ mod tests {
         assert_eq!(config.topology.replicas, 3);
         assert_eq!(config.intake.workers, 7);
         assert_eq!(config.intake.policy.default_toolbox, "py");
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
         let BackendConfig::Kubernetes(kube) = &config.backend else {
             panic!("kubernetes backend expected, got {:?}", config.backend);
         };
@@ -972,6 +1042,14 @@ mod tests {
             (
                 "[policy]\ndefault_toolbox = \"missing\"\n",
                 "policy.default_toolbox",
+            ),
+            (
+                "[telemetry]\nsample_ratio = 2.0\n",
+                "telemetry.sample_ratio",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4318\"\n",
+                "telemetry.otlp_endpoint",
             ),
         ] {
             std::fs::write(&path, text).expect("written");

@@ -29,7 +29,7 @@ use taskpods_events::{
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::context::EngineCtx;
 use crate::seal::{SealError, Sealer};
@@ -393,6 +393,11 @@ fn ended_as(body: &EventBody) -> Option<&'static str> {
 impl Gateway {
     /// Executes `AgentHello` for `task` and answers on `reply`.
     async fn hello(&self, task: TaskId, reply: async_nats::Subject) {
+        let span = crate::task_span!("hello", task, answer = tracing::field::Empty);
+        self.answer_hello(task, reply).instrument(span).await;
+    }
+
+    async fn answer_hello(&self, task: TaskId, reply: async_nats::Subject) {
         let result = match self
             .ctx
             .store
@@ -420,6 +425,14 @@ impl Gateway {
                 .entry(task)
                 .or_insert_with(Instant::now);
         }
+        tracing::Span::current().record(
+            "answer",
+            match &answer {
+                HelloReply::Run(_) => "run",
+                HelloReply::Wait { .. } => "wait",
+                HelloReply::Stop { .. } => "stop",
+            },
+        );
         debug!(%task, ?answer, "hello answered");
         if let Ok(payload) = codec::to_msgpack(&answer) {
             let _ = self.ctx.nats.publish(reply, payload.into()).await;
@@ -501,6 +514,7 @@ impl Gateway {
                     .ctx
                     .store
                     .execute(task, &Input::HeartbeatLost, self.ctx.clock.now(), None)
+                    .instrument(crate::task_span!("agent_lost", task))
                     .await
                 {
                     Ok(_) => {

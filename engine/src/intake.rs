@@ -18,8 +18,8 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, context::PublishErrorKind};
@@ -34,7 +34,7 @@ use taskpods_events::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::context::EngineCtx;
 use crate::store::{ExecuteError, LoadedTask, StoreErrorKind};
@@ -418,76 +418,117 @@ fn launch_identity(payload: &[u8], encoding: Encoding) -> Option<TaskId> {
     })
 }
 
+/// Most commands a worker takes from its queue at once.
+const WORKER_BATCH: usize = 64;
+
+/// Takes the commands queued for this worker in batches: commands of one task are applied in order,
+/// those of different tasks concurrently (their appends and acks are in flight together instead of one
+/// round trip after another), and the next batch is taken once this one is done.
 async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
-    let mut local = WorkerState::default();
+    let local = Mutex::new(WorkerState::default());
+    let mut batch = Vec::with_capacity(WORKER_BATCH);
+    while queue.recv_many(&mut batch, WORKER_BATCH).await > 0 {
+        let mut groups: Vec<Vec<Routed>> = Vec::new();
+        let mut by_task: HashMap<TaskId, usize> = HashMap::new();
+        for routed in batch.drain(..) {
+            match routed.kind.as_ref().ok().map(Command::task) {
+                Some(task) => {
+                    let group = *by_task.entry(task).or_insert_with(|| {
+                        groups.push(Vec::new());
+                        groups.len() - 1
+                    });
+                    groups[group].push(routed);
+                }
+                None => groups.push(vec![routed]),
+            }
+        }
+        futures::future::join_all(groups.into_iter().map(|group| {
+            let (shared, local) = (&shared, &local);
+            async move {
+                for routed in group {
+                    process(shared, local, routed).await;
+                }
+            }
+        }))
+        .await;
+    }
+}
+
+/// Handles one command, catching a panic, and acks (or naks) it.
+async fn process(shared: &Shared, local: &Mutex<WorkerState>, routed: Routed) {
+    let Routed { message, kind } = routed;
     let in_flight = crate::metrics::METRICS
         .in_flight
         .with_label_values(&["intake"]);
-    while let Some(routed) = queue.recv().await {
-        let Routed { message, kind } = routed;
-        if shared
-            .hand_over_at
-            .get()
-            .is_some_and(|at| Instant::now() >= *at)
-        {
-            crate::executor::hand_over(&message, "intake").await;
-            in_flight.dec();
-            continue;
-        }
-        let delivered = message.info().map_or(1, |info| info.delivered);
-        let handled = AssertUnwindSafe(handle(&shared, &mut local, kind, &message))
-            .catch_unwind()
-            .await;
-        let mut disposition = match handled {
-            Ok(disposition) => disposition,
-            Err(panic) => {
-                // What the worker held may be half-updated: forget it, keep the message for operators.
-                local = WorkerState::default();
-                shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
-                let detail = format!("handling the command panicked: {}", panic_text(&*panic));
-                error!(subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), detail = %escape_bounded(&detail, MAX_HEADER_VALUE_BYTES), "intake worker caught a panic");
-                let dead = DeadLetter {
-                    reason: "panicked",
-                    detail,
-                };
-                AssertUnwindSafe(dead_letter(&shared, &message, dead))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or(Disposition::Retry)
-            }
-        };
-        if matches!(disposition, Disposition::Retry) && delivered >= shared.config.max_deliver {
-            // The server will not deliver it again: keep it with the reason rather than strand it.
-            shared.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+    if shared
+        .hand_over_at
+        .get()
+        .is_some_and(|at| Instant::now() >= *at)
+    {
+        crate::executor::hand_over(&message, "intake").await;
+        in_flight.dec();
+        return;
+    }
+    let delivered = message.info().map_or(1, |info| info.delivered);
+    let handled = AssertUnwindSafe(handle(shared, local, kind, &message))
+        .catch_unwind()
+        .await;
+    let mut disposition = match handled {
+        Ok(disposition) => disposition,
+        Err(panic) => {
+            // What the worker held may be half-updated: forget it, keep the message for operators.
+            *lock(local) = WorkerState::default();
+            shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
+            let detail = format!("handling the command panicked: {}", panic_text(&*panic));
+            error!(subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), detail = %escape_bounded(&detail, MAX_HEADER_VALUE_BYTES), "intake worker caught a panic");
             let dead = DeadLetter {
-                reason: "exhausted",
-                detail: format!(
-                    "not handled after {delivered} deliveries (transient failures); kept here instead of retried forever"
-                ),
+                reason: "panicked",
+                detail,
             };
-            disposition = AssertUnwindSafe(dead_letter(&shared, &message, dead))
+            AssertUnwindSafe(dead_letter(shared, &message, dead))
                 .catch_unwind()
                 .await
-                .unwrap_or(Disposition::Retry);
+                .unwrap_or(Disposition::Retry)
         }
-        let ack = match disposition {
-            Disposition::Done => AckKind::Ack,
-            Disposition::Retry => {
-                shared.stats.retried.fetch_add(1, Ordering::Relaxed);
-                // Backing off with each delivery, so a store unavailable for a while (a stream leader
-                // being elected after a node loss) does not use up `max_deliver` in a few seconds.
-                let doublings = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
-                let delay = (shared.config.retry_delay * 2u32.pow(doublings))
-                    .min(std::time::Duration::from_secs(30));
-                AckKind::Nak(Some(delay))
-            }
+    };
+    if matches!(disposition, Disposition::Retry) && delivered >= shared.config.max_deliver {
+        // The server will not deliver it again: keep it with the reason rather than strand it.
+        shared.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+        let dead = DeadLetter {
+            reason: "exhausted",
+            detail: format!(
+                "not handled after {delivered} deliveries (transient failures); kept here instead of retried forever"
+            ),
         };
-        if let Err(e) = message.ack_with(ack).await {
-            // The command will be redelivered; applying it again is a no-op.
-            warn!(error = %e, subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), "ack failed");
-        }
-        in_flight.dec();
+        disposition = AssertUnwindSafe(dead_letter(shared, &message, dead))
+            .catch_unwind()
+            .await
+            .unwrap_or(Disposition::Retry);
     }
+    let ack = match disposition {
+        Disposition::Done => AckKind::Ack,
+        Disposition::Retry => {
+            shared.stats.retried.fetch_add(1, Ordering::Relaxed);
+            // Backing off with each delivery, so a store unavailable for a while (a stream leader
+            // being elected after a node loss) does not use up `max_deliver` in a few seconds.
+            let doublings = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
+            let delay = (shared.config.retry_delay * 2u32.pow(doublings))
+                .min(std::time::Duration::from_secs(30));
+            AckKind::Nak(Some(delay))
+        }
+    };
+    if let Err(e) = message.ack_with(ack).await {
+        // The command will be redelivered; applying it again is a no-op.
+        warn!(error = %e, subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), "ack failed");
+    }
+    in_flight.dec();
+}
+
+/// The worker's state; a panic while it was held only leaves plain data behind.
+fn lock(local: &Mutex<WorkerState>) -> std::sync::MutexGuard<'_, WorkerState> {
+    local
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What one worker keeps between commands (its tasks only: a task always maps to the same worker).
@@ -537,7 +578,7 @@ impl WorkerState {
 /// Applies a classified command or dead-letters an unreadable one.
 async fn handle(
     shared: &Shared,
-    local: &mut WorkerState,
+    local: &Mutex<WorkerState>,
     kind: Result<Command, DeadLetter>,
     message: &jetstream::Message,
 ) -> Disposition {
@@ -593,7 +634,7 @@ enum Disposition {
 
 async fn apply(
     shared: &Shared,
-    local: &mut WorkerState,
+    local: &Mutex<WorkerState>,
     command: Command,
     message: &jetstream::Message,
 ) -> Disposition {
@@ -628,7 +669,7 @@ async fn apply(
         } => {
             let input = match report {
                 Ok(AgentReport::Progress { message, percent }) => {
-                    if !local.allow_progress(task, &shared.config) {
+                    if !lock(local).allow_progress(task, &shared.config) {
                         shared
                             .stats
                             .progress_rate_limited
@@ -666,17 +707,30 @@ async fn apply(
         }
     };
 
+    // The task's trace (crate::telemetry): launches, cancels and results; progress reports are too many.
+    let span = match &input {
+        Input::Launch { .. } => crate::task_span!("intake", task, outcome = tracing::field::Empty),
+        Input::Cancel(_) => crate::task_span!("cancel", task, outcome = tracing::field::Empty),
+        Input::AgentResult(_) => crate::task_span!("result", task, outcome = tracing::field::Empty),
+        _ => tracing::Span::none(),
+    };
     // A launch is almost always for a new task: append with expected sequence 0 straight away and let a
     // conflict (the task exists) trigger the load. Saves a round trip on the hot path.
-    let cache = &mut local.cache;
-    let cached = cache
+    let cached = lock(local)
+        .cache
         .get(&task)
         .cloned()
         .or_else(|| is_launch.then(LoadedTask::default));
-    let reply = match shared.ctx.store.execute(task, &input, now, cached).await {
+    let executed = shared
+        .ctx
+        .store
+        .execute(task, &input, now, cached)
+        .instrument(span.clone())
+        .await;
+    let reply = match executed {
         Ok(executed) => {
             remember(
-                cache,
+                &mut lock(local).cache,
                 task,
                 executed.task.clone(),
                 shared.config.cache_per_worker,
@@ -711,7 +765,7 @@ async fn apply(
             task: current,
         }) => {
             remember(
-                cache,
+                &mut lock(local).cache,
                 task,
                 (*current).clone(),
                 shared.config.cache_per_worker,
@@ -744,24 +798,35 @@ async fn apply(
                 // max_deliver is kept in the dead-letter stream) until an operator makes room.
                 error!(%task, error = %e, "ALERT: the event stream is full; commands wait until its max_bytes is raised");
                 shared.stats.event_log_full.fetch_add(1, Ordering::Relaxed);
-                cache.remove(&task);
+                lock(local).cache.remove(&task);
                 return Disposition::Retry;
             }
             StoreErrorKind::Unavailable | StoreErrorKind::Conflict => {
                 warn!(%task, error = %e, "transient store failure; command left for redelivery");
-                cache.remove(&task);
+                lock(local).cache.remove(&task);
                 return Disposition::Retry;
             }
             StoreErrorKind::Corrupt | StoreErrorKind::TooLarge | StoreErrorKind::Other => {
                 warn!(%task, error = %e, "command cannot be applied");
-                cache.remove(&task);
+                lock(local).cache.remove(&task);
                 CommandReply::Invalid {
                     error: e.to_string(),
                 }
             }
         },
     };
-    send_reply(shared, reply_to, encoding, &reply).await;
+    span.record(
+        "outcome",
+        match &reply {
+            CommandReply::Applied { .. } => "applied",
+            CommandReply::Rejected { .. } => "rejected",
+            CommandReply::Refused { .. } => "refused",
+            CommandReply::Invalid { .. } => "invalid",
+        },
+    );
+    send_reply(shared, reply_to, encoding, &reply)
+        .instrument(span)
+        .await;
     Disposition::Done
 }
 

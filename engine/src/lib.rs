@@ -23,6 +23,8 @@
 //!   time (the Kubernetes reconciler).
 //! - [`topology`]: streams and KV buckets, created or checked at start-up.
 //! - [`store`]: the event store: load a task, append with optimistic concurrency, execute inputs.
+//! - [`telemetry`]: the log subscriber, and one trace per task (ids derived from the task id) exported over
+//!   OTLP/HTTP when configured.
 //! - [`seal`]: env values sealed in the `accepted` event, opened only for the task's own agent.
 //! - [`server`]: `run(config, shutdown)`, the entry point that starts every loop, in one place, from one
 //!   shared context.
@@ -47,5 +49,6 @@ pub mod pull;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod timers;
 pub mod topology;

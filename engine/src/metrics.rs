@@ -7,7 +7,8 @@
 //!
 //! What is recorded where (each at the one place every such event passes):
 //! - `taskpods_transitions_total{kind}` and `taskpods_phase_duration_seconds{phase}`: the event store's
-//!   `execute`, after an append (phases: `accepted_to_scheduled`, `accepted_to_running`, `accepted_to_ended`);
+//!   `execute`, after an append (phases: `accepted_to_scheduled`, `accepted_to_running`, `accepted_to_ended`,
+//!   `running_to_ended`);
 //! - `taskpods_dead_letters_total{reason}`: intake's dead-lettering;
 //! - `taskpods_backend_errors_total{kind}`: the executor, when a backend call fails;
 //! - `taskpods_kubernetes_api_seconds{verb,outcome}`: the Kubernetes backend's Job calls;
@@ -98,7 +99,7 @@ impl Metrics {
         let phase_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "taskpods_phase_duration_seconds",
-                "Seconds between lifecycle points of a task (accepted_to_scheduled, accepted_to_running, accepted_to_ended).",
+                "Seconds between lifecycle points of a task (accepted_to_scheduled, accepted_to_running, accepted_to_ended, running_to_ended).",
             )
             .buckets(PHASE_BUCKETS.to_vec()),
             &["phase"],
@@ -269,6 +270,14 @@ impl Metrics {
                 self.phase_seconds
                     .with_label_values(&[phase])
                     .observe(seconds_between(accepted, event.at));
+            }
+            // How long the code ran (or was let to), for tasks that got that far.
+            if let (Some(running), false, true) =
+                (task.running_at, was.is_terminal(), task.state.is_terminal())
+            {
+                self.phase_seconds
+                    .with_label_values(&["running_to_ended"])
+                    .observe(seconds_between(running, event.at));
             }
         }
     }

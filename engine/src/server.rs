@@ -25,6 +25,7 @@ use crate::config::EngineConfig;
 use crate::context::EngineCtx;
 use crate::credentials::TaskCredentials;
 use crate::executor::kubernetes::reconciler::{self, ReconcilerConfig};
+use crate::executor::kubernetes::throttle::Throttle;
 use crate::executor::kubernetes::{KubernetesBackend, watcher};
 use crate::executor::noop::{AgentLink, NoopBackend};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
@@ -343,6 +344,10 @@ impl Engine {
             engine_id: config.engine_id.clone(),
             shutdown_grace: config.shutdown_grace,
         });
+        let mut intake_config = config.intake.clone();
+        // Only the Kubernetes backend can hand a task values from Kubernetes Secrets.
+        intake_config.policy.allow_secret_env =
+            matches!(config.backend, BackendConfig::Kubernetes(_));
         let intake_stats = Arc::new(IntakeStats::default());
         let gateway_stats = Arc::new(gateway::GatewayStats::default());
         let mut loops = Loops::new();
@@ -352,7 +357,7 @@ impl Engine {
             &mut loops,
             &probe,
             "intake",
-            intake::run(ctx.clone(), config.intake.clone(), intake_stats.clone()),
+            intake::run(ctx.clone(), intake_config, intake_stats.clone()),
         );
         // The projector folds events into the KV views; it retries transient failures itself, so it
         // only ends at shutdown (or when the event stream is missing, which `ensure` just ruled out).
@@ -442,7 +447,8 @@ impl Engine {
                     kubernetes.job.clone(),
                     kubernetes.stop_timeout,
                 )
-                .with_task_credentials(task_credentials.clone());
+                .with_task_credentials(task_credentials.clone())
+                .with_throttle(Throttle::new(kubernetes.api_qps, kubernetes.api_burst));
                 spawn(
                     &mut loops,
                     &probe,

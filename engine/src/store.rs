@@ -429,6 +429,7 @@ impl EventStore {
             match self.append(&current, &events).await {
                 Ok(appended) => {
                     crate::metrics::METRICS.appended(&current.task, &events);
+                    crate::telemetry::appended(&current.task, &events);
                     let mut task = current.task;
                     for e in &appended {
                         task = evolve(task, &e.event);

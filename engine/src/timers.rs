@@ -21,7 +21,7 @@ use futures::StreamExt;
 use taskpods_events::{Event, EventBody, FailureReason, Input, Names, TaskId, TaskState};
 use taskpods_projections::log;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::context::EngineCtx;
 use crate::store::{EventStore, ExecuteError};
@@ -268,6 +268,7 @@ impl Timers {
         for task in self.deadlines.due(now) {
             match store
                 .execute(task, &Input::DeadlineReached { now }, now, None)
+                .instrument(crate::task_span!("timeout", task))
                 .await
             {
                 Ok(executed) => {
@@ -324,7 +325,11 @@ impl Timers {
                     continue;
                 }
             };
-            match store.execute(task, &input, now, Some(loaded)).await {
+            match store
+                .execute(task, &input, now, Some(loaded))
+                .instrument(crate::task_span!("startup_timeout", task))
+                .await
+            {
                 Ok(_) => {
                     info!(%task, "startup timed out");
                     self.startups.remove(task);

@@ -69,6 +69,11 @@ async fn launch_show_events_and_cancel_from_the_command_line() {
     assert!(shown.contains("state     accepted"), "{shown}");
     assert!(shown.contains("timeout   60 s"), "{shown}");
     assert!(shown.contains("script    echo hi"), "{shown}");
+    let trace_id = taskpods_engine::telemetry::trace_id(task.parse().expect("a task id"));
+    assert!(
+        shown.contains(&format!("trace     {trace_id}")) && trace_id.to_string().len() == 32,
+        "the id of the task's trace: {shown}"
+    );
 
     let out = taskpods(&server, &["cancel", &task, "--reason", "test"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));

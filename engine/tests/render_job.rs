@@ -1,6 +1,6 @@
 //! `taskpods render-job` output, together with `deploy/`, checked by third-party validators from PyPI:
 //! `kubernetes-validate` (the Kubernetes 1.37 schemas, offline, strict) and `checkov` (security checks,
-//! offline with `BC_SKIP_MAPPING=TRUE`). `scripts/install-deps` installs both into
+//! offline with `BC_SKIP_MAPPING=TRUE`). `scripts/install-test-deps` installs both into
 //! `$TASKPODS_CACHE/validators` (default `~/.cache/taskpods/validators`); without them these tests fail
 //! with a message naming that script (never skipped).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -28,7 +28,7 @@ fn validators() -> PathBuf {
     let bin = cache.join("validators/bin");
     assert!(
         bin.join("checkov").exists() && bin.join("kubernetes-validate").exists(),
-        "validators not found in {}: run scripts/install-deps",
+        "validators not found in {}: run scripts/install-test-deps",
         bin.display()
     );
     bin

@@ -66,6 +66,11 @@ pub struct LaunchTask {
     pub goal: Option<String>,
     /// Environment variables for the user's code.
     pub env: BTreeMap<String, String>,
+    /// Environment variables for the user's code whose values come from keys of Kubernetes Secrets in
+    /// the task namespace (Kubernetes backend only; refused by other backends). The engine never reads
+    /// them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: crate::env::SecretEnv,
     /// Seconds before the task is killed; default and maximum 1800.
     pub timeout_secs: Option<u32>,
     /// CPU and memory; defaults and caps come from the policy.
@@ -202,6 +207,9 @@ pub struct TaskSpec {
     /// Environment for the user's code: names in clear, values sealed by the engine.
     #[serde(default)]
     pub env: crate::env::Env,
+    /// Environment for the user's code from Kubernetes Secrets (references only, never values).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: crate::env::SecretEnv,
     /// Seconds until the task is timed out (at most 1800).
     pub timeout_secs: u32,
     /// CPU and memory.
@@ -322,6 +330,7 @@ impl std::fmt::Debug for LaunchTask {
             .field("script", &self.script)
             .field("goal", &self.goal)
             .field("env", &crate::env::Redacted(&self.env))
+            .field("secret_env", &self.secret_env)
             .field("timeout_secs", &self.timeout_secs)
             .field("resources", &self.resources)
             .field("labels", &self.labels)

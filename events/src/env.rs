@@ -67,6 +67,29 @@ impl EnvValue {
 /// A task's env as recorded.
 pub type Env = BTreeMap<String, EnvValue>;
 
+/// An env value taken from one key of a Kubernetes Secret in the task namespace (the Kubernetes backend
+/// only). The task pod's container gets it through `valueFrom.secretKeyRef`; the engine never reads the
+/// Secret, so the value is in no event, view or log. There is no namespace: only the task namespace's
+/// Secrets can be named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name (a DNS subdomain: lowercase letters, digits, `-` and `.`, at most 253).
+    pub name: String,
+    /// The key in the Secret (letters, digits, `-`, `_` and `.`, at most 253).
+    pub key: String,
+}
+
+/// Env variables whose values come from Kubernetes Secrets, by name.
+pub type SecretEnv = BTreeMap<String, SecretKeyRef>;
+
+/// In a task pod, the agent's variable listing the names of the Secret-backed variables (comma-separated).
+pub const SECRET_ENV_NAMES_VAR: &str = "TASKPODS_SECRET_ENV";
+/// In a task pod, the prefix of the agent's variables holding Secret-backed values
+/// (`TASKPODS_SECRET_ENV_<NAME>`); the agent hands each to the code as `<NAME>`. The prefix keeps a
+/// Secret's value from changing the agent's own environment (`PATH`, `LD_PRELOAD`, `TASKPODS_*`).
+pub const SECRET_ENV_VALUE_PREFIX: &str = "TASKPODS_SECRET_ENV_";
+
 /// Writes env values as `NAME=<redacted>` for `Debug` impls of types that carry them in clear.
 pub struct Redacted<'a, V>(pub &'a BTreeMap<String, V>);
 

@@ -101,6 +101,8 @@ pub struct Task {
     pub job: Option<String>,
     /// The pod name, once started.
     pub pod: Option<String>,
+    /// When the task first became running (its code started), for the running → ended duration.
+    pub running_at: Option<DateTime<Utc>>,
     /// When the task ended.
     pub finished_at: Option<DateTime<Utc>>,
     /// Whether the Job and pod are known to be gone.
@@ -474,7 +476,10 @@ pub fn evolve(mut task: Task, event: &Event) -> Task {
             task.state = S::Starting;
             task.pod = Some(pod.clone());
         }
-        E::Running => task.state = S::Running,
+        E::Running => {
+            task.state = S::Running;
+            task.running_at.get_or_insert(event.at);
+        }
         E::Progress { .. } => task.progress += 1,
         E::Reaped | E::Unknown => {}
         E::CancelRequested { .. } => task.state = S::Cancelling,

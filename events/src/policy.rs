@@ -44,6 +44,10 @@ pub struct LaunchPolicy {
     pub max_memory_bytes: u64,
     /// Per-task limits on inputs and artifacts.
     pub files: FileLimits,
+    /// Whether launches may take env values from Kubernetes Secrets (`secret_env`). Not configured: the
+    /// engine sets it when its backend is Kubernetes, the only one that can honour it.
+    #[serde(skip)]
+    pub allow_secret_env: bool,
 }
 
 impl Default for LaunchPolicy {
@@ -65,6 +69,7 @@ impl Default for LaunchPolicy {
             max_cpu_millis: 2000,
             max_memory_bytes: 4 * 1024 * MIB,
             files: FileLimits::default(),
+            allow_secret_env: false,
         }
     }
 }
@@ -217,16 +222,17 @@ impl LaunchTask {
             Some(text) => text.clone(),
         };
 
-        if self.env.len() > policy.max_env {
+        if self.env.len() + self.secret_env.len() > policy.max_env {
             problems.push(Problem::new(
                 "env",
                 format!(
-                    "has {} variables; at most {} are allowed",
-                    self.env.len(),
+                    "has {} variables (with secret_env); at most {} are allowed",
+                    self.env.len() + self.secret_env.len(),
                     policy.max_env
                 ),
             ));
         }
+        validate_secret_env(self, policy, &mut problems);
         let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
         if env_bytes > policy.max_env_bytes {
             problems.push(Problem::new(
@@ -313,6 +319,7 @@ impl LaunchTask {
                 .iter()
                 .map(|(name, value)| (name.clone(), EnvValue::Clear(value.clone())))
                 .collect(),
+            secret_env: self.secret_env.clone(),
             timeout_secs,
             resources,
             labels: self.labels.clone(),
@@ -509,6 +516,79 @@ pub fn parse_memory_bytes(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(factor)
 }
 
+/// `secret_env`: allowed by the backend, names valid and distinct from `env`, references well formed.
+fn validate_secret_env(launch: &LaunchTask, policy: &LaunchPolicy, problems: &mut Vec<Problem>) {
+    if launch.secret_env.is_empty() {
+        return;
+    }
+    if !policy.allow_secret_env {
+        problems.push(Problem::new(
+            "secret_env",
+            "values from Kubernetes Secrets need the Kubernetes backend; this engine runs tasks on \
+             another backend (pass the values in env)",
+        ));
+        return;
+    }
+    for (name, reference) in &launch.secret_env {
+        let field = format!("secret_env.{}", name.escape_debug());
+        if !is_env_name(name) {
+            problems.push(Problem::new(
+                field.clone(),
+                "must start with a letter or _ and hold only letters, digits and _",
+            ));
+        } else if name.starts_with("TASKPODS_") {
+            problems.push(Problem::new(
+                field.clone(),
+                "the TASKPODS_ prefix is reserved for the engine",
+            ));
+        } else if launch.env.contains_key(name) {
+            problems.push(Problem::new(
+                field.clone(),
+                "is also in env; give each variable one source",
+            ));
+        }
+        if !is_dns_subdomain(&reference.name) {
+            problems.push(Problem::new(
+                format!("{field}.name"),
+                "must be a Secret name: 1 to 253 lowercase letters, digits, '-' and '.', starting and \
+                 ending with a letter or digit",
+            ));
+        }
+        if !is_secret_key(&reference.key) {
+            problems.push(Problem::new(
+                format!("{field}.key"),
+                "must be a Secret key: 1 to 253 letters, digits, '-', '_' and '.', not '.' or '..'",
+            ));
+        }
+    }
+}
+
+/// A DNS-1123 subdomain, as Kubernetes object names (Secrets among them) must be.
+fn is_dns_subdomain(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && text.split('.').all(|label| {
+            let l = label.as_bytes();
+            !l.is_empty()
+                && l[0].is_ascii_alphanumeric()
+                && l[l.len() - 1].is_ascii_alphanumeric()
+                && l.iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        })
+}
+
+/// A Secret data key: what the API server accepts (`[-._a-zA-Z0-9]+`, not `.` or `..`).
+fn is_secret_key(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text != "."
+        && text != ".."
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -676,5 +756,80 @@ mod tests {
         assert_eq!(parse_memory_bytes("Mi"), None);
         assert_eq!(parse_memory_bytes("-1Mi"), None);
         assert_eq!(parse_memory_bytes("99999999999999Ti"), None);
+    }
+
+    #[test]
+    fn secret_env_needs_the_kubernetes_backend_and_well_formed_references() {
+        use crate::env::SecretKeyRef;
+        let reference = |name: &str, key: &str| SecretKeyRef {
+            name: name.to_owned(),
+            key: key.to_owned(),
+        };
+        let launch = LaunchTask {
+            secret_env: BTreeMap::from([(
+                "API_TOKEN".to_owned(),
+                reference("brain-token", "token"),
+            )]),
+            ..LaunchTask::script("true")
+        };
+        let refused = launch
+            .validate(&LaunchPolicy::default())
+            .expect_err("local");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].field, "secret_env");
+        assert!(
+            refused[0].message.contains("Kubernetes backend"),
+            "{refused:?}"
+        );
+
+        let kubernetes = LaunchPolicy {
+            allow_secret_env: true,
+            ..LaunchPolicy::default()
+        };
+        let spec = launch.validate(&kubernetes).expect("valid");
+        assert_eq!(
+            spec.secret_env["API_TOKEN"],
+            reference("brain-token", "token")
+        );
+        assert!(spec.env.is_empty(), "a reference is not a value");
+
+        let bad = LaunchTask {
+            env: BTreeMap::from([("BOTH".to_owned(), "x".to_owned())]),
+            secret_env: BTreeMap::from([
+                ("BOTH".to_owned(), reference("ok", "k")),
+                ("TASKPODS_X".to_owned(), reference("ok", "k")),
+                ("1BAD".to_owned(), reference("ok", "k")),
+                ("UPPER".to_owned(), reference("Not-DNS", "k")),
+                ("DOTS".to_owned(), reference("a..b", "..")),
+                ("SLASH".to_owned(), reference("ok", "a/b")),
+                ("LONG".to_owned(), reference(&"a".repeat(254), "k")),
+            ]),
+            ..LaunchTask::script("true")
+        };
+        let fields: Vec<String> = bad
+            .validate(&kubernetes)
+            .expect_err("invalid")
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "secret_env.1BAD",
+                "secret_env.BOTH",
+                "secret_env.DOTS.name",
+                "secret_env.DOTS.key",
+                "secret_env.LONG.name",
+                "secret_env.SLASH.key",
+                "secret_env.TASKPODS_X",
+                "secret_env.UPPER.name",
+            ]
+        );
+        // Only the task namespace: a reference has no namespace to name.
+        let foreign: Result<LaunchTask, _> = serde_json::from_value(serde_json::json!({
+            "script": "true",
+            "secret_env": {"T": {"name": "s", "key": "k", "namespace": "kube-system"}}
+        }));
+        assert!(foreign.unwrap_err().to_string().contains("namespace"));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Prints, from one run on one server: the raw rate of reading the event stream with an ordered consumer,
 //! the projector's throughput folding the same stream from sequence 1, the rebuild rate, and the
-//! projection lag (p50/p99) at a steady event rate. Sizes: `BENCH_TASKS` (default 20000 tasks, about
-//! six events each), `BENCH_RATE` (events/s for the lag run, default 2000), `BENCH_LAG_SECS` (default 5).
+//! projection lag (p50/p99) at steady offered loads, with the ratios to the raw read and a summary line.
+//! Sizes: `BENCH_TASKS` (default 20000 tasks, about six events each), `BENCH_RATES` (events/s offered in
+//! the lag runs, default `1000,3000,7000`; 7000 is about 1,000 lifecycles/s), `BENCH_LAG_SECS` (default 5).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +16,8 @@ use async_nats::jetstream::{self, consumer::pull, kv};
 use chrono::Utc;
 use futures::StreamExt;
 use taskpods_events::{Names, TaskId};
-use taskpods_harness::{NatsServer, nats_server_version};
+use taskpods_harness::NatsServer;
+use taskpods_harness::measure::{self, Latencies};
 use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::rebuild::{self, RebuildConfig};
 use taskpods_projections::{ProjectorConfig, ProjectorStats, TaskView, Views, projector};
@@ -44,7 +46,10 @@ fn ensure_topology_streams() -> Vec<jetstream::stream::Config> {
 async fn main() {
     // `cargo bench` passes `--bench`; anything else (e.g. a filter) is ignored.
     let tasks = env("BENCH_TASKS", 20_000);
-    let rate = env("BENCH_RATE", 2_000);
+    let rates: Vec<u64> = std::env::var("BENCH_RATES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 3_000, 7_000]);
     let lag_secs = env("BENCH_LAG_SECS", 5);
     let server = NatsServer::start();
     let js = jetstream::new(server.connect().await);
@@ -52,11 +57,7 @@ async fn main() {
         js.create_stream(config).await.expect("event stream");
     }
     let names = Names::default();
-    println!(
-        "nats-server {}, {} cores; {tasks} random task histories",
-        nats_server_version(),
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    println!("{}; {tasks} random task histories", measure::machine_line());
 
     let histories = generate::histories(1, tasks, Utc::now(), 10);
     let events = generate::interleave(&mut Rng::new(2), &histories);
@@ -112,6 +113,7 @@ async fn main() {
     .await
     .expect("projector");
     let secs = started.elapsed().as_secs_f64();
+    let projector_rate = stats.seen() as f64 / secs;
     println!(
         "projector (durable, guarded writes): {:>9} events in {secs:>6.2} s = {:>9.0} events/s ({:.2}x raw)",
         stats.seen(),
@@ -137,6 +139,7 @@ async fn main() {
         .await
         .expect("rebuild");
     let secs = started.elapsed().as_secs_f64();
+    let rebuild_rate = summary.events as f64 / secs;
     println!(
         "rebuild (fold + write + switch):     {:>9} events in {secs:>6.2} s = {:>9.0} events/s ({:.2}x raw; fold {:.2} s, write {:.2} s, {} tasks)",
         summary.events,
@@ -147,12 +150,11 @@ async fn main() {
         summary.tasks
     );
 
-    // Lag at a steady rate: events of new tasks published at `rate`, the projector running, a watch on
-    // the task views noting when each event's sequence is visible.
+    // Lag at steady offered loads: events of new tasks published at each rate, one projector running
+    // throughout, a watch on the task views noting when each event's sequence is visible.
     let live = Views::open(&js, &names, Default::default())
         .await
         .expect("views");
-    let mut watch = live.buckets().tasks.watch_all().await.expect("watch");
     let stop = CancellationToken::new();
     let projector_stats = Arc::new(ProjectorStats::default());
     let running = tokio::spawn(projector::run(
@@ -161,9 +163,42 @@ async fn main() {
         projector_stats.clone(),
         stop.clone(),
     ));
-    let steady = generate::histories(3, (rate * lag_secs) / 5 + 1, Utc::now(), 8);
-    let steady = generate::interleave(&mut Rng::new(4), &steady);
-    let total = steady.len().min((rate * lag_secs) as usize);
+    let mut worst_p99 = 0.0f64;
+    for (i, rate) in rates.iter().copied().enumerate() {
+        let seed = 10 + 2 * i as u64;
+        let (achieved, mut lags, observed, total) =
+            lag_at(&js, &names, &live, rate, lag_secs, seed).await;
+        worst_p99 = worst_p99.max(lags.percentile(0.99).as_secs_f64() * 1e3);
+        println!(
+            "projection lag at {achieved:>5.0} events/s offered for {lag_secs} s: {} ({observed} of {total} events observed; publish to visible in the task view) · load {}",
+            lags.summary(),
+            measure::load_average()
+        );
+    }
+    stop.cancel();
+    let _ = running.await;
+    println!(
+        "summary: projector {projector_rate:.0} ev/s = {:.2}x raw (goal >= 0.3) · rebuild {rebuild_rate:.0} ev/s = {:.2}x raw (goal >= 0.5) · raw read {raw:.0} ev/s · worst lag p99 {worst_p99:.1} ms (goal <= 50 ms at ~7k ev/s)",
+        projector_rate / raw,
+        rebuild_rate / raw,
+    );
+}
+
+/// Publishes events of fresh tasks at `rate` per second for `secs` seconds while the projector runs, and
+/// measures for each event the time from its publish to a task view holding its sequence. Returns the
+/// rate achieved, the lags, and how many of how many events were observed.
+async fn lag_at(
+    js: &jetstream::Context,
+    names: &Names,
+    live: &Views,
+    rate: u64,
+    secs: u64,
+    seed: u64,
+) -> (f64, Latencies, usize, usize) {
+    let mut watch = live.buckets().tasks.watch_all().await.expect("watch");
+    let steady = generate::histories(seed, (rate * secs) / 5 + 1, Utc::now(), 8);
+    let steady = generate::interleave(&mut Rng::new(seed + 1), &steady);
+    let total = steady.len().min((rate * secs) as usize);
     let seen = tokio::spawn(async move {
         let mut seen: HashMap<TaskId, Vec<(u64, Instant)>> = HashMap::new();
         while let Ok(Some(Ok(entry))) =
@@ -184,8 +219,9 @@ async fn main() {
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let started = Instant::now();
     let mut acks = Vec::new();
+    let mut progress = measure::Progress::new(format!("lag at {rate} ev/s"), total as u64);
     for (i, (position, event)) in steady.iter().take(total).enumerate() {
-        let due = started + interval * i as u32;
+        let due = started + interval.mul_f64(i as f64);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
@@ -205,36 +241,25 @@ async fn main() {
             for (task, sent, ack) in acks.drain(..) {
                 published.push((task, ack.await.expect("ack").sequence, sent));
             }
+            progress.update(i as u64);
         }
     }
     for (task, sent, ack) in acks.drain(..) {
         published.push((task, ack.await.expect("ack").sequence, sent));
     }
+    progress.finish();
     let achieved = total as f64 / started.elapsed().as_secs_f64();
     let seen = seen.await.expect("watcher");
-    stop.cancel();
-    let _ = running.await;
-    let mut lags: Vec<f64> = published
-        .iter()
-        .filter_map(|(task, seq, sent)| {
-            seen.get(task)?
-                .iter()
-                .find(|(s, _)| s >= seq)
-                .map(|(_, at)| at.duration_since(*sent).as_secs_f64() * 1000.0)
-        })
-        .collect();
-    lags.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        lags.get(((lags.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    println!(
-        "projection lag at {achieved:.0} events/s for {lag_secs} s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} events observed; publish to visible in the task view)",
-        pct(0.5),
-        pct(0.99),
-        lags.last().copied().unwrap_or(f64::NAN),
-        lags.len(),
-        published.len()
-    );
+    let mut lags = Latencies::new();
+    for (task, seq, sent) in &published {
+        if let Some(at) = seen
+            .get(task)
+            .and_then(|s| s.iter().find(|(s, _)| s >= seq))
+            .map(|(_, at)| *at)
+        {
+            lags.record(at.duration_since(*sent));
+        }
+    }
+    let observed = lags.len();
+    (achieved, lags, observed, published.len())
 }

@@ -2,8 +2,9 @@
 //! out-of-order delivery and several projectors at once cannot corrupt or regress a view.
 //!
 //! Per task, in this order:
-//! 1. Read the task view and history (or take them from the cache); events at or below the view's `seq`
-//!    are no-ops.
+//! 1. Read the task view and history (or take them from the cache; or, when the batch holds the task's
+//!    first event, assume there are none and let the revision-0 writes prove it); events at or below the
+//!    view's `seq` are no-ops.
 //! 2. Fold the newer events. An event's position (from `Nats-Msg-Id`) must be the view's next position;
 //!    when it is further on (an earlier event is still being delivered elsewhere, or was re-delivered
 //!    late), the missing events are read from the task's subject first ("healing"), so the fold never
@@ -112,6 +113,19 @@ struct Cached {
     active: ActiveHint,
 }
 
+impl Cached {
+    /// What a task nobody has written yet has: nothing, at revision 0 everywhere.
+    fn new_task(task: TaskId) -> Self {
+        Self {
+            view: TaskView::empty(task),
+            rev: 0,
+            history: HistoryView::empty(task),
+            history_rev: 0,
+            active: ActiveHint::Rev { rev: 0, seq: 0 },
+        }
+    }
+}
+
 /// What step 1-3 produced for one task, waiting for its finished entry and commit.
 #[derive(Debug)]
 struct Prepared {
@@ -201,9 +215,9 @@ impl Writer {
         self.create_finished(&finished).await?;
 
         let redo: Vec<Result<Applied, ApplyError>> =
-            futures::stream::iter(ready.into_iter().map(|p| async move {
+            futures::stream::iter(ready.into_iter().map(|mut p| async move {
                 let mut applied = p.applied;
-                if self.commit(&p).await? {
+                if self.commit(&mut p).await? {
                     return Ok(applied);
                 }
                 // Lost the race on the task view: someone else moved it; do the task again from what
@@ -232,7 +246,7 @@ impl Writer {
     ) -> Result<Applied, ApplyError> {
         events.sort_by_key(|e| e.sequence);
         for conflicts in 0..CONFLICT_RETRIES as u64 {
-            let Some(p) = self.prepare(task, events.clone()).await? else {
+            let Some(mut p) = self.prepare(task, events.clone()).await? else {
                 return Ok(Applied {
                     skipped: events.len() as u64,
                     conflicts,
@@ -242,7 +256,7 @@ impl Writer {
             if let Some(f) = &p.finished {
                 self.create_finished(&[f]).await?;
             }
-            if self.commit(&p).await? {
+            if self.commit(&mut p).await? {
                 return Ok(Applied {
                     conflicts,
                     ..p.applied
@@ -260,24 +274,38 @@ impl Writer {
     ) -> Result<Option<Prepared>, ApplyError> {
         let mut applied = Applied::default();
         let key = task.to_string();
+        // The batch holds the task's first event (position 0): its views cannot exist yet, unless the
+        // batch is a re-delivery or another projector got there first, and then the revision-0 writes
+        // fail and the task is read and done again. A new task therefore costs no reads.
+        let first_event_here = events.first().is_some_and(|e| e.position == Some(0));
         for attempt in 0..CONFLICT_RETRIES {
+            // Taken out of the cache, not copied: the fold works on it in place (a copy would cost the
+            // size of the task's history on every batch); `commit` puts the result back.
             let cached = if attempt == 0 {
-                self.cached(task)
+                self.take_cached(task)
             } else {
                 None
             };
             let current = match cached {
                 Some(c) => c,
+                None if attempt == 0 && first_event_here => Cached::new_task(task),
                 None => self.read(task).await?,
             };
             let newest = events.last().map_or(0, |e| e.sequence);
             if newest <= current.view.seq {
                 // Nothing new for the task view; the other buckets were written before it (it is the
                 // commit record), so there is nothing to do.
+                self.remember(task, current);
                 return Ok(None);
             }
-            let mut view = current.view.clone();
-            let mut history = current.history.clone();
+            let Cached {
+                mut view,
+                rev: view_rev,
+                mut history,
+                history_rev: stored_history_rev,
+                active: active_hint,
+            } = current;
+            let stored_history_seq = history.seq;
             let was_terminal = view.is_terminal();
             let mut finished = None;
             let mut step = Applied::default();
@@ -326,12 +354,12 @@ impl Writer {
             // History is guarded by its own sequence (never behind the task view's listed events, see
             // the module doc); a conflict means another projector wrote it: re-read and fold again.
             let history_write = async {
-                if history.seq > current.history.seq {
+                if history.seq > stored_history_seq {
                     let bytes = encode(&history)?;
                     match self
                         .buckets
                         .history
-                        .update(&key, bytes, current.history_rev)
+                        .update(&key, bytes, stored_history_rev)
                         .await
                     {
                         Ok(rev) => Ok(Some(rev)),
@@ -339,13 +367,11 @@ impl Writer {
                         Err(e) => Err(ApplyError::from(BucketError::js("write history", &key, e))),
                     }
                 } else {
-                    Ok(Some(current.history_rev))
+                    Ok(Some(stored_history_rev))
                 }
             };
-            let (history_rev, active) = futures::join!(
-                history_write,
-                self.write_active(&key, &view, current.active)
-            );
+            let (history_rev, active) =
+                futures::join!(history_write, self.write_active(&key, &view, active_hint));
             let active = active?;
             let Some(history_rev) = history_rev? else {
                 self.forget(task);
@@ -356,7 +382,7 @@ impl Writer {
             return Ok(Some(Prepared {
                 task,
                 view,
-                rev: current.rev,
+                rev: view_rev,
                 history,
                 history_rev,
                 active,
@@ -519,7 +545,7 @@ impl Writer {
     }
 
     /// Step 5; `false` on a revision conflict.
-    async fn commit(&self, p: &Prepared) -> Result<bool, ApplyError> {
+    async fn commit(&self, p: &mut Prepared) -> Result<bool, ApplyError> {
         let key = p.task.to_string();
         match self
             .buckets
@@ -528,12 +554,13 @@ impl Writer {
             .await
         {
             Ok(rev) => {
+                // Moved into the cache, not copied: the task is done for this batch.
                 self.remember(
                     p.task,
                     Cached {
-                        view: p.view.clone(),
+                        view: std::mem::replace(&mut p.view, TaskView::empty(p.task)),
                         rev,
-                        history: p.history.clone(),
+                        history: std::mem::replace(&mut p.history, HistoryView::empty(p.task)),
                         history_rev: p.history_rev,
                         active: p.active,
                     },
@@ -588,8 +615,8 @@ impl Writer {
         })
     }
 
-    fn cached(&self, task: TaskId) -> Option<Cached> {
-        self.cache.lock().ok()?.get(&task).cloned()
+    fn take_cached(&self, task: TaskId) -> Option<Cached> {
+        self.cache.lock().ok()?.remove(&task)
     }
 
     fn remember(&self, task: TaskId, c: Cached) {

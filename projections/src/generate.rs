@@ -49,6 +49,7 @@ pub fn spec(i: u64) -> TaskSpec {
         mode: Mode::Script,
         instructions: "echo hello".into(),
         env: Default::default(),
+        secret_env: Default::default(),
         timeout_secs: 600,
         resources: Resources {
             cpu_request_millis: 250,

@@ -146,7 +146,8 @@ pub async fn fold_stream(
 pub struct RebuildConfig {
     /// The projector settings used for the catch-up (names, bucket settings, batch sizes).
     pub projector: ProjectorConfig,
-    /// Writes in flight while writing the new generation.
+    /// Writes awaiting their acks at once while writing the new generation (they are pipelined on one
+    /// connection; see `write_generation`).
     pub write_concurrency: usize,
 }
 
@@ -154,7 +155,7 @@ impl Default for RebuildConfig {
     fn default() -> Self {
         Self {
             projector: ProjectorConfig::default(),
-            write_concurrency: 256,
+            write_concurrency: 4096,
         }
     }
 }
@@ -304,82 +305,110 @@ pub async fn delete_generation(
     Ok(())
 }
 
+/// Writes the folded views into the (empty, unread) buckets of the new generation, every write
+/// pipelined: nobody reads a generation before the pointer names it, so there is no order to keep
+/// between a task's buckets and no reason to wait for one write before sending the next. `window`
+/// writes are awaiting their acks at any time. Writes are create-only, so a half-built generation left
+/// by a failed run is refused rather than silently mixed (rebuild deletes it first).
 async fn write_generation(
     js: &jetstream::Context,
     target: &ViewBuckets,
     folded: &FoldedStream,
-    concurrency: usize,
+    window: usize,
     progress: &mut impl FnMut(Progress),
 ) -> Result<(), RebuildError> {
     let total = folded.tasks.len() as u64;
-    let mut done = 0u64;
-    let mut writes = futures::stream::iter(folded.tasks.values().map(|f| async move {
+    let mut writes = Pipeline::new(js, window);
+    for (done, f) in folded.tasks.values().enumerate() {
         let key = f.view.task.to_string();
-        create(&target.history, &key, &f.history).await?;
+        writes.create(&target.history, &key, &f.history).await?;
         if let Some(active) = f.active() {
-            create(&target.active, &key, &active).await?;
+            writes.create(&target.active, &key, &active).await?;
         }
-        create(&target.tasks, &key, &f.view).await
-    }))
-    .buffer_unordered(concurrency.max(1));
-    while let Some(r) = writes.next().await {
-        r?;
-        done += 1;
-        if done.is_multiple_of(1024) {
+        writes.create(&target.tasks, &key, &f.view).await?;
+        if (done as u64 + 1).is_multiple_of(1024) {
             progress(Progress {
                 phase: Phase::Write,
-                done,
+                done: done as u64 + 1,
                 total,
             });
         }
     }
-    progress(Progress {
-        phase: Phase::Write,
-        done: total,
-        total,
-    });
-    // The finished index in the order tasks ended, pipelined in windows so the stream keeps that order.
+    // The finished index in the order tasks ended: one connection keeps the publishes in that order.
     let mut finished: Vec<&FinishedView> = folded
         .tasks
         .values()
         .filter_map(|f| f.finished.as_ref())
         .collect();
     finished.sort_by_key(|f| f.seq);
-    for window in finished.chunks(1024) {
-        let mut acks = Vec::with_capacity(window.len());
-        for f in window {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-            let value = view::encode(f).map_err(|e| unencodable(&f.task.to_string(), e))?;
-            acks.push(
-                js.publish_with_headers(
-                    format!("$KV.{}.{}", target.finished.name, f.task),
-                    headers,
-                    value,
-                )
-                .await
-                .map_err(|e| BucketError::js("write finished", f.task.to_string(), e))?,
-            );
-        }
-        for ack in acks {
-            ack.await
-                .map_err(|e| BucketError::js("write finished", &target.finished.name, e))?;
-        }
+    for f in finished {
+        writes
+            .create(&target.finished, &f.task.to_string(), f)
+            .await?;
     }
+    writes.finish().await?;
+    progress(Progress {
+        phase: Phase::Write,
+        done: total,
+        total,
+    });
     Ok(())
 }
 
-async fn create<T: Serialize>(
-    bucket: &kv::Store,
-    key: &str,
-    value: &T,
-) -> Result<(), RebuildError> {
-    let bytes = view::encode(value).map_err(|e| unencodable(key, e))?;
-    bucket
-        .update(key, bytes, 0)
-        .await
-        .map_err(|e| BucketError::js("write", format!("{}/{key}", bucket.name), e))?;
-    Ok(())
+/// Create-only KV writes with up to `window` acks outstanding.
+struct Pipeline<'a> {
+    js: &'a jetstream::Context,
+    window: usize,
+    acks: std::collections::VecDeque<(String, jetstream::context::PublishAckFuture)>,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(js: &'a jetstream::Context, window: usize) -> Self {
+        Self {
+            js,
+            window: window.max(1),
+            acks: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Sends a create of `key` in `bucket` (failing if the key exists), waiting for the oldest ack
+    /// first when the window is full.
+    async fn create<T: Serialize>(
+        &mut self,
+        bucket: &kv::Store,
+        key: &str,
+        value: &T,
+    ) -> Result<(), RebuildError> {
+        if self.acks.len() >= self.window {
+            self.next().await?;
+        }
+        let bytes = view::encode(value).map_err(|e| unencodable(key, e))?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        let name = format!("{}/{key}", bucket.name);
+        let ack = self
+            .js
+            .publish_with_headers(format!("$KV.{}.{key}", bucket.name), headers, bytes)
+            .await
+            .map_err(|e| BucketError::js("write", &name, e))?;
+        self.acks.push_back((name, ack));
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<(), RebuildError> {
+        if let Some((name, ack)) = self.acks.pop_front() {
+            ack.await.map_err(|e| BucketError::js("write", name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding ack.
+    async fn finish(mut self) -> Result<(), RebuildError> {
+        while !self.acks.is_empty() {
+            self.next().await?;
+        }
+        Ok(())
+    }
 }
 
 fn unencodable(key: &str, source: serde_json::Error) -> BucketError {

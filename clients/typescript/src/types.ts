@@ -1106,6 +1106,14 @@ export interface LaunchTask {
    */
   script?: string | null;
   /**
+   * Environment variables for the user's code whose values come from keys of Kubernetes Secrets in
+   * the task namespace (Kubernetes backend only; refused by other backends). The engine never reads
+   * them.
+   */
+  secret_env?: {
+    [k: string]: SecretKeyRef;
+  };
+  /**
    * The task id the caller wants; when absent it is derived from `idempotency_key`.
    */
   task_id?: string | null;
@@ -1164,6 +1172,22 @@ export interface ResourceRequest {
    * Memory the scheduler reserves.
    */
   memory_request?: string | null;
+}
+/**
+ * An env value taken from one key of a Kubernetes Secret in the task namespace (the Kubernetes backend
+ * only). The task pod's container gets it through `valueFrom.secretKeyRef`; the engine never reads the
+ * Secret, so the value is in no event, view or log. There is no namespace: only the task namespace's
+ * Secrets can be named.
+ */
+export interface SecretKeyRef {
+  /**
+   * The key in the Secret (letters, digits, `-`, `_` and `.`, at most 253).
+   */
+  key: string;
+  /**
+   * The Secret's name (a DNS subdomain: lowercase letters, digits, `-` and `.`, at most 253).
+   */
+  name: string;
 }
 /**
  * A request to stop a task.
@@ -1237,6 +1261,12 @@ export interface TaskSpec {
    */
   requester?: string | null;
   resources: Resources;
+  /**
+   * Environment for the user's code from Kubernetes Secrets (references only, never values).
+   */
+  secret_env?: {
+    [k: string]: SecretKeyRef;
+  };
   /**
    * Seconds until the task is timed out (at most 1800).
    */

@@ -68,7 +68,8 @@ for (const signal of ["SIGINT", "SIGTERM"] as const) {
   });
 }
 
-function track(child: ChildProcess): ChildProcess {
+/** Kills `child` when the test process goes, however it goes. */
+export function track(child: ChildProcess): ChildProcess {
   children.add(child);
   child.once("exit", () => children.delete(child));
   return child;

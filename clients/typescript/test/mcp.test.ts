@@ -11,28 +11,13 @@ import { after, before, test } from "node:test";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
 
+import { toolCaller } from "./tools.js";
 import { Installation, REPO, TASKPODS_BIN } from "./harness.js";
 
 let inst: Installation;
 let mcp: Client;
 
-interface ToolAnswer {
-  isError?: boolean;
-  content: { type: string; text: string }[];
-  structuredContent?: Record<string, unknown>;
-}
-
-async function call(name: string, args: Record<string, unknown>): Promise<ToolAnswer> {
-  return (await mcp.callTool({ name, arguments: args }, undefined, { timeout: 120_000 })) as ToolAnswer;
-}
-
-/** A successful tool answer's structured content (and its text says the same). */
-async function ok(name: string, args: Record<string, unknown>): Promise<Record<string, unknown>> {
-  const answer = await call(name, args);
-  assert.ok(!answer.isError, `${name} failed: ${answer.content[0]?.text}`);
-  assert.deepEqual(JSON.parse(answer.content[0].text), answer.structuredContent);
-  return answer.structuredContent ?? {};
-}
+const { call, ok } = toolCaller(() => mcp);
 
 interface ServerConfig {
   command: string;

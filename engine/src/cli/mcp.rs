@@ -1,12 +1,13 @@
 //! `taskpods mcp`: the Model Context Protocol server on stdin/stdout (see [`crate::mcp`]), for an MCP host
-//! (a desktop assistant, an agent framework) to give its model the taskpods tools.
+//! (a desktop assistant, an agent framework) to give its model the taskpods tools; with `--http ADDR`, the
+//! same over streamable HTTP on loopback, callers holding the bearer token in `TASKPODS_MCP_TOKEN`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use crate::cli::Global;
-use crate::mcp::{self, McpConfig, Tools};
+use crate::mcp::{self, McpConfig, Tools, http::HttpServer};
 
 /// Arguments of `taskpods mcp`.
 #[derive(clap::Args, Debug)]
@@ -20,7 +21,14 @@ pub struct McpArgs {
     /// Prefix for the idempotency keys the model gives (e.g. the conversation id).
     #[arg(long, env = "TASKPODS_MCP_KEY_PREFIX")]
     pub key_prefix: Option<String>,
+    /// Serve MCP over streamable HTTP on this loopback address (`127.0.0.1:8765`; port 0 picks one)
+    /// instead of stdio, at `/mcp`. Callers send `Authorization: Bearer $TASKPODS_MCP_TOKEN`.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
 }
+
+/// The environment variable holding the bearer token of `--http` (never a flag: `ps` shows flags).
+pub const TOKEN_ENV: &str = "TASKPODS_MCP_TOKEN";
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
@@ -44,6 +52,9 @@ pub async fn run(global: Global, args: McpArgs) -> ExitCode {
         ..McpConfig::default()
     };
     let tools = Tools::new(nats, global.names, config);
+    if let Some(addr) = args.http {
+        return serve_http(addr, tools).await;
+    }
     // Blocking threads for stdin and stdout: a host reads one JSON message per line, flushed at once.
     let (lines_in, lines) = tokio::sync::mpsc::channel(16);
     std::thread::spawn(move || {
@@ -69,6 +80,35 @@ pub async fn run(global: Global, args: McpArgs) -> ExitCode {
     let served = mcp::serve(tools, lines, replies).await;
     let _ = writer.join();
     match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves MCP over HTTP on `addr` until SIGINT or SIGTERM.
+async fn serve_http(addr: std::net::SocketAddr, tools: Tools) -> ExitCode {
+    let token = std::env::var(TOKEN_ENV).unwrap_or_default();
+    let server = match HttpServer::bind(addr, token, tools).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server.local_addr() {
+        Ok(bound) => eprintln!(
+            "taskpods mcp: serving MCP on http://{bound}{} (Authorization: Bearer ${TOKEN_ENV})",
+            mcp::http::PATH
+        ),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match server.serve(crate::cli::serve::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,4 +1,5 @@
-//! The operator's CLI, one module per command group; `main.rs` only parses and dispatches.
+//! The operator's CLI, one module per command group; [`app`] parses and dispatches (`main.rs` only starts
+//! the runtime).
 //!
 //! - [`serve`]: run the engine.
 //! - [`auth`]: generate the NATS authorization material (`auth init`).
@@ -11,6 +12,7 @@
 //! - [`ui`]: the web UI and JSON API alone (also served by `serve`).
 //! - [`files`]: a task's artifacts (list, get, all), and the inputs `launch --input` puts.
 
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod files;

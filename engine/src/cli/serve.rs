@@ -9,6 +9,7 @@ use crate::config_file::{self, ConfigFileError};
 use crate::executor::kubernetes::KubernetesConfig;
 use crate::executor::{BackendConfig, local::LocalConfig, noop::NoopConfig};
 use crate::server;
+use crate::telemetry;
 use tokio_util::sync::CancellationToken;
 
 /// Arguments of `taskpods serve`. Each flag, when given, wins over the configuration file; the file
@@ -43,6 +44,12 @@ pub struct ServeArgs {
     /// Without it a random key is used that dies with the process.
     #[arg(long, env = "TASKPODS_SEAL_KEY")]
     pub seal_key: Option<std::path::PathBuf>,
+    /// Kubernetes backend: API requests per second at most, on average (default 0: no limit).
+    #[arg(long, env = "TASKPODS_KUBE_QPS")]
+    pub kube_qps: Option<f64>,
+    /// Kubernetes backend: API requests at once above that rate (default 100).
+    #[arg(long, env = "TASKPODS_KUBE_BURST")]
+    pub kube_burst: Option<u32>,
     /// Kubernetes backend: the NATS URL task pods connect to (default: the in-cluster NATS service).
     #[arg(long, env = "TASKPODS_AGENT_NATS_URL")]
     pub agent_nats_url: Option<String>,
@@ -136,6 +143,12 @@ pub fn engine_config(
             if let Some(url) = args.agent_nats_url {
                 kubernetes.job.nats_url = url;
             }
+            if let Some(qps) = args.kube_qps {
+                kubernetes.api_qps = qps;
+            }
+            if let Some(burst) = args.kube_burst {
+                kubernetes.api_burst = burst;
+            }
         }
         BackendConfig::Noop(_) | BackendConfig::None => {}
     }
@@ -154,6 +167,17 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let telemetry = match config
+        .telemetry
+        .resolve(|name| std::env::var(name).ok())
+        .and_then(|export| telemetry::install(export.as_ref()))
+    {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {}", server::error_chain_text(&e));
+            return ExitCode::from(2);
+        }
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -162,7 +186,10 @@ pub async fn run(global: Global, args: ServeArgs) -> ExitCode {
             shutdown.cancel();
         }
     });
-    match server::run(config, shutdown).await {
+    let result = server::run(config, shutdown).await;
+    // The exporter blocks while it sends what is left; off the async workers.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", server::error_chain_text(&e));

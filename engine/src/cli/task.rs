@@ -241,6 +241,8 @@ pub async fn show(global: Global, args: ShowArgs) -> ExitCode {
         "events    {} (last #{})",
         task.events, snapshot.last_sequence
     );
+    // The id its trace has in the tracing backend, when traces are exported (derived from the task id).
+    println!("trace     {}", crate::telemetry::trace_id(args.task));
     ExitCode::SUCCESS
 }
 

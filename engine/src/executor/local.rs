@@ -312,6 +312,14 @@ impl Backend for LocalBackend {
         spec: &TaskSpec,
         deadline: DateTime<Utc>,
     ) -> Result<String, BackendError> {
+        if !spec.secret_env.is_empty() {
+            // Intake refuses these for this backend; an event accepted by another engine's policy
+            // still cannot run here.
+            return Err(BackendError::fatal(
+                taskpods_events::FailureReason::BackendError,
+                "secret_env (values from Kubernetes Secrets) needs the Kubernetes backend",
+            ));
+        }
         let job = task.job_name();
         // The sandbox exists once its directory does, whether or not its agent still runs (as a Job
         // exists after its pod died): adopt it, never start a second agent for the task. Creating the

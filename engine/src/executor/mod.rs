@@ -65,7 +65,7 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use taskpods_events::{Addressed, EventBody, FailureReason, Input, TaskId, TaskState, evolve};
 use taskpods_projections::log;
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::context::EngineCtx;
 use crate::store::{ExecuteError, LoadedTask, StoredEvent};
@@ -154,36 +154,52 @@ pub async fn reconcile<B: Backend>(
             let (Some(spec), Some(deadline)) = (&task.spec, task.deadline) else {
                 return Ok((Effect::Nothing, loaded));
             };
-            match backend.create(task_id, spec, deadline).await {
-                Ok(job) => {
-                    let input = Input::JobCreated { job: job.clone() };
-                    let after = execute(ctx, task_id, &input, loaded).await?;
-                    if after.task.state.is_terminal() {
-                        // Ended (cancelled) while we created: remove what we made.
-                        backend.reap(task_id, &job, Duration::ZERO).await?;
-                    } else if after.task.job.as_ref() == Some(&job) {
-                        backend.recorded(task_id, &job);
+            let (spec, deadline) = (spec.clone(), deadline);
+            let span = crate::task_span!("create", task_id, outcome = tracing::field::Empty);
+            async {
+                match backend.create(task_id, &spec, deadline).await {
+                    Ok(job) => {
+                        tracing::Span::current().record("outcome", "created");
+                        let input = Input::JobCreated { job: job.clone() };
+                        let after = execute(ctx, task_id, &input, loaded).await?;
+                        if after.task.state.is_terminal() {
+                            // Ended (cancelled) while we created: remove what we made.
+                            backend.reap(task_id, &job, Duration::ZERO).await?;
+                        } else if after.task.job.as_ref() == Some(&job) {
+                            backend.recorded(task_id, &job);
+                        }
+                        Ok((Effect::Created(job), after))
                     }
-                    Ok((Effect::Created(job), after))
-                }
-                Err(e) if e.retryable => Err(e),
-                Err(e) => {
-                    let input = Input::BackendFailed {
-                        reason: e.reason,
-                        message: Some(e.message.clone()),
-                    };
-                    let after = execute(ctx, task_id, &input, loaded).await?;
-                    Ok((Effect::Nothing, after))
+                    Err(e) if e.retryable => {
+                        tracing::Span::current().record("outcome", "retry");
+                        Err(e)
+                    }
+                    Err(e) => {
+                        tracing::Span::current().record("outcome", "failed");
+                        let input = Input::BackendFailed {
+                            reason: e.reason,
+                            message: Some(e.message.clone()),
+                        };
+                        let after = execute(ctx, task_id, &input, loaded).await?;
+                        Ok((Effect::Nothing, after))
+                    }
                 }
             }
+            .instrument(span)
+            .await
         }
         TaskState::Cancelling => {
             let Some(job) = &task.job else {
                 return Ok((Effect::Nothing, loaded));
             };
-            backend.stop(task_id, job).await?;
-            let after = execute(ctx, task_id, &Input::JobGone, loaded).await?;
-            Ok((Effect::Stopped, after))
+            let job = job.clone();
+            async {
+                backend.stop(task_id, &job).await?;
+                let after = execute(ctx, task_id, &Input::JobGone, loaded).await?;
+                Ok((Effect::Stopped, after))
+            }
+            .instrument(crate::task_span!("stop", task_id))
+            .await
         }
         state if state.is_terminal() && !task.reaped => {
             let Some(job) = task.job.clone() else {
@@ -202,9 +218,13 @@ pub async fn reconcile<B: Backend>(
             } else {
                 Duration::ZERO
             };
-            backend.reap(task_id, &job, grace).await?;
-            let after = execute(ctx, task_id, &Input::Reaped, loaded).await?;
-            Ok((Effect::Reaped, after))
+            async {
+                backend.reap(task_id, &job, grace).await?;
+                let after = execute(ctx, task_id, &Input::Reaped, loaded).await?;
+                Ok((Effect::Reaped, after))
+            }
+            .instrument(crate::task_span!("reap", task_id, state = state.name()))
+            .await
         }
         _ => Ok((Effect::Nothing, loaded)),
     }

@@ -3,11 +3,14 @@
 //!
 //! - this module: the JSON-RPC 2.0 side of the protocol (newline-delimited messages on stdin and stdout,
 //!   `initialize`, `ping`, `tools/list`, `tools/call`), requests served concurrently up to a bound;
-//! - [`tools`]: what each tool does, on top of the Rust client (`taskpods_client`).
+//! - [`tools`]: what each tool does, on top of the Rust client (`taskpods_client`);
+//! - [`http`]: the same messages over streamable HTTP (`taskpods mcp --http`), loopback and bearer token.
 //!
-//! Tool failures a model can act on (an invalid launch, an unknown task) are tool results with `isError`;
-//! only protocol misuse (unknown method, unknown tool, malformed arguments) is a JSON-RPC error.
+//! Tool failures a model can act on (an invalid launch, an unknown task; [`tools::ToolError`]) are tool
+//! results with `isError`; only protocol misuse (unknown method, unknown tool, malformed arguments) is a
+//! JSON-RPC error.
 
+pub mod http;
 pub mod tools;
 
 use std::sync::Arc;

@@ -8,10 +8,12 @@ use async_nats::jetstream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use taskpods_client::{Client, ClientConfig, ClientError};
-use taskpods_events::{LaunchTask, Mode, Names, TaskId, TaskState};
+use taskpods_events::{LaunchTask, Mode, Names, Problem, TaskId, TaskState};
+use taskpods_projections::buckets::BucketError;
 use taskpods_projections::{BucketSettings, TaskView, Views};
 
 use super::RpcError;
+use crate::cli::CliError;
 use crate::cli::logs::{self, Piece};
 
 /// What every model using these tools should know (sent as the server's `instructions`).
@@ -162,8 +164,89 @@ pub fn list() -> Vec<Value> {
     ]
 }
 
+/// Why a tool call failed. The message is the tool's answer to the model (`isError`), so each says what
+/// went wrong in the model's terms and, where it can, what to call instead; the cause stays attached for
+/// the host's log.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// The arguments do not fit the tool's input schema (a typo'd or mistyped field).
+    #[error("{tool}: bad arguments: {source}")]
+    Arguments {
+        /// The tool called.
+        tool: &'static str,
+        /// What serde found wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A `task_id` argument is not a UUID.
+    #[error("{text:?} is not a task id (a UUID as launch_task returned it)")]
+    NotATaskId {
+        /// What the model passed.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: uuid::Error,
+    },
+    /// The engine rejected the launch; every problem is listed for the model to fix.
+    #[error(
+        "the launch was rejected (task {task_id}); fix these and launch again with a new \
+         idempotency_key:\n{}",
+        problems.iter().map(|p| format!("- {}: {}", p.field, p.message)).collect::<Vec<_>>().join("\n")
+    )]
+    Rejected {
+        /// The task that exists now as rejected.
+        task_id: TaskId,
+        /// Every problem.
+        problems: Vec<Problem>,
+    },
+    /// No task has this id.
+    #[error("there is no task {task}: use the task_id launch_task returned")]
+    UnknownTask {
+        /// The id asked for.
+        task: TaskId,
+    },
+    /// The client failed otherwise (engine refused, NATS unreachable, no answer in time).
+    #[error("{source}")]
+    Client {
+        /// The client's error.
+        #[source]
+        source: ClientError,
+    },
+    /// The task's output could not be read.
+    #[error("reading the output of {task}: {source}")]
+    Output {
+        /// The task.
+        task: TaskId,
+        /// Why.
+        #[source]
+        source: CliError,
+    },
+    /// The task lists (the active and finished views) could not be read.
+    #[error("reading the task lists: {source}")]
+    Lists {
+        /// Why.
+        #[source]
+        source: BucketError,
+    },
+    /// `which` names no list.
+    #[error("which must be \"active\" or \"finished\", not {which:?}")]
+    UnknownList {
+        /// What the model passed.
+        which: String,
+    },
+}
+
+impl From<ClientError> for ToolError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Rejected { task_id, problems } => Self::Rejected { task_id, problems },
+            source => Self::Client { source },
+        }
+    }
+}
+
 /// What a tool answers: a result for the model, or an error the model can act on (`isError`).
-type ToolResult = Result<Value, String>;
+type ToolResult = Result<Value, ToolError>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,34 +295,23 @@ struct ListArgs {
     before: Option<u64>,
 }
 
-fn args<T: for<'de> Deserialize<'de>>(tool: &str, arguments: &Value) -> Result<T, String> {
+fn args<T: for<'de> Deserialize<'de>>(
+    tool: &'static str,
+    arguments: &Value,
+) -> Result<T, ToolError> {
     let arguments = if arguments.is_null() {
         json!({})
     } else {
         arguments.clone()
     };
-    serde_json::from_value(arguments).map_err(|e| format!("{tool}: bad arguments: {e}"))
+    serde_json::from_value(arguments).map_err(|source| ToolError::Arguments { tool, source })
 }
 
-fn parse_task(text: &str) -> Result<TaskId, String> {
-    text.trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a task id (a UUID as launch_task returned it)"))
-}
-
-fn client_error(e: ClientError) -> String {
-    match e {
-        ClientError::Rejected { task_id, problems } => format!(
-            "the launch was rejected (task {task_id}); fix these and launch again with a new \
-             idempotency_key:\n{}",
-            problems
-                .iter()
-                .map(|p| format!("- {}: {}", p.field, p.message))
-                .collect::<Vec<_>>()
-                .join("\n")
-        ),
-        other => other.to_string(),
-    }
+fn parse_task(text: &str) -> Result<TaskId, ToolError> {
+    text.trim().parse().map_err(|source| ToolError::NotATaskId {
+        text: text.to_owned(),
+        source,
+    })
 }
 
 /// The parts of a task view a model needs, without the projector's bookkeeping.
@@ -312,8 +384,8 @@ impl Tools {
                 "structuredContent": value,
                 "isError": false,
             }),
-            Err(message) => json!({
-                "content": [{"type": "text", "text": message}],
+            Err(e) => json!({
+                "content": [{"type": "text", "text": e.to_string()}],
                 "isError": true,
             }),
         })
@@ -341,7 +413,7 @@ impl Tools {
             }),
             ..LaunchTask::default()
         };
-        let launched = self.client.launch(launch).await.map_err(client_error)?;
+        let launched = self.client.launch(launch).await?;
         let task_id = launched.task_id;
         if !a.wait {
             return Ok(json!({
@@ -366,7 +438,7 @@ impl Tools {
                 ));
                 return Ok(now);
             }
-            Err(e) => return Err(client_error(e)),
+            Err(e) => return Err(e.into()),
         }
         let mut ended = self.describe(task_id).await?;
         ended["created"] = json!(launched.created);
@@ -376,11 +448,9 @@ impl Tools {
     /// The task's view once it includes every event stored now (falls back to the event log's state
     /// when the views lag).
     async fn describe(&self, task: TaskId) -> ToolResult {
-        let snapshot = self.client.get(task).await.map_err(client_error)?;
+        let snapshot = self.client.get(task).await?;
         if snapshot.task.state == TaskState::New {
-            return Err(format!(
-                "there is no task {task}: use the task_id launch_task returned"
-            ));
+            return Err(ToolError::UnknownTask { task });
         }
         match self
             .client
@@ -404,11 +474,9 @@ impl Tools {
     async fn output(&self, arguments: &Value) -> ToolResult {
         let a: OutputArgs = args("task_output", arguments)?;
         let task = parse_task(&a.task_id)?;
-        let snapshot = self.client.get(task).await.map_err(client_error)?;
+        let snapshot = self.client.get(task).await?;
         if snapshot.task.state == TaskState::New {
-            return Err(format!(
-                "there is no task {task}: use the task_id launch_task returned"
-            ));
+            return Err(ToolError::UnknownTask { task });
         }
         let max = a.max_bytes.unwrap_or(8192).clamp(1, 65536);
         let mut stored = Vec::new();
@@ -428,7 +496,7 @@ impl Tools {
             },
         )
         .await
-        .map_err(|e| format!("reading the output of {task}: {e}"))?;
+        .map_err(|source| ToolError::Output { task, source })?;
         let total = stored.len() as u64;
         let start = a.offset.min(total);
         let end = start.saturating_add(max).min(total);
@@ -462,11 +530,7 @@ impl Tools {
     async fn cancel(&self, arguments: &Value) -> ToolResult {
         let a: CancelArgs = args("cancel_task", arguments)?;
         let task = parse_task(&a.task_id)?;
-        let state = self
-            .client
-            .cancel(task, a.reason)
-            .await
-            .map_err(client_error)?;
+        let state = self.client.cancel(task, a.reason).await?;
         Ok(json!({
             "task_id": task.to_string(),
             "state": state.name(),
@@ -483,10 +547,13 @@ impl Tools {
         let limit = a.limit.unwrap_or(20).clamp(1, 100);
         let views = Views::open(&self.js, &self.names, BucketSettings::default())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ToolError::Lists { source })?;
         match a.which.as_deref().unwrap_or("active") {
             "active" => {
-                let active = views.active().await.map_err(|e| e.to_string())?;
+                let active = views
+                    .active()
+                    .await
+                    .map_err(|source| ToolError::Lists { source })?;
                 let count = active.len();
                 Ok(json!({
                     "which": "active",
@@ -499,16 +566,16 @@ impl Tools {
                 let page = views
                     .finished_page(a.before, limit)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|source| ToolError::Lists { source })?;
                 let mut answer = json!({"which": "finished", "tasks": page.entries});
                 if let Some(next) = page.next {
                     answer["next_before"] = json!(next);
                 }
                 Ok(answer)
             }
-            other => Err(format!(
-                "which must be \"active\" or \"finished\", not {other:?}"
-            )),
+            other => Err(ToolError::UnknownList {
+                which: other.to_owned(),
+            }),
         }
     }
 }

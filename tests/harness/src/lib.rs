@@ -2,14 +2,17 @@
 //!
 //! - [`NatsServer`]: one `nats-server` with JetStream on a random loopback port and a temporary store;
 //!   killed and cleaned up on drop; can be killed and restarted on the same port and store for fault tests.
+//! - [`measure`]: what the benchmarks share (the machine line, percentiles, `/proc` memory, the raw
+//!   JetStream publish rate, a progress line).
 //! - [`NatsCluster`]: three routed servers with JetStream clustering, for R3 streams and losing a node.
 //!
-//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH` (`scripts/install-deps` installs both
+//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH` (`scripts/install-test-deps` installs both
 //! supported versions).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod measure;
 mod nats;
 
 pub use nats::{NatsCluster, NatsServer, nats_server_bin, nats_server_version};

@@ -29,7 +29,7 @@ pub fn nats_server_version() -> String {
         .output()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run {:?} ({e}); run scripts/install-deps or set NATS_SERVER_BIN",
+                "cannot run {:?} ({e}); run scripts/install-test-deps or set NATS_SERVER_BIN",
                 nats_server_bin()
             )
         });
@@ -257,7 +257,7 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "cannot start {:?} ({e}); run scripts/install-deps or set NATS_SERVER_BIN",
+                    "cannot start {:?} ({e}); run scripts/install-test-deps or set NATS_SERVER_BIN",
                     nats_server_bin()
                 )
             });

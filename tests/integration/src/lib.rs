@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use taskpods_client::Client;
 use taskpods_events::{LaunchTask, TaskId, TaskState};
-use taskpods_harness::nats_server_version;
+use taskpods_harness::{NatsServer, nats_server_version};
 
 /// Launches `script` with a timeout of `timeout_secs`; returns the task.
 pub async fn launch_script(client: &Client, script: &str, timeout_secs: u32) -> TaskId {
@@ -86,4 +86,128 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every message of every stream of the installation, raw (payload and headers).
+pub async fn every_stored_byte(server: &NatsServer) -> Vec<u8> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(server.connect().await);
+    let mut names = js.stream_names();
+    let mut all = Vec::new();
+    let mut streams = Vec::new();
+    while let Some(name) = names.next().await {
+        streams.push(name.unwrap());
+    }
+    for name in streams {
+        let stream = js.get_stream(&name).await.unwrap();
+        let last = stream.cached_info().state.last_sequence;
+        for seq in 1..=last {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                all.extend_from_slice(&message.payload);
+                all.extend_from_slice(format!("{:?}", message.headers).as_bytes());
+            }
+        }
+    }
+    all
+}
+
+/// The SHA-256 of `text`, in hex (as `sha256sum` prints it, which computes it).
+pub fn sha256_hex(text: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// What hostile code publishes to with a task's credentials to attack task `theirs` and the engine's
+/// state (the server must refuse each): forge the other task's result, progress, output and heartbeat;
+/// publish an event, launch, cancel; purge the event stream, read and write a KV bucket, call the
+/// JetStream API at all. (Reading its hello and listening on `_INBOX.>` are tried besides.)
+pub fn attacked_subjects(names: &taskpods_events::Names, theirs: TaskId) -> Vec<String> {
+    vec![
+        names.agent_report(theirs, "result"),
+        names.agent_report(theirs, "progress"),
+        names.log(theirs),
+        names.agent_heartbeat(theirs),
+        names.events(theirs),
+        names.launch(),
+        names.cancel(theirs),
+        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
+        format!(
+            "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
+            b = names.tasks_bucket()
+        ),
+        format!("$KV.{}.{theirs}", names.tasks_bucket()),
+        "$JS.API.INFO".to_owned(),
+    ]
+}
+
+/// The repository's root (for `deploy/`).
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Where `scripts/install-test-deps` puts its tools (`$TASKPODS_CACHE`, else `~/.cache/taskpods`).
+pub fn cache() -> std::path::PathBuf {
+    std::env::var_os("TASKPODS_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/taskpods"))
+        })
+        .expect("HOME or TASKPODS_CACHE is set")
+}
+
+/// `kustomize build <repo>/<dir>`, as YAML (the binary `scripts/install-test-deps` builds from its Go
+/// module, or `$TASKPODS_KUSTOMIZE`).
+pub fn kustomize_build(dir: &str) -> String {
+    let bin = std::env::var_os("TASKPODS_KUSTOMIZE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cache().join("bin/kustomize-v5.8.1/kustomize"));
+    assert!(
+        bin.exists(),
+        "kustomize not found at {}: run scripts/install-test-deps",
+        bin.display()
+    );
+    let out = std::process::Command::new(&bin)
+        .arg("build")
+        .arg(repo().join(dir))
+        .output()
+        .expect("kustomize runs");
+    assert!(
+        out.status.success(),
+        "kustomize build {dir} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("kustomize prints UTF-8")
+}
+
+/// YAML documents as JSON objects, read by PyYAML (from the validators' virtualenv, else the system's
+/// python3).
+pub fn yaml_objects(yaml: &str) -> Vec<serde_json::Value> {
+    let python = Some(cache().join("validators/bin/python"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "python3".into());
+    let mut child = std::process::Command::new(python)
+        .arg("-c")
+        .arg("import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
+        .expect("yaml written");
+    let out = child.wait_with_output().expect("python exits");
+    assert!(out.status.success(), "PyYAML could not read the YAML");
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
 }

@@ -1,7 +1,7 @@
 //! The cluster installation in `deploy/` (the kustomize base and `overlays/production`), checked the way a
 //! platform team checks manifests before applying them:
 //!
-//! - rendered by `kustomize build` (the binary `scripts/install-deps` builds from its Go module);
+//! - rendered by `kustomize build` (the binary `scripts/install-test-deps` builds from its Go module);
 //! - every object validated by `kubernetes-validate -k 1.37 --strict`, and checkov finding nothing but the
 //!   skips written next to the objects (`checkov.io/skip*` annotations, each with its reason);
 //! - (feature `kube`) applied to the real test API server with server-side dry-run (schema, defaulting,
@@ -9,64 +9,16 @@
 //!   `restricted` in its namespace, with a loosened copy refused to show the check has teeth.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("TASKPODS_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/taskpods")))
-        .expect("HOME or TASKPODS_CACHE is set")
-}
-
-/// `kustomize build DIR`, as YAML.
-fn kustomize_build(dir: &str) -> String {
-    let bin = std::env::var_os("TASKPODS_KUSTOMIZE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("bin/kustomize-v5.8.1/kustomize"));
-    assert!(
-        bin.exists(),
-        "kustomize not found at {}: run scripts/install-deps",
-        bin.display()
-    );
-    let out = Command::new(&bin)
-        .arg("build")
-        .arg(repo().join(dir))
-        .output()
-        .expect("kustomize runs");
-    assert!(
-        out.status.success(),
-        "kustomize build {dir} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("kustomize prints UTF-8")
-}
-
-/// The rendered objects as JSON (PyYAML from the validators' virtualenv reads the YAML).
-fn objects(yaml: &str) -> Vec<serde_json::Value> {
-    let mut child = Command::new(validators().join("python"))
-        .arg("-c")
-        .arg("import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
-        .expect("yaml written");
-    let out = child.wait_with_output().expect("python exits");
-    assert!(out.status.success(), "PyYAML could not read the rendering");
-    serde_json::from_slice(&out.stdout).expect("JSON from python")
-}
+use taskpods_integration::{cache, kustomize_build, yaml_objects as objects};
 
 fn validators() -> PathBuf {
     let bin = cache().join("validators/bin");
     assert!(
         bin.join("checkov").exists() && bin.join("kubernetes-validate").exists(),
-        "validators not found in {}: run scripts/install-deps",
+        "validators not found in {}: run scripts/install-test-deps",
         bin.display()
     );
     bin

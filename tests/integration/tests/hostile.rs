@@ -20,6 +20,7 @@ use taskpods_engine::executor::local::LocalConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
+use taskpods_integration::{every_stored_byte, sha256_hex};
 use tokio::sync::mpsc;
 
 /// How long past its deadline a task's identity lasts in these tests.
@@ -283,25 +284,8 @@ async fn a_compromised_agent_can_do_nothing_but_its_own_task() {
     // Listen to every reply.
     let _all = client.subscribe("_INBOX.>").await.unwrap();
     refused(&mut errors, "subscription", "_INBOX.>").await;
-    // Forge another task's result, progress and output.
-    for subject in [
-        names.agent_report(theirs, "result"),
-        names.agent_report(theirs, "progress"),
-        names.log(theirs),
-        names.agent_heartbeat(theirs),
-        // Publish an event, launch, cancel.
-        names.events(theirs),
-        names.launch(),
-        names.cancel(theirs),
-        // Purge the event stream, read and write a KV bucket, call the JetStream API at all.
-        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
-        format!(
-            "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
-            b = names.tasks_bucket()
-        ),
-        format!("$KV.{}.{theirs}", names.tasks_bucket()),
-        "$JS.API.INFO".to_owned(),
-    ] {
+    // Forge another task's reports, write events and commands, touch the JetStream API.
+    for subject in taskpods_integration::attacked_subjects(names, theirs) {
         client.publish(subject.clone(), "x".into()).await.unwrap();
         refused(&mut errors, "publish", &subject).await;
     }
@@ -477,29 +461,6 @@ async fn replies_go_only_to_inboxes_and_the_streams_keep_every_message() {
     assert_eq!(view.task, task);
 }
 
-/// Every message of every stream of the installation, raw (payload and headers).
-async fn every_stored_byte(server: &NatsServer) -> Vec<u8> {
-    use futures::StreamExt;
-    let js = jetstream::new(server.connect().await);
-    let mut names = js.stream_names();
-    let mut all = Vec::new();
-    let mut streams = Vec::new();
-    while let Some(name) = names.next().await {
-        streams.push(name.unwrap());
-    }
-    for name in streams {
-        let stream = js.get_stream(&name).await.unwrap();
-        let last = stream.cached_info().state.last_sequence;
-        for seq in 1..=last {
-            if let Ok(message) = stream.get_raw_message(seq).await {
-                all.extend_from_slice(&message.payload);
-                all.extend_from_slice(format!("{:?}", message.headers).as_bytes());
-            }
-        }
-    }
-    all
-}
-
 #[tokio::test]
 async fn an_api_token_reaches_the_script_and_nowhere_else() {
     let setup = Setup::start().await;
@@ -572,24 +533,6 @@ async fn an_api_token_reaches_the_script_and_nowhere_else() {
 
 fn uuid_like() -> String {
     TaskId::mint().to_string().replace('-', "")
-}
-
-fn sha256_hex(text: &str) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! simulator, NATS server and engine, so tests run in parallel. Short startup/exit/reconcile settings keep
 //! them quick. Needs the binaries built by `tests/kube-env/build.sh` (the tests fail naming the script
 //! otherwise, never skip) and PyYAML to read `deploy/` (the validators' virtualenv from
-//! `scripts/install-deps` has it; else the system's python3).
+//! `scripts/install-test-deps` has it; else the system's python3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -45,7 +45,7 @@ const GRACE: Duration = Duration::from_secs(1);
 /// The manifests of `deploy/tasks/` (the task namespace), as JSON objects.
 fn deploy_manifests() -> Vec<serde_json::Value> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/tasks");
-    // The validators' virtualenv (scripts/install-deps) has PyYAML for sure; else the system's python3.
+    // The validators' virtualenv (scripts/install-test-deps) has PyYAML for sure; else the system's python3.
     let venv = std::env::var_os("TASKPODS_CACHE")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/taskpods")))
@@ -183,46 +183,44 @@ impl Setup {
     /// own identity and the task signer (so each task pod gets its own credentials Secret), the test's
     /// client as a Brain.
     async fn start_secured(ns: &str) -> Self {
-        let (admin, engine_client, sim) = Self::namespace(ns).await;
-        let server = NatsServer::start_secured();
-        server.wait_for_jetstream().await;
-        let mut config = Self::config(ns, &server, &engine_client, true);
-        let auth = server.auth_dir();
-        config.nats_creds = Some(server.creds("engine"));
-        config.auth = taskpods_engine::credentials::AuthConfig {
-            task_signer: Some(auth.join(taskpods_auth::material::files::TASK_SIGNER)),
-            seal_key: Some(auth.join(taskpods_auth::material::files::SEAL_KEY)),
-            task_credentials_grace: GRACE,
-            ..Default::default()
-        };
-        let engine = Engine::start(config).await.expect("engine");
-        let tasks = TaskClient::new(
-            server.connect_as("brain").await,
-            ClientConfig {
-                reply_timeout: Duration::from_secs(10),
-                ..ClientConfig::default()
-            },
-        );
-        Self {
-            ns: ns.to_owned(),
-            admin,
-            engine_client,
-            sim,
-            server,
-            engine: Some(engine),
-            tasks,
-        }
+        Self::start_on(ns, NatsServer::start_secured(), |config, server| {
+            let auth = server.auth_dir();
+            config.nats_creds = Some(server.creds("engine"));
+            config.auth = taskpods_engine::credentials::AuthConfig {
+                task_signer: Some(auth.join(taskpods_auth::material::files::TASK_SIGNER)),
+                seal_key: Some(auth.join(taskpods_auth::material::files::SEAL_KEY)),
+                task_credentials_grace: GRACE,
+                ..Default::default()
+            };
+        })
+        .await
     }
 
     /// Like [`Setup::start`], with the engine's configuration adjusted by `tweak`.
     async fn start_with(ns: &str, tweak: impl FnOnce(&mut EngineConfig)) -> Self {
+        Self::start_on(ns, NatsServer::start(), |config, _| tweak(config)).await
+    }
+
+    /// The namespace, the engine (configuration adjusted by `tweak`) on `server`, and a client (a Brain
+    /// when the server has authorization).
+    async fn start_on(
+        ns: &str,
+        server: NatsServer,
+        tweak: impl FnOnce(&mut EngineConfig, &NatsServer),
+    ) -> Self {
         let (admin, engine_client, sim) = Self::namespace(ns).await;
-        let server = NatsServer::start();
+        server.wait_for_jetstream().await;
         let mut config = Self::config(ns, &server, &engine_client, true);
-        tweak(&mut config);
+        tweak(&mut config, &server);
+        let secured = config.nats_creds.is_some();
         let engine = Engine::start(config).await.expect("engine");
+        let connection = if secured {
+            server.connect_as("brain").await
+        } else {
+            server.connect().await
+        };
         let tasks = TaskClient::new(
-            server.connect().await,
+            connection,
             ClientConfig {
                 reply_timeout: Duration::from_secs(10),
                 ..ClientConfig::default()
@@ -294,6 +292,7 @@ impl Setup {
                     reconcile_interval: Duration::from_secs(1),
                     lease_ttl: Duration::from_secs(5),
                     orphan_grace: Duration::from_secs(5),
+                    ..KubernetesConfig::default()
                 })
             } else {
                 BackendConfig::None
@@ -1087,25 +1086,15 @@ async fn job_created_before_a_crash(ns: &str, script: &str, timeout_secs: u32) -
     }
 }
 
-/// Everything `task` wrote to its standard output.
+/// Everything `task` wrote to its standard output, read as the test's client (a Brain may read output).
 async fn stdout_of(s: &Setup, task: TaskId) -> String {
-    let js = async_nats::jetstream::new(s.server.connect().await);
+    let page = s.tasks.output_page(task, 0, 8 << 20).await.expect("output");
     let mut out = Vec::new();
-    taskpods_engine::cli::logs::read(
-        &js,
-        &taskpods_events::Names::default(),
-        task,
-        false,
-        Duration::from_secs(2),
-        async || true,
-        |piece| {
-            if let taskpods_engine::cli::logs::Piece::Stdout(b) = piece {
-                out.extend_from_slice(&b);
-            }
-        },
-    )
-    .await
-    .unwrap();
+    for chunk in page.chunks {
+        if let taskpods_client::output::Piece::Stdout(bytes) = chunk.piece {
+            out.extend_from_slice(&bytes);
+        }
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -1161,28 +1150,14 @@ async fn code_in_a_task_pod_can_do_nothing_with_its_credentials_but_its_own_work
     let attacked = [
         ("publish", names.agent_hello(theirs)),
         ("subscription", "_INBOX.>".to_owned()),
-        ("publish", names.agent_report(theirs, "result")),
-        ("publish", names.agent_report(theirs, "progress")),
-        ("publish", names.log(theirs)),
-        ("publish", names.agent_heartbeat(theirs)),
-        ("publish", names.events(theirs)),
-        ("publish", names.launch()),
-        ("publish", names.cancel(theirs)),
-        (
-            "publish",
-            format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
-        ),
-        (
-            "publish",
-            format!(
-                "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
-                b = names.tasks_bucket()
-            ),
-        ),
-        ("publish", format!("$KV.{}.{theirs}", names.tasks_bucket())),
-        ("publish", "$JS.API.INFO".to_owned()),
-    ];
-    for (action, subject) in &attacked {
+    ]
+    .into_iter()
+    .chain(
+        fixtures::attacked_subjects(&names, theirs)
+            .into_iter()
+            .map(|subject| ("publish", subject)),
+    );
+    for (action, subject) in attacked {
         let line = format!("REFUSED {action} {subject} :: ");
         let refused = out.lines().find(|l| l.starts_with(&line));
         assert!(
@@ -1269,6 +1244,65 @@ async fn the_reconciler_deletes_credentials_secrets_whose_job_is_gone() {
     );
     s.tasks.cancel(live, None).await.expect("cancel");
 }
+
+/// A launch taking `API_TOKEN` from a Secret of the task namespace: the script sees the value; the value is
+/// in no stream or bucket of the installation (events, views, output, dead letters) and not in the Job; the
+/// `accepted` event holds only the reference.
+#[tokio::test]
+async fn a_secret_key_ref_reaches_the_script_and_nowhere_else() {
+    let s = Setup::start("kx-secret-env").await;
+    let token = TaskId::mint().to_string().replace('-', "");
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "brain-tokens"}, "stringData": {"api-token": token}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(s.admin.clone(), &s.ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("the Brain's Secret");
+    let reference = taskpods_events::env::SecretKeyRef {
+        name: "brain-tokens".into(),
+        key: "api-token".into(),
+    };
+    let task = s
+        .launch(LaunchTask {
+            timeout_secs: Some(60),
+            secret_env: BTreeMap::from([("API_TOKEN".to_owned(), reference.clone())]),
+            ..LaunchTask::script(r#"printf %s "$API_TOKEN" | sha256sum"#)
+        })
+        .await;
+    let job = wait_for("the Job", || async {
+        let job = s.jobs_of(task).await.into_iter().next();
+        assert!(
+            job.is_some() || !s.state(task).await.is_terminal(),
+            "{:?}",
+            s.tasks.history(task).await.unwrap()
+        );
+        job
+    })
+    .await;
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::Succeeded, "{kinds:?}");
+    let out = stdout_of(&s, task).await;
+    assert!(
+        out.contains(&fixtures::sha256_hex(&token)),
+        "the script saw the value: {out}"
+    );
+    let history = s.tasks.history(task).await.unwrap();
+    let accepted = history
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::Accepted { spec, .. } => Some(spec.clone()),
+            _ => None,
+        })
+        .expect("accepted");
+    assert_eq!(accepted.secret_env["API_TOKEN"], reference);
+    let stored = fixtures::every_stored_byte(&s.server).await;
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(&token),
+        "the value is stored somewhere"
+    );
+    assert!(!serde_json::to_string(&job).unwrap().contains(&token));
 
 /// Who holds the reconciler's lease on `server` now, and until when.
 async fn reconciler_lease(server: &NatsServer) -> Option<taskpods_engine::lease::Holding> {

@@ -210,6 +210,37 @@ echo '{"ok": true}' > /tmp/result.json
     gone(task, Duration::from_secs(5)).await;
 }
 
+/// Values from Kubernetes Secrets need the Kubernetes backend: the local backend's engine rejects such a
+/// launch, saying so, and runs nothing.
+#[tokio::test]
+async fn a_secret_key_ref_is_rejected_with_a_clear_error() {
+    let setup = Setup::start().await;
+    let launch = LaunchTask {
+        secret_env: std::collections::BTreeMap::from([(
+            "API_TOKEN".to_owned(),
+            taskpods_events::env::SecretKeyRef {
+                name: "brain-tokens".into(),
+                key: "api-token".into(),
+            },
+        )]),
+        ..LaunchTask::script("echo ran")
+    };
+    let error = setup.client.launch(launch).await.expect_err("rejected");
+    let taskpods_client::ClientError::Rejected { task_id, problems } = error else {
+        panic!("not a rejection: {error}");
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].field, "secret_env");
+    assert!(
+        problems[0].message.contains("need the Kubernetes backend"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        setup.client.get(task_id).await.unwrap().task.state,
+        TaskState::Rejected
+    );
+}
+
 #[tokio::test]
 async fn exit_code_3_fails_with_its_code() {
     let setup = Setup::start().await;

@@ -124,6 +124,7 @@ async fn metrics_move_by_what_the_tasks_did_and_the_probes_answer() {
         "accepted_to_scheduled",
         "accepted_to_running",
         "accepted_to_ended",
+        "running_to_ended",
     ] {
         let count = format!("taskpods_phase_duration_seconds_count{{phase=\"{phase}\"}}");
         assert_eq!(moved(&count), 3.0, "{phase}: {text}");

@@ -15,6 +15,16 @@ use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, TaskId, TaskState};
 use taskpods_harness::NatsServer;
 
+/// The event kinds of a no-op task's whole life.
+const LIFECYCLE: [&str; 6] = [
+    "accepted",
+    "scheduled",
+    "started",
+    "running",
+    "succeeded",
+    "reaped",
+];
+
 /// An engine on `server` with the no-op backend whose tasks "run" for `work`.
 fn noop_engine(server: &NatsServer, work: Duration) -> EngineConfig {
     EngineConfig {
@@ -70,17 +80,7 @@ async fn a_noop_task_lives_its_whole_life_and_the_views_follow() {
         .unwrap();
     let task = launched.task_id;
     let kinds = kinds_once_reaped(&client, task).await;
-    assert_eq!(
-        kinds,
-        [
-            "accepted",
-            "scheduled",
-            "started",
-            "running",
-            "succeeded",
-            "reaped"
-        ]
-    );
+    assert_eq!(kinds, LIFECYCLE);
     let history = client.history(task).await.unwrap();
     let last = history.last().unwrap().sequence;
     let view = client
@@ -156,17 +156,7 @@ async fn with_authorization_the_noop_agents_use_per_task_identities() {
     }
     for task in tasks {
         let kinds = kinds_once_reaped(&client, task).await;
-        assert_eq!(
-            kinds,
-            [
-                "accepted",
-                "scheduled",
-                "started",
-                "running",
-                "succeeded",
-                "reaped"
-            ]
-        );
+        assert_eq!(kinds, LIFECYCLE);
     }
     engine.shutdown().await.expect("shutdown");
 }

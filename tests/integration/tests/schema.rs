@@ -217,7 +217,7 @@ fn protocol_examples_validate_against_the_schemas() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "PROTOCOL.md examples do not match docs/schema (scripts/install-deps installs `jsonschema`):\n{report}{}",
+        "PROTOCOL.md examples do not match docs/schema (scripts/install-test-deps installs `jsonschema`):\n{report}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(

@@ -68,6 +68,7 @@ fn spec() -> TaskSpec {
         mode: Mode::Script,
         instructions: "echo hello".into(),
         env: BTreeMap::from([("INPUT".into(), "x".into())]),
+        secret_env: BTreeMap::new(),
         timeout_secs: 600,
         resources: Resources {
             cpu_request_millis: 250,
@@ -294,7 +295,7 @@ fn python_check(args: &[&Path]) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "the Python check failed (scripts/install-deps installs its `msgpack` and `jsonschema`):\n{stdout}{}",
+        "the Python check failed (scripts/install-test-deps installs its `msgpack` and `jsonschema`):\n{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
@@ -388,19 +389,47 @@ async fn the_python_example_in_the_protocol_runs_as_printed() {
     let example = &protocol[start..start + protocol[start..].find("```").unwrap()];
     assert!(example.contains("nats://127.0.0.1:4222"), "{example}");
 
-    let server = taskpods_harness::NatsServer::start();
+    // Authorization as deployed: the example connects as the Brain, from where scripts/run writes it.
+    let server = taskpods_harness::NatsServer::start_secured();
+    server.wait_for_jetstream().await;
+    let auth = server.auth_dir();
     let engine = taskpods_engine::server::Engine::start(taskpods_engine::config::EngineConfig {
         nats_urls: vec![server.url()],
+        nats_creds: Some(server.creds("engine")),
+        auth: taskpods_engine::credentials::AuthConfig {
+            seal_key: Some(auth.join(taskpods_auth::material::files::SEAL_KEY)),
+            task_signer: Some(auth.join(taskpods_auth::material::files::TASK_SIGNER)),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await
     .expect("engine");
-    let out = tokio::process::Command::new("python3")
-        .arg("-c")
-        .arg(example.replace("nats://127.0.0.1:4222", &server.url()))
-        .output()
-        .await
-        .expect("python3 runs");
+    let home = tempfile::tempdir().unwrap();
+    let brain = home.path().join(".local/share/taskpods/auth/brain.creds");
+    std::fs::create_dir_all(brain.parent().unwrap()).unwrap();
+    std::fs::copy(server.creds("brain"), &brain).unwrap();
+    let run = |home: &std::path::Path| {
+        tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(example.replace("nats://127.0.0.1:4222", &server.url()))
+            .env("HOME", home)
+            .env_remove("TASKPODS_CREDS")
+            .output()
+    };
+    // Without the credentials file it stops, naming the file.
+    let nobody = tempfile::tempdir().unwrap();
+    let refused = run(nobody.path()).await.expect("python3 runs");
+    assert!(
+        !refused.status.success(),
+        "the example ran without credentials"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("brain.creds"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let out = run(home.path()).await.expect("python3 runs");
     assert!(
         out.status.success(),
         "the example failed: {}{}",

@@ -21,13 +21,14 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use taskpods_events::command::MAX_TIMEOUT_SECS;
+use taskpods_events::env::{SECRET_ENV_NAMES_VAR, SECRET_ENV_VALUE_PREFIX};
 use taskpods_events::{Mode, TaskId, TaskSpec};
 
 /// Label with the task id (a UUID, valid as a label value); the watcher and reconciler select on it.
@@ -243,6 +244,27 @@ pub fn build(task: TaskId, spec: &TaskSpec, deadline: DateTime<Utc>, config: &Jo
         env("TASKPODS_SANDBOX", "none"),
         env("TASKPODS_TMP_BYTES", config.tmp_bytes.to_string()),
     ];
+    // Values from the task namespace's Secrets: the kubelet resolves them, the engine never reads them.
+    // Under a prefix, so a Secret cannot change the agent's own environment; the agent hands each to
+    // the code under its own name.
+    if !spec.secret_env.is_empty() {
+        let names: Vec<&str> = spec.secret_env.keys().map(String::as_str).collect();
+        vars.push(env(SECRET_ENV_NAMES_VAR, names.join(",")));
+        for (name, reference) in &spec.secret_env {
+            vars.push(EnvVar {
+                name: format!("{SECRET_ENV_VALUE_PREFIX}{name}"),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: reference.name.clone(),
+                        key: reference.key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
+    }
     let mut mounts = vec![VolumeMount {
         name: "tmp".to_owned(),
         mount_path: "/tmp".to_owned(),
@@ -450,6 +472,7 @@ mod tests {
             mode: Mode::Script,
             instructions: "echo secret-script".to_owned(),
             env: BTreeMap::from([("SECRET_ENV".to_owned(), "v".to_owned().into())]),
+            secret_env: BTreeMap::new(),
             timeout_secs,
             resources: Resources {
                 cpu_request_millis: 250,
@@ -611,6 +634,31 @@ mod tests {
         let j = serde_json::to_value(build(task(), &spec(60), Utc::now(), &config)).unwrap();
         let text = j.to_string();
         assert!(!text.contains("TASKPODS_NATS_CREDS") && !text.contains("nats-creds"));
+    }
+
+    #[test]
+    fn secret_env_becomes_secret_key_refs_under_the_agents_prefix() {
+        let mut with_refs = spec(60);
+        with_refs.secret_env = BTreeMap::from([(
+            "API_TOKEN".to_owned(),
+            taskpods_events::env::SecretKeyRef {
+                name: "brain-token".to_owned(),
+                key: "token".to_owned(),
+            },
+        )]);
+        let j = serde_json::to_value(build(task(), &with_refs, Utc::now(), &JobConfig::default()))
+            .unwrap();
+        let env = j["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned().unwrap();
+        assert_eq!(var("TASKPODS_SECRET_ENV")["value"], "API_TOKEN");
+        assert_eq!(
+            var("TASKPODS_SECRET_ENV_API_TOKEN")["valueFrom"],
+            serde_json::json!({"secretKeyRef": {"name": "brain-token", "key": "token", "optional": false}})
+        );
+        assert!(env.iter().all(|e| e["name"] != "API_TOKEN"));
     }
 
     #[test]

@@ -15,10 +15,12 @@
 //! lost Jobs are healed by [`reconciler`]. The engine's server starts both beside the executor.
 //!
 //! Layout: `mod.rs` (this: the configuration and [`KubernetesBackend`]) → [`job`] (the Job, pure);
-//! [`watcher`] and [`reconciler`] import from here and from [`job`], never the other way.
+//! [`throttle`] (the API request limit, `api_qps`/`api_burst`); [`watcher`] and [`reconciler`] import
+//! from here and from [`job`], never the other way.
 
 pub mod job;
 pub mod reconciler;
+pub mod throttle;
 pub mod watcher;
 
 use std::fmt;
@@ -33,6 +35,7 @@ use taskpods_events::{FailureReason, TaskId, TaskSpec};
 use tracing::{info, warn};
 
 use self::job::{JobConfig, TASK_LABEL};
+use self::throttle::Throttle;
 use super::backend::{Backend, BackendError};
 use crate::credentials::TaskCredentials;
 
@@ -69,6 +72,11 @@ pub struct KubernetesConfig {
     pub lease_ttl: Duration,
     /// How long after a task ended the reconciler leaves its Job to the executor's reaper.
     pub orphan_grace: Duration,
+    /// Requests per second the executor sends the API server at most, on average (creates, deletes,
+    /// pod lists; about four per task); 0: no limit (the `kube` client has none of its own).
+    pub api_qps: f64,
+    /// Requests the executor may send at once above the average rate, when `api_qps` is set.
+    pub api_burst: u32,
 }
 
 impl Default for KubernetesConfig {
@@ -82,6 +90,8 @@ impl Default for KubernetesConfig {
             reconcile_interval: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(150),
             orphan_grace: Duration::from_secs(120),
+            api_qps: 0.0,
+            api_burst: 100,
         }
     }
 }
@@ -105,6 +115,7 @@ pub struct KubernetesBackend {
     pods: Api<Pod>,
     secrets: Api<Secret>,
     credentials: Option<TaskCredentials>,
+    throttle: Throttle,
 }
 
 impl fmt::Debug for KubernetesBackend {
@@ -147,7 +158,14 @@ impl KubernetesBackend {
             config,
             stop_timeout,
             credentials: None,
+            throttle: Throttle::unlimited(),
         }
+    }
+
+    /// The same backend with its API requests limited by `throttle`.
+    pub fn with_throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     /// Gives each task pod its own NATS identity, minted by `credentials` into a per-task Secret (a
@@ -189,6 +207,7 @@ impl KubernetesBackend {
         })?;
         let secret = job::credentials_secret(task, job_uid, &creds.to_file(), &self.config);
         let name = job::credentials_secret_name(task);
+        self.throttle.acquire().await;
         match self.secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => {
                 info!(%task, secret = name, "credentials Secret created");
@@ -206,6 +225,7 @@ impl KubernetesBackend {
 
     /// The pods of `task`, whatever their state.
     async fn pods_of(&self, task: TaskId) -> Result<Vec<Pod>, BackendError> {
+        self.throttle.acquire().await;
         self.pods
             .list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))
             .await
@@ -234,6 +254,7 @@ impl KubernetesBackend {
 
     /// Adopts the existing Job `name` if it carries `task`'s label; its UID.
     async fn adopt(&self, task: TaskId, name: &str) -> Result<String, BackendError> {
+        self.throttle.acquire().await;
         let existing = self
             .jobs
             .get_opt(name)
@@ -296,6 +317,7 @@ impl Backend for KubernetesBackend {
         };
         let job = job::build(task, spec, deadline, &config);
         let name = task.job_name();
+        self.throttle.acquire().await;
         let started = std::time::Instant::now();
         let created = self.jobs.create(&PostParams::default(), &job).await;
         crate::metrics::METRICS.kube_call(
@@ -316,6 +338,7 @@ impl Backend for KubernetesBackend {
     }
 
     async fn stop(&self, task: TaskId, job: &str) -> Result<(), BackendError> {
+        self.throttle.acquire().await;
         let started = std::time::Instant::now();
         let deleted = self.jobs.delete(job, &DeleteParams::background()).await;
         crate::metrics::METRICS.kube_call(

@@ -33,10 +33,12 @@ use super::{Error, Result};
 /// ServiceAccount (pods cannot be admitted without it), `root-ca-certificate-publisher` the
 /// `kube-root-ca.crt` ConfigMap that projected service-account volumes reference, and `resourcequota`
 /// fills in a ResourceQuota's status, without which the quota admission plugin refuses every pod in its
-/// namespace ("status unknown for quota").
+/// namespace ("status unknown for quota"). `deployment` and `replicaset` turn the engine's Deployment from
+/// `deploy/` into its pod (the engine-as-a-pod test).
 pub const CONTROLLERS: &str = "job-controller,ttl-after-finished-controller,garbage-collector-controller,\
 namespace-controller,serviceaccount-controller,serviceaccount-token-controller,\
-root-ca-certificate-publisher-controller,resourcequota-controller";
+root-ca-certificate-publisher-controller,resourcequota-controller,deployment-controller,\
+replicaset-controller";
 
 /// How long start-up may take before the harness gives up (first start on a busy 2-core machine is
 /// the slow case: the API server installs its bootstrap RBAC policy and priority levels).

@@ -76,24 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "_INBOX.>",
         refusal(&mut errors, "subscription", "_INBOX.>").await,
     );
-    // Forge another task's result, progress, output and heartbeat; publish an event; launch; cancel;
-    // purge the event stream; read and write a KV bucket; call the JetStream API at all.
-    for subject in [
-        names.agent_report(theirs, "result"),
-        names.agent_report(theirs, "progress"),
-        names.log(theirs),
-        names.agent_heartbeat(theirs),
-        names.events(theirs),
-        names.launch(),
-        names.cancel(theirs),
-        format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
-        format!(
-            "$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{theirs}",
-            b = names.tasks_bucket()
-        ),
-        format!("$KV.{}.{theirs}", names.tasks_bucket()),
-        "$JS.API.INFO".to_owned(),
-    ] {
+    for subject in taskpods_integration::attacked_subjects(&names, theirs) {
         client.publish(subject.clone(), "x".into()).await?;
         report(
             "publish",

@@ -1,7 +1,7 @@
 //! What the web UI tests share: a real stack (nats-server, the engine with the local backend and its web
 //! UI on a random loopback port), a raw HTTP client (so tests can send what an attacker would), and a
 //! headless Chromium driven over WebDriver (Debian's `chromium` and `chromium-driver`, installed by
-//! `scripts/install-deps`).
+//! `scripts/install-test-deps`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../common/mod.rs"]
@@ -279,7 +279,7 @@ impl Browser {
     pub async fn start(width: u32, height: u32) -> Self {
         assert!(
             Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists(),
-            "{CHROMEDRIVER} and {CHROMIUM} are needed: run scripts/install-deps"
+            "{CHROMEDRIVER} and {CHROMIUM} are needed: run scripts/install-test-deps"
         );
         let port = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
