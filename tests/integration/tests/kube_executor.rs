@@ -1303,6 +1303,7 @@ async fn a_secret_key_ref_reaches_the_script_and_nowhere_else() {
         "the value is stored somewhere"
     );
     assert!(!serde_json::to_string(&job).unwrap().contains(&token));
+}
 
 /// Who holds the reconciler's lease on `server` now, and until when.
 async fn reconciler_lease(server: &NatsServer) -> Option<taskpods_engine::lease::Holding> {
