@@ -36,7 +36,10 @@ use taskpods_harness::kube::{
 use taskpods_integration as fixtures;
 
 const AGENT_IMAGE: &str = "registry.invalid/taskpods/agent:v1";
-const WAIT: Duration = Duration::from_secs(60);
+/// How long a task may take to reach a state. Generous: twenty-odd tests share one control plane (its
+/// garbage collector removes a deleted Job's pods) and the CI machine's two cores; a task that is quick
+/// alone (about 6 s for an evicted pod) once took over 60 s there.
+const WAIT: Duration = Duration::from_secs(120);
 /// Where task pods find the attack tool (the simulator shows it in every container).
 const ATTACK_TOOL: &str = "/usr/local/bin/taskpods-nats-attack";
 /// How long past its deadline a task's identity lasts in the secured tests.

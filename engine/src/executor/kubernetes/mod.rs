@@ -224,7 +224,7 @@ impl KubernetesBackend {
     }
 
     /// The pods of `task`, whatever their state.
-    async fn pods_of(&self, task: TaskId) -> Result<Vec<Pod>, BackendError> {
+    pub(super) async fn pods_of(&self, task: TaskId) -> Result<Vec<Pod>, BackendError> {
         self.throttle.acquire().await;
         self.pods
             .list(&ListParams::default().labels(&format!("{TASK_LABEL}={task}")))

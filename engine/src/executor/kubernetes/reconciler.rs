@@ -8,7 +8,9 @@
 //! 2. list the Jobs carrying our labels (after step 1, so a task recorded `Scheduled` has its Job listed:
 //!    the Job is created before `Scheduled` is appended);
 //! 3. a live task past its deadline → `DeadlineReached`; a `Scheduled`/`Starting`/`Running`/`Cancelling`
-//!    task whose Job is missing → `JobGone` (`Failed{JobLost}`, or `Cancelled` when cancelling);
+//!    task whose Job is missing → `JobGone` (`Failed{JobLost}`, or `Cancelled` when cancelling, and then
+//!    only once its pods are gone too: a cancel deletes the Job with background propagation, so the Job
+//!    vanishes before its pods, and "Cancelled" must mean nothing runs any more);
 //! 4. a Job whose task is unknown, or ended more than `orphan_grace` ago → an orphan: `Reaped` recorded
 //!    when the task ended without it, then the Job deleted (waiting for its pods). Jobs are walked in
 //!    task order;
@@ -53,6 +55,9 @@ pub enum ReconcileError {
     /// The Jobs could not be listed.
     #[error("list Jobs: {0}")]
     Kubernetes(#[from] kube::Error),
+    /// The pods of a cancelling task whose Job is gone could not be listed.
+    #[error("list the pods of a cancelling task: {0}")]
+    Pods(#[source] crate::executor::backend::BackendError),
     /// The credentials Secrets could not be listed or a stray one deleted.
     #[error("{what}: {source}")]
     Secrets {
@@ -170,7 +175,16 @@ pub async fn reconcile_once(
             task.state,
             TaskState::Scheduled | TaskState::Starting | TaskState::Running | TaskState::Cancelling
         );
-        if has_job && !by_task.contains_key(id) && settle(ctx, *id, &Input::JobGone).await? {
+        if has_job
+            && !by_task.contains_key(id)
+            && (task.state != TaskState::Cancelling
+                || backend
+                    .pods_of(*id)
+                    .await
+                    .map_err(ReconcileError::Pods)?
+                    .is_empty())
+            && settle(ctx, *id, &Input::JobGone).await?
+        {
             info!(task = %id, "reconciler: the task's Job is gone");
             report.lost.push(*id);
         }
