@@ -49,16 +49,6 @@ pub enum ApplyError {
     /// Other writers kept winning the race for one task.
     #[error("task {0}: gave up after {CONFLICT_RETRIES} revision conflicts")]
     Contended(TaskId),
-    /// The events missing before one being folded could not all be read: the stream replica that
-    /// answered the direct get is behind the one that delivered the event (on a cluster, any replica
-    /// answers direct gets). Folding past the gap would lose history entries; the batch is retried.
-    #[error("task {task}: the stream read is behind event {sequence} (a lagging replica); retried")]
-    Behind {
-        /// The task.
-        task: TaskId,
-        /// The event whose predecessors could not be read.
-        sequence: u64,
-    },
 }
 
 /// Counters of what applying did.
@@ -323,26 +313,14 @@ impl Writer {
                         e.sequence - 1,
                     )
                     .await?;
-                    let mut undecodable = false;
                     for m in missing {
                         match m {
                             Ok(m) => {
                                 step.healed += 1;
                                 self.fold(&mut view, &mut history, &mut finished, &m, &mut step);
                             }
-                            Err(err) => {
-                                undecodable = true;
-                                warn!(%task, error = %err, "skipping an undecodable event");
-                            }
+                            Err(err) => warn!(%task, error = %err, "skipping an undecodable event"),
                         }
-                    }
-                    // Still a gap with every read event folded: the read was answered by a replica
-                    // that does not have them yet.
-                    if !undecodable && e.position.is_some() && self.gap_before(&view, e).await? {
-                        return Err(ApplyError::Behind {
-                            task,
-                            sequence: e.sequence,
-                        });
                     }
                 }
                 self.fold(&mut view, &mut history, &mut finished, e, &mut step);
