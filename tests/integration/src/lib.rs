@@ -6,9 +6,62 @@
 use std::future::Future;
 use std::time::Duration;
 
-use taskpods_client::Client;
-use taskpods_events::{LaunchTask, TaskId, TaskState};
+use async_nats::jetstream::{self, consumer::pull};
+use taskpods_client::{Client, ClientConfig};
+use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
+
+/// A Brain's client on `nats` that waits up to 10 s for a reply (a loaded machine is slow, not broken).
+pub fn client_on(nats: async_nats::Client) -> Client {
+    Client::new(
+        nats,
+        ClientConfig {
+            reply_timeout: Duration::from_secs(10),
+            ..ClientConfig::default()
+        },
+    )
+}
+
+/// Whether a command that was delivered more than once counts as stuck in
+/// [`assert_nothing_stuck`]: tests that make the intake hand commands back on purpose allow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redeliveries {
+    /// Commands delivered again along the way are fine, as long as every one was acked in the end.
+    Allowed,
+    /// Every command must have been acked at its first delivery.
+    Forbidden,
+}
+
+/// Asserts the intake consumer holds nothing, within `within`: every command was acked (and, with
+/// [`Redeliveries::Forbidden`], none was ever delivered twice).
+pub async fn assert_nothing_stuck(
+    nats: &async_nats::Client,
+    within: Duration,
+    redeliveries: Redeliveries,
+) {
+    let js = jetstream::new(nats.clone());
+    let stream = js
+        .get_stream(Names::default().command_stream())
+        .await
+        .expect("stream");
+    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_consumer("taskpods-intake")
+        .await
+        .expect("consumer");
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let info = consumer.info().await.expect("consumer info").clone();
+        let redelivered_ok = redeliveries == Redeliveries::Allowed || info.num_redelivered == 0;
+        if info.num_pending == 0 && info.num_ack_pending == 0 && redelivered_ok {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "commands left unacked: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Launches `script` with a timeout of `timeout_secs`; returns the task.
 pub async fn launch_script(client: &Client, script: &str, timeout_secs: u32) -> TaskId {

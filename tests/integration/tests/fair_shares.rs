@@ -13,7 +13,6 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use bytes::Bytes;
 use futures::StreamExt;
-use taskpods_client::{Client, ClientConfig};
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::intake::IntakeConfig;
 use taskpods_engine::server::Engine;
@@ -24,16 +23,7 @@ use taskpods_events::{
 };
 use taskpods_harness::NatsServer;
 use taskpods_integration as fixtures;
-
-fn client(nats: async_nats::Client) -> Client {
-    Client::new(
-        nats,
-        ClientConfig {
-            reply_timeout: Duration::from_secs(10),
-            ..ClientConfig::default()
-        },
-    )
-}
+use taskpods_integration::client_on;
 
 /// Every message stored on `task`'s output subject: (stream sequence, payload).
 async fn stored_output(js: &jetstream::Context, task: TaskId) -> Vec<(u64, Bytes)> {
@@ -74,7 +64,7 @@ async fn a_task_flooding_its_own_output_subject_never_evicts_another_tasks_outpu
     let engine = Engine::start(config).await.expect("engine");
     let nats = server.connect().await;
     let js = jetstream::new(nats.clone());
-    let client = client(nats.clone());
+    let client = client_on(nats.clone());
 
     // An honest task writes its output through its agent.
     let honest = client
@@ -162,7 +152,7 @@ async fn ten_thousand_progress_reports_from_one_task_store_at_most_the_cap() {
     let engine = Engine::start(config).await.expect("engine");
     let nats = server.connect().await;
     let js = jetstream::new(nats.clone());
-    let client = client(nats.clone());
+    let client = client_on(nats.clone());
 
     // A running task (no backend here: the store is told what a backend and agent would say).
     let task = client
@@ -265,7 +255,7 @@ async fn a_hello_flood_for_random_ids_does_not_hold_up_a_real_tasks_start() {
         .await
         .expect("engine");
     let nats = server.connect().await;
-    let client = client(nats.clone());
+    let client = client_on(nats.clone());
 
     // Flooders: 40,000 hellos for random ids from four connections, as fast as they can publish,
     // each asking for an answer on an inbox nobody reads.
@@ -334,7 +324,7 @@ async fn a_full_event_log_refuses_new_events_alerts_and_keeps_the_command() {
     let engine = Engine::start(config).await.expect("engine");
     let nats = server.connect().await;
     let js = jetstream::new(nats.clone());
-    let client = client(nats.clone());
+    let client = client_on(nats.clone());
 
     // Launches of 8 KiB scripts until the event stream refuses one.
     let mut accepted = Vec::new();

@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use taskpods_client::{Client, ClientConfig};
+use taskpods_client::Client;
 use taskpods_engine::executor::local::LocalConfig;
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
-use taskpods_integration::{every_stored_byte, sha256_hex};
+use taskpods_integration::{client_on, every_stored_byte, sha256_hex};
 use tokio::sync::mpsc;
 
 /// How long past its deadline a task's identity lasts in these tests.
@@ -99,13 +99,7 @@ impl Setup {
         local.agent_bin = compromised_agent(stolen.path());
         local.max_procs = LocalConfig::default().max_procs;
         let engine = Engine::start(config).await.expect("engine");
-        let brain = Client::new(
-            server.connect_as("brain").await,
-            ClientConfig {
-                reply_timeout: Duration::from_secs(10),
-                ..ClientConfig::default()
-            },
-        );
+        let brain = client_on(server.connect_as("brain").await);
         Self {
             server,
             state,

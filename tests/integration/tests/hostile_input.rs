@@ -15,13 +15,13 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use taskpods_client::{Client, ClientConfig};
 use taskpods_engine::server::Engine;
 use taskpods_events::codec::{self, HEADER_CONTENT_TYPE, HEADER_MSG_ID};
 use taskpods_events::{
     CommandReply, Encoding, HEADER_REPLY_TO, LaunchTask, Names, TaskId, TaskState,
 };
 use taskpods_harness::NatsServer;
+use taskpods_integration::{Redeliveries, assert_nothing_stuck, client_on};
 
 /// One malformed command: where it goes, its headers and its bytes.
 struct Case {
@@ -579,16 +579,10 @@ async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_o
     }
 
     // Nothing is left unacked or pending redelivery.
-    common::assert_nothing_stuck(&nats, Duration::from_secs(10)).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(10), Redeliveries::Forbidden).await;
 
     // The engine is still up: a normal task runs to success.
-    let client = Client::new(
-        server.connect().await,
-        ClientConfig {
-            reply_timeout: Duration::from_secs(10),
-            ..ClientConfig::default()
-        },
-    );
+    let client = client_on(server.connect().await);
     let launched = client
         .launch(LaunchTask {
             timeout_secs: Some(60),
@@ -645,7 +639,7 @@ async fn a_newline_in_a_key_is_dead_lettered_and_does_not_stop_the_engine() {
             .await
             .unwrap();
     }
-    common::assert_nothing_stuck(&nats, Duration::from_secs(10)).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(10), Redeliveries::Forbidden).await;
     assert_eq!(engine.intake_stats.dead_lettered.load(Ordering::Relaxed), 2);
     assert_eq!(engine.intake_stats.panicked.load(Ordering::Relaxed), 0);
     let still_running = tokio::time::timeout(Duration::from_secs(1), engine.failed()).await;

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use futures::StreamExt;
 use futures::future::join_all;
 use taskpods_client::{Client, ClientConfig, ClientErrorKind};
@@ -20,6 +20,7 @@ use taskpods_events::{
     TaskState,
 };
 use taskpods_harness::NatsServer;
+use taskpods_integration::{Redeliveries, assert_nothing_stuck, client_on};
 
 fn config(server: &NatsServer) -> EngineConfig {
     EngineConfig {
@@ -29,13 +30,7 @@ fn config(server: &NatsServer) -> EngineConfig {
 }
 
 async fn client(server: &NatsServer) -> Client {
-    Client::new(
-        server.connect().await,
-        ClientConfig {
-            reply_timeout: Duration::from_secs(10),
-            ..ClientConfig::default()
-        },
-    )
+    client_on(server.connect().await)
 }
 
 /// Publishes a raw command to the command stream, as any client could, and returns the engine's reply.
@@ -86,31 +81,6 @@ async fn events_of(nats: &async_nats::Client, task: TaskId) -> Vec<EventBody> {
         .into_iter()
         .map(|e| e.event.body)
         .collect()
-}
-
-/// Asserts the intake consumer holds nothing, within `within`: every command was acked.
-async fn assert_nothing_stuck(nats: &async_nats::Client, within: Duration) {
-    let js = jetstream::new(nats.clone());
-    let stream = js
-        .get_stream(Names::default().command_stream())
-        .await
-        .expect("stream");
-    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_consumer("taskpods-intake")
-        .await
-        .expect("consumer");
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let info = consumer.info().await.expect("consumer info").clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "commands left unacked: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -170,7 +140,7 @@ async fn a_hundred_concurrent_launches_with_one_key_make_one_task() {
     let events = events_of(&nats, task).await;
     assert_eq!(events.len(), 1, "one Accepted event: {events:?}");
     assert!(matches!(events[0], EventBody::Accepted { .. }));
-    assert_nothing_stuck(&nats, Duration::from_secs(5)).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(5), Redeliveries::Allowed).await;
     assert_eq!(engine.intake_stats.applied.load(Ordering::Relaxed), 1);
     engine.shutdown().await.expect("clean shutdown");
 }
@@ -405,7 +375,7 @@ async fn bad_input_gets_a_precise_reason_and_nothing_is_stuck() {
     );
 
     // Everything was acked, the dead letters are kept with their reasons, and a good launch still works.
-    assert_nothing_stuck(&nats, Duration::from_secs(5)).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(5), Redeliveries::Allowed).await;
     assert_eq!(engine.intake_stats.dead_lettered.load(Ordering::Relaxed), 3);
     assert_eq!(engine.intake_stats.rejected.load(Ordering::Relaxed), 7);
     let js = jetstream::new(nats.clone());
@@ -549,7 +519,7 @@ async fn a_crash_between_append_and_ack_neither_duplicates_nor_loses_the_answer(
         .await
         .expect("engine after crash");
     // The aborted engine's unacked commands come back after the consumer's ack wait.
-    assert_nothing_stuck(&nats, Duration::from_secs(40)).await;
+    assert_nothing_stuck(&nats, Duration::from_secs(40), Redeliveries::Allowed).await;
     for i in 0..300 {
         let events = events_of(&nats, TaskId::from_idempotency_key(&format!("load-{i}"))).await;
         assert_eq!(events.len(), 1, "load-{i}: {events:?}");

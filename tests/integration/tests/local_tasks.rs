@@ -16,6 +16,7 @@ use taskpods_events::{
 };
 use taskpods_harness::NatsServer;
 use taskpods_integration as fixtures;
+use taskpods_integration::client_on;
 
 mod common;
 
@@ -47,13 +48,7 @@ impl Setup {
         let engine = Engine::start(config(&server, state.path()))
             .await
             .expect("engine");
-        let client = Client::new(
-            server.connect().await,
-            ClientConfig {
-                reply_timeout: Duration::from_secs(10),
-                ..ClientConfig::default()
-            },
-        );
+        let client = client_on(server.connect().await);
         Self {
             server,
             state,

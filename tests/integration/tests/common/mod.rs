@@ -6,12 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull};
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::executor::local::LocalConfig;
 use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
-use taskpods_events::Names;
 use taskpods_harness::NatsServer;
 
 /// An engine with the local backend (the agent built with these tests, real bubblewrap), tuned to
@@ -66,30 +64,4 @@ pub fn files_dir() -> tempfile::TempDir {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
         .expect("open the directory to the sandbox's UID");
     dir
-}
-
-/// Asserts the intake consumer holds nothing, within `within`: every command was acked, none is
-/// waiting for redelivery.
-pub async fn assert_nothing_stuck(nats: &async_nats::Client, within: Duration) {
-    let js = jetstream::new(nats.clone());
-    let stream = js
-        .get_stream(Names::default().command_stream())
-        .await
-        .expect("stream");
-    let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_consumer("taskpods-intake")
-        .await
-        .expect("consumer");
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let info = consumer.info().await.expect("consumer info").clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 && info.num_redelivered == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "commands left unacked: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
