@@ -169,8 +169,9 @@ async fn metrics_move_by_what_the_tasks_did_and_the_probes_answer() {
 
     // A live task shows in the gauge by its state.
     let sleeper = stack.launch("sleep 30", 60).await;
+    // Up to 60 s: on a loaded machine a sandbox takes a while to start.
     let mut running = 0.0;
-    for _ in 0..100 {
+    for _ in 0..300 {
         let (_, now) = scrape(&stack).await;
         running = value(&now, "taskpods_tasks{state=\"running\"}");
         if running >= 1.0 {
