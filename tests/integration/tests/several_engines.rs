@@ -2,13 +2,15 @@
 //! the sandboxes each replica starts and can be made slow):
 //! - an effect that takes longer than the consumer's ack wait is done once, by one replica (the handler
 //!   keeps its message alive instead of letting the server hand it to another);
+//! - a replica stopped mid-effect hands its event to another at once (not after the ack wait), and the
+//!   other finishes it: the task is scheduled once, by the replica that took over.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod replicas;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
@@ -145,4 +147,48 @@ async fn an_effect_longer_than_the_ack_wait_is_done_once_by_one_replica() {
         "one sandbox in all, per replica: {creates:?}"
     );
     assert_eq!(scheduled_by(&server, task).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_effect_hands_its_event_to_another_at_once() {
+    let server = NatsServer::start();
+    let (_engine, tasks) = command_engine(&server).await;
+    // An ack wait far longer than the test's patience: only a hand-over can get the event to b in time.
+    let config = ExecutorConfig {
+        ack_wait: Duration::from_secs(120),
+        ..ExecutorConfig::default()
+    };
+    let stuck = Arc::new(CountingBackend {
+        create_time: Duration::from_secs(3600),
+        ..CountingBackend::default()
+    });
+    let a = replica(&server, "a", Duration::from_millis(500)).await;
+    let a_executor = tokio::spawn(executor::run(a.clone(), stuck.clone(), config.clone()));
+    let task = launch(&tasks, "handed-over").await;
+    fixtures::wait_for("a starts the sandbox", Duration::from_secs(30), || async {
+        (stuck.creates.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+
+    let quick = Arc::new(CountingBackend::default());
+    let b = replica(&server, "b", Duration::from_secs(1)).await;
+    tokio::spawn(executor::run(b, quick.clone(), config));
+    let stopping = Instant::now();
+    a.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), a_executor)
+        .await
+        .expect("a's executor returns after its shutdown grace")
+        .expect("joined")
+        .expect("a stopped cleanly");
+    let a_stopped = stopping.elapsed();
+    // Half the ack wait: only a hand-over gets the event to b within it.
+    fixtures::until_state(&tasks, task, TaskState::Scheduled, Duration::from_secs(60)).await;
+    let taken_over = stopping.elapsed();
+    println!("a stopped in {a_stopped:?}; b had scheduled the task {taken_over:?} after the stop");
+    assert_eq!(quick.creates.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        scheduled_by(&server, task).await,
+        vec![Some("b".to_owned())],
+        "scheduled once, by the replica that took over"
+    );
 }
