@@ -222,7 +222,8 @@ pub async fn run(
     // handled until the grace is over, then handed back.
     let _ = shared.hand_over_at.set(Instant::now() + ctx.shutdown_grace);
     let mut handed = 0;
-    for message in messages.buffered() {
+    // Stop pulling before handing anything back (see `DurableMessages::stop`).
+    for message in messages.stop() {
         crate::executor::hand_over(&message, "intake").await;
         handed += 1;
     }

@@ -73,12 +73,23 @@ impl DurableMessages {
         }
     }
 
-    /// The messages already received and not yet handed out (at shutdown, to hand them back).
-    pub fn buffered(&mut self) -> Vec<jetstream::Message> {
+    /// Stops pulling (at shutdown) and returns the messages already received and not yet handed out,
+    /// to hand them back.
+    ///
+    /// The pull subscription is dropped here, which unsubscribes its inbox, **before** anything is
+    /// handed back: the server keeps this engine's pull requests waiting (up to their expiry) and
+    /// delivers a nak'd message again to the first waiting request it finds with interest. With the
+    /// subscription still open that could be this engine's own request: the message then landed in a
+    /// buffer nobody reads any more and reached another replica only after the consumer's ack wait.
+    /// The unsubscribe goes out on the same connection before any nak, so the server drops this
+    /// engine's requests (no interest) before it redelivers.
+    pub fn stop(self) -> Vec<jetstream::Message> {
+        let Self { mut messages, .. } = self;
         let mut out = Vec::new();
-        while let Some(Some(Ok(message))) = self.messages.next().now_or_never() {
+        while let Some(Some(Ok(message))) = messages.next().now_or_never() {
             out.push(message);
         }
+        drop(messages);
         out
     }
 

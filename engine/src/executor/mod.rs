@@ -642,7 +642,9 @@ pub async fn run<B: Backend>(
     // queued behind them goes back too.
     drop(dispatcher);
     let mut handed = 0;
-    for msg in messages.buffered() {
+    // Stop pulling before handing anything back (see `DurableMessages::stop`): a nak'd message must
+    // go to another replica, not to this engine's own pull requests still waiting on the server.
+    for msg in messages.stop() {
         hand_over(&msg, "executor").await;
         handed += 1;
     }
