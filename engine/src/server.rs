@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::EngineConfig;
 use crate::context::EngineCtx;
@@ -495,6 +495,17 @@ impl Engine {
             );
         }
 
+        let server_version = ctx.nats.server_info().version;
+        if config.topology.replicas > 1 && !serializes_expected_sequences(&server_version) {
+            error!(
+                server_version = %server_version,
+                replicas = config.topology.replicas,
+                "nats-server before 2.9.21 does not serialize concurrent writes that expect the same \
+                 last subject sequence on a replicated stream (nats-server #4320): several engines' \
+                 guarded writes (views, appends, the lease) can both succeed and one is lost; use \
+                 nats-server 2.9.21 or newer for a cluster"
+            );
+        }
         info!(
             engine = %ctx.engine_id,
             prefix = %ctx.names(),
@@ -625,6 +636,37 @@ mod tests {
                 tmp,
             }) => assert_eq!((inputs, artifacts, tmp), (64 << 20, 64 << 20, 16 << 20)),
             other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Whether a nats-server of `version` checks `Nats-Expected-Last-Subject-Sequence` as part of a
+/// replicated stream's consensus. Before 2.9.21 it was only a pre-check on the leader, so two concurrent
+/// writes expecting the same sequence could both be stored (nats-server issue #4320, fixed by #4319):
+/// the guarded writes several engines rely on (view commits, event appends, the lease) then lose updates.
+/// An unparsable version is given the benefit of the doubt.
+pub fn serializes_expected_sequences(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u64>());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch))) => (major, minor, patch) >= (2, 9, 21),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod expected_sequence_tests {
+    use super::serializes_expected_sequences;
+
+    #[test]
+    fn servers_before_2_9_21_do_not_serialize_expected_sequences_on_a_cluster() {
+        for old in ["2.9.10", "v2.9.20", "2.8.4"] {
+            assert!(!serializes_expected_sequences(old), "{old}");
+        }
+        for fixed in ["2.9.21", "2.10.0", "v2.12.15", "2.11.0-beta.1", "garbage"] {
+            assert!(serializes_expected_sequences(fixed), "{fixed}");
         }
     }
 }
