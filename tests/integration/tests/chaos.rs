@@ -169,7 +169,11 @@ impl EngineProcess {
             .args(["--connect-timeout-secs", "120"])
             // The engine id is `$HOSTNAME-<random>`: e1-…, e2-…, e3-… in the events' headers.
             .env("HOSTNAME", format!("e{}", self.index))
-            .env("RUST_LOG", "info,async_nats=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TASKPODS_CHAOS_RUST_LOG")
+                    .unwrap_or_else(|_| "info,async_nats=warn".to_owned()),
+            )
             .env("NO_COLOR", "1")
             .env("TASKPODS_DATA", &self.dir)
             .env("TASKPODS__ENGINE__SHUTDOWN_GRACE", "2s")
@@ -501,7 +505,9 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
         retries.load(Ordering::Relaxed)
     );
 
-    let js = jetstream::new(cluster.connect().await);
+    let client = cluster.connect().await;
+    let server_version = client.server_info().version;
+    let js = jetstream::new(client);
     let names = Names::default();
     let deadline = Instant::now() + PATIENCE;
     let log = loop {
@@ -661,7 +667,23 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
     for d in &divergences {
         println!("chaos: view divergence: {d:?}");
     }
-    if std::env::var("TASKPODS_CHAOS_STRICT_VIEWS").as_deref() == Ok("1") {
+    let all_differences: Vec<&rebuild::Difference> = report.differences.iter().collect();
+    diagnose_divergences(&js, &names, &all_differences).await;
+    // Views equal a rebuild whenever the server serializes guarded writes: nats-server before 2.9.21
+    // lets two projectors' view writes expecting the same revision both succeed on a cluster
+    // (nats-server #4320), and the later, possibly older, one stands (issue-18 investigation).
+    // TASKPODS_CHAOS_STRICT_VIEWS=1 asserts on any server, =0 never.
+    let strict = match std::env::var("TASKPODS_CHAOS_STRICT_VIEWS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => taskpods_engine::server::serializes_expected_sequences(&server_version),
+    };
+    println!("chaos: nats-server {server_version}; views asserted equal to a rebuild: {strict}");
+    if strict {
+        assert!(
+            history_divergences.is_empty(),
+            "history views differ from a rebuild: {history_divergences:#?}"
+        );
         assert!(
             divergences.is_empty(),
             "views differ from a rebuild: {divergences:#?}"
@@ -677,5 +699,93 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
     assert_eq!(dead_letters, 0, "no command dead-lettered");
     assert_eq!(commands_left, 0, "no command left in the command stream");
     assert_eq!(tasks.len(), launched.len(), "no task but the launched ones");
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var("TASKPODS_CHAOS_KEEP_LOGS").as_deref() == Ok("1") {
+        println!("chaos: engine logs kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Investigation (issue 18): for each task whose view differs, what the KV leader holds (not a direct
+/// get, which any replica answers), what a direct get returns now, the task's last event and who wrote
+/// it, and the projector consumer's state.
+async fn diagnose_divergences(
+    js: &jetstream::Context,
+    names: &Names,
+    divergences: &[&rebuild::Difference],
+) {
+    use taskpods_projections::buckets;
+    if divergences.is_empty() {
+        return;
+    }
+    let views = buckets::Views::open(js, names, buckets::BucketSettings::default())
+        .await
+        .expect("views");
+    let b = views.buckets();
+    let consumer = buckets::consumer_name(names, views.generation());
+    let events = js.get_stream(names.event_stream()).await.expect("events");
+    match events
+        .get_consumer::<jetstream::consumer::pull::Config>(&consumer)
+        .await
+    {
+        Ok(mut c) => match c.info().await {
+            Ok(i) => println!(
+                "chaos diag: projector consumer {consumer}: ack floor {:?}, delivered {:?}, pending {}, ack pending {}, redelivered {}, waiting {}",
+                i.ack_floor,
+                i.delivered,
+                i.num_pending,
+                i.num_ack_pending,
+                i.num_redelivered,
+                i.num_waiting
+            ),
+            Err(e) => println!("chaos diag: consumer info: {e}"),
+        },
+        Err(e) => println!("chaos diag: consumer: {e}"),
+    }
+    let mut seen = HashSet::new();
+    for d in divergences {
+        if !seen.insert(d.task.clone()) {
+            continue;
+        }
+        let key = d.task.clone();
+        let subject = format!("{}{}", b.tasks.prefix, key);
+        let leader = b
+            .tasks
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await;
+        let direct = b.tasks.entry(&key).await;
+        let seq_of = |bytes: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|v| v.get("seq").cloned())
+        };
+        match leader {
+            Ok(m) => println!(
+                "chaos diag: {key}: KV leader holds revision {} seq {:?}",
+                m.sequence,
+                seq_of(&m.payload)
+            ),
+            Err(e) => println!("chaos diag: {key}: KV leader read: {e}"),
+        }
+        match direct {
+            Ok(Some(e)) => println!(
+                "chaos diag: {key}: KV direct get revision {} seq {:?}",
+                e.revision,
+                seq_of(&e.value)
+            ),
+            other => println!("chaos diag: {key}: KV direct get: {other:?}"),
+        }
+        let task: TaskId = key.parse().expect("task id");
+        match events
+            .get_last_raw_message_by_subject(&names.events(task))
+            .await
+        {
+            Ok(m) => println!(
+                "chaos diag: {key}: last event seq {} at {:?}, headers {:?}",
+                m.sequence, m.time, m.headers
+            ),
+            Err(e) => println!("chaos diag: {key}: last event: {e}"),
+        }
+    }
 }
