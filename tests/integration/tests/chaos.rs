@@ -506,6 +506,8 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
     );
 
     let client = cluster.connect().await;
+    // The server's INFO (and version) is known once the connection is up.
+    client.flush().await.expect("flush");
     let server_version = client.server_info().version;
     let js = jetstream::new(client);
     let names = Names::default();
