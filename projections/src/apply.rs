@@ -276,20 +276,12 @@ impl Writer {
             } else {
                 None
             };
-            let source = match (&cached, attempt == 0 && first_event_here) {
-                (Some(_), _) => "cache",
-                (None, true) => "new",
-                (None, false) => "read",
-            };
             let current = match cached {
                 Some(c) => c,
                 None if attempt == 0 && first_event_here => Cached::new_task(task),
                 None => self.read(task).await?,
             };
             let newest = events.last().map_or(0, |e| e.sequence);
-            tracing::debug!(%task, newest, view_seq = current.view.seq, rev = current.rev,
-                history_seq = current.history.seq, history_rev = current.history_rev, source, attempt,
-                "projector prepare");
             if newest <= current.view.seq {
                 // Nothing new for the task view; the other buckets were written before it (it is the
                 // commit record), so there is nothing to do.
@@ -540,6 +532,8 @@ impl Writer {
             .await
         {
             Ok(rev) => {
+                // Expected and obtained revision: shows two projectors' writes of one task that both
+                // succeeded (nats-server < 2.9.21 on a cluster, #4320).
                 tracing::debug!(task = %p.task, seq = p.view.seq, expected = p.rev, rev, "projector commit");
                 // Moved into the cache, not copied: the task is done for this batch.
                 self.remember(

@@ -359,19 +359,7 @@ async fn drain(
             .map(|e: &StoredEvent| e.sequence)
             .max()
             .unwrap_or(0);
-        let seqs: Vec<u64> = messages
-            .iter()
-            .filter_map(|m| m.info().ok().map(|i| i.stream_sequence))
-            .collect();
-        tracing::debug!(?seqs, "projector batch");
-        let applied = match writer.apply_batch(batch, config.concurrency).await {
-            Ok(applied) => applied,
-            Err(e) => {
-                tracing::debug!(?seqs, error = %e, "projector batch failed");
-                return Err(e.into());
-            }
-        };
-        tracing::debug!(?seqs, ?applied, "projector batch applied; acking");
+        let applied = writer.apply_batch(batch, config.concurrency).await?;
         // Ack only now: the views hold every event of the batch.
         let acks = messages.iter().map(|m| m.ack());
         for r in futures::future::join_all(acks).await {
