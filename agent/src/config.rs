@@ -77,6 +77,8 @@ pub struct Config {
     pub kill_grace: Duration,
     /// How long the code gets between the forwarded SIGTERM and SIGKILL.
     pub term_grace: Duration,
+    /// How long past the deadline plus `kill_grace` the agent keeps trying to report before it exits.
+    pub report_grace: Duration,
     /// Where `in/` (inputs) and `out/` (artifacts) live on the agent's side.
     pub files_dir: std::path::PathBuf,
     /// Values the kubelet put in the pod from Kubernetes Secrets (the task's `secret_env`), for the code,
@@ -228,6 +230,7 @@ impl Config {
             flush_interval: Duration::from_millis(num("TASKPODS_FLUSH_MS", 200)?.max(1)),
             kill_grace: Duration::from_millis(num("TASKPODS_KILL_GRACE_MS", 5000)?),
             term_grace: Duration::from_millis(num("TASKPODS_TERM_GRACE_MS", 2000)?),
+            report_grace: Duration::from_millis(num("TASKPODS_REPORT_GRACE_MS", 30_000)?),
             secret_env: var(taskpods_events::env::SECRET_ENV_NAMES_VAR)
                 .unwrap_or_default()
                 .split(',')

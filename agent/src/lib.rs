@@ -16,6 +16,9 @@
 //!    artifacts, to
 //!    `<p>.cmd.agent.<task>.result` with `Nats-Msg-Id: <task>:result`.
 //!
+//! 7. It always ends ([`lifetime`]): at the latest at its deadline plus its kill and report graces
+//!    (whether or not NATS or its engine still answer), and within its kill grace after a SIGTERM.
+//!
 //! Environment:
 //!
 //! | variable | default | meaning |
@@ -35,16 +38,18 @@
 //! | `TASKPODS_CHUNK_BYTES` | 64 KiB | largest output chunk |
 //! | `TASKPODS_FLUSH_MS` | 200 | longest time output waits before it is sent |
 //! | `TASKPODS_KILL_GRACE_MS` | 5000 | how long past the deadline the agent itself kills the code (the engine's timer acts first) |
+//! | `TASKPODS_REPORT_GRACE_MS` | 30000 | how long past the deadline plus kill grace the agent keeps trying to report before it exits |
 //! | `TASKPODS_TERM_GRACE_MS` | 2000 | on SIGTERM: how long the code gets between the forwarded SIGTERM and SIGKILL |
 //! | `TASKPODS_FILES_DIR` | `$TMPDIR` (no sandbox) or `$TMPDIR/taskpods-files-<task>` (bubblewrap) | where `in/` and `out/` live on the agent's side |
 //! | `TASKPODS_ENV_FILE` | `/etc/taskpods/agent.env` if it exists | `NAME=value` lines (a mounted file) for any variable above not set in the environment |
 //!
 //! Layout: [`config`] (the environment above), [`protocol`] (connect, hello, acked reports, message ids),
-//! [`run`] (one task end to end), [`output`] (output chunks), [`sandbox`] (bubblewrap and limits), [`files`]
+//! [`lifetime`] (the bounds that make the agent end), [`run`] (one task end to end), [`output`] (output chunks), [`sandbox`] (bubblewrap and limits), [`files`]
 //! (inputs in, artifacts out).
 
 pub mod config;
 pub mod files;
+pub mod lifetime;
 pub mod output;
 pub mod protocol;
 pub mod run;
@@ -55,6 +60,7 @@ use async_nats::jetstream::context::PublishError;
 use taskpods_events::codec::CodecError;
 
 pub use config::{Config, ConfigError, DEFAULT_ENV_FILE, env_file, parse_env_file};
+pub use lifetime::{Lifetime, supervise};
 pub use protocol::{HelloFailure, connect, hello, progress_msg_id, result_msg_id};
 pub use run::{code_env, run};
 pub use sandbox::SpawnError;
@@ -92,7 +98,7 @@ pub fn main() -> std::process::ExitCode {
         }
     };
     eprintln!("taskpods-agent {VERSION}: task {}", config.task);
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(supervise(&config, |lifetime| run(config.clone(), lifetime))) {
         Ok(outcome) => {
             eprintln!("taskpods-agent: done, exit code {}", outcome.exit_code);
             ExitCode::SUCCESS
@@ -141,4 +147,8 @@ pub enum AgentError {
     /// The result was not acknowledged before the agent gave up.
     #[error("cannot report the result: {0}")]
     Report(#[source] PublishError),
+    /// The agent's own bound passed (deadline plus graces, or the flush after a SIGTERM): it ended
+    /// the code and stopped, reported or not ([`lifetime`]).
+    #[error("gave up: {0}")]
+    GaveUp(&'static str),
 }

@@ -10,6 +10,7 @@ use taskpods_events::{AgentReport, Instructions, TaskOutcome};
 use tokio::sync::mpsc;
 
 use crate::files::{ArtifactReport, FileDirs, FilesClient};
+use crate::lifetime::Lifetime;
 use crate::output::{self, OutputStats, Progress};
 use crate::protocol::{
     connect, hello, progress_msg_id, publish_acked, publish_result, report_headers, until,
@@ -18,9 +19,18 @@ use crate::sandbox::{self, Sandbox};
 use crate::{AgentError, Config};
 
 /// Runs the whole task: hello, code, output, heartbeats, result. Returns the outcome it reported.
-pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
-    let client = connect(&config).await?;
-    let instructions = hello(&client, &config).await?;
+/// `lifetime` (from [`supervise`](crate::supervise)) brings a SIGTERM and takes the hello's deadline.
+pub async fn run(config: Config, mut lifetime: Lifetime) -> Result<TaskOutcome, AgentError> {
+    let sigterm = || AgentError::Stopped("SIGTERM before the code started".to_owned());
+    let client = tokio::select! {
+        client = connect(&config) => client?,
+        () = lifetime.stopped() => return Err(sigterm()),
+    };
+    let instructions = tokio::select! {
+        instructions = hello(&client, &config) => instructions?,
+        () = lifetime.stopped() => return Err(sigterm()),
+    };
+    lifetime.deadline.send_replace(instructions.deadline);
     let js = async_nats::jetstream::new(client.clone());
     let task = config.task;
 
@@ -111,21 +121,29 @@ pub async fn run(config: Config) -> Result<TaskOutcome, AgentError> {
 
     let started = tokio::time::Instant::now();
     let code = sandbox::Code::from_instructions(&instructions, &config);
-    let (exit_code, stats, result_doc, stopped_at, out_dir_exceeded) =
-        match run_code(&config, &instructions, code, &js, progress_tx).await {
-            Ok(done) => done,
-            Err(e) => {
-                heartbeat.abort();
-                // Report the failure as a result so the task ends now rather than at its deadline.
-                let outcome = TaskOutcome {
-                    exit_code: 127,
-                    duration_ms: 0,
-                    ..TaskOutcome::default()
-                };
-                let _ = publish_result(&js, &config, &outcome).await;
-                return Err(e);
-            }
-        };
+    let (exit_code, stats, result_doc, stopped_at, out_dir_exceeded) = match run_code(
+        &config,
+        &instructions,
+        code,
+        &js,
+        progress_tx,
+        &mut lifetime,
+    )
+    .await
+    {
+        Ok(done) => done,
+        Err(e) => {
+            heartbeat.abort();
+            // Report the failure as a result so the task ends now rather than at its deadline.
+            let outcome = TaskOutcome {
+                exit_code: 127,
+                duration_ms: 0,
+                ..TaskOutcome::default()
+            };
+            let _ = publish_result(&js, &config, &outcome).await;
+            return Err(e);
+        }
+    };
     let _ = progress_task.await;
 
     // Artifacts before the result. After a SIGTERM the engine kills the agent once its grace period is
@@ -195,6 +213,7 @@ async fn run_code(
     code: sandbox::Code,
     js: &async_nats::jetstream::Context,
     progress: mpsc::Sender<Progress>,
+    lifetime: &mut Lifetime,
 ) -> Result<CodeDone, AgentError> {
     let mut writer = output::Writer::new(
         js.clone(),
@@ -228,7 +247,6 @@ async fn run_code(
     );
     let pump = tokio::spawn(pump);
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let hard_stop = until(instructions.deadline) + config.kill_grace;
     let mut stopped_at = None;
     let mut out_dir_exceeded = None;
@@ -245,7 +263,7 @@ async fn run_code(
     };
     let status = tokio::select! {
         status = running.child.wait() => status.ok(),
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+        () = lifetime.stopped() => {
             eprintln!("taskpods-agent: SIGTERM: stopping the code");
             stopped_at = Some(tokio::time::Instant::now());
             running.terminate(config.term_grace).await

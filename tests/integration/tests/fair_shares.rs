@@ -56,7 +56,7 @@ async fn stored_output(js: &jetstream::Context, task: TaskId) -> Vec<(u64, Bytes
 #[tokio::test]
 async fn a_task_flooding_its_own_output_subject_never_evicts_another_tasks_output() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let mut config = common::local_engine(&server, state.path());
     // A small pool, so the flood below is far larger than all of it.
     config.topology.log_max_bytes = 8 << 20;
@@ -250,7 +250,7 @@ async fn ten_thousand_progress_reports_from_one_task_store_at_most_the_cap() {
 #[tokio::test]
 async fn a_hello_flood_for_random_ids_does_not_hold_up_a_real_tasks_start() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let engine = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine");

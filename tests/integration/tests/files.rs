@@ -22,7 +22,7 @@ const MIB: u64 = 1 << 20;
 
 struct Setup {
     server: NatsServer,
-    _state: tempfile::TempDir,
+    _state: common::StateDir,
     /// Where the agents stage `/tmp/in` and `/tmp/out`.
     files_dir: tempfile::TempDir,
     engine: Option<Engine>,
@@ -32,7 +32,7 @@ struct Setup {
 impl Setup {
     async fn start(files: FileLimits, delete_on_reap: bool) -> Self {
         let server = NatsServer::start();
-        let state = tempfile::tempdir().unwrap();
+        let state = common::StateDir::new();
         let files_dir = common::files_dir();
         let mut config = common::local_engine(&server, state.path());
         config.intake.policy.files = files;

@@ -28,7 +28,7 @@ const GRACE: Duration = Duration::from_secs(1);
 
 struct Setup {
     server: NatsServer,
-    state: tempfile::TempDir,
+    state: common::StateDir,
     stolen: tempfile::TempDir,
     engine: Engine,
     brain: Client,
@@ -88,7 +88,7 @@ impl Setup {
         engine_log();
         let server = NatsServer::start_secured();
         server.wait_for_jetstream().await;
-        let state = tempfile::tempdir().unwrap();
+        let state = common::StateDir::new();
         let stolen = tempfile::tempdir().unwrap();
         // The shared local engine, with identities on (operator mode) and the compromised agent.
         let mut config = common::local_engine(&server, state.path());

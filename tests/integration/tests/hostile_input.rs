@@ -437,7 +437,7 @@ enum Fate {
 #[tokio::test]
 async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_on() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let engine = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine");
@@ -613,7 +613,7 @@ async fn two_hundred_malformed_commands_are_each_answered_and_the_engine_lives_o
 #[tokio::test]
 async fn a_newline_in_a_key_is_dead_lettered_and_does_not_stop_the_engine() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let mut engine = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine");

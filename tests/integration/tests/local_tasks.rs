@@ -36,7 +36,7 @@ fn config(server: &NatsServer, state_dir: &Path) -> EngineConfig {
 
 struct Setup {
     server: NatsServer,
-    state: tempfile::TempDir,
+    state: common::StateDir,
     engine: Option<Engine>,
     client: Client,
 }
@@ -44,7 +44,7 @@ struct Setup {
 impl Setup {
     async fn start() -> Self {
         let server = NatsServer::start();
-        let state = tempfile::tempdir().unwrap();
+        let state = common::StateDir::new();
         let engine = Engine::start(config(&server, state.path()))
             .await
             .expect("engine");
@@ -101,42 +101,6 @@ impl Setup {
         .await
         .unwrap();
         (out, err, marks)
-    }
-}
-
-/// Processes of `task` still alive: the agent, bubblewrap, the code (all carry the task id in their
-/// environment).
-fn processes_of(task: TaskId) -> Vec<u32> {
-    let needle = format!("TASKPODS_TASK_ID={task}");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let alive = ProcessId::of(pid).is_some_and(|p| p.alive());
-        if alive
-            && environ
-                .split(|b| *b == 0)
-                .any(|var| var == needle.as_bytes())
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-async fn gone(task: TaskId, within: Duration) {
-    let until = tokio::time::Instant::now() + within;
-    while !processes_of(task).is_empty() {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "processes of {task} still running: {:?}",
-            processes_of(task)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -202,7 +166,7 @@ echo '{"ok": true}' > /tmp/result.json
     assert!(tail.contains(&"L".repeat(1500)), "the tail ends the output");
     assert!(tail.len() <= 2048 + 8, "{}", tail.len());
     assert!(!setup.state.path().join(task.job_name()).exists());
-    gone(task, Duration::from_secs(5)).await;
+    common::gone(task, Duration::from_secs(5)).await;
 }
 
 /// Values from Kubernetes Secrets need the Kubernetes backend: the local backend's engine rejects such a
@@ -265,14 +229,14 @@ async fn a_script_past_its_deadline_times_out_and_is_killed() {
         .await;
     let agent = setup.agent(task);
     assert!(agent.alive());
-    assert!(!processes_of(task).is_empty());
+    assert!(!common::processes_of(task).is_empty());
     let kinds = setup.finished(task, Duration::from_secs(30)).await;
     assert_eq!(
         kinds,
         ["accepted", "scheduled", "running", "timed_out", "reaped"]
     );
     assert!(!agent.alive());
-    gone(task, Duration::from_secs(5)).await;
+    common::gone(task, Duration::from_secs(5)).await;
     let (out, _, _) = setup.output(task).await;
     assert_eq!(out, b"sleeping\n");
 }
@@ -303,7 +267,7 @@ async fn cancel_while_running_cancels_and_kills() {
         ]
     );
     assert!(!agent.alive());
-    gone(task, Duration::from_secs(5)).await;
+    common::gone(task, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
@@ -389,7 +353,7 @@ async fn a_killed_agent_is_lost_after_the_heartbeat_timeout() {
         kinds,
         ["accepted", "scheduled", "running", "failed", "reaped"]
     );
-    gone(task, Duration::from_secs(5)).await;
+    common::gone(task, Duration::from_secs(5)).await;
     // The reap removed what the killed agent left behind.
     assert!(!staged.exists(), "{staged:?} is left behind after the reap");
 }
@@ -424,7 +388,7 @@ async fn an_engine_restart_mid_run_neither_kills_nor_duplicates_the_task() {
 #[tokio::test]
 async fn an_agent_that_cannot_start_fails_the_task_with_a_backend_error() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let mut config = config(&server, state.path());
     common::local(&mut config).agent_bin = state.path().join("no-such-agent");
     let engine = Engine::start(config).await.expect("engine");
@@ -545,7 +509,7 @@ async fn the_script_and_its_environment_stay_out_of_the_process_list() {
 #[tokio::test]
 async fn an_agent_that_never_says_hello_fails_at_the_startup_timeout() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let mut config = config(&server, state.path());
     common::local(&mut config).agent_bin = "/bin/true".into();
     config.timers.startup_timeout = Duration::from_secs(1);
@@ -615,7 +579,7 @@ async fn a_nats_restart_mid_run_loses_and_duplicates_no_output() {
 #[tokio::test]
 async fn agent_mode_hands_the_goal_to_the_entrypoint() {
     let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let mut config = config(&server, state.path());
     common::local(&mut config).agent_entrypoint = Some("/bin/echo".into());
     let engine = Engine::start(config).await.expect("engine");
@@ -677,7 +641,7 @@ async fn a_cancel_racing_the_sandbox_creation_leaves_nothing_behind() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        gone(task, Duration::from_secs(10)).await;
+        common::gone(task, Duration::from_secs(10)).await;
     }
 }
 

@@ -195,7 +195,7 @@ async fn each_task_is_one_trace_with_a_span_per_step_whichever_replica_took_it()
     assert!(telemetry.exporting());
 
     let server = NatsServer::start();
-    let state = tempfile::tempdir().expect("temp dir");
+    let state = common::StateDir::new();
     let runner = Engine::start(common::local_engine(&server, state.path()))
         .await
         .expect("engine with the local backend");

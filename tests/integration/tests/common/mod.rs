@@ -7,9 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::local::LocalConfig;
+use taskpods_engine::executor::local::{LocalConfig, ProcessId};
 use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
+use taskpods_events::TaskId;
 use taskpods_harness::NatsServer;
 
 /// An engine with the local backend (the agent built with these tests, real bubblewrap), tuned to
@@ -64,4 +65,91 @@ pub fn files_dir() -> tempfile::TempDir {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
         .expect("open the directory to the sandbox's UID");
     dir
+}
+
+/// The local backend's state directory for one test. Dropped at the test's end (a failed one
+/// included), it kills the agents whose pid files it holds, and bubblewrap takes their sandboxes with
+/// them: the agents outlive their engine by design (it adopts them on restart), so without this every
+/// test that ends with a task running would leave its agent behind.
+#[derive(Debug)]
+pub struct StateDir(tempfile::TempDir);
+
+impl StateDir {
+    /// A fresh, empty state directory.
+    pub fn new() -> Self {
+        Self(tempfile::tempdir().expect("temporary directory"))
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let Ok(sandboxes) = std::fs::read_dir(self.path()) else {
+            return;
+        };
+        for sandbox in sandboxes.flatten() {
+            let Ok(text) = std::fs::read_to_string(sandbox.path().join("pid")) else {
+                continue;
+            };
+            let mut fields = text.split_whitespace();
+            let (Some(Ok(pid)), Some(Ok(start))) = (
+                fields.next().map(str::parse::<u32>),
+                fields.next().map(str::parse::<u64>),
+            ) else {
+                continue;
+            };
+            // Only the very process this test's engine started (its start time guards against a
+            // recycled pid); the agent leads its own process group.
+            if (ProcessId { pid, start }).alive() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}"), &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// Processes of `task` still alive: the agent, bubblewrap, the code (all carry the task id in their
+/// environment).
+pub fn processes_of(task: TaskId) -> Vec<u32> {
+    let needle = format!("TASKPODS_TASK_ID={task}");
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let alive = ProcessId::of(pid).is_some_and(|p| p.alive());
+        if alive
+            && environ
+                .split(|b| *b == 0)
+                .any(|var| var == needle.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until no process of `task` runs (see [`processes_of`]), failing after `within`.
+pub async fn gone(task: TaskId, within: Duration) {
+    let until = tokio::time::Instant::now() + within;
+    while !processes_of(task).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "processes of {task} still running after {within:?}: {:?}",
+            processes_of(task)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -27,7 +27,7 @@ pub const OUTPUT_CAP: u64 = 1 << 20;
 /// nats-server, the engine (local backend) and its web UI.
 pub struct Stack {
     pub server: NatsServer,
-    pub state: tempfile::TempDir,
+    pub state: common::StateDir,
     pub engine: Option<Engine>,
     pub client: Client,
     pub addr: SocketAddr,
@@ -36,7 +36,7 @@ pub struct Stack {
 impl Stack {
     pub async fn start(http: HttpConfig) -> Self {
         let server = NatsServer::start();
-        let state = tempfile::tempdir().unwrap();
+        let state = common::StateDir::new();
         // The shared local engine, with its web UI on a random port and a small output cap.
         let mut config = common::local_engine(&server, state.path());
         config.gateway = GatewayConfig {
