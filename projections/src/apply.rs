@@ -8,7 +8,8 @@
 //! 2. Fold the newer events. An event's position (from `Nats-Msg-Id`) must be the view's next position;
 //!    when it is further on (an earlier event is still being delivered elsewhere, or was re-delivered
 //!    late), the missing events are read from the task's subject first ("healing"), so the fold never
-//!    skips an event.
+//!    skips an event. A read that comes back short (a lagging stream replica) is repeated a few times
+//!    with a pause; a gap still open after that is real, and is folded past, counted and logged.
 //! 3. Write history and active (concurrently), each guarded by its own stored `seq` and the KV revision;
 //!    an active entry is deleted when the task ends, and that delete marker is final (nothing re-creates
 //!    it). A writer remembers the revisions it wrote, so in the common case (one projector) these are
@@ -37,6 +38,12 @@ use crate::view::{self, ActiveView, FinishedView, HistoryView, TaskView};
 /// How many times a task is re-read and re-done after losing a revision race.
 const CONFLICT_RETRIES: usize = 16;
 
+/// How many times a heal read that came back short is repeated before the gap is taken as real.
+pub const HEAL_RETRIES: u32 = 4;
+
+/// The pause before the first repeated heal read (doubling: 20 + 40 + 80 + 160 ms in all).
+const HEAL_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Errors applying events.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -64,6 +71,10 @@ pub struct Applied {
     pub healed: u64,
     /// Revision conflicts that made a task be re-done.
     pub conflicts: u64,
+    /// Heal reads repeated because they came back short (a lagging stream replica).
+    pub heal_retries: u64,
+    /// Events missing from the stream that a fold went past (a real gap, after the re-reads).
+    pub gaps: u64,
 }
 
 impl Applied {
@@ -73,6 +84,8 @@ impl Applied {
         self.unknown += o.unknown;
         self.healed += o.healed;
         self.conflicts += o.conflicts;
+        self.heal_retries += o.heal_retries;
+        self.gaps += o.gaps;
     }
 }
 
@@ -140,6 +153,11 @@ pub struct Writer {
     cache: Mutex<HashMap<TaskId, Cached>>,
     cache_limit: usize,
     warned_unknown: AtomicU64,
+    /// Tasks with a real gap folded past: the view's event count and the position there, so the
+    /// task's later events do not re-read the gap (the count stays behind the positions for good).
+    gaps: Mutex<HashMap<TaskId, (u64, u64)>>,
+    #[cfg(any(test, feature = "test-util"))]
+    lagging_heal_reads: AtomicU64,
 }
 
 impl Writer {
@@ -159,6 +177,9 @@ impl Writer {
             cache: Mutex::new(HashMap::new()),
             cache_limit,
             warned_unknown: AtomicU64::new(0),
+            gaps: Mutex::new(HashMap::new()),
+            #[cfg(any(test, feature = "test-util"))]
+            lagging_heal_reads: AtomicU64::new(0),
         }
     }
 
@@ -305,23 +326,8 @@ impl Writer {
                     continue;
                 }
                 if self.gap_before(&view, e).await? {
-                    let missing = log::read_task(
-                        &self.events,
-                        &self.names,
-                        task,
-                        view.seq + 1,
-                        e.sequence - 1,
-                    )
-                    .await?;
-                    for m in missing {
-                        match m {
-                            Ok(m) => {
-                                step.healed += 1;
-                                self.fold(&mut view, &mut history, &mut finished, &m, &mut step);
-                            }
-                            Err(err) => warn!(%task, error = %err, "skipping an undecodable event"),
-                        }
-                    }
+                    self.heal(task, &mut view, &mut history, &mut finished, e, &mut step)
+                        .await?;
                 }
                 self.fold(&mut view, &mut history, &mut finished, e, &mut step);
             }
@@ -372,6 +378,89 @@ impl Writer {
         Err(ApplyError::Contended(task))
     }
 
+    /// Reads and folds the events missing between `view` and `e` ("healing"). On a cluster the read
+    /// may be answered by a stream replica that is behind the one that delivered `e`, and come back
+    /// short: it is repeated [`HEAL_RETRIES`] times with a doubling pause. A gap still open after
+    /// that is a real one (the events are not in the stream: deleted, or never written), and `e` is
+    /// folded past it as a fresh fold of the stream would, counted in [`Applied::gaps`] and logged.
+    /// Bounded, so a real gap costs at most the pauses, once per task (the writer remembers it).
+    async fn heal(
+        &self,
+        task: TaskId,
+        view: &mut TaskView,
+        history: &mut HistoryView,
+        finished: &mut Option<FinishedView>,
+        e: &StoredEvent,
+        step: &mut Applied,
+    ) -> Result<(), ApplyError> {
+        let mut pause = HEAL_PAUSE;
+        for attempt in 0..=HEAL_RETRIES {
+            if attempt > 0 {
+                step.heal_retries += 1;
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            let mut missing = log::read_task(
+                &self.events,
+                &self.names,
+                task,
+                view.seq + 1,
+                e.sequence - 1,
+            )
+            .await?;
+            #[cfg(any(test, feature = "test-util"))]
+            self.lag_heal_read(&mut missing);
+            let mut undecodable = false;
+            for m in missing {
+                match m {
+                    Ok(m) => {
+                        step.healed += 1;
+                        self.fold(view, history, finished, &m, step);
+                    }
+                    Err(err) => {
+                        // Not folded, so the task's event count stays behind the positions: no
+                        // retry reads it any better.
+                        undecodable = true;
+                        warn!(%task, error = %err, "skipping an undecodable event");
+                    }
+                }
+            }
+            if undecodable || !self.gap_before(view, e).await? {
+                return Ok(());
+            }
+        }
+        let missing = e.position.map_or(0, |p| p.saturating_sub(view.events));
+        step.gaps += missing;
+        if let Ok(mut gaps) = self.gaps.lock() {
+            if gaps.len() >= self.cache_limit {
+                gaps.clear();
+            }
+            gaps.insert(task, (view.events, e.position.unwrap_or(view.events)));
+        }
+        warn!(%task, seq = e.sequence, position = ?e.position, missing,
+            "events missing from the stream before this one (still missing after {HEAL_RETRIES} \
+             re-reads): folded past the gap");
+        Ok(())
+    }
+
+    /// Test hook standing in for a lagging stream replica: drops the events of the next heal reads.
+    #[cfg(any(test, feature = "test-util"))]
+    fn lag_heal_read(&self, read: &mut Vec<log::Read>) {
+        let lagging =
+            self.lagging_heal_reads
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if lagging.is_ok() {
+            read.clear();
+        }
+    }
+
+    /// Makes the next `reads` heal reads come back empty, as a stream replica that is behind would
+    /// answer them (tests only: a lagging replica cannot be produced on demand).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn lag_next_heal_reads(&self, reads: u64) {
+        self.lagging_heal_reads.store(reads, Ordering::Relaxed);
+    }
+
     fn fold(
         &self,
         view: &mut TaskView,
@@ -399,10 +488,22 @@ impl Writer {
         }
     }
 
-    /// Whether events of the task are missing between the view and `e`.
+    /// Whether events of the task are missing between the view and `e` (a gap already found real and
+    /// folded past does not count again).
     async fn gap_before(&self, view: &TaskView, e: &StoredEvent) -> Result<bool, ApplyError> {
         match e.position {
-            Some(p) => Ok(p > view.events),
+            Some(p) if p <= view.events => Ok(false),
+            Some(p) => {
+                let known = self
+                    .gaps
+                    .lock()
+                    .ok()
+                    .and_then(|gaps| gaps.get(&e.task()).copied());
+                // The view's count lags the positions by the missing events from then on.
+                Ok(known.is_none_or(|(events, position)| {
+                    view.events < events || p - view.events != position - events
+                }))
+            }
             // A writer without taskpods message ids: ask the stream for the task's next event.
             None => {
                 let next = log::read_task(

@@ -107,6 +107,10 @@ pub struct ProjectorStats {
     pub healed: AtomicU64,
     /// Revision conflicts with other writers.
     pub conflicts: AtomicU64,
+    /// Heal reads repeated because they came back short (a lagging stream replica).
+    pub heal_retries: AtomicU64,
+    /// Events missing from the stream that the views were folded past (a real gap).
+    pub gaps: AtomicU64,
     /// Batches applied.
     pub batches: AtomicU64,
     /// Highest stream sequence applied by this projector.
@@ -374,6 +378,10 @@ async fn drain(
         stats
             .conflicts
             .fetch_add(applied.conflicts, Ordering::Relaxed);
+        stats
+            .heal_retries
+            .fetch_add(applied.heal_retries, Ordering::Relaxed);
+        stats.gaps.fetch_add(applied.gaps, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.last_seq.fetch_max(last, Ordering::Relaxed);
     }

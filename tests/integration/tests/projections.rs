@@ -570,3 +570,107 @@ async fn readers_never_see_a_half_built_generation_while_a_rebuild_runs_under_ap
     stop.cancel();
     live.await.expect("join").expect("projector");
 }
+
+/// A history of at least `len` events (of a task nobody else uses), with its positions.
+fn long_history(seed: u64, len: usize) -> Vec<(u64, Event)> {
+    generate::histories(seed, 200, start_time(), 10)
+        .into_iter()
+        .find(|h| h.len() >= len)
+        .expect("a history long enough among 200")
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (i as u64, e))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_gap_in_a_task_s_events_is_folded_past_after_a_bounded_number_of_re_reads() {
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    // Position 2 is never written: a real gap, which no re-read can fill.
+    let history = long_history(41, 5);
+    let task = history[0].1.task;
+    let mut written = history.clone();
+    written.remove(2);
+    let last = generate::publish(&js, &names, &written, 16)
+        .await
+        .expect("publish");
+
+    let stats = project_until_caught_up(&js, config()).await;
+    assert_eq!(stats.gaps.load(Ordering::Relaxed), 1, "one event missing");
+    // The gap is read again a bounded number of times, once: the events after it do not read it
+    // again.
+    assert_eq!(
+        stats.heal_retries.load(Ordering::Relaxed),
+        u64::from(taskpods_projections::apply::HEAL_RETRIES)
+    );
+    assert_eq!(
+        stats.applied.load(Ordering::Relaxed),
+        written.len() as u64,
+        "every written event is in the views"
+    );
+    let live = Views::open(&js, &names, Default::default())
+        .await
+        .expect("views");
+    let view = live.task(task).await.expect("read").expect("a view");
+    assert_eq!(view.seq, last);
+    // The views are what a fresh fold of the stream gives (it goes past the gap too).
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heal_read_that_comes_back_short_is_read_again_and_no_history_entry_is_lost() {
+    let (_server, js) = setup().await;
+    let names = Names::default();
+    let history = long_history(43, 4);
+    let task = history[0].1.task;
+    generate::publish(&js, &names, &history, 16)
+        .await
+        .expect("publish");
+    let stream = js.get_stream(names.event_stream()).await.expect("stream");
+    let stored: Vec<StoredEvent> = taskpods_projections::log::read_events(&stream, &names, task)
+        .await
+        .expect("read");
+    let view_buckets = ViewBuckets::open(&js, &names, 1, Default::default(), true)
+        .await
+        .expect("buckets");
+    let writer = Writer::new(js.clone(), names.clone(), stream, view_buckets.clone(), 10);
+
+    // The first event arrives; the fourth arrives before the second and third (delivered elsewhere,
+    // or late), and the read of the missing two is answered twice by a replica that lacks them.
+    writer
+        .apply_batch(vec![stored[0].clone()], 4)
+        .await
+        .expect("apply");
+    writer.lag_next_heal_reads(2);
+    let applied = writer
+        .apply_batch(vec![stored[3].clone()], 4)
+        .await
+        .expect("apply");
+    assert_eq!(
+        applied.heal_retries, 2,
+        "read again until it came back whole"
+    );
+    assert_eq!(applied.healed, 2, "the two missing events were folded in");
+    assert_eq!(applied.gaps, 0, "nothing folded past");
+
+    // The views hold the four events, as a fresh fold of them does: no history entry lost.
+    let mut fresh = taskpods_projections::Folded::new(task);
+    for e in &stored[..4] {
+        fresh.apply(e);
+    }
+    let view: TaskView = buckets::get(&view_buckets.tasks, &task.to_string())
+        .await
+        .expect("read")
+        .expect("a view");
+    assert_eq!(view, fresh.view);
+    let history: taskpods_projections::HistoryView =
+        buckets::get(&view_buckets.history, &task.to_string())
+            .await
+            .expect("read")
+            .expect("a history");
+    assert_eq!(history, fresh.history);
+}
