@@ -1,7 +1,8 @@
 //! Guarded writes: folding a batch of events into one generation's buckets so that re-delivery,
 //! out-of-order delivery and several projectors at once cannot corrupt or regress a view.
 //!
-//! Per task, in this order:
+//! Per task, in this order (a batch's events of one task are folded together, so a task costs at most
+//! one write per bucket per batch):
 //! 1. Read the task view and history (or take them from the cache; or, when the batch holds the task's
 //!    first event, assume there are none and let the revision-0 writes prove it); events at or below the
 //!    view's `seq` are no-ops.
@@ -10,15 +11,19 @@
 //!    late), the missing events are read from the task's subject first ("healing"), so the fold never
 //!    skips an event. A read that comes back short (a lagging stream replica) is repeated a few times
 //!    with a pause; a gap still open after that is real, and is folded past, counted and logged.
-//! 3. Write history and active (concurrently), each guarded by its own stored `seq` and the KV revision;
-//!    an active entry is deleted when the task ends, and that delete marker is final (nothing re-creates
-//!    it). A writer remembers the revisions it wrote, so in the common case (one projector) these are
-//!    blind writes with a revision check, not read-modify-write round trips.
+//! 3. Write history and active, each guarded by its own stored `seq` and the KV revision; an active
+//!    entry is deleted when the task ends, and that delete marker is final (nothing re-creates it). A
+//!    writer remembers the revisions it wrote, so in the common case (one projector) these are blind
+//!    writes with a revision check, not read-modify-write round trips.
 //! 4. Write the finished entry (create-only: the first writer wins, retries are no-ops), in the batch's
 //!    terminal-sequence order so the index lists tasks in the order they ended.
 //! 5. Write the task view last, with the revision read in step 1. It is the commit record: once it holds
 //!    sequence `s`, every other bucket has everything up to `s`. On a revision conflict the task is
 //!    re-read and done again.
+//!
+//! A batch does each step for all its tasks at once, pipelined: every write of a step is sent before
+//! any ack is awaited (one round trip per step, not per task); a task that loses a race in any step
+//! leaves the batch and is done again on its own, one step after the other.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -129,14 +134,19 @@ impl Cached {
     }
 }
 
-/// What step 1-3 produced for one task, waiting for its finished entry and commit.
+/// One task's views with a batch's events folded in (steps 1-2), then written (step 3), waiting for
+/// its finished entry and commit.
 #[derive(Debug)]
 struct Prepared {
     task: TaskId,
     view: TaskView,
     rev: u64,
     history: HistoryView,
+    /// The history's revision: as read (or cached) until step 3 wrote it, then as written.
     history_rev: u64,
+    /// The `seq` of the history as read (or cached): a history that moved past it is written.
+    stored_history_seq: u64,
+    /// The active entry: as read (or cached) until step 3 wrote it, then as written.
     active: ActiveHint,
     finished: Option<FinishedView>,
     events: Vec<StoredEvent>,
@@ -188,7 +198,14 @@ impl Writer {
         self.buckets.generation
     }
 
-    /// Applies `events` (any order, any tasks, duplicates allowed), `concurrency` tasks at a time.
+    /// Applies `events` (any order, any tasks, duplicates allowed), reading at most `concurrency` tasks
+    /// at a time.
+    ///
+    /// Each task's events of the batch are folded together, so a task costs one write per bucket per
+    /// batch however many of its events the batch holds. The writes are pipelined: every history and
+    /// active write of the batch is sent before the first ack is awaited, then every finished entry,
+    /// then every task view, so a batch costs three round trips rather than a few per task. A task
+    /// that loses a revision race anywhere is done again on its own ([`Writer::apply_task`]).
     pub async fn apply_batch(
         &self,
         events: Vec<StoredEvent>,
@@ -199,51 +216,72 @@ impl Writer {
             groups.entry(e.task()).or_default().push(e);
         }
         let mut total = Applied::default();
-        let prepared: Vec<Result<Result<Prepared, u64>, ApplyError>> =
+        let folded: Vec<Result<Result<Prepared, u64>, ApplyError>> =
             futures::stream::iter(groups.into_iter().map(|(task, mut group)| {
                 group.sort_by_key(|e| e.sequence);
                 group.dedup_by_key(|e| e.sequence);
                 async move {
                     let n = group.len() as u64;
-                    Ok(self.prepare(task, group).await?.ok_or(n))
+                    Ok(self.fold_task(task, group, true).await?.ok_or(n))
                 }
             }))
             .buffer_unordered(concurrency.max(1))
             .collect()
             .await;
-        let mut ready = Vec::new();
-        for p in prepared {
+        let mut ready = Vec::with_capacity(folded.len());
+        for p in folded {
             match p? {
                 Ok(p) => ready.push(p),
                 Err(skipped) => total.skipped += skipped,
             }
         }
+        // Tasks that lost a race, to be done again one by one.
+        let mut redo: Vec<(TaskId, Vec<StoredEvent>, u64)> = Vec::new();
+
+        // Step 3 for every task at once.
+        let sides = self.write_sides_pipelined(&mut ready).await?;
+        let mut written = Vec::with_capacity(ready.len());
+        for (p, ok) in ready.into_iter().zip(sides) {
+            if ok {
+                written.push(p);
+            } else {
+                self.forget(p.task);
+                redo.push((p.task, p.events, p.applied.conflicts + 1));
+            }
+        }
+
         // Finished entries in the order the tasks ended, pipelined on one connection so the server
         // stores them in that order.
         let mut finished: Vec<&FinishedView> =
-            ready.iter().filter_map(|p| p.finished.as_ref()).collect();
+            written.iter().filter_map(|p| p.finished.as_ref()).collect();
         finished.sort_by_key(|f| f.seq);
         self.create_finished(&finished).await?;
 
-        let redo: Vec<Result<Applied, ApplyError>> =
-            futures::stream::iter(ready.into_iter().map(|mut p| async move {
-                let mut applied = p.applied;
-                if self.commit(&mut p).await? {
-                    return Ok(applied);
-                }
-                // Lost the race on the task view: someone else moved it; do the task again from what
-                // is stored now.
-                applied.conflicts += 1;
-                let again = self.apply_task(p.task, p.events).await?;
+        // Step 5, the commit records, for every task at once.
+        let commits = self.commit_pipelined(&mut written).await?;
+        for (p, ok) in written.into_iter().zip(commits) {
+            if ok {
+                total.add(p.applied);
+            } else {
+                // Lost the race on the task view: someone else moved it; do the task again from
+                // what is stored now.
+                redo.push((p.task, p.events, p.applied.conflicts + 1));
+            }
+        }
+
+        let again: Vec<Result<Applied, ApplyError>> = futures::stream::iter(redo.into_iter().map(
+            |(task, events, conflicts)| async move {
+                let again = self.apply_task(task, events).await?;
                 Ok(Applied {
-                    conflicts: applied.conflicts + again.conflicts,
+                    conflicts: conflicts + again.conflicts,
                     ..again
                 })
-            }))
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        for r in redo {
+            },
+        ))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+        for r in again {
             total.add(r?);
         }
         Ok(total)
@@ -277,73 +315,28 @@ impl Writer {
         Err(ApplyError::Contended(task))
     }
 
-    /// Steps 1-3. `None` when every event is already folded.
+    /// Steps 1-3 for one task, one write after the other. `None` when every event is already folded.
     async fn prepare(
         &self,
         task: TaskId,
-        events: Vec<StoredEvent>,
+        mut events: Vec<StoredEvent>,
     ) -> Result<Option<Prepared>, ApplyError> {
-        let mut applied = Applied::default();
         let key = task.to_string();
-        // The batch holds the task's first event (position 0): its views cannot exist yet, unless the
-        // batch is a re-delivery or another projector got there first, and then the revision-0 writes
-        // fail and the task is read and done again. A new task therefore costs no reads.
-        let first_event_here = events.first().is_some_and(|e| e.position == Some(0));
+        let mut conflicts = 0;
         for attempt in 0..CONFLICT_RETRIES {
-            // Taken out of the cache, not copied: the fold works on it in place (a copy would cost the
-            // size of the task's history on every batch); `commit` puts the result back.
-            let cached = if attempt == 0 {
-                self.take_cached(task)
-            } else {
-                None
-            };
-            let current = match cached {
-                Some(c) => c,
-                None if attempt == 0 && first_event_here => Cached::new_task(task),
-                None => self.read(task).await?,
-            };
-            let newest = events.last().map_or(0, |e| e.sequence);
-            if newest <= current.view.seq {
-                // Nothing new for the task view; the other buckets were written before it (it is the
-                // commit record), so there is nothing to do.
-                self.remember(task, current);
+            let Some(mut p) = self.fold_task(task, events, attempt == 0).await? else {
                 return Ok(None);
-            }
-            let Cached {
-                mut view,
-                rev: view_rev,
-                mut history,
-                history_rev: stored_history_rev,
-                active: active_hint,
-            } = current;
-            let stored_history_seq = history.seq;
-            let was_terminal = view.is_terminal();
-            let mut finished = None;
-            let mut step = Applied::default();
-            for e in &events {
-                if e.sequence <= view.seq {
-                    step.skipped += 1;
-                    continue;
-                }
-                if self.gap_before(&view, e).await? {
-                    self.heal(task, &mut view, &mut history, &mut finished, e, &mut step)
-                        .await?;
-                }
-                self.fold(&mut view, &mut history, &mut finished, e, &mut step);
-            }
-            if was_terminal {
-                finished = None;
-            }
+            };
             // History and active are independent of each other, so they are written concurrently.
             // History is guarded by its own sequence (never behind the task view's listed events, see
             // the module doc); a conflict means another projector wrote it: re-read and fold again.
             let history_write = async {
-                if history.seq > stored_history_seq {
-                    let bytes = encode(&history)?;
+                if p.history.seq > p.stored_history_seq {
+                    let bytes = encode(&p.history)?;
                     match self
                         .buckets
                         .history
-                        .update(&key, bytes, stored_history_rev)
+                        .update(&key, bytes, p.history_rev)
                         .await
                     {
                         Ok(rev) => Ok(Some(rev)),
@@ -351,31 +344,245 @@ impl Writer {
                         Err(e) => Err(ApplyError::from(BucketError::js("write history", &key, e))),
                     }
                 } else {
-                    Ok(Some(stored_history_rev))
+                    Ok(Some(p.history_rev))
                 }
             };
             let (history_rev, active) =
-                futures::join!(history_write, self.write_active(&key, &view, active_hint));
-            let active = active?;
+                futures::join!(history_write, self.write_active(&key, &p.view, p.active));
+            p.active = active?;
             let Some(history_rev) = history_rev? else {
                 self.forget(task);
-                applied.conflicts += 1;
+                conflicts += 1;
+                events = p.events;
                 continue;
             };
-            step.conflicts += applied.conflicts;
-            return Ok(Some(Prepared {
-                task,
-                view,
-                rev: view_rev,
-                history,
-                history_rev,
-                active,
-                finished,
-                events,
-                applied: step,
-            }));
+            p.history_rev = history_rev;
+            p.applied.conflicts += conflicts;
+            return Ok(Some(p));
         }
         Err(ApplyError::Contended(task))
+    }
+
+    /// Steps 1-2 for one task: its views (from the cache when `use_cache`; none for a task whose
+    /// first event is here; else read) with `events` folded in. No writes. `None` when every event is
+    /// already folded.
+    async fn fold_task(
+        &self,
+        task: TaskId,
+        events: Vec<StoredEvent>,
+        use_cache: bool,
+    ) -> Result<Option<Prepared>, ApplyError> {
+        // The batch holds the task's first event (position 0): its views cannot exist yet, unless the
+        // batch is a re-delivery or another projector got there first, and then the revision-0 writes
+        // fail and the task is read and done again. A new task therefore costs no reads.
+        let first_event_here = events.first().is_some_and(|e| e.position == Some(0));
+        // Taken out of the cache, not copied: the fold works on it in place (a copy would cost the
+        // size of the task's history on every batch); the commit puts the result back.
+        let cached = if use_cache {
+            self.take_cached(task)
+        } else {
+            None
+        };
+        let current = match cached {
+            Some(c) => c,
+            None if use_cache && first_event_here => Cached::new_task(task),
+            None => self.read(task).await?,
+        };
+        let newest = events.last().map_or(0, |e| e.sequence);
+        if newest <= current.view.seq {
+            // Nothing new for the task view; the other buckets were written before it (it is the
+            // commit record), so there is nothing to do.
+            self.remember(task, current);
+            return Ok(None);
+        }
+        let Cached {
+            mut view,
+            rev,
+            mut history,
+            history_rev,
+            active,
+        } = current;
+        let stored_history_seq = history.seq;
+        let was_terminal = view.is_terminal();
+        let mut finished = None;
+        let mut applied = Applied::default();
+        for e in &events {
+            if e.sequence <= view.seq {
+                applied.skipped += 1;
+                continue;
+            }
+            if self.gap_before(&view, e).await? {
+                self.heal(
+                    task,
+                    &mut view,
+                    &mut history,
+                    &mut finished,
+                    e,
+                    &mut applied,
+                )
+                .await?;
+            }
+            self.fold(&mut view, &mut history, &mut finished, e, &mut applied);
+        }
+        if was_terminal {
+            finished = None;
+        }
+        // What the active entry holds, when nothing is known about it (a task read, not cached).
+        let active = match active {
+            ActiveHint::Unknown => self.read_active(&task.to_string()).await?,
+            known => known,
+        };
+        Ok(Some(Prepared {
+            task,
+            view,
+            rev,
+            history,
+            history_rev,
+            stored_history_seq,
+            active,
+            finished,
+            events,
+            applied,
+        }))
+    }
+
+    /// Step 3 for every task of a batch: each history and active write that is needed is sent, then
+    /// the acks are awaited together. Per task, `false` when one of its writes lost a revision race.
+    async fn write_sides_pipelined(&self, ready: &mut [Prepared]) -> Result<Vec<bool>, ApplyError> {
+        enum Side {
+            History,
+            Active { seq: u64, deleted: bool },
+        }
+        let mut sent = Vec::with_capacity(ready.len() * 2);
+        for (i, p) in ready.iter().enumerate() {
+            let key = p.task.to_string();
+            if p.history.seq > p.stored_history_seq {
+                let ack = self
+                    .send_guarded(
+                        &self.buckets.history,
+                        &key,
+                        Some(p.history_rev),
+                        Some(encode(&p.history)?),
+                    )
+                    .await?;
+                sent.push((i, Side::History, ack));
+            }
+            let ActiveHint::Rev { rev, seq } = p.active else {
+                continue;
+            };
+            if seq >= p.view.seq {
+                continue;
+            }
+            let ack = if p.view.is_terminal() {
+                // Leave a marker (a delete) so a slower projector's older event cannot create the
+                // entry; the marker is final.
+                self.send_guarded(&self.buckets.active, &key, (rev != 0).then_some(rev), None)
+                    .await?
+            } else {
+                let value = encode(&ActiveView::from(&p.view))?;
+                self.send_guarded(&self.buckets.active, &key, Some(rev), Some(value))
+                    .await?
+            };
+            sent.push((
+                i,
+                Side::Active {
+                    seq: p.view.seq,
+                    deleted: p.view.is_terminal(),
+                },
+                ack,
+            ));
+        }
+        let mut ok = vec![true; ready.len()];
+        for (i, side, ack) in sent {
+            let p = &mut ready[i];
+            match ack.await {
+                Ok(ack) => match side {
+                    Side::History => p.history_rev = ack.sequence,
+                    Side::Active { deleted: true, .. } => p.active = ActiveHint::Gone,
+                    Side::Active { seq, .. } => {
+                        p.active = ActiveHint::Rev {
+                            rev: ack.sequence,
+                            seq,
+                        }
+                    }
+                },
+                // Another writer moved the entry on (the server's 10071, wrong last sequence).
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => ok[i] = false,
+                Err(e) => {
+                    let operation = match side {
+                        Side::History => "write history",
+                        Side::Active { .. } => "write active",
+                    };
+                    return Err(BucketError::js(operation, p.task.to_string(), e).into());
+                }
+            }
+        }
+        Ok(ok)
+    }
+
+    /// Step 5 for every task of a batch, pipelined like step 3. Per task, `false` on a revision
+    /// conflict; the tasks written are back in the cache.
+    async fn commit_pipelined(&self, written: &mut [Prepared]) -> Result<Vec<bool>, ApplyError> {
+        let mut sent = Vec::with_capacity(written.len());
+        for p in written.iter() {
+            let key = p.task.to_string();
+            sent.push(
+                self.send_guarded(
+                    &self.buckets.tasks,
+                    &key,
+                    Some(p.rev),
+                    Some(encode(&p.view)?),
+                )
+                .await?,
+            );
+        }
+        let mut ok = Vec::with_capacity(written.len());
+        for (p, ack) in written.iter_mut().zip(sent) {
+            match ack.await {
+                Ok(ack) => {
+                    tracing::debug!(task = %p.task, seq = p.view.seq, expected = p.rev,
+                        rev = ack.sequence, "projector commit");
+                    self.keep(p, ack.sequence);
+                    ok.push(true);
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    tracing::debug!(task = %p.task, seq = p.view.seq, expected = p.rev,
+                        "projector commit conflict");
+                    self.forget(p.task);
+                    ok.push(false);
+                }
+                Err(e) => {
+                    return Err(BucketError::js("write task view", p.task.to_string(), e).into());
+                }
+            }
+        }
+        Ok(ok)
+    }
+
+    /// Sends a KV write of `key` (a delete when `value` is `None`) that the server stores only if the
+    /// key is at revision `expected` (0: absent), without waiting for the ack.
+    async fn send_guarded(
+        &self,
+        bucket: &kv::Store,
+        key: &str,
+        expected: Option<u64>,
+        value: Option<bytes::Bytes>,
+    ) -> Result<jetstream::context::PublishAckFuture, ApplyError> {
+        let mut headers = HeaderMap::new();
+        if let Some(rev) = expected {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                rev.to_string().as_str(),
+            );
+        }
+        if value.is_none() {
+            headers.insert("KV-Operation", "DEL");
+        }
+        let subject = format!("$KV.{}.{key}", bucket.name);
+        self.js
+            .publish_with_headers(subject, headers, value.unwrap_or_default())
+            .await
+            .map_err(|e| BucketError::js("write", format!("{}/{key}", bucket.name), e).into())
     }
 
     /// Reads and folds the events missing between `view` and `e` ("healing"). On a cluster the read
@@ -522,6 +729,27 @@ impl Writer {
         }
     }
 
+    /// What the active entry of `key` holds now.
+    async fn read_active(&self, key: &str) -> Result<ActiveHint, ApplyError> {
+        let active = &self.buckets.active;
+        let entry = active
+            .entry(key)
+            .await
+            .map_err(|e| BucketError::js("read active", key, e))?;
+        Ok(match entry {
+            // Deleted when the task ended; a task never becomes live again, so the marker is final.
+            Some(e) if e.operation != kv::Operation::Put => ActiveHint::Gone,
+            Some(e) => {
+                let current: ActiveView = decode_entry(active, key, &e.value)?;
+                ActiveHint::Rev {
+                    rev: e.revision,
+                    seq: current.seq,
+                }
+            }
+            None => ActiveHint::Rev { rev: 0, seq: 0 },
+        })
+    }
+
     /// Brings the active entry in line with `view`; returns what is known about it afterwards.
     async fn write_active(
         &self,
@@ -537,24 +765,10 @@ impl Writer {
             let (rev, stored_seq) = match hint {
                 ActiveHint::Gone => return Ok(ActiveHint::Gone),
                 ActiveHint::Rev { rev, seq } => (rev, seq),
-                ActiveHint::Unknown => {
-                    let entry = active
-                        .entry(key)
-                        .await
-                        .map_err(|e| BucketError::js("read active", key, e))?;
-                    match entry {
-                        // Deleted when the task ended; a task never becomes live again, so the
-                        // marker is final.
-                        Some(e) if e.operation != kv::Operation::Put => {
-                            return Ok(ActiveHint::Gone);
-                        }
-                        Some(e) => {
-                            let current: ActiveView = decode_entry(active, key, &e.value)?;
-                            (e.revision, current.seq)
-                        }
-                        None => (0, 0),
-                    }
-                }
+                ActiveHint::Unknown => match self.read_active(key).await? {
+                    ActiveHint::Rev { rev, seq } => (rev, seq),
+                    _ => return Ok(ActiveHint::Gone),
+                },
             };
             if stored_seq >= view.seq {
                 return Ok(ActiveHint::Rev {
@@ -636,17 +850,7 @@ impl Writer {
                 // Expected and obtained revision: shows two projectors' writes of one task that both
                 // succeeded (nats-server < 2.9.21 on a cluster, #4320).
                 tracing::debug!(task = %p.task, seq = p.view.seq, expected = p.rev, rev, "projector commit");
-                // Moved into the cache, not copied: the task is done for this batch.
-                self.remember(
-                    p.task,
-                    Cached {
-                        view: std::mem::replace(&mut p.view, TaskView::empty(p.task)),
-                        rev,
-                        history: std::mem::replace(&mut p.history, HistoryView::empty(p.task)),
-                        history_rev: p.history_rev,
-                        active: p.active,
-                    },
-                );
+                self.keep(p, rev);
                 Ok(true)
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -656,6 +860,21 @@ impl Writer {
             }
             Err(e) => Err(BucketError::js("write task view", &key, e).into()),
         }
+    }
+
+    /// Puts a committed task (its task view now at `rev`) in the cache: moved, not copied, as the task
+    /// is done for this batch.
+    fn keep(&self, p: &mut Prepared, rev: u64) {
+        self.remember(
+            p.task,
+            Cached {
+                view: std::mem::replace(&mut p.view, TaskView::empty(p.task)),
+                rev,
+                history: std::mem::replace(&mut p.history, HistoryView::empty(p.task)),
+                history_rev: p.history_rev,
+                active: p.active,
+            },
+        );
     }
 
     async fn read(&self, task: TaskId) -> Result<Cached, ApplyError> {
