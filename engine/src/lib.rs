@@ -17,7 +17,7 @@
 //! - [`mcp`]: the Model Context Protocol server: tools for models (launch, get, output, cancel, list).
 //! - [`metrics`]: the Prometheus instruments and `/metrics` text.
 //! - [`pull`]: durable pull consumption that starts over with fresh pull requests when a NATS node is
-//!   lost (intake, executor).
+//!   lost (intake, executor); a re-export of `taskpods_projections::pull`, which the projector uses too.
 //! - [`intake`]: the command consumer: launches, cancels, agent reports → events, exactly once.
 //! - [`lease`]: a named lease in the `<prefix>_leases` KV bucket, for loops that one replica runs at a
 //!   time (the Kubernetes reconciler).

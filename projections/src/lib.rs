@@ -10,6 +10,8 @@
 //!   (task, history, active, finished pages newest first, per-task read-your-writes).
 //! - [`apply`]: guarded writes (stored sequence + KV revision; the task view is the commit record).
 //! - [`projector`]: the durable consumer loop, its lag, and `wait_for_sequence`.
+//! - [`pull`]: durable pull consumption that starts over after a NATS node loss (the projector's, and
+//!   the engine's intake and executor).
 //! - [`rebuild`]: fold the whole stream into a fresh generation and switch readers; `verify`.
 //! - [`replay`]: a task's timeline, its state at a point, oddities; failed tasks since a time.
 //! - `generate` (feature `test-util`): random valid task histories and a pipelined publisher, for tests
@@ -21,6 +23,7 @@ pub mod buckets;
 pub mod generate;
 pub mod log;
 pub mod projector;
+pub mod pull;
 pub mod rebuild;
 pub mod replay;
 pub mod view;

@@ -1,7 +1,9 @@
 //! The projector: a durable pull consumer on the event stream (one per view generation) whose batches are
 //! folded into the current generation's buckets by the guarded [`Writer`]. Messages are acked only after
 //! their views are written, so a projector killed at any moment resumes from the consumer's ack floor and
-//! re-delivered events are no-ops. Several projectors may share the consumer (engine replicas).
+//! re-delivered events are no-ops. Several projectors may share the consumer (engine replicas). Its pull
+//! requests start over at the first sign that a NATS node loss took them ([`crate::pull`]), as the
+//! engine's intake and executor do.
 //!
 //! The projector follows the generation pointer: when a rebuild switches readers to a new generation, it
 //! moves to that generation's consumer, which the rebuild created starting right after what it folded.
@@ -20,7 +22,7 @@ use async_nats::jetstream::{
     stream::Stream,
 };
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use taskpods_events::Names;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -28,6 +30,10 @@ use tracing::{info, warn};
 use crate::apply::{ApplyError, Writer};
 use crate::buckets::{self, BucketError, BucketSettings, ViewBuckets};
 use crate::log::{self, StoredEvent};
+use crate::pull::{DurableMessages, PullRequests};
+
+/// How long a batch waits for more of the events the server says are pending.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// Errors that stop a projector or a lag query.
 #[derive(Debug, thiserror::Error)]
@@ -129,13 +135,8 @@ impl ProjectorStats {
     }
 }
 
-/// Creates (or opens) the durable consumer feeding `generation`, starting at `start` when it is new.
-pub async fn ensure_consumer(
-    events: &Stream,
-    config: &ProjectorConfig,
-    generation: u32,
-    start: u64,
-) -> Result<PullConsumer, ProjectorError> {
+/// The durable consumer feeding `generation`, starting at `start` when it is new.
+fn consumer_config(config: &ProjectorConfig, generation: u32, start: u64) -> pull::Config {
     let name = buckets::consumer_name(&config.names, generation);
     let deliver_policy = if start <= 1 {
         DeliverPolicy::All
@@ -144,22 +145,31 @@ pub async fn ensure_consumer(
             start_sequence: start,
         }
     };
+    pull::Config {
+        durable_name: Some(name),
+        description: Some(format!("taskpods projector, view generation {generation}")),
+        // No filter: the stream holds only task events, and on nats-server 2.9 a filtered consumer
+        // over many subjects makes every consumer-info (pending count) and delivery scan per-subject
+        // state; the projector ran 10x slower with 20k tasks.
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        max_ack_pending: config.max_ack_pending,
+        deliver_policy,
+        ..Default::default()
+    }
+}
+
+/// Creates (or opens) the durable consumer feeding `generation`, starting at `start` when it is new.
+pub async fn ensure_consumer(
+    events: &Stream,
+    config: &ProjectorConfig,
+    generation: u32,
+    start: u64,
+) -> Result<PullConsumer, ProjectorError> {
+    let consumer = consumer_config(config, generation, start);
+    let name = consumer.durable_name.clone().unwrap_or_default();
     events
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                description: Some(format!("taskpods projector, view generation {generation}")),
-                // No filter: the stream holds only task events, and on nats-server 2.9 a filtered
-                // consumer over many subjects makes every consumer-info (pending count) and delivery
-                // scan per-subject state; the projector ran 10x slower with 20k tasks.
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
-                max_ack_pending: config.max_ack_pending,
-                deliver_policy,
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&name, consumer)
         .await
         .map_err(|e| stream_error("create consumer", e))
 }
@@ -224,6 +234,7 @@ async fn run_generation(
     let view_buckets =
         ViewBuckets::open(js, &config.names, generation, config.buckets, true).await?;
     let consumer = ensure_consumer(events, config, generation, 1).await?;
+    let messages = pull_messages(events, config, generation, 1).await?;
     stats
         .generation
         .store(u64::from(generation), Ordering::Relaxed);
@@ -237,6 +248,7 @@ async fn run_generation(
     info!(generation, "projector running");
     drain(
         &consumer,
+        messages,
         &writer,
         config,
         stats,
@@ -246,10 +258,33 @@ async fn run_generation(
     .await
 }
 
-/// Takes batches from `consumer` into `writer` until the pointer leaves `generation`, or (with
-/// `stop_when_caught_up`) until nothing is pending.
+/// The consumer's messages, in pull requests of a batch each, started over with fresh pull requests
+/// when a NATS node loss takes the outstanding ones (see [`DurableMessages`]).
+async fn pull_messages(
+    events: &Stream,
+    config: &ProjectorConfig,
+    generation: u32,
+    start: u64,
+) -> Result<DurableMessages, ProjectorError> {
+    DurableMessages::open_with(
+        events,
+        consumer_config(config, generation, start),
+        PullRequests {
+            batch: config.batch,
+            heartbeat: Duration::from_secs(2),
+            expires: Duration::from_secs(5),
+        },
+        "projector",
+    )
+    .await
+    .map_err(|e| stream_error("consume", e))
+}
+
+/// Takes batches from `messages` into `writer` until the pointer leaves `generation`, or (with
+/// `stop_when_caught_up`) until nothing is pending on `consumer`.
 async fn drain(
     consumer: &PullConsumer,
+    mut pulled: DurableMessages,
     writer: &Writer,
     config: &ProjectorConfig,
     stats: &ProjectorStats,
@@ -257,25 +292,15 @@ async fn drain(
     generation: u32,
 ) -> Result<Next, ProjectorError> {
     let names = &config.names;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(config.batch)
-        .heartbeat(Duration::from_secs(2))
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await
-        .map_err(|e| stream_error("consume", e))?;
-    let mut chunks = messages.ready_chunks(config.batch);
     let mut idle = tokio::time::interval(Duration::from_millis(200));
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failures = 0u32;
     // What the last delivered message said was left; only when nothing is left is it worth asking the
     // server whether re-deliveries are still outstanding.
     let mut last_pending = u64::MAX;
     let mut last_message = std::time::Instant::now();
     loop {
-        let chunk = tokio::select! {
-            chunk = chunks.next() => chunk,
+        let first = tokio::select! {
+            first = pulled.next() => first,
             changed = next_pointer(&mut pointer_watch) => {
                 if changed != generation {
                     info!(from = generation, to = changed, "views switched generation; following");
@@ -300,35 +325,27 @@ async fn drain(
                 continue;
             }
         };
-        let Some(mut chunk) = chunk else {
-            return Err(stream_error("consume", "the message stream ended"));
-        };
         let mut messages = Vec::with_capacity(config.batch);
-        loop {
-            for m in chunk {
-                match m {
-                    Ok(m) => messages.push(m),
-                    Err(e) => {
-                        failures += 1;
-                        warn!(error = %e, "consumer error");
-                        if failures > 5 {
-                            return Err(stream_error("consume", e));
-                        }
-                    }
-                }
+        messages.push(first);
+        // Fuller batches mean fewer round trips per event: take what has arrived, and wait for more
+        // only while the server says more is pending, and only briefly (a live projector that keeps
+        // up adds no latency).
+        let gather_until = tokio::time::Instant::now() + GATHER;
+        while messages.len() < config.batch {
+            if let Some(m) = pulled.next().now_or_never() {
+                messages.push(m);
+                continue;
             }
-            // Fuller batches mean fewer round trips per event; wait for more only while the server
-            // says more is pending (so a live, idle projector adds no latency).
             let pending = messages
                 .last()
                 .and_then(|m| m.info().ok())
                 .map_or(0, |i| i.pending);
-            if messages.len() >= config.batch || pending == 0 {
+            if pending == 0 {
                 break;
             }
-            match tokio::time::timeout(Duration::from_millis(20), chunks.next()).await {
-                Ok(Some(more)) => chunk = more,
-                _ => break,
+            match tokio::time::timeout_at(gather_until, pulled.next()).await {
+                Ok(m) => messages.push(m),
+                Err(_) => break,
             }
         }
         let mut batch = Vec::with_capacity(messages.len());
@@ -354,10 +371,6 @@ async fn drain(
                 }
             }
         }
-        if messages.is_empty() {
-            continue;
-        }
-        failures = 0;
         let last = batch
             .iter()
             .map(|e: &StoredEvent| e.sequence)
@@ -416,6 +429,7 @@ pub async fn catch_up(
 ) -> Result<(), ProjectorError> {
     let generation = view_buckets.generation;
     let consumer = ensure_consumer(events, config, generation, start).await?;
+    let messages = pull_messages(events, config, generation, start).await?;
     let writer = Writer::new(
         js.clone(),
         config.names.clone(),
@@ -427,7 +441,10 @@ pub async fn catch_up(
         stop_when_caught_up: true,
         ..config.clone()
     };
-    drain(&consumer, &writer, &config, stats, None, generation).await?;
+    drain(
+        &consumer, messages, &writer, &config, stats, None, generation,
+    )
+    .await?;
     Ok(())
 }
 

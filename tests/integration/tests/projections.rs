@@ -674,3 +674,52 @@ async fn a_heal_read_that_comes_back_short_is_read_again_and_no_history_entry_is
             .expect("a history");
     assert_eq!(history, fresh.history);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_keeps_projecting_after_its_nats_server_is_killed_and_restarted() {
+    let mut server = NatsServer::start();
+    let js = jetstream::new(server.connect().await);
+    topology::ensure(&js, &TopologyConfig::default())
+        .await
+        .expect("topology");
+    let names = Names::default();
+    let stats = Arc::new(ProjectorStats::default());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(projector::run(
+        js.clone(),
+        ProjectorConfig::default(),
+        stats.clone(),
+        stop.clone(),
+    ));
+    let (_, last) = publish_random(&js, 51, 50).await;
+    projector::wait_for_sequence(&js, &names, last, Duration::from_secs(60))
+        .await
+        .expect("lag")
+        .expect("the views reach the last event before the kill");
+
+    // The server dies with the projector's pull requests outstanding, and comes back with its store.
+    server.kill();
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while js.get_stream(names.event_stream()).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "JetStream back within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (more, last2) = publish_random(&js, 52, 50).await;
+    assert!(last2 > last);
+    let lag = projector::wait_for_sequence(&js, &names, last2, Duration::from_secs(120))
+        .await
+        .expect("lag")
+        .expect("the projector projects what was appended after the restart");
+    assert_eq!(lag.events_behind, 0);
+    assert!(stats.applied.load(Ordering::Relaxed) >= more.len() as u64);
+    let report = rebuild::verify(&js, &names, Duration::from_secs(10), |_| {})
+        .await
+        .expect("verify");
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+    stop.cancel();
+    running.await.expect("projector task").expect("projector");
+}
