@@ -1,7 +1,8 @@
 //! What every engine loop shares, built once at start-up by [`crate::server`] and handed to each loop as
 //! an `Arc<EngineCtx>` (as kube-runtime hands a controller its context): the NATS connection and
-//! JetStream, the streams and names, the event store, the bucket settings, the clock and the shutdown
-//! token. A loop's `run(ctx, config, ...)` takes only this and its own settings.
+//! JetStream, the streams and names, the event store, the bucket settings, the clock, the shutdown
+//! token and the gauges of what each loop holds per task. A loop's `run(ctx, config, ...)` takes only
+//! this and its own settings.
 
 use async_nats::jetstream;
 use taskpods_events::Names;
@@ -33,6 +34,8 @@ pub struct EngineCtx {
     pub engine_id: String,
     /// How long work in hand may take to finish after `shutdown` before it is handed back (nak).
     pub shutdown_grace: std::time::Duration,
+    /// How many tasks each loop holds something for ([`crate::held`]), kept current by the loops.
+    pub held: crate::held::HeldGauges,
 }
 
 impl EngineCtx {

@@ -18,7 +18,7 @@
 //! bounded cache). Whatever finds no free slot is answered `Wait`, which agents retry, through a bounded
 //! reply queue. Heartbeats have their own subscription and loop, so a hello flood cannot delay them.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,12 +102,14 @@ pub enum GatewayError {
 
 type Watched = Mutex<HashMap<TaskId, Instant>>;
 
-/// What the gateway knows about tasks without asking the store.
+/// What the gateway knows about tasks without asking the store. Nothing is kept for a task once its
+/// sandbox is gone (reaped) or when it ended without one: no agent of it can say hello any more, and
+/// one that still did would be answered by a lookup.
 #[derive(Debug, Default)]
 struct KnownTasks {
-    /// Tasks whose last event is not terminal.
-    live: HashSet<TaskId>,
-    /// Recently ended tasks and how they ended, oldest first out.
+    /// Tasks whose last event is not terminal, and whether a sandbox was recorded for each.
+    live: HashMap<TaskId, bool>,
+    /// Ended tasks whose sandbox may still run, and how they ended, oldest first out.
     ended: Remembered<&'static str>,
     /// Tasks a lookup found not to exist (forgotten as soon as an event for them arrives).
     unknown: Remembered<()>,
@@ -124,7 +126,7 @@ enum Standing {
 
 impl KnownTasks {
     fn standing(&self, task: TaskId) -> Standing {
-        if self.live.contains(&task) {
+        if self.live.contains_key(&task) {
             Standing::Live
         } else if let Some(state) = self.ended.get(task) {
             Standing::Ended(state)
@@ -135,17 +137,24 @@ impl KnownTasks {
         }
     }
 
-    fn saw(&mut self, task: TaskId, ended: Option<&'static str>, max: usize) {
+    /// Takes in an event of `task`: how it ended (`None` while live), and whether it records a sandbox.
+    fn saw(&mut self, task: TaskId, ended: Option<&'static str>, sandbox: bool, max: usize) {
         self.unknown.remove(task);
         match ended {
-            // Reaped follows the end: keep the end's name when it is still remembered.
-            Some("reaped") if self.ended.get(task).is_some() => {}
-            Some(how) => {
+            // The sandbox is gone: nothing of the task can say hello any more.
+            Some("reaped") => {
                 self.live.remove(&task);
-                self.ended.insert(task, how, max);
+                self.ended.remove(task);
+            }
+            Some(how) => {
+                // Ended without a sandbox, nothing is left to stop; one seen only ending (an engine
+                // started after the task did) may have had one.
+                if self.live.remove(&task).unwrap_or(true) {
+                    self.ended.insert(task, how, max);
+                }
             }
             None => {
-                self.live.insert(task);
+                *self.live.entry(task).or_default() |= sandbox;
             }
         }
     }
@@ -190,8 +199,17 @@ impl<V: Copy> Remembered<V> {
     }
 
     fn remove(&mut self, task: TaskId) {
-        // The order queue keeps the id until it reaches the front; removing it there is a no-op.
-        self.values.remove(&task);
+        // The order queue keeps the id until it reaches the front (removing it there is a no-op), or
+        // until removed ids make up half of it: then they are dropped in one pass, so forgotten tasks
+        // cost nothing for long (amortised: a pass over n ids comes after at least n/2 removals).
+        if self.values.remove(&task).is_some() && self.order.len() > 2 * self.values.len() + 64 {
+            let values = &self.values;
+            self.order.retain(|t| values.contains_key(t));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.values.len()
     }
 }
 
@@ -377,6 +395,17 @@ async fn send_cheap_replies(
     }
 }
 
+/// Whether `body` records (or implies) the task's sandbox: after it, an agent may say hello.
+fn records_a_sandbox(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::Scheduled { .. }
+            | EventBody::Started { .. }
+            | EventBody::Running
+            | EventBody::Progress { .. }
+    )
+}
+
 /// How a task ended, when `body` is (or follows) its end; `None` while it is live.
 fn ended_as(body: &EventBody) -> Option<&'static str> {
     match body {
@@ -391,6 +420,19 @@ fn ended_as(body: &EventBody) -> Option<&'static str> {
 }
 
 impl Gateway {
+    /// Brings the engine's held-task gauges ([`crate::held`]) up to date.
+    fn count_held(&self) {
+        let held = &self.ctx.held;
+        {
+            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            held.gateway_live.set(known.live.len());
+            held.gateway_ended.set(known.ended.len());
+            held.gateway_unknown.set(known.unknown.len());
+        }
+        held.gateway_running
+            .set(self.watched.lock().unwrap_or_else(|p| p.into_inner()).len());
+    }
+
     /// Executes `AgentHello` for `task` and answers on `reply`.
     async fn hello(&self, task: TaskId, reply: async_nats::Subject) {
         let span = crate::task_span!("hello", task, answer = tracing::field::Empty);
@@ -416,6 +458,8 @@ impl Gateway {
             if known.standing(task) == Standing::Unheard {
                 known.unknown.insert(task, (), self.config.remembered_tasks);
             }
+            drop(known);
+            self.count_held();
         }
         let answer = answer(task, &result, &self.config, self.ctx.store.sealer());
         if matches!(answer, HelloReply::Run(_)) {
@@ -424,6 +468,7 @@ impl Gateway {
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(task)
                 .or_insert_with(Instant::now);
+            self.count_held();
         }
         tracing::Span::current().record(
             "answer",
@@ -452,17 +497,21 @@ impl Gateway {
             self.known.lock().unwrap_or_else(|p| p.into_inner()).saw(
                 task,
                 ended_as(&event.body),
+                records_a_sandbox(&event.body),
                 self.config.remembered_tasks,
             );
-            let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-            match event.body {
-                EventBody::Running | EventBody::Progress { .. } => {
-                    watched.entry(task).or_insert_with(Instant::now);
-                }
-                _ => {
-                    watched.remove(&task);
+            {
+                let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+                match event.body {
+                    EventBody::Running | EventBody::Progress { .. } => {
+                        watched.entry(task).or_insert_with(Instant::now);
+                    }
+                    _ => {
+                        watched.remove(&task);
+                    }
                 }
             }
+            self.count_held();
         }
     }
 
@@ -509,6 +558,7 @@ impl Gateway {
                 &self.watched.lock().unwrap_or_else(|p| p.into_inner()),
                 timeout,
             );
+            let lost = !silent.is_empty();
             for task in silent {
                 match self
                     .ctx
@@ -534,6 +584,9 @@ impl Gateway {
                         warn!(%task, error = %e, "heartbeat lost but the store is unavailable; retrying");
                     }
                 }
+            }
+            if lost {
+                self.count_held();
             }
         }
     }
@@ -577,24 +630,38 @@ mod tests {
 
     #[test]
     fn the_gateway_remembers_live_ended_and_unknown_tasks_within_its_bound() {
-        let (a, b, c) = (TaskId::mint(), TaskId::mint(), TaskId::mint());
+        let (a, b, c, d) = (
+            TaskId::mint(),
+            TaskId::mint(),
+            TaskId::mint(),
+            TaskId::mint(),
+        );
         let mut known = KnownTasks::default();
         assert_eq!(known.standing(a), Standing::Unheard);
-        known.saw(a, None, 2);
+        known.saw(a, None, false, 2);
         assert_eq!(known.standing(a), Standing::Live);
-        known.saw(a, Some("succeeded"), 2);
-        known.saw(a, Some("reaped"), 2);
+        known.saw(a, None, true, 2);
+        known.saw(a, Some("succeeded"), false, 2);
+        // Its sandbox may still run: a hello is answered from memory until it is reaped.
         assert_eq!(known.standing(a), Standing::Ended("succeeded"));
+        known.saw(a, Some("reaped"), false, 2);
+        assert_eq!(known.standing(a), Standing::Unheard);
         // An id found unknown is forgotten the moment its task's first event arrives.
         known.unknown.insert(b, (), 2);
         assert_eq!(known.standing(b), Standing::KnownUnknown);
-        known.saw(b, None, 2);
+        known.saw(b, None, false, 2);
         assert_eq!(known.standing(b), Standing::Live);
-        // Bounded: the oldest ended task is forgotten first.
-        known.saw(b, Some("failed"), 2);
-        known.saw(c, Some("cancelled"), 2);
+        // Ended without a sandbox: nothing to remember.
+        known.saw(b, Some("cancelled"), false, 2);
+        assert_eq!(known.standing(b), Standing::Unheard);
+        assert!(known.live.is_empty() && known.ended.values.is_empty());
+        // Seen only ending (the engine started later): remembered, within the bound, oldest out first.
+        known.saw(a, Some("failed"), false, 2);
+        known.saw(c, Some("timed_out"), false, 2);
+        known.saw(d, Some("cancelled"), false, 2);
         assert_eq!(known.standing(a), Standing::Unheard);
-        assert_eq!(known.standing(c), Standing::Ended("cancelled"));
+        assert_eq!(known.standing(c), Standing::Ended("timed_out"));
+        assert_eq!(known.standing(d), Standing::Ended("cancelled"));
         let mut remembered = Remembered::default();
         for _ in 0..10_000 {
             let id = TaskId::mint();

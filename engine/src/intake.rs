@@ -69,8 +69,13 @@ pub struct IntakeConfig {
     pub max_payload_bytes: usize,
     /// The limits launches are validated against.
     pub policy: LaunchPolicy,
-    /// Tasks whose latest state each worker keeps in memory, to skip a load per command.
+    /// Tasks whose latest state each worker keeps in memory, to skip a load per command. A task is
+    /// forgotten as soon as a command ends it.
     pub cache_per_worker: usize,
+    /// How long a worker keeps its tasks' states once no command reaches it: a quiet worker forgets
+    /// them all. Tasks that other loops end (a timeout, a cancelled sandbox gone, an agent lost) are
+    /// never seen ending here, and this is what lets their states go.
+    pub cache_idle: Duration,
     /// Deliveries of one command at most; a command still not handled at the last one (transient
     /// failures, or a crash while handling it) is dead-lettered as `exhausted`, never redelivered forever.
     pub max_deliver: i64,
@@ -96,6 +101,7 @@ impl Default for IntakeConfig {
             max_payload_bytes: 1 << 20,
             policy: LaunchPolicy::default(),
             cache_per_worker: 4096,
+            cache_idle: Duration::from_secs(60),
             max_deliver: 5,
             max_progress_bytes: 1024,
             progress_per_second: 10.0,
@@ -428,7 +434,18 @@ const WORKER_BATCH: usize = 64;
 async fn worker(shared: Arc<Shared>, mut queue: mpsc::Receiver<Routed>) {
     let local = Mutex::new(WorkerState::default());
     let mut batch = Vec::with_capacity(WORKER_BATCH);
-    while queue.recv_many(&mut batch, WORKER_BATCH).await > 0 {
+    loop {
+        let holding = !lock(&local).is_empty();
+        let received = tokio::select! {
+            received = queue.recv_many(&mut batch, WORKER_BATCH) => received,
+            () = tokio::time::sleep(shared.config.cache_idle), if holding => {
+                change(&shared, &local, |state| *state = WorkerState::default());
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
         let mut groups: Vec<Vec<Routed>> = Vec::new();
         let mut by_task: HashMap<TaskId, usize> = HashMap::new();
         for routed in batch.drain(..) {
@@ -478,7 +495,7 @@ async fn process(shared: &Shared, local: &Mutex<WorkerState>, routed: Routed) {
         Ok(disposition) => disposition,
         Err(panic) => {
             // What the worker held may be half-updated: forget it, keep the message for operators.
-            *lock(local) = WorkerState::default();
+            change(shared, local, |state| *state = WorkerState::default());
             shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
             let detail = format!("handling the command panicked: {}", panic_text(&*panic));
             error!(subject = %escape_bounded(&message.subject, MAX_HEADER_VALUE_BYTES), detail = %escape_bounded(&detail, MAX_HEADER_VALUE_BYTES), "intake worker caught a panic");
@@ -532,6 +549,22 @@ fn lock(local: &Mutex<WorkerState>) -> std::sync::MutexGuard<'_, WorkerState> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Runs `edit` on the worker's state and moves the engine's held-task gauges by what it added or
+/// removed.
+fn change<R>(
+    shared: &Shared,
+    local: &Mutex<WorkerState>,
+    edit: impl FnOnce(&mut WorkerState) -> R,
+) -> R {
+    let mut state = lock(local);
+    let (cached, progress) = (state.cache.len(), state.progress.len());
+    let out = edit(&mut state);
+    let held = &shared.ctx.held;
+    held.intake_cached.moved(cached, state.cache.len());
+    held.intake_progress.moved(progress, state.progress.len());
+    out
+}
+
 /// What one worker keeps between commands (its tasks only: a task always maps to the same worker).
 #[derive(Debug, Default)]
 struct WorkerState {
@@ -549,6 +582,28 @@ struct ProgressBucket {
 }
 
 impl WorkerState {
+    /// Whether the worker holds nothing.
+    fn is_empty(&self) -> bool {
+        self.cache.is_empty() && self.progress.is_empty()
+    }
+
+    /// Keeps `loaded` as `task`'s latest state, or forgets the task once it has ended: commands for a
+    /// finished task are rare (a late result, a repeated cancel or launch) and cost one load, while
+    /// keeping it would cost memory per finished task.
+    fn keep(&mut self, task: TaskId, loaded: LoadedTask, max: usize) {
+        if loaded.task.state.is_terminal() {
+            self.forget(task);
+        } else {
+            remember(&mut self.cache, task, loaded, max);
+        }
+    }
+
+    /// Forgets `task`.
+    fn forget(&mut self, task: TaskId) {
+        self.cache.remove(&task);
+        self.progress.remove(&task);
+    }
+
     /// Takes one progress token for `task`; false when the task is over its rate.
     fn allow_progress(&mut self, task: TaskId, config: &IntakeConfig) -> bool {
         let now = Instant::now();
@@ -670,7 +725,9 @@ async fn apply(
         } => {
             let input = match report {
                 Ok(AgentReport::Progress { message, percent }) => {
-                    if !lock(local).allow_progress(task, &shared.config) {
+                    if !change(shared, local, |state| {
+                        state.allow_progress(task, &shared.config)
+                    }) {
                         shared
                             .stats
                             .progress_rate_limited
@@ -730,12 +787,9 @@ async fn apply(
         .await;
     let reply = match executed {
         Ok(executed) => {
-            remember(
-                &mut lock(local).cache,
-                task,
-                executed.task.clone(),
-                shared.config.cache_per_worker,
-            );
+            change(shared, local, |state| {
+                state.keep(task, executed.task.clone(), shared.config.cache_per_worker);
+            });
             let first = executed.appended.first().map_or(0, |e| e.sequence);
             match &executed.appended.first().map(|e| &e.event.body) {
                 Some(taskpods_events::EventBody::Rejected { problems }) => {
@@ -765,12 +819,9 @@ async fn apply(
             refusal,
             task: current,
         }) => {
-            remember(
-                &mut lock(local).cache,
-                task,
-                (*current).clone(),
-                shared.config.cache_per_worker,
-            );
+            change(shared, local, |state| {
+                state.keep(task, (*current).clone(), shared.config.cache_per_worker);
+            });
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             if matches!(refusal, Refusal::LimitReached(_)) {
                 shared
@@ -799,17 +850,17 @@ async fn apply(
                 // max_deliver is kept in the dead-letter stream) until an operator makes room.
                 error!(%task, error = %e, "ALERT: the event stream is full; commands wait until its max_bytes is raised");
                 shared.stats.event_log_full.fetch_add(1, Ordering::Relaxed);
-                lock(local).cache.remove(&task);
+                change(shared, local, |state| state.cache.remove(&task));
                 return Disposition::Retry;
             }
             StoreErrorKind::Unavailable | StoreErrorKind::Conflict => {
                 warn!(%task, error = %e, "transient store failure; command left for redelivery");
-                lock(local).cache.remove(&task);
+                change(shared, local, |state| state.cache.remove(&task));
                 return Disposition::Retry;
             }
             StoreErrorKind::Corrupt | StoreErrorKind::TooLarge | StoreErrorKind::Other => {
                 warn!(%task, error = %e, "command cannot be applied");
-                lock(local).cache.remove(&task);
+                change(shared, local, |state| state.cache.remove(&task));
                 CommandReply::Invalid {
                     error: e.to_string(),
                 }

@@ -10,6 +10,7 @@
 //! - [`executor`]: drives the backend (local sandboxed processes, or Kubernetes) from the events; the
 //!   Kubernetes backend (`executor/kubernetes/`) brings its Job builder, watcher and reconciler (which heals
 //!   Jobs and tasks that disagree: orphans, lost Jobs, missed deadlines).
+//! - [`held`]: what each loop holds in memory per task, counted (nothing once a task has ended).
 //! - [`http`]: the web UI and its JSON API, read from the KV views (a loop of `serve`, or `taskpods ui`).
 //! - [`gateway`]: agents' hellos (instructions) and heartbeats (`AgentLost`).
 //! - [`files`]: agents' inputs and artifacts, served from and stored into the files object store.
@@ -40,6 +41,7 @@ pub mod credentials;
 pub mod executor;
 pub mod files;
 pub mod gateway;
+pub mod held;
 pub mod http;
 pub mod intake;
 pub mod lease;

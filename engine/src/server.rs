@@ -31,6 +31,7 @@ use crate::executor::noop::{AgentLink, NoopBackend};
 use crate::executor::{self, BackendConfig, local::LocalBackend};
 use crate::files;
 use crate::gateway;
+use crate::held::HeldTasks;
 use crate::http::ops::EngineProbe;
 use crate::intake::{self, IntakeStats};
 use crate::seal::Sealer;
@@ -283,6 +284,8 @@ pub struct Engine {
     pub intake_stats: Arc<IntakeStats>,
     /// Agent gateway counters.
     pub gateway_stats: Arc<gateway::GatewayStats>,
+    /// Projector counters.
+    pub projector_stats: Arc<taskpods_projections::ProjectorStats>,
     ui_url: Option<String>,
 }
 
@@ -343,6 +346,7 @@ impl Engine {
             shutdown: CancellationToken::new(),
             engine_id: config.engine_id.clone(),
             shutdown_grace: config.shutdown_grace,
+            held: crate::held::HeldGauges::default(),
         });
         let mut intake_config = config.intake.clone();
         // Only the Kubernetes backend can hand a task values from Kubernetes Secrets.
@@ -366,6 +370,7 @@ impl Engine {
             buckets: ctx.buckets,
             ..taskpods_projections::ProjectorConfig::default()
         };
+        let projector_stats = Arc::new(taskpods_projections::ProjectorStats::default());
         spawn(
             &mut loops,
             &probe,
@@ -373,7 +378,7 @@ impl Engine {
             taskpods_projections::projector::run(
                 ctx.js.clone(),
                 projector,
-                Arc::new(taskpods_projections::ProjectorStats::default()),
+                projector_stats.clone(),
                 ctx.shutdown.clone(),
             ),
         );
@@ -517,8 +522,19 @@ impl Engine {
             loops,
             intake_stats,
             gateway_stats,
+            projector_stats,
             ui_url,
         })
+    }
+
+    /// How many tasks each of the engine's per-task structures holds now ([`crate::held`]): with no
+    /// task live (every one ended, its sandbox gone), all zero.
+    pub fn held_tasks(&self) -> HeldTasks {
+        self.ctx.held.snapshot(
+            self.projector_stats
+                .cached_tasks
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// The web UI's URL, when it is served.

@@ -210,6 +210,8 @@ pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), Timers
                 timers.fire_startups(store, now).await;
             }
         }
+        ctx.held.timers_deadlines.set(timers.deadlines.len());
+        ctx.held.timers_startups.set(timers.startups.len());
     }
 }
 

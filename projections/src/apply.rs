@@ -921,7 +921,17 @@ impl Writer {
         self.cache.lock().ok()?.remove(&task)
     }
 
+    /// Tasks whose views are cached now.
+    pub fn cached_tasks(&self) -> usize {
+        self.cache.lock().map_or(0, |cache| cache.len())
+    }
+
     fn remember(&self, task: TaskId, c: Cached) {
+        // A finished task (ended and reaped, or ended without a sandbox) gets no more events: keeping
+        // its views would cost memory per finished task. A late event costs one read.
+        if c.view.is_terminal() && (c.view.reaped || c.view.job.is_none()) {
+            return;
+        }
         if let Ok(mut cache) = self.cache.lock() {
             // A crude bound: a full cache starts over; the cost is one read per task afterwards.
             if cache.len() >= self.cache_limit {

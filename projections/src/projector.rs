@@ -123,6 +123,8 @@ pub struct ProjectorStats {
     pub last_seq: AtomicU64,
     /// The generation being written.
     pub generation: AtomicU64,
+    /// Tasks whose views the writer caches now (live tasks only: a finished task's are dropped).
+    pub cached_tasks: AtomicU64,
 }
 
 impl ProjectorStats {
@@ -396,6 +398,9 @@ async fn drain(
             .fetch_add(applied.heal_retries, Ordering::Relaxed);
         stats.gaps.fetch_add(applied.gaps, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .cached_tasks
+            .store(writer.cached_tasks() as u64, Ordering::Relaxed);
         stats.last_seq.fetch_max(last, Ordering::Relaxed);
     }
 }

@@ -352,7 +352,11 @@ impl<B: Backend> Executor<B> {
 
     /// Queues a delivered event for its task's turn.
     fn deliver(&self, task: TaskId, delivery: Delivery) {
-        if self.turns().push(task, delivery) {
+        let mut turns = self.turns();
+        let joined = turns.push(task, delivery);
+        self.ctx.held.executor_turns.set(turns.tasks());
+        drop(turns);
+        if joined {
             self.ready.notify_one();
         }
     }
@@ -370,7 +374,11 @@ impl<B: Backend> Executor<B> {
 
     /// Ends `task`'s turn; it joins the line again if events arrived meanwhile.
     fn end_turn(&self, task: TaskId) {
-        if self.turns().done(task) {
+        let mut turns = self.turns();
+        let again = turns.done(task);
+        self.ctx.held.executor_turns.set(turns.tasks());
+        drop(turns);
+        if again {
             self.ready.notify_one();
         }
     }
@@ -388,11 +396,17 @@ impl<B: Backend> Executor<B> {
         crate::metrics::METRICS
             .executor_tasks_held
             .set(i64::try_from(folded.len()).unwrap_or(i64::MAX));
+        self.ctx.held.executor_held.set(folded.len());
     }
 
     /// One turn of `task`: fold its events, reconcile once if any may call for an effect, then ack.
     async fn turn(&self, task: TaskId, batch: Vec<Delivery>) {
-        let held = self.folded().remove(&task);
+        let held = {
+            let mut folded = self.folded();
+            let held = folded.remove(&task);
+            self.ctx.held.executor_held.set(folded.len());
+            held
+        };
         let was_held = held.is_some();
         let Folding {
             mut current,

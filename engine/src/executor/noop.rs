@@ -164,7 +164,10 @@ impl NoopBackend {
 
     /// Removes `task`'s sandbox, returning its agent if one was started.
     fn take_agent(&self, task: TaskId) -> Option<JoinHandle<()>> {
-        match self.lock().remove(&task) {
+        let mut sandboxes = self.lock();
+        let taken = sandboxes.remove(&task);
+        self.ctx.held.noop_sandboxes.set(sandboxes.len());
+        match taken {
             Some(Sandbox::Playing(agent)) => Some(agent),
             _ => None,
         }
@@ -179,9 +182,11 @@ impl Backend for NoopBackend {
         deadline: DateTime<Utc>,
     ) -> Result<String, BackendError> {
         // An existing sandbox is adopted, never a second one started.
-        self.lock()
+        let mut sandboxes = self.lock();
+        sandboxes
             .entry(task)
             .or_insert(Sandbox::Created { deadline });
+        self.ctx.held.noop_sandboxes.set(sandboxes.len());
         Ok(task.job_name())
     }
 

@@ -49,6 +49,16 @@ impl<T> Turns<T> {
         Some((task, items))
     }
 
+    /// Tasks with items waiting or a turn in progress.
+    pub fn tasks(&self) -> usize {
+        self.waiting.len()
+            + self
+                .busy
+                .iter()
+                .filter(|t| !self.waiting.contains_key(t))
+                .count()
+    }
+
     /// Ends `task`'s turn. Returns whether it joined the line again (items arrived during the turn).
     pub fn done(&mut self, task: TaskId) -> bool {
         self.busy.remove(&task);

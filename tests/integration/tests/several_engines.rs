@@ -75,6 +75,7 @@ async fn replica(server: &NatsServer, engine_id: &str, shutdown_grace: Duration)
         shutdown: CancellationToken::new(),
         engine_id: engine_id.to_owned(),
         shutdown_grace,
+        held: Default::default(),
     })
 }
 
