@@ -4,7 +4,9 @@
 //!   killed and cleaned up on drop; can be killed and restarted on the same port and store for fault tests.
 //! - [`measure`]: what the benchmarks share (the machine line, percentiles, `/proc` memory, the raw
 //!   JetStream publish rate, a progress line).
-//! - [`NatsCluster`]: three routed servers with JetStream clustering, for R3 streams and losing a node.
+//! - [`NatsCluster`]: three routed servers with JetStream clustering, for R3 streams and losing a node;
+//!   always nats-server 2.9.21 or newer ([`nats_cluster_server_bin`]: `$NATS_CLUSTER_SERVER_BIN` when
+//!   `$NATS_SERVER_BIN` is older, since older servers do not serialize guarded writes on a cluster).
 //!
 //! The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH` (`scripts/install-test-deps` installs both
 //! supported versions).
@@ -15,7 +17,10 @@ pub mod kube;
 pub mod measure;
 mod nats;
 
-pub use nats::{NatsCluster, NatsServer, nats_server_bin, nats_server_version};
+pub use nats::{
+    CLUSTER_OLDEST_VERSION, NatsCluster, NatsServer, nats_cluster_server_bin, nats_server_bin,
+    nats_server_version,
+};
 
 /// Retries `op` every 200 ms for up to 20 s (a cluster electing leaders after losing a node), then panics
 /// with the last error.

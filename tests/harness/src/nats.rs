@@ -24,13 +24,65 @@ pub fn nats_server_bin() -> PathBuf {
 
 /// The version the binary reports (e.g. `2.9.10`), for test output and version-dependent checks.
 pub fn nats_server_version() -> String {
-    let out = Command::new(nats_server_bin())
+    version_of(&nats_server_bin())
+}
+
+/// The oldest nats-server a cluster can run: before 2.9.21 a replicated stream did not serialize writes
+/// that expect the same last subject sequence (nats-server #4320), so two engines' guarded writes (view
+/// commits, event appends, the lease) could both succeed. Single servers are not affected.
+pub const CLUSTER_OLDEST_VERSION: (u64, u64, u64) = (2, 9, 21);
+
+/// The `nats-server` binary a [`NatsCluster`] runs: `$NATS_SERVER_BIN` when it is at least
+/// [`CLUSTER_OLDEST_VERSION`], else `$NATS_CLUSTER_SERVER_BIN` (`scripts/env.sh` points it at the
+/// 2.9.25 that `scripts/install-test-deps` builds), saying so on stdout. Panics when neither is usable: a
+/// cluster suite is never skipped.
+pub fn nats_cluster_server_bin() -> PathBuf {
+    let bin = nats_server_bin();
+    let version = version_of(&bin);
+    if version_at_least(&version, CLUSTER_OLDEST_VERSION) {
+        return bin;
+    }
+    let Some(cluster_bin) = std::env::var_os("NATS_CLUSTER_SERVER_BIN").map(PathBuf::from) else {
+        panic!(
+            "NATS_SERVER_BIN is nats-server {version}, too old for a cluster (2.9.21 or newer, \
+             nats-server #4320), and NATS_CLUSTER_SERVER_BIN is not set: `source scripts/env.sh` after \
+             scripts/install-test-deps"
+        );
+    };
+    let cluster_version = version_of(&cluster_bin);
+    assert!(
+        version_at_least(&cluster_version, CLUSTER_OLDEST_VERSION),
+        "NATS_CLUSTER_SERVER_BIN {} is nats-server {cluster_version}; a cluster needs 2.9.21 or newer",
+        cluster_bin.display()
+    );
+    println!(
+        "NatsCluster: nats-server {version} (NATS_SERVER_BIN) is older than 2.9.21, which clusters need \
+         (nats-server #4320); this cluster runs nats-server {cluster_version} ({})",
+        cluster_bin.display()
+    );
+    cluster_bin
+}
+
+/// Whether a `major.minor.patch` version (any suffix ignored) is at least `oldest`; an unreadable one is not.
+fn version_at_least(version: &str, oldest: (u64, u64, u64)) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u64>);
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch))) => (major, minor, patch) >= oldest,
+        _ => false,
+    }
+}
+
+fn version_of(bin: &Path) -> String {
+    let out = Command::new(bin)
         .arg("--version")
         .output()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run {:?} ({e}); run scripts/install-test-deps or set NATS_SERVER_BIN",
-                nats_server_bin()
+                "cannot run {} ({e}); run scripts/install-test-deps or set NATS_SERVER_BIN",
+                bin.display()
             )
         });
     let text = String::from_utf8_lossy(&out.stdout);
@@ -44,6 +96,7 @@ pub fn nats_server_version() -> String {
 #[derive(Debug)]
 pub struct NatsServer {
     dir: TempDir,
+    bin: PathBuf,
     name: String,
     child: Option<Child>,
     port: Option<u16>,
@@ -61,23 +114,24 @@ struct ClusterRole {
 impl NatsServer {
     /// Starts a standalone server and waits until it accepts clients.
     pub fn start() -> Self {
-        Self::spawn("n1".to_owned(), None, false)
+        Self::spawn(nats_server_bin(), "n1".to_owned(), None, false)
     }
 
     /// Starts a standalone server with authorization as deployed: `taskpods auth init` material for the
     /// `taskpods` prefix in [`Self::auth_dir`], the server in operator mode trusting it. The harness's own
     /// connections ([`Self::connect`]) use the admin identity; [`Self::creds`] names each role's file.
     pub fn start_secured() -> Self {
-        Self::spawn("n1".to_owned(), None, true)
+        Self::spawn(nats_server_bin(), "n1".to_owned(), None, true)
     }
 
-    fn spawn(name: String, cluster: Option<ClusterRole>, secured: bool) -> Self {
+    fn spawn(bin: PathBuf, name: String, cluster: Option<ClusterRole>, secured: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("taskpods-nats-")
             .tempdir()
             .expect("temporary directory for nats-server");
         let mut server = Self {
             dir,
+            bin,
             name,
             child: None,
             port: None,
@@ -248,7 +302,7 @@ impl NatsServer {
             .append(true)
             .open(self.log_path())
             .expect("server log");
-        let child = Command::new(nats_server_bin())
+        let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -257,8 +311,8 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "cannot start {:?} ({e}); run scripts/install-test-deps or set NATS_SERVER_BIN",
-                    nats_server_bin()
+                    "cannot start {} ({e}); run scripts/install-test-deps or set NATS_SERVER_BIN",
+                    self.bin.display()
                 )
             });
         self.child = Some(child);
@@ -311,13 +365,16 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts three servers routed to each other and waits for JetStream to elect a leader.
+    /// Starts three servers routed to each other (nats-server 2.9.21 or newer, see
+    /// [`nats_cluster_server_bin`]) and waits for JetStream to elect a leader.
     pub async fn start() -> Self {
+        let bin = nats_cluster_server_bin();
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let cluster_name = format!("taskpods-test-{}", std::process::id());
         let servers = (0..3)
             .map(|i| {
                 NatsServer::spawn(
+                    bin.clone(),
                     format!("n{}", i + 1),
                     Some(ClusterRole {
                         name: cluster_name.clone(),
@@ -362,4 +419,19 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CLUSTER_OLDEST_VERSION, version_at_least};
+
+    #[test]
+    fn clusters_need_2_9_21_or_newer() {
+        for old in ["2.9.10", "v2.9.20", "2.8.4", "", "garbage"] {
+            assert!(!version_at_least(old, CLUSTER_OLDEST_VERSION), "{old}");
+        }
+        for fixed in ["2.9.21", "v2.9.25", "2.10.0", "2.12.15", "2.11.0-beta.1"] {
+            assert!(version_at_least(fixed, CLUSTER_OLDEST_VERSION), "{fixed}");
+        }
+    }
 }
