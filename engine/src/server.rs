@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::EngineConfig;
 use crate::context::EngineCtx;
@@ -88,6 +88,21 @@ pub enum ServerError {
     /// The web UI could not be started.
     #[error("web UI")]
     Http(#[source] crate::http::HttpError),
+    /// Replicated streams and buckets (`--replicas` > 1, a cluster) on a nats-server that does not
+    /// serialize writes expecting the same last subject sequence there (before 2.9.21, nats-server #4320):
+    /// two guarded writes could both succeed, and several engines would lose events, view updates and the
+    /// lease. Refused rather than run unsafely.
+    #[error(
+        "--replicas {replicas} needs nats-server 2.9.21 or newer, and this one is {version}: older servers \
+         let two writes expecting the same last subject sequence both succeed on a replicated stream \
+         (nats-server #4320), so engines would lose events and view updates; upgrade the cluster"
+    )]
+    ServerTooOldForReplicas {
+        /// The configured stream and bucket replicas.
+        replicas: usize,
+        /// The version the server reported.
+        version: String,
+    },
     /// One of the engine's loops failed.
     #[error("engine loop failed: {0}")]
     Loop(#[from] LoopError),
@@ -308,6 +323,13 @@ impl Engine {
             config.connect_timeout,
         )
         .await?;
+        let version = nats.server_info().version;
+        if config.topology.replicas > 1 && !serializes_expected_sequences(&version) {
+            return Err(ServerError::ServerTooOldForReplicas {
+                replicas: config.topology.replicas,
+                version,
+            });
+        }
         let task_credentials = TaskCredentials::load(&config.auth, &config.topology.names)?;
         if config.nats_creds.is_some()
             && task_credentials.is_none()
@@ -500,17 +522,6 @@ impl Engine {
             );
         }
 
-        let server_version = ctx.nats.server_info().version;
-        if config.topology.replicas > 1 && !serializes_expected_sequences(&server_version) {
-            error!(
-                server_version = %server_version,
-                replicas = config.topology.replicas,
-                "nats-server before 2.9.21 does not serialize concurrent writes that expect the same \
-                 last subject sequence on a replicated stream (nats-server #4320): several engines' \
-                 guarded writes (views, appends, the lease) can both succeed and one is lost; use \
-                 nats-server 2.9.21 or newer for a cluster"
-            );
-        }
         info!(
             engine = %ctx.engine_id,
             prefix = %ctx.names(),
@@ -652,6 +663,42 @@ mod tests {
                 tmp,
             }) => assert_eq!((inputs, artifacts, tmp), (64 << 20, 64 << 20, 16 << 20)),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn replicated_streams_on_a_server_before_2_9_21_stop_the_engine_before_it_starts() {
+        // One server cannot hold R3 streams anyway; what matters is which error comes first.
+        let server = taskpods_harness::NatsServer::start();
+        let version = taskpods_harness::nats_server_version();
+        let config = EngineConfig {
+            nats_urls: vec![server.url()],
+            connect_timeout: Duration::from_secs(2),
+            topology: crate::topology::TopologyConfig {
+                replicas: 3,
+                ..Default::default()
+            },
+            ..EngineConfig::default()
+        };
+        let outcome = Engine::start(config).await;
+        if serializes_expected_sequences(&version) {
+            // A fixed server is not refused for its version: the engine goes on to the streams.
+            match outcome {
+                Err(ServerError::ServerTooOldForReplicas { .. }) => {
+                    panic!("nats-server {version} refused: {outcome:?}")
+                }
+                Ok(engine) => engine.shutdown().await.expect("shutdown"),
+                Err(_) => {}
+            }
+        } else {
+            match outcome {
+                Err(e @ ServerError::ServerTooOldForReplicas { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains(&version), "{text}");
+                    assert!(text.contains("2.9.21"), "{text}");
+                }
+                other => panic!("nats-server {version} with --replicas 3: {other:?}"),
+            }
         }
     }
 }
