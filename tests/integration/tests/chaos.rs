@@ -2,15 +2,14 @@
 //! launches tasks and the suite kills things:
 //!
 //! 1. engines SIGKILLed at random moments (one at a time) and restarted after a random pause;
-//! 2. with `TASKPODS_CHAOS_NATS_KILL=1`, one NATS node killed and brought back, halfway through (not in
-//!    the default run: with it the suite still fails now and then, see the README's "Running several
-//!    engines");
+//! 2. one NATS node killed and brought back, halfway through (`TASKPODS_CHAOS_NATS_KILL=0` leaves it out);
 //! 3. one engine stopped gracefully (SIGTERM) and restarted;
 //! 4. a rolling restart of every engine (SIGTERM, start, wait until it runs, next).
 //!
 //! Afterwards, from the event log itself: every task reached a terminal state and every sandbox was
 //! reaped; exactly one `accepted` and at most one of each effect per task (`scheduled` is the sandbox),
-//! each appended by one engine (the `Taskpods-Engine` header); the views equal a fresh rebuild; no
+//! each appended by one engine (the `Taskpods-Engine` header); the views (history included) equal a fresh
+//! rebuild (`TASKPODS_CHAOS_STRICT_VIEWS=0` only prints differences; CI never sets it); no
 //! message is left in the command stream and none was dead-lettered. It prints its figures: lost,
 //! duplicates, divergences, time to recover after each kill (p50/p99: from the kill until every task in
 //! flight at that moment had ended), the graceful stops' exit times, and peak engine memory.
@@ -24,6 +23,11 @@
 //! TASKPODS_CHAOS_LAUNCHES=1000 TASKPODS_CHAOS_KILLS=50 \
 //!   cargo test --release -p taskpods-integration --test chaos -- --nocapture
 //! ```
+//!
+//! The cluster is nats-server 2.9.21 or newer (the harness's `NatsCluster` swaps an older
+//! `NATS_SERVER_BIN` for `NATS_CLUSTER_SERVER_BIN` and says so): older servers let two guarded writes
+//! expecting the same revision both succeed on a replicated stream (nats-server #4320), which no engine
+//! can make safe, and the views then lose updates.
 //!
 //! The engine binary is the workspace's `taskpods`, next to this test's own directory (`cargo test
 //! --workspace` builds it; when running this test alone, build it first as above).
@@ -71,7 +75,7 @@ struct Settings {
     seed: u64,
     launches: usize,
     kills: usize,
-    /// Whether a NATS node is killed and brought back halfway (`TASKPODS_CHAOS_NATS_KILL=1`).
+    /// Whether a NATS node is killed and brought back halfway (unless `TASKPODS_CHAOS_NATS_KILL=0`).
     nats_kill: bool,
 }
 
@@ -87,7 +91,7 @@ impl Settings {
             seed,
             launches: number("TASKPODS_CHAOS_LAUNCHES").map_or(150, |n| n as usize),
             kills: number("TASKPODS_CHAOS_KILLS").map_or(8, |n| n as usize),
-            nats_kill: number("TASKPODS_CHAOS_NATS_KILL") == Some(1),
+            nats_kill: number("TASKPODS_CHAOS_NATS_KILL") != Some(0),
         }
     }
 }
@@ -600,7 +604,7 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
         .await
         .expect("verify the views");
     for _ in 0..6 {
-        if report.differences.iter().all(|d| d.bucket == "history") {
+        if report.differences.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -608,9 +612,7 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
             .await
             .expect("verify the views again");
     }
-    // Known and not fixed here (docs/notes: issue 18): on a cluster, a history entry is sometimes
-    // missing from the live history view while the task view is right. Counted, printed, and held
-    // apart from the task views, which must be exact.
+    // History entries are counted apart from the task views (tasks, active, finished) in the figures.
     let (history_divergences, divergences): (Vec<_>, Vec<_>) = report
         .differences
         .iter()
@@ -663,23 +665,19 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
     );
     assert!(lost.is_empty(), "lost tasks: {lost:?}");
     assert!(duplicates.is_empty(), "duplicated effects: {duplicates:?}");
-    // Not held to zero by default yet: task views missing a task's last event (`reaped`) after runs
-    // with kills are open (see the README's "Running several engines"); TASKPODS_CHAOS_STRICT_VIEWS=1
-    // asserts them. Every one is printed.
     for d in &divergences {
         println!("chaos: view divergence: {d:?}");
     }
+    for d in &history_divergences {
+        println!("chaos: history divergence: {d:?}");
+    }
     let all_differences: Vec<&rebuild::Difference> = report.differences.iter().collect();
     diagnose_divergences(&js, &names, &all_differences).await;
-    // Views equal a rebuild whenever the server serializes guarded writes: nats-server before 2.9.21
-    // lets two projectors' view writes expecting the same revision both succeed on a cluster
-    // (nats-server #4320), and the later, possibly older, one stands (issue-18 investigation).
-    // TASKPODS_CHAOS_STRICT_VIEWS=1 asserts on any server, =0 never.
-    let strict = match std::env::var("TASKPODS_CHAOS_STRICT_VIEWS").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => taskpods_engine::server::serializes_expected_sequences(&server_version),
-    };
+    // Views equal a rebuild. (On nats-server before 2.9.21 they could not: two projectors' view writes
+    // expecting the same revision both succeeded on a cluster, nats-server #4320, and the older one could
+    // stand; the harness never runs a cluster on such a server.) TASKPODS_CHAOS_STRICT_VIEWS=0 only
+    // prints the differences, for investigating; CI does not set it.
+    let strict = std::env::var("TASKPODS_CHAOS_STRICT_VIEWS").as_deref() != Ok("0");
     println!("chaos: nats-server {server_version}; views asserted equal to a rebuild: {strict}");
     if strict {
         assert!(
@@ -690,9 +688,6 @@ async fn engines_and_a_nats_node_killed_at_random_lose_and_duplicate_nothing() {
             divergences.is_empty(),
             "views differ from a rebuild: {divergences:#?}"
         );
-    }
-    for d in &history_divergences {
-        println!("chaos: history divergence (known): {d:?}");
     }
     assert_eq!(
         unattributed, 0,
