@@ -16,12 +16,14 @@
 //!
 //! Random choices come from one seed, printed at the start; `TASKPODS_CHAOS_SEED` replays a run. The
 //! size is set by `TASKPODS_CHAOS_LAUNCHES` (default 150) and `TASKPODS_CHAOS_KILLS` (default 8); the
-//! issue's full configuration is
+//! issue's full configuration (1,000 launches, 50 kills, the node kill, a graceful stop, a rolling
+//! restart; about 3-4 minutes, figures in the README's "Running several engines") is
 //!
 //! ```sh
-//! cargo build --release -p taskpods-engine --bin taskpods
-//! TASKPODS_CHAOS_LAUNCHES=1000 TASKPODS_CHAOS_KILLS=50 \
-//!   cargo test --release -p taskpods-integration --test chaos -- --nocapture
+//! source scripts/env.sh
+//! cargo build -p taskpods-engine --bin taskpods
+//! NATS_SERVER_BIN=$NATS_CURRENT_BIN TASKPODS_CHAOS_LAUNCHES=1000 TASKPODS_CHAOS_KILLS=50 \
+//!   cargo test -p taskpods-integration --test chaos -- --nocapture
 //! ```
 //!
 //! The cluster is nats-server 2.9.21 or newer (the harness's `NatsCluster` swaps an older
