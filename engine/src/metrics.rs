@@ -15,6 +15,8 @@
 //! - `taskpods_nats_reconnects_total`: the NATS connection's event callback;
 //! - `taskpods_store_loads_total` and `taskpods_store_events_read_total`: the event store's whole-history
 //!   reads (`store.rs`, `read`), which the loops keep off their per-event path;
+//! - `taskpods_store_lagging_reads_total`: the event store, when a refusal was judged on a read behind
+//!   the stream leader (a lagging replica) and the input is judged again;
 //! - `taskpods_executor_tasks_held`: the executor, when it holds or drops a task's folded state;
 //! - `taskpods_nats_reconnects_total`, `taskpods_nats_connected`, `taskpods_nats_slow_consumers_total`: the
 //!   NATS connection's event callback (0 connected while degraded: the loops wait, nothing is lost);
@@ -69,6 +71,8 @@ pub struct Metrics {
     pub store_loads: IntCounter,
     /// Events returned by those reads.
     pub store_events_read: IntCounter,
+    /// Refusals judged on a read behind the stream leader, judged again.
+    pub store_lagging_reads: IntCounter,
     /// Live tasks whose folded state the executor holds between their events.
     pub executor_tasks_held: IntGauge,
     /// 1 while the NATS connection is up, 0 while it is lost (the client reconnects on its own).
@@ -147,6 +151,11 @@ impl Metrics {
             "Events returned by the event store's whole-history reads.",
         )
         .expect("valid metric");
+        let store_lagging_reads = IntCounter::new(
+            "taskpods_store_lagging_reads_total",
+            "Refusals judged on a read behind the stream leader (a lagging replica), judged again on a current read.",
+        )
+        .expect("valid metric");
         let executor_tasks_held = IntGauge::new(
             "taskpods_executor_tasks_held",
             "Live tasks whose folded state the executor holds (none is held once a task is reaped).",
@@ -195,6 +204,7 @@ impl Metrics {
             Box::new(nats_reconnects.clone()),
             Box::new(store_loads.clone()),
             Box::new(store_events_read.clone()),
+            Box::new(store_lagging_reads.clone()),
             Box::new(executor_tasks_held.clone()),
             Box::new(nats_connected.clone()),
             Box::new(nats_slow_consumers.clone()),
@@ -237,6 +247,7 @@ impl Metrics {
             nats_reconnects,
             store_loads,
             store_events_read,
+            store_lagging_reads,
             executor_tasks_held,
             nats_connected,
             nats_slow_consumers,

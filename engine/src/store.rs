@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::{
+    DirectGetErrorKind, LastRawMessageError, LastRawMessageErrorKind,
+};
 use async_nats::jetstream::{self, stream::Stream};
 use chrono::{DateTime, Utc};
 use taskpods_events::codec::{self, CodecError, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
@@ -22,6 +24,7 @@ use taskpods_events::{
     Event, EventBody, Input, Names, Refusal, Task, TaskId, decide, evolve, stamp,
 };
 use taskpods_projections::log::{self, LogError};
+use tracing::debug;
 
 /// Header on every appended event: the engine replica that appended it (its `engine_id`), so a task's
 /// events show which replica did each effect.
@@ -86,6 +89,9 @@ pub enum StoreError {
         /// The sequence known to be stored.
         sequence: u64,
     },
+    /// The stream leader could not be asked for a task's last sequence (to confirm a refusal).
+    #[error("event store: ask the stream leader: {0}")]
+    Leader(#[source] LastRawMessageError),
 }
 
 impl StoreError {
@@ -106,7 +112,7 @@ impl StoreError {
                 _ => StoreErrorKind::Other,
             },
             Self::Duplicate { .. } | Self::Contended => StoreErrorKind::Conflict,
-            Self::Behind { .. } => StoreErrorKind::Unavailable,
+            Self::Behind { .. } | Self::Leader(_) => StoreErrorKind::Unavailable,
         }
     }
 }
@@ -341,6 +347,21 @@ impl EventStore {
         Err(StoreError::Behind { task, sequence })
     }
 
+    /// The stream sequence of `task`'s last event as the stream leader holds it (0: no event). Not a
+    /// direct get, which any replica answers (a lagging one too), but the message-get API, which only
+    /// the leader answers: it includes every acknowledged append.
+    pub async fn leader_last_sequence(&self, task: TaskId) -> Result<u64, StoreError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.names.events(task))
+            .await
+        {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(StoreError::Leader(e)),
+        }
+    }
+
     /// Appends `events` (positions following `expected.task.events`) after `expected.last_sequence`.
     /// A retry of the same append (same positions and kinds) is dropped by the server as a duplicate and
     /// answers with the original sequence.
@@ -402,6 +423,7 @@ impl EventStore {
         cached: Option<LoadedTask>,
     ) -> Result<Executed, ExecuteError> {
         let mut from_cache = cached.is_some();
+        let mut confirmed = false;
         let mut current = match cached {
             Some(c) => c,
             None => self.load(task_id).await?,
@@ -416,6 +438,24 @@ impl EventStore {
                 Err(refusal) if from_cache && !matches!(refusal, Refusal::LimitReached(_)) => {
                     from_cache = false;
                     current = self.load(task_id).await?;
+                    continue;
+                }
+                // A read can only miss events, never add them: a refusal for lack of state (unknown
+                // task, not in that state yet) judged on a lagging replica's read would be final and
+                // wrong (an agent's result lost). Confirm it once against the stream leader; if the read
+                // was behind, judge again on one that includes the leader's last event.
+                Err(refusal) if !confirmed && may_come_from_a_lagging_read(&refusal) => {
+                    confirmed = true;
+                    let latest = self.leader_last_sequence(task_id).await?;
+                    if latest <= current.last_sequence {
+                        return Err(ExecuteError::Refused {
+                            refusal,
+                            task: Box::new(current),
+                        });
+                    }
+                    debug!(%task_id, %refusal, read = current.last_sequence, latest, "refusal judged on a lagging read: judging again");
+                    crate::metrics::METRICS.store_lagging_reads.inc();
+                    current = self.load_at_least(task_id, latest).await?;
                     continue;
                 }
                 Err(refusal) => {
@@ -462,4 +502,14 @@ impl EventStore {
         }
         Err(StoreError::Contended.into())
     }
+}
+
+/// Whether `refusal` says the task lacks something (it is unknown, or not yet in the state the input
+/// needs): what a read that misses the latest events can wrongly conclude. The other refusals rest on
+/// events the read did show, which stay true however far behind it is.
+fn may_come_from_a_lagging_read(refusal: &Refusal) -> bool {
+    matches!(
+        refusal,
+        Refusal::UnknownTask | Refusal::NotNow(_) | Refusal::NotYet
+    )
 }

@@ -241,6 +241,11 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id while it runs (to pause it, for lag tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
