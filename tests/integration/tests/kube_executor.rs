@@ -1090,15 +1090,30 @@ async fn job_created_before_a_crash(ns: &str, script: &str, timeout_secs: u32) -
 }
 
 /// Everything `task` wrote to its standard output, read as the test's client (a Brain may read output).
+/// The task's whole stdout: pages read until the agent's end marker, within [`WAIT`]. One page used to be
+/// taken as the whole; once, under load, it came back without the digest the script printed (cause not
+/// found), and reading to the end marker rules a short page out.
 async fn stdout_of(s: &Setup, task: TaskId) -> String {
-    let page = s.tasks.output_page(task, 0, 8 << 20).await.expect("output");
+    let until = tokio::time::Instant::now() + WAIT;
     let mut out = Vec::new();
-    for chunk in page.chunks {
-        if let taskpods_client::output::Piece::Stdout(bytes) = chunk.piece {
-            out.extend_from_slice(&bytes);
+    let mut next = 0;
+    loop {
+        let page = s
+            .tasks
+            .output_page(task, next, 8 << 20)
+            .await
+            .expect("output");
+        next = page.next;
+        for chunk in page.chunks {
+            if let taskpods_client::output::Piece::Stdout(bytes) = chunk.piece {
+                out.extend_from_slice(&bytes);
+            }
         }
+        if page.end || tokio::time::Instant::now() >= until {
+            return String::from_utf8_lossy(&out).into_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Code in a real task pod, against nats-server with authorization as deployed: it reads the
@@ -1271,7 +1286,8 @@ async fn a_secret_key_ref_reaches_the_script_and_nowhere_else() {
         .launch(LaunchTask {
             timeout_secs: Some(60),
             secret_env: BTreeMap::from([("API_TOKEN".to_owned(), reference.clone())]),
-            ..LaunchTask::script(r#"printf %s "$API_TOKEN" | sha256sum"#)
+            // The sleep keeps the Job around long enough to be seen (it is reaped right after).
+            ..LaunchTask::script(r#"printf %s "$API_TOKEN" | sha256sum; sleep 2"#)
         })
         .await;
     let job = wait_for("the Job", || async {
