@@ -64,9 +64,14 @@ async fn live_tasks_stream_move_to_history_cancel_and_never_run_task_html() {
             requester: Some("brain-7".into()),
             labels: [("team".to_owned(), "infra".to_owned())].into(),
             env: [("API_TOKEN".to_owned(), "value-never-shown-1234".to_owned())].into(),
+            // Line 1, then lines 2 to 8 only once the test has the task's page open (it drops
+            // `/tmp/out/go` in, at most 120 s from now): how many lines came before the page opened no
+            // longer depends on the machine's load, so the page always sees the output grow.
             ..LaunchTask::script(
-                "for i in $(seq 1 8); do echo \"line $i\"; echo \"::progress:: $((i*12))% step $i\"; \
-                 echo \"warning $i\" >&2; sleep 0.8; done; echo '{\"lines\": 8}' > /tmp/result.json",
+                "line() { echo \"line $1\"; echo \"::progress:: $(($1*12))% step $1\"; echo \"warning $1\" >&2; }; \
+                 line 1; n=0; while [ ! -e /tmp/out/go ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n+1)); done; \
+                 rm -f /tmp/out/go; for i in $(seq 2 8); do line $i; sleep 0.8; done; \
+                 echo '{\"lines\": 8}' > /tmp/result.json",
             )
         })
         .await;
@@ -139,6 +144,11 @@ async fn live_tasks_stream_move_to_history_cancel_and_never_run_task_html() {
             &format!("return document.getElementById('t-id').textContent === '{streamer}'"),
         )
         .await;
+    // The page is open: let the streamer go on (its `/tmp/out`, staged on this machine by its agent).
+    let go = taskpods_engine::executor::local::LocalConfig::default()
+        .files_dir
+        .join(format!("taskpods-files-{streamer}/out/go"));
+    std::fs::write(&go, b"").unwrap_or_else(|e| panic!("{}: {e}", go.display()));
     // The output streams in line by line; the elapsed time ticks meanwhile.
     let mut seen = Vec::new();
     let mut elapsed_seen = std::collections::BTreeSet::new();
