@@ -26,7 +26,10 @@
 //!   another replica;
 //! - `taskpods_lease_held{lease}`: 1 while this replica holds the lease;
 //! - `taskpods_commands_total{outcome}`, `taskpods_tasks{state}` and `taskpods_projector_lag_*`: read when
-//!   scraped (intake's own counters, the active view, the projector's consumer), see [`render`].
+//!   scraped (intake's own counters, the active view, the projector's consumer), see [`render`];
+//! - `taskpods_projector_events_total{outcome}`, `..._conflicts_total`, `..._heal_retries_total` and
+//!   `..._gaps_total` (events folded past a real gap in the stream): the projector's own counters, read
+//!   when scraped.
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
@@ -317,6 +320,8 @@ pub struct Sampled {
     pub tasks_by_state: Option<Vec<(String, u64)>>,
     /// The projector's lag, events and seconds, when it could be read.
     pub projector_lag: Option<(u64, f64)>,
+    /// The projector's counters (under a running engine).
+    pub projector: Option<std::sync::Arc<taskpods_projections::ProjectorStats>>,
 }
 
 /// The exposition text: the registry's instruments, intake's counters, and what was sampled.
@@ -364,6 +369,37 @@ pub fn render(intake: Option<&IntakeStats>, sampled: &Sampled) -> String {
              # TYPE taskpods_projector_lag_events gauge\ntaskpods_projector_lag_events {events}\n\
              # HELP taskpods_projector_lag_seconds Age of the oldest event not yet folded into the views.\n\
              # TYPE taskpods_projector_lag_seconds gauge\ntaskpods_projector_lag_seconds {seconds}\n"
+        );
+    }
+    if let Some(stats) = &sampled.projector {
+        text.push_str(
+            "# HELP taskpods_projector_events_total Events the projector took, by what became of them.\n\
+             # TYPE taskpods_projector_events_total counter\n",
+        );
+        for (outcome, counter) in [
+            ("applied", &stats.applied),
+            ("skipped", &stats.skipped),
+            ("unknown", &stats.unknown),
+            ("undecodable", &stats.undecodable),
+            ("healed", &stats.healed),
+        ] {
+            let _ = writeln!(
+                text,
+                "taskpods_projector_events_total{{outcome=\"{outcome}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = write!(
+            text,
+            "# HELP taskpods_projector_conflicts_total Revision conflicts with other writers of the views.\n\
+             # TYPE taskpods_projector_conflicts_total counter\ntaskpods_projector_conflicts_total {}\n\
+             # HELP taskpods_projector_heal_retries_total Reads of missing events repeated because they came back short (a lagging stream replica).\n\
+             # TYPE taskpods_projector_heal_retries_total counter\ntaskpods_projector_heal_retries_total {}\n\
+             # HELP taskpods_projector_gaps_total Events missing from the stream that the views were folded past.\n\
+             # TYPE taskpods_projector_gaps_total counter\ntaskpods_projector_gaps_total {}\n",
+            stats.conflicts.load(Ordering::Relaxed),
+            stats.heal_retries.load(Ordering::Relaxed),
+            stats.gaps.load(Ordering::Relaxed),
         );
     }
     text

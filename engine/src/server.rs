@@ -377,7 +377,10 @@ impl Engine {
         let intake_stats = Arc::new(IntakeStats::default());
         let gateway_stats = Arc::new(gateway::GatewayStats::default());
         let mut loops = Loops::new();
-        let probe = Arc::new(EngineProbe::new(intake_stats.clone()));
+        let projector_stats = Arc::new(taskpods_projections::ProjectorStats::default());
+        let probe = Arc::new(
+            EngineProbe::new(intake_stats.clone()).with_projector(projector_stats.clone()),
+        );
 
         spawn(
             &mut loops,
@@ -392,7 +395,6 @@ impl Engine {
             buckets: ctx.buckets,
             ..taskpods_projections::ProjectorConfig::default()
         };
-        let projector_stats = Arc::new(taskpods_projections::ProjectorStats::default());
         spawn(
             &mut loops,
             &probe,

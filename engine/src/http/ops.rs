@@ -32,6 +32,8 @@ pub const STUCK_AFTER: &str = "60 s";
 pub struct EngineProbe {
     /// The intake's counters, for `taskpods_commands_total`.
     pub intake: Arc<IntakeStats>,
+    /// The projector's counters, for `taskpods_projector_*_total`.
+    pub projector: Arc<taskpods_projections::ProjectorStats>,
     /// Loops that have stopped, by name.
     stopped: Mutex<Vec<&'static str>>,
 }
@@ -41,8 +43,15 @@ impl EngineProbe {
     pub fn new(intake: Arc<IntakeStats>) -> Self {
         Self {
             intake,
+            projector: Arc::default(),
             stopped: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The probe reading `projector`'s counters too.
+    pub fn with_projector(mut self, projector: Arc<taskpods_projections::ProjectorStats>) -> Self {
+        self.projector = projector;
+        self
     }
 
     /// Records that the loop `name` has stopped (whatever the reason).
@@ -89,6 +98,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         sampled.projector_lag = Some((status.events_behind, status.seconds_behind));
     }
     let intake = state.probe.as_ref().map(|p| &*p.intake);
+    sampled.projector = state.probe.as_ref().map(|p| p.projector.clone());
     (
         [(
             header::CONTENT_TYPE,

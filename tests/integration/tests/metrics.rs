@@ -166,6 +166,20 @@ async fn metrics_move_by_what_the_tasks_did_and_the_probes_answer() {
         after.contains_key("taskpods_projector_lag_seconds"),
         "{text}"
     );
+    // The projector folded the tasks' events, and found no gap in the stream.
+    assert!(
+        moved("taskpods_projector_events_total{outcome=\"applied\"}") >= 3.0,
+        "{text}"
+    );
+    assert!(
+        after.contains_key("taskpods_projector_gaps_total"),
+        "{text}"
+    );
+    assert_eq!(
+        value(&after, "taskpods_projector_gaps_total"),
+        0.0,
+        "{text}"
+    );
 
     // A live task shows in the gauge by its state.
     let sleeper = stack.launch("sleep 30", 60).await;
