@@ -18,7 +18,9 @@
 //! the caller can always read its own write.
 
 pub mod files;
+mod replies;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -95,8 +97,9 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The subscription to the task's events ended before the task did.
-    #[error("NATS: event subscription ended")]
+    /// A subscription ended because the connection was closed: the task's events before the task
+    /// ended, or the replies to commands.
+    #[error("NATS: subscription ended (connection closed)")]
     SubscriptionEnded,
     /// Nobody answered within the timeout.
     #[error("timed out after {after:?} waiting for {what}")]
@@ -188,9 +191,10 @@ pub const CREDS_ENV: &str = "TASKPODS_CREDS";
 /// A connection to a taskpods installation.
 #[derive(Debug, Clone)]
 pub struct Client {
-    nats: async_nats::Client,
     js: jetstream::Context,
     config: ClientConfig,
+    /// One reply subscription for every command this client (and its clones) sends.
+    replies: Arc<replies::Replies>,
 }
 
 impl Client {
@@ -223,7 +227,12 @@ impl Client {
     /// A client over an existing NATS connection.
     pub fn new(nats: async_nats::Client, config: ClientConfig) -> Self {
         let js = jetstream::new(nats.clone());
-        Self { nats, js, config }
+        let replies = Arc::new(replies::Replies::new(nats));
+        Self {
+            js,
+            config,
+            replies,
+        }
     }
 
     /// The subject names in use.
@@ -246,16 +255,13 @@ impl Client {
         msg_id: String,
         payload: Vec<u8>,
     ) -> Result<Option<CommandReply>, ClientError> {
-        let inbox = self.nats.new_inbox();
-        let mut replies = self
-            .nats
-            .subscribe(inbox.clone())
-            .await
-            .map_err(unreachable)?;
+        let Some(mut pending) = self.replies.pending().await.map_err(unreachable)? else {
+            return Err(ClientError::SubscriptionEnded);
+        };
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_MSG_ID, msg_id.as_str());
         headers.insert(HEADER_CONTENT_TYPE, MSGPACK);
-        headers.insert(HEADER_REPLY_TO, inbox.as_str());
+        headers.insert(HEADER_REPLY_TO, pending.subject.as_str());
         let ack = self
             .js
             .publish_with_headers(subject, headers, Bytes::from(payload))
@@ -266,7 +272,7 @@ impl Client {
         if ack.duplicate {
             return Ok(None);
         }
-        match tokio::time::timeout(self.config.reply_timeout, replies.next()).await {
+        match tokio::time::timeout(self.config.reply_timeout, pending.reply()).await {
             Ok(Some(message)) => {
                 let encoding = Encoding::from_content_type(
                     message

@@ -690,3 +690,82 @@ async fn a_launch_is_stamped_with_the_engine_clock_not_the_wall_clock() {
     assert_eq!(task.deadline, Some(at + chrono::TimeDelta::seconds(120)));
     engine.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn one_clients_concurrent_commands_each_get_their_own_answer_on_one_reply_subscription() {
+    let server = NatsServer::start();
+    let engine = Engine::start(config(&server)).await.expect("engine");
+    let nats = server.connect().await;
+    let client = client(&server).await;
+    // What the engine is asked: every command's reply subject, seen as any subscriber sees them.
+    let mut commands = nats
+        .subscribe(Names::default().commands_all())
+        .await
+        .expect("subscribe");
+    // The server has the subscription before the first command (another connection) is published.
+    nats.flush().await.expect("flush");
+
+    let keys: Vec<String> = (0..200).map(|i| format!("shared-replies-{i}")).collect();
+    let launched = join_all(keys.iter().map(|key| {
+        let client = client.clone();
+        let launch = LaunchTask {
+            idempotency_key: Some(key.clone()),
+            ..LaunchTask::script("echo mine")
+        };
+        async move { client.launch(launch).await }
+    }))
+    .await;
+    let mut tasks = Vec::new();
+    for (key, launched) in keys.iter().zip(launched) {
+        let launched = launched.expect("launch answered");
+        assert_eq!(
+            launched.task_id,
+            TaskId::from_idempotency_key(key),
+            "a launch got another command's answer"
+        );
+        assert!(launched.created);
+        tasks.push(launched.task_id);
+    }
+    // Cancels of the same tasks, twice each at once: each command gets its own task's answer, one
+    // applied and one refused per task (whichever came second).
+    let cancels = join_all(tasks.iter().flat_map(|task| {
+        [client.clone(), client.clone()]
+            .map(|client| async move { (*task, client.cancel(*task, None).await) })
+    }))
+    .await;
+    for task in &tasks {
+        let answers: Vec<_> = cancels.iter().filter(|(t, _)| t == task).collect();
+        let applied = answers.iter().filter(|(_, r)| r.is_ok()).count();
+        assert_eq!(applied, 1, "one cancel of {task} applied: {answers:?}");
+        for (_, answer) in &answers {
+            if let Err(e) = answer {
+                assert_eq!(e.kind(), ClientErrorKind::Refused, "{e}");
+                assert!(e.to_string().contains(&task.to_string()), "{e}");
+            }
+        }
+    }
+
+    // 600 commands, one reply subscription: the reply subjects share one inbox and differ in the last
+    // token only.
+    let mut reply_subjects = std::collections::HashSet::new();
+    while reply_subjects.len() < 600 {
+        let message = tokio::time::timeout(Duration::from_secs(10), commands.next())
+            .await
+            .expect("every command seen")
+            .expect("subscription");
+        let reply = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(HEADER_REPLY_TO))
+            .expect("a reply subject")
+            .to_string();
+        reply_subjects.insert(reply);
+    }
+    let inboxes: std::collections::HashSet<&str> = reply_subjects
+        .iter()
+        .map(|s| s.rsplit_once('.').expect("inbox.n").0)
+        .collect();
+    assert_eq!(inboxes.len(), 1, "one reply inbox: {inboxes:?}");
+    assert!(inboxes.iter().all(|i| i.starts_with("_INBOX.")));
+    engine.shutdown().await.expect("clean shutdown");
+}
