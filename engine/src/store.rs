@@ -8,9 +8,18 @@
 //! Reading a task's whole history costs in proportion to its length, so the loops that see every event
 //! keep their own folded state and read only on a gap or conflict; [`StoreStats`] counts every read
 //! (per store, and in the process's metrics) so tests can hold them to it.
+//!
+//! The store (shared by every loop of an engine) also keeps each live task's latest state as this
+//! engine's own appends left it ([`LatestStates`]), and `execute` starts from the fresher of that and the
+//! caller's state: the gateway's hello, the intake's agent result and a backend's observations then need
+//! no read when this engine wrote the task's last event, which it does for most of a task's life. The
+//! cache can only be behind the log (it is written after the server acked the append), and a state that
+//! is behind costs what it always did: an append that expected an older sequence is refused by the server
+//! (a conflict, then a read), and a refusal judged on a cached state is judged again on a read.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -32,6 +41,11 @@ pub const HEADER_ENGINE: &str = "Taskpods-Engine";
 
 /// How many times `execute` reloads and decides again after losing a race.
 const CONFLICT_RETRIES: usize = 8;
+
+/// Live tasks whose latest state a store keeps at most; past it the cache is emptied (a forgotten task
+/// costs one read at its next command). Finished tasks are dropped at once, so this bounds an engine
+/// with this many live tasks, not its history.
+const LATEST_HELD: usize = 65_536;
 
 /// What went wrong with a store operation, for callers that branch on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +171,15 @@ pub struct LoadedTask {
     pub first_sequence: u64,
 }
 
+impl LoadedTask {
+    /// Whether nothing more can ever happen to the task: unknown (no events), or ended with its sandbox
+    /// gone or never made.
+    pub fn finished(&self) -> bool {
+        self.task.state == taskpods_events::TaskState::New
+            || (self.task.state.is_terminal() && (self.task.reaped || self.task.job.is_none()))
+    }
+}
+
 pub use taskpods_projections::log::StoredEvent;
 
 /// The outcome of a successful `execute`.
@@ -200,6 +223,57 @@ pub struct EventStore {
     sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
     stats: Arc<StoreStats>,
     engine: Option<String>,
+    latest: Arc<LatestStates>,
+}
+
+/// Each live task's latest state as this engine's own appends (and the reads `execute` made) left it:
+/// the starting point of the next `execute` for the task. Shared by a store's clones.
+#[derive(Debug, Default)]
+pub struct LatestStates {
+    tasks: Mutex<HashMap<TaskId, LoadedTask>>,
+}
+
+impl LatestStates {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, LoadedTask>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The held state of `task`, if any.
+    fn get(&self, task: TaskId) -> Option<LoadedTask> {
+        self.tasks().get(&task).cloned()
+    }
+
+    /// Keeps `loaded` as `task`'s latest state unless a later one is held; drops the task once
+    /// nothing more can happen to it.
+    fn keep(&self, task: TaskId, loaded: &LoadedTask) {
+        let mut tasks = self.tasks();
+        if loaded.finished() {
+            tasks.remove(&task);
+            return;
+        }
+        match tasks.get_mut(&task) {
+            Some(held) if held.last_sequence >= loaded.last_sequence => {}
+            Some(held) => held.clone_from(loaded),
+            None => {
+                if tasks.len() >= LATEST_HELD {
+                    tasks.clear();
+                }
+                tasks.insert(task, loaded.clone());
+            }
+        }
+    }
+
+    /// Tasks held now.
+    pub fn len(&self) -> usize {
+        self.tasks().len()
+    }
+
+    /// Whether no task is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl EventStore {
@@ -212,7 +286,13 @@ impl EventStore {
             sealer: None,
             stats: Arc::default(),
             engine: None,
+            latest: Arc::default(),
         }
+    }
+
+    /// The live tasks' latest states this store (and its clones) holds.
+    pub fn latest(&self) -> &Arc<LatestStates> {
+        &self.latest
     }
 
     /// What this store (and its clones) has read.
@@ -413,8 +493,9 @@ impl EventStore {
     }
 
     /// Loads the task, decides `input`, appends the result; on a lost race, reloads and decides again.
-    /// `cached` skips the first load when the caller holds a recent view (a stale one only costs a
-    /// conflict and a reload).
+    /// It starts from the fresher of `cached` (the caller's view of the task) and the state this engine's
+    /// own last write left ([`LatestStates`]), and reads only when it holds neither; a stale start only
+    /// costs a conflict and a reload.
     pub async fn execute(
         &self,
         task_id: TaskId,
@@ -422,6 +503,11 @@ impl EventStore {
         at: DateTime<Utc>,
         cached: Option<LoadedTask>,
     ) -> Result<Executed, ExecuteError> {
+        let cached = match (cached, self.latest.get(task_id)) {
+            (Some(given), Some(held)) if held.last_sequence > given.last_sequence => Some(held),
+            (given @ Some(_), _) => given,
+            (None, held) => held,
+        };
         let mut from_cache = cached.is_some();
         let mut confirmed = false;
         let mut current = match cached {
@@ -459,6 +545,9 @@ impl EventStore {
                     continue;
                 }
                 Err(refusal) => {
+                    if !from_cache {
+                        self.latest.keep(task_id, &current);
+                    }
                     return Err(ExecuteError::Refused {
                         refusal,
                         task: Box::new(current),
@@ -482,14 +571,13 @@ impl EventStore {
                     } else {
                         current.first_sequence
                     };
-                    return Ok(Executed {
-                        appended,
-                        task: LoadedTask {
-                            task,
-                            last_sequence,
-                            first_sequence,
-                        },
-                    });
+                    let task = LoadedTask {
+                        task,
+                        last_sequence,
+                        first_sequence,
+                    };
+                    self.latest.keep(task_id, &task);
+                    return Ok(Executed { appended, task });
                 }
                 Err(e) if e.kind() == StoreErrorKind::Conflict && attempt < CONFLICT_RETRIES => {
                     // Someone else moved the task on; judge the input again against the new state.

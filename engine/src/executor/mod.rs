@@ -264,12 +264,6 @@ fn ends_the_task(body: &EventBody) -> bool {
     matches!(body, EventBody::Reaped | EventBody::Rejected { .. })
 }
 
-/// Whether nothing more can ever be done for `task`: it ended, and its sandbox is gone or never existed.
-fn finished_with(task: &taskpods_events::Task) -> bool {
-    task.state == TaskState::New
-        || (task.state.is_terminal() && (task.reaped || task.job.is_none()))
-}
-
 /// A delivered event waiting for its task's turn.
 struct Delivery {
     /// The message to ack once the turn's effect is done; `None` when it was acked on delivery (an event
@@ -337,7 +331,7 @@ struct Executor<B> {
     /// Woken when a task joins the line.
     ready: Notify,
     /// Each live task's folded state, as of the last event this executor saw or wrote. A task is in it
-    /// only between its turns (a turn takes it out), and never once [`finished_with`].
+    /// only between its turns (a turn takes it out), and never once [`LoadedTask::finished`].
     folded: Mutex<HashMap<TaskId, LoadedTask>>,
 }
 
@@ -386,7 +380,7 @@ impl<B: Backend> Executor<B> {
     /// Keeps `loaded` as `task`'s state until its next turn, unless nothing more can be done for it.
     fn hold(&self, task: TaskId, mut loaded: LoadedTask) {
         let mut folded = self.folded();
-        if !finished_with(&loaded.task) {
+        if !loaded.finished() {
             // The launch is only needed to create the sandbox: do not hold it for the task's whole life.
             if loaded.task.state != TaskState::Accepted {
                 loaded.task.spec = None;
@@ -784,11 +778,15 @@ mod tests {
             f.ended,
             "a reaped event needs no read, whatever the state held"
         );
-        let done = Task::replay(events.iter().map(|e| &e.event));
-        assert!(finished_with(&done));
-        let ended_not_reaped = Task::replay(events[..events.len() - 1].iter().map(|e| &e.event));
+        let done = fold(LoadedTask::default(), events.iter().map(Some)).current;
+        assert!(done.finished());
+        let ended_not_reaped = fold(
+            LoadedTask::default(),
+            events[..events.len() - 1].iter().map(Some),
+        )
+        .current;
         assert!(
-            !finished_with(&ended_not_reaped),
+            !ended_not_reaped.finished(),
             "its sandbox is still to be reaped"
         );
     }
