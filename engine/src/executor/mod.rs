@@ -559,17 +559,14 @@ async fn keep_alive<T>(
     }
 }
 
-/// Acks every message of `batch` not acked yet (the newest waiting for the server's confirmation, so a
-/// turn's acks are in before the task's next turn).
+/// Acks every message of `batch` not acked yet. The acks are sent, not awaited: a turn that waited for the
+/// server's confirmation held its worker for a round trip per event, which under load made workers, not
+/// effects, the executor's limit (accepted → scheduled waited seconds). A lost ack only means a
+/// redelivery, which the fold skips as already seen.
 async fn ack_all(batch: &[Delivery]) {
-    let mut unacked = batch.iter().filter_map(|d| d.msg.as_ref());
-    let Some(newest) = unacked.next_back() else {
-        return;
-    };
-    for msg in unacked {
+    for msg in batch.iter().filter_map(|d| d.msg.as_ref()) {
         let _ = msg.ack().await;
     }
-    let _ = newest.double_ack().await;
 }
 
 /// Runs the executor over `backend` until `ctx.shutdown`.
