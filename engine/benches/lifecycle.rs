@@ -51,6 +51,13 @@ struct Phases {
     reaped: Option<Instant>,
 }
 
+impl Phases {
+    /// A lifecycle is done once the task is reaped and its view says it ended.
+    fn done(&self) -> bool {
+        self.reaped.is_some() && self.viewed.is_some()
+    }
+}
+
 type Seen = Arc<Mutex<HashMap<TaskId, Phases>>>;
 
 #[tokio::main]
@@ -128,8 +135,8 @@ enum Pace {
     InFlight(usize),
 }
 
-/// Launches `n` tasks at `pace` and waits until each is reaped (or 10 minutes pass); lifecycles per
-/// second (first launch to last reaped) and each task's phases.
+/// Launches `n` tasks at `pace` and waits until each is reaped and its view says it ended (or 10
+/// minutes pass); lifecycles per second (first launch to the last of those) and each task's phases.
 async fn run(client: &Client, seen: &Seen, n: usize, pace: Pace) -> (f64, Vec<Phases>) {
     let ids: Vec<TaskId> = (0..n).map(|_| TaskId::mint()).collect();
     {
@@ -154,7 +161,7 @@ async fn run(client: &Client, seen: &Seen, n: usize, pace: Pace) -> (f64, Vec<Ph
         }
     };
     let started = Instant::now();
-    let mut progress = measure::Progress::new("lifecycles reaped", n as u64);
+    let mut progress = measure::Progress::new("lifecycles reaped and viewed", n as u64);
     let launching = async {
         match pace {
             Pace::Rate(rate) => {
@@ -183,14 +190,14 @@ async fn run(client: &Client, seen: &Seen, n: usize, pace: Pace) -> (f64, Vec<Ph
     let waiting = async {
         let deadline = started + Duration::from_secs(600);
         loop {
-            let reaped = {
+            let done = {
                 let seen = seen.lock().expect("lock");
                 ids.iter()
-                    .filter(|id| seen.get(id).is_some_and(|p| p.reaped.is_some()))
+                    .filter(|id| seen.get(id).is_some_and(Phases::done))
                     .count()
             };
-            progress.update(reaped as u64);
-            if reaped == n || Instant::now() > deadline {
+            progress.update(done as u64);
+            if done == n || Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -200,11 +207,15 @@ async fn run(client: &Client, seen: &Seen, n: usize, pace: Pace) -> (f64, Vec<Ph
     progress.finish();
     let mut seen = seen.lock().expect("lock");
     let phases: Vec<Phases> = ids.iter().filter_map(|id| seen.remove(id)).collect();
-    let last = phases.iter().filter_map(|p| p.reaped).max();
-    let done = phases.iter().filter(|p| p.reaped.is_some()).count();
+    let last = phases
+        .iter()
+        .filter(|p| p.done())
+        .filter_map(|p| p.reaped.max(p.viewed))
+        .max();
+    let done = phases.iter().filter(|p| p.done()).count();
     let elapsed = last.map_or(started.elapsed(), |l| l.duration_since(started));
     if done < n {
-        println!("  (only {done} of {n} reaped within the time limit)");
+        println!("  (only {done} of {n} reaped and viewed within the time limit)");
     }
     (done as f64 / elapsed.as_secs_f64(), phases)
 }
