@@ -221,7 +221,8 @@ fn job_config(ns: &str, nats_url: &str) -> JobConfig {
         namespace: ns.to_owned(),
         nats_url: nats_url.to_owned(),
         task_credentials: false,
-        tmp_bytes: 16 << 20,
+        // Room for the default input and artifact caps (the engine refuses to start otherwise).
+        tmp_bytes: 256 << 20,
         termination_grace_secs: 2,
         image_pull_policy: "IfNotPresent".to_owned(),
         ..JobConfig::default()
