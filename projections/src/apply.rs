@@ -607,7 +607,7 @@ impl Writer {
                 tokio::time::sleep(pause).await;
                 pause *= 2;
             }
-            let mut missing = log::read_task(
+            let missing = log::read_task(
                 &self.events,
                 &self.names,
                 task,
@@ -616,7 +616,11 @@ impl Writer {
             )
             .await?;
             #[cfg(any(test, feature = "test-util"))]
-            self.lag_heal_read(&mut missing);
+            let missing = {
+                let mut missing = missing;
+                self.lag_heal_read(&mut missing);
+                missing
+            };
             let mut undecodable = false;
             for m in missing {
                 match m {
