@@ -5,7 +5,7 @@
 //! this and its own settings.
 
 use async_nats::jetstream;
-use taskpods_events::Names;
+use taskpods_events::{Names, TaskId};
 use taskpods_projections::BucketSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -42,5 +42,29 @@ impl EngineCtx {
     /// The subject, stream and bucket names in use.
     pub fn names(&self) -> &Names {
         &self.topology.names
+    }
+
+    /// Whether `task`'s agent has a result in the command queue that the intake has not applied yet:
+    /// the stream keeps a command until the intake acks it (work-queue retention). An agent that
+    /// reported and exited looks like a lost one (silent, its pod gone) while its result waits behind a
+    /// backlog, so whoever would fail the task for silence asks this first. Read from the stream's
+    /// leader (a stored-message get), not a replica that may lag.
+    pub async fn agent_result_queued(
+        &self,
+        task: TaskId,
+    ) -> Result<bool, jetstream::stream::LastRawMessageError> {
+        let subject = self.names().agent_report(task, "result");
+        match self
+            .topology
+            .commands
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 }

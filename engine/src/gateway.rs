@@ -7,7 +7,8 @@
 //!   store is unavailable, `Stop` when the task has ended, is being cancelled, or does not exist.
 //! - Heartbeats (`<p>.agent.<task>.heartbeat`, core NATS, every replica listens): a task that is
 //!   `Running` and has not been heard from for the heartbeat timeout gets `Input::HeartbeatLost`
-//!   (`Failed{AgentLost}`); time the engine itself was disconnected from NATS does not count. Which tasks are running comes from the event stream (last event per task at
+//!   (`Failed{AgentLost}`), unless its result waits in the command queue (an agent that reported and
+//!   exited is silent too); time the engine itself was disconnected from NATS does not count. Which tasks are running comes from the event stream (last event per task at
 //!   start-up, then every new event), so a restarted engine watches the tasks that were running before,
 //!   counting their silence from its own start.
 //!
@@ -98,6 +99,13 @@ pub enum GatewayError {
     /// A subscription could not be made.
     #[error("gateway subscription: {0}")]
     Subscribe(async_nats::Error),
+    /// The command queue could not be asked whether a silent agent's result waits in it.
+    #[error("reading the command queue")]
+    CommandQueue {
+        /// The stream's answer.
+        #[source]
+        source: async_nats::jetstream::stream::LastRawMessageError,
+    },
 }
 
 type Watched = Mutex<HashMap<TaskId, Instant>>;
@@ -560,6 +568,29 @@ impl Gateway {
             );
             let lost = !silent.is_empty();
             for task in silent {
+                // An agent that reported its result and exited is silent too: its result only waits
+                // behind the intake's queue (a backlog, or no intake running). Lost it is not.
+                match self.ctx.agent_result_queued(task).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        debug!(%task, "silent, but its result waits in the command queue");
+                        if let Some(seen) = self
+                            .watched
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_mut(&task)
+                        {
+                            *seen = Instant::now();
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let e = GatewayError::CommandQueue { source: e };
+                        // Asked again next tick; the task's deadline bounds how long.
+                        warn!(%task, error = %e, "heartbeat lost but the command queue cannot be read; retrying");
+                        continue;
+                    }
+                }
                 match self
                     .ctx
                     .store

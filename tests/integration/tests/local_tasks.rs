@@ -385,6 +385,90 @@ async fn an_engine_restart_mid_run_neither_kills_nor_duplicates_the_task() {
     setup.engine.take().unwrap().shutdown().await.unwrap();
 }
 
+/// An agent that reported its result and exited is silent, like a dead one. While its result waits in
+/// the command queue (here: no engine was running when it came, and the test holds it as a busy intake
+/// would), the heartbeat timeout must not fail the task: the result wins once the intake gets to it.
+#[tokio::test]
+async fn a_result_waiting_in_the_command_queue_is_not_taken_for_a_lost_agent() {
+    let mut setup = Setup::start().await;
+    let task = setup.launch("sleep 2; echo done", 120).await;
+    setup
+        .until_state(task, TaskState::Running, Duration::from_secs(20))
+        .await;
+    let agent = setup.agent(task);
+    setup.engine.take().unwrap().abort();
+    fixtures::wait_for(
+        "the agent to report and exit",
+        Duration::from_secs(60),
+        async || (!agent.alive()).then_some(()),
+    )
+    .await;
+
+    // Take every queued command off the intake's consumer and hold it unacked (its ack wait is 30 s).
+    let names = Names::default();
+    let js = jetstream::new(setup.server.connect().await);
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(names.command_stream())
+        .await
+        .unwrap()
+        .get_consumer("taskpods-intake")
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    while let Some(message) = futures::StreamExt::next(&mut batch).await {
+        held.push(message.unwrap());
+    }
+    let result_subject = names.agent_report(task, "result");
+    assert!(
+        held.iter().any(|m| m.subject.as_str() == result_subject),
+        "the agent's result is queued: {:?}",
+        held.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>()
+    );
+
+    // A new engine watches the running task, hears nothing for three heartbeat timeouts, and waits.
+    setup.engine = Some(
+        Engine::start(config(&setup.server, setup.state.path()))
+            .await
+            .expect("engine restarts"),
+    );
+    let silent_until = tokio::time::Instant::now() + 3 * HEARTBEAT_TIMEOUT;
+    while tokio::time::Instant::now() < silent_until {
+        let history = setup.client.history(task).await.unwrap();
+        assert_eq!(
+            history.last().map(|e| e.event.body.kind()),
+            Some("running"),
+            "a silent agent whose result is queued is not lost: {:?}",
+            history
+                .iter()
+                .map(|e| e.event.body.kind())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+    }
+    // The intake gets to the result: the task succeeds with the agent's output, and nothing failed it.
+    for message in held {
+        message
+            .ack_with(jetstream::AckKind::Nak(None))
+            .await
+            .unwrap();
+    }
+    let kinds = setup.finished(task, Duration::from_secs(40)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "succeeded", "reaped"]
+    );
+    let (out, _, _) = setup.output(task).await;
+    assert_eq!(out, b"done\n");
+    setup.engine.take().unwrap().shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_agent_that_cannot_start_fails_the_task_with_a_backend_error() {
     let server = NatsServer::start();

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | pod has a `nodeName` | now | `PodBound` |
 //! | container terminated `OOMKilled` | now | `BackendFailed{OomKilled}` |
-//! | container terminated otherwise | after [`KubernetesConfig::exit_grace`] | `PodExited{exit_code}` (the agent's own result, if it arrives first, wins) |
+//! | container terminated otherwise | after [`KubernetesConfig::exit_grace`] | `PodExited{exit_code}` (the agent's own result wins if it arrives first, or still waits in the command queue) |
 //! | container waiting `ImagePullBackOff` / `InvalidImageName` / `ErrImageNeverPull` | now | `BackendFailed{ImagePull}` (Kubernetes already retried) |
 //! | pod `Failed` with reason `Evicted`, or condition `DisruptionTarget` (set before the kill) | now | `BackendFailed{Evicted}` |
 //! | Job condition `FailureTarget` or `Failed` with reason `DeadlineExceeded` | now | `BackendFailed{DeadlineExceeded}` → `TimedOut` |
@@ -38,6 +38,12 @@ use super::KubernetesConfig;
 use super::job::{MANAGED_SELECTOR, TASK_LABEL};
 use crate::context::EngineCtx;
 use crate::store::ExecuteError;
+
+/// How often, after a pod exited, the watcher looks again for its agent's result still waiting in the
+/// command queue before recording the exit: with [`RESULT_QUEUED_PAUSE`], an hour at most.
+const RESULT_QUEUED_CHECKS: u32 = 360;
+/// The pause between those looks (or the exit grace, if longer).
+const RESULT_QUEUED_PAUSE: Duration = Duration::from_secs(10);
 
 /// Errors that stop the watcher.
 #[derive(Debug, thiserror::Error)]
@@ -282,8 +288,22 @@ impl Watcher {
                     let (ctx, grace) = (self.ctx.clone(), self.config.exit_grace);
                     tokio::spawn(async move {
                         // The agent reports its result through the command stream before it exits;
-                        // give that report the chance to be recorded first.
+                        // give that report the chance to be recorded first, and longer while it still
+                        // waits in the queue (a backlog at the intake), up to the task's deadline or
+                        // an hour, whichever the timers end first.
                         tokio::time::sleep(grace).await;
+                        for _ in 0..RESULT_QUEUED_CHECKS {
+                            match ctx.agent_result_queued(task).await {
+                                Ok(false) => break,
+                                Ok(true) => {
+                                    debug!(%task, "pod exited; its result waits in the command queue")
+                                }
+                                Err(e) => {
+                                    warn!(%task, error = %e, "pod exited; the command queue cannot be read")
+                                }
+                            }
+                            tokio::time::sleep(grace.max(RESULT_QUEUED_PAUSE)).await;
+                        }
                         execute(&ctx, task, &Input::PodExited { exit_code: code }).await;
                     });
                 }
