@@ -769,3 +769,84 @@ async fn one_clients_concurrent_commands_each_get_their_own_answer_on_one_reply_
     assert!(inboxes.iter().all(|i| i.starts_with("_INBOX.")));
     engine.shutdown().await.expect("clean shutdown");
 }
+
+/// The shared reply inbox is an input path: whoever can publish there (anyone on a server without
+/// authorization; a holder of Brain credentials, see SECURITY.md) can send it anything. Garbage, ids
+/// nobody waits for and an oversized payload are ignored; a forged answer to a waiting command fails
+/// that command as undecodable; nothing panics and the client's next command gets its own answer.
+#[tokio::test]
+async fn forged_and_garbage_replies_on_the_shared_reply_inbox_break_nothing() {
+    let server = NatsServer::start();
+    // The engine makes the streams and stops: the next command waits for an answer nobody sends.
+    Engine::start(config(&server))
+        .await
+        .expect("engine")
+        .shutdown()
+        .await
+        .expect("shutdown");
+    let attacker = server.connect().await;
+    let mut commands = attacker
+        .subscribe(Names::default().commands_all())
+        .await
+        .expect("subscribe");
+    attacker.flush().await.expect("flush");
+    let client = client(&server).await;
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.launch(LaunchTask::script("echo forged")).await }
+    });
+    let command = tokio::time::timeout(Duration::from_secs(10), commands.next())
+        .await
+        .expect("the command is seen")
+        .expect("subscription");
+    let reply_to = command
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(HEADER_REPLY_TO))
+        .expect("a reply subject")
+        .to_string();
+    let (inbox, _) = reply_to.rsplit_once('.').expect("<inbox>.<id>");
+
+    for token in [
+        "x",
+        "-1",
+        "99999999999999999999999",
+        "18446744073709551615",
+        "007",
+    ] {
+        attacker
+            .publish(
+                format!("{inbox}.{token}"),
+                b"\x00\xffnot a reply".to_vec().into(),
+            )
+            .await
+            .expect("publish");
+    }
+    attacker
+        .publish(format!("{inbox}.424242"), vec![b'A'; 200 * 1024].into())
+        .await
+        .expect("publish");
+    attacker
+        .publish(reply_to.clone(), b"\xc1\x00forged".to_vec().into())
+        .await
+        .expect("publish");
+    attacker.flush().await.expect("flush");
+
+    let forged = waiting.await.expect("the waiting command did not panic");
+    let error = forged.expect_err("a forged reply is not an answer");
+    assert_eq!(error.kind(), ClientErrorKind::Corrupt, "{error}");
+
+    let engine = Engine::start(config(&server)).await.expect("engine");
+    let launched = client
+        .launch(LaunchTask {
+            idempotency_key: Some("after-forgery".into()),
+            ..LaunchTask::script("echo fine")
+        })
+        .await
+        .expect("the next command is answered");
+    assert_eq!(
+        launched.task_id,
+        TaskId::from_idempotency_key("after-forgery")
+    );
+    engine.shutdown().await.expect("shutdown");
+}
