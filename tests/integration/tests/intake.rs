@@ -770,8 +770,8 @@ async fn one_clients_concurrent_commands_each_get_their_own_answer_on_one_reply_
     engine.shutdown().await.expect("clean shutdown");
 }
 
-/// The shared reply inbox is an input path: whoever can publish there (anyone on a server without
-/// authorization; a holder of Brain credentials, see SECURITY.md) can send it anything. Garbage, ids
+/// The shared reply inbox is an input path: on a server without authorization anyone can publish there
+/// (with it, only the engine may: SECURITY.md), and so send it anything. Garbage, ids
 /// nobody waits for and an oversized payload are ignored; a forged answer to a waiting command fails
 /// that command as undecodable; nothing panics and the client's next command gets its own answer.
 #[tokio::test]
