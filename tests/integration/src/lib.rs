@@ -63,6 +63,48 @@ pub async fn assert_nothing_stuck(
     }
 }
 
+/// Live processes (not zombies) whose environment holds `var` (`NAME=value`): what is left of a task or a
+/// pod, whatever process group, session or PID namespace its processes moved to.
+pub fn processes_with_env(var: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        // Field 3 of /proc/PID/stat, after the parenthesised command name: Z and X are dead.
+        let alive = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ")?.1.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X');
+        if alive && environ.split(|b| *b == 0).any(|v| v == var.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until no process has `var` in its environment ([`processes_with_env`]), failing after `within`.
+pub async fn until_no_process_with_env(var: &str, within: Duration) {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let left = processes_with_env(var);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "processes with {var} still running after {within:?}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Launches `script` with a timeout of `timeout_secs`; returns the task.
 pub async fn launch_script(client: &Client, script: &str, timeout_secs: u32) -> TaskId {
     let launch = LaunchTask {

@@ -551,6 +551,57 @@ async fn simulator_reports_oom_kill_image_pull_failure_and_eviction() {
     assert!(!t.sim.running().contains(&"faults/on-request".to_string()));
 }
 
+/// A real eviction kills the pod's containers, every process in them: here a shell that ignores SIGTERM
+/// (so the eviction takes the pod's grace period) and a process in a session of its own, which a
+/// signal to the container's process group would not reach. The pod is deleted while the eviction
+/// is still stopping it, as a Job's garbage collection does: it is removed all the same, never left
+/// `Terminating`.
+#[tokio::test]
+async fn an_eviction_ends_every_process_of_the_pod_and_a_deletion_meanwhile_removes_it() {
+    let t = TestNs::new("evict-all", true).await;
+    let marker = format!("evict-all-{}", std::process::id());
+    let var = format!("TASKPODS_SIM_MARKER={marker}");
+    let mut spec = restricted_spec(
+        "trap '' TERM; setsid sleep 300 & sleep 300",
+        json!([{"name": "TASKPODS_SIM_MARKER", "value": marker}]),
+    );
+    spec["terminationGracePeriodSeconds"] = json!(3);
+    t.pods()
+        .create(&PostParams::default(), &pod("stubborn", spec, json!({})))
+        .await
+        .expect("create pod");
+    pod_in_phase(&t.pods(), "stubborn", "Running").await;
+    wait_for("both sleeps started", || async {
+        let sleeps = taskpods_integration::processes_with_env(&var)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+            .count();
+        (sleeps == 2).then_some(())
+    })
+    .await;
+    assert!(
+        t.sim.evict("evict-all", "stubborn"),
+        "the simulator runs the pod"
+    );
+    t.pods()
+        .delete("stubborn", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("pod gone", || async {
+        t.pods()
+            .get_opt("stubborn")
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await;
+    taskpods_integration::until_no_process_with_env(&var, WAIT).await;
+    assert!(t.sim.running().is_empty(), "{:?}", t.sim.running());
+}
+
 #[tokio::test]
 async fn injected_fault_by_label_fails_the_job_as_oom() {
     let t = TestNs::new("inject", true).await;

@@ -211,6 +211,7 @@ impl Setup {
         server: NatsServer,
         tweak: impl FnOnce(&mut EngineConfig, &NatsServer),
     ) -> Self {
+        logs();
         let (admin, engine_client, sim) = Self::namespace(ns).await;
         server.wait_for_jetstream().await;
         let mut config = Self::config(ns, &server, &engine_client, true);
@@ -377,6 +378,18 @@ impl Setup {
                 .then_some(())
         })
         .await;
+    }
+}
+
+/// The engines' logs on the test's output when `RUST_LOG` is set (e.g. `taskpods_engine=debug`), to keep
+/// what led to a failure; nothing otherwise.
+fn logs() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
     }
 }
 
@@ -765,6 +778,9 @@ async fn an_evicted_pod_fails_the_task_as_evicted() {
     let (state, kinds) = s.finished(task).await;
     assert_eq!(state, failed(FailureReason::Evicted), "{kinds:?}");
     s.all_gone(task).await;
+    // The eviction killed the pod's processes: the agent and the code it ran (`sleep 300`).
+    taskpods_integration::until_no_process_with_env(&format!("TASKPODS_TASK_ID={task}"), WAIT)
+        .await;
 }
 
 /// A launch no node can take (3 CPUs; the simulated node has 2).

@@ -26,19 +26,24 @@
 //! containers), or the container's volume at `/tmp` when it has one (which hides the host's `/tmp`).
 //! `KUBERNETES_SERVICE_HOST`/`_PORT` name the API server given to [`SimulatorBuilder::api_server`], as the
 //! kubelet sets them from the `kubernetes` Service, so in-cluster clients reach the real API server.
-//! Network and processes are the host's: the point is the API semantics and the files a pod sees, not
-//! the sandbox.
+//! Each container has its own PID namespace, as a container runtime gives it (its `/proc` is still the
+//! host's): when its main process ends, or is killed, every process it started goes with it, whatever
+//! process group or session it moved to (the agent runs the user's code in a group of its own). Network is the host's: the point is the API semantics and the
+//! files a pod sees, not the sandbox.
 //!
 //! Deletion: with no real kubelet, a pod with a `deletionTimestamp` would never go away. The simulator
 //! stops its processes (SIGTERM, then SIGKILL after the grace period, capped at 10 s), records the final
 //! status, and deletes the pod with grace period 0 (UID precondition), as the kubelet does. Finalizers
 //! (the Job controller's `batch.kubernetes.io/job-tracking`) still hold it until their owner removes them.
+//! A pod that ended for another reason (it ran to completion, was evicted, or ran past its deadline) is
+//! force-deleted likewise once it is deleted, even when the deletion came while it was still stopping.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,6 +121,9 @@ struct PodEntry {
     stop: mpsc::UnboundedSender<Stop>,
     /// Process groups currently running, so Drop can kill them synchronously.
     pgids: Arc<Mutex<Vec<i32>>>,
+    /// Set once the pod has stopped for good (processes gone, final status written); its task then only
+    /// waits for the pod's deletion, to remove it from the API.
+    ended: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -323,7 +331,7 @@ impl NodeSimulator {
         let key = format!("{namespace}/{name}");
         lock(&self.inner.pods)
             .values()
-            .filter(|e| e.key == key && !e.task.is_finished())
+            .filter(|e| e.key == key && !e.ended.load(Ordering::Acquire) && !e.task.is_finished())
             .any(|e| e.stop.send(Stop::Evict).is_ok())
     }
 
@@ -557,6 +565,7 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
             if phase == "Pending" && !pods.contains_key(&uid) {
                 let (stop, stop_rx) = mpsc::unbounded_channel();
                 let pgids = Arc::new(Mutex::new(Vec::new()));
+                let ended = Arc::new(AtomicBool::new(false));
                 let run = PodRun {
                     inner: Arc::clone(inner),
                     api,
@@ -564,6 +573,7 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
                     key: format!("{namespace}/{name}"),
                     stop_rx,
                     pgids: Arc::clone(&pgids),
+                    ended: Arc::clone(&ended),
                     volumes: PodVolumes::default(),
                 };
                 let task = tokio::spawn(run.run());
@@ -573,6 +583,7 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
                         key: format!("{namespace}/{name}"),
                         stop,
                         pgids,
+                        ended,
                         task,
                     },
                 );
@@ -811,6 +822,8 @@ struct PodRun {
     key: String,
     stop_rx: mpsc::UnboundedReceiver<Stop>,
     pgids: Arc<Mutex<Vec<i32>>>,
+    /// Set when the pod has stopped for good (see [`PodEntry::ended`]).
+    ended: Arc<AtomicBool>,
     /// The pod's volumes, once made (before any container starts).
     volumes: PodVolumes,
 }
@@ -856,9 +869,12 @@ fn find_executable(program: &str, path: Option<&str>) -> std::result::Result<(),
     }
 }
 
-/// Records a container's exit.
+/// Records a container's exit, and ends what is left of it: as a runtime stops a container whose main
+/// process ended, every process it started dies with it (bubblewrap's init, which holds the container's
+/// PID namespace, is still in the container's process group; killing it kills the namespace).
 fn exited(c: &mut Ctr, code: i32, pgids: &Mutex<Vec<i32>>) {
     if let Some(pgid) = c.pgid.take() {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         lock(pgids).retain(|p| *p != pgid);
     }
     let started = match &c.state {
@@ -918,6 +934,19 @@ impl PodRun {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
         let _ = std::fs::remove_dir_all(self.volume_root());
+        self.ended.store(true, Ordering::Release);
+        // As a kubelet does, remove the stopped pod from the API once it is deleted. A deletion seen
+        // while the pod was stopping for another reason (an eviction, its deadline) waits in the
+        // channel meanwhile: it is not lost, or the pod would stay `Terminating` for ever. The loop
+        // ends when the pod is gone from the API (its entry, the channel's sender, is dropped then).
+        while let Some(stop) = self.stop_rx.recv().await {
+            if let Stop::Deleted(_) = stop {
+                let uid = self.pod.uid().unwrap_or_default();
+                if let Err(e) = force_delete(&self.api, &self.name(), &uid).await {
+                    tracing::warn!(pod = %self.key, error = %e, "node simulator: removing a deleted pod failed");
+                }
+            }
+        }
     }
 
     fn volume_root(&self) -> PathBuf {
@@ -1383,6 +1412,11 @@ impl PodRun {
             // Without root, mount namespaces need a user namespace (mapped to the same user).
             sandbox.insert(0, "--unshare-user".into());
         }
+        // A PID namespace per container, as a runtime gives it, so that ending the container (see
+        // `exited`) ends everything it started, even processes in a group or session of their own (the
+        // agent runs the user's code in its own process group), which a signal to the container's
+        // process group alone would leave running.
+        sandbox.insert(0, "--unshare-pid".into());
         sandbox.push("--chdir".into());
         sandbox.push(workdir.into());
         sandbox.push("--".into());

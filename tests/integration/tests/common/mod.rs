@@ -117,39 +117,11 @@ impl Drop for StateDir {
 /// Processes of `task` still alive: the agent, bubblewrap, the code (all carry the task id in their
 /// environment).
 pub fn processes_of(task: TaskId) -> Vec<u32> {
-    let needle = format!("TASKPODS_TASK_ID={task}");
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let alive = ProcessId::of(pid).is_some_and(|p| p.alive());
-        if alive
-            && environ
-                .split(|b| *b == 0)
-                .any(|var| var == needle.as_bytes())
-        {
-            found.push(pid);
-        }
-    }
-    found
+    taskpods_integration::processes_with_env(&format!("TASKPODS_TASK_ID={task}"))
 }
 
 /// Waits until no process of `task` runs (see [`processes_of`]), failing after `within`.
 pub async fn gone(task: TaskId, within: Duration) {
-    let until = tokio::time::Instant::now() + within;
-    while !processes_of(task).is_empty() {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "processes of {task} still running after {within:?}: {:?}",
-            processes_of(task)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    taskpods_integration::until_no_process_with_env(&format!("TASKPODS_TASK_ID={task}"), within)
+        .await;
 }
