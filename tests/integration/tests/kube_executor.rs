@@ -783,6 +783,61 @@ async fn an_evicted_pod_fails_the_task_as_evicted() {
         .await;
 }
 
+/// A pod its node never removes (the node acts on no deletion, as one whose kubelet lost contact with
+/// the API server) holds a cancelled task only while it runs: once the pod has ended (here the node
+/// evicts it) it runs nothing, the task is cancelled and, past the stop timeout, reaped with the pod
+/// still there, `Terminating`. Before, the reap waited for the pod to go, for ever.
+#[tokio::test]
+async fn a_pod_its_node_never_removes_holds_the_cancel_only_while_it_runs() {
+    let stop_timeout = Duration::from_secs(3);
+    let s = Setup::start_with("kx-unremoved", |config| {
+        if let BackendConfig::Kubernetes(kubernetes) = &mut config.backend {
+            kubernetes.stop_timeout = stop_timeout;
+        }
+    })
+    .await;
+    s.sim.keep_deleted_pods(true);
+    let task = s.script("echo working; sleep 300", 120).await;
+    s.until_state(task, TaskState::Running).await;
+    s.tasks.cancel(task, None).await.expect("cancel");
+    let pod = wait_for("the pod deleted, still there", || async {
+        s.pods_of(task)
+            .await
+            .into_iter()
+            .find(|p| p.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    // Two stop timeouts with the pod running: the task must still be cancelling (nothing says the
+    // pod stopped), however slow the machine.
+    tokio::time::sleep(stop_timeout * 2).await;
+    assert_eq!(s.state(task).await, TaskState::Cancelling);
+    assert!(!processes_of(task).is_empty(), "the pod still runs");
+    let name = pod.metadata.name.clone().unwrap();
+    assert!(s.sim.evict(&s.ns, &name), "the simulator runs the pod");
+    let (state, kinds) = s.finished(task).await;
+    assert_eq!(state, TaskState::Cancelled, "{kinds:?}");
+    let pods = s.pods_of(task).await;
+    assert_eq!(pods.len(), 1, "the pod is still there: {pods:?}");
+    assert_eq!(
+        pods[0].status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed")
+    );
+    taskpods_integration::until_no_process_with_env(&format!("TASKPODS_TASK_ID={task}"), WAIT)
+        .await;
+    // The node is back: a force deletion removes the pod.
+    s.sim.keep_deleted_pods(false);
+    Api::<Pod>::namespaced(s.admin.clone(), &s.ns)
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    s.all_gone(task).await;
+}
+
+/// Processes carrying `task`'s id in their environment (the agent and its code, in a pod too).
+fn processes_of(task: TaskId) -> Vec<u32> {
+    taskpods_integration::processes_with_env(&format!("TASKPODS_TASK_ID={task}"))
+}
+
 /// A launch no node can take (3 CPUs; the simulated node has 2).
 fn too_big(script: &str) -> LaunchTask {
     LaunchTask {

@@ -8,7 +8,9 @@
 //!   Job comes first so the Secret can name it as its owner and goes when the Job goes; its pod waits in
 //!   `ContainerCreating` for the Secret meanwhile (a secret volume that is not optional);
 //! - `stop`: delete with background propagation (`NotFound` is success), then wait until no pod of the
-//!   task is left, so `Cancelled`/`Reaped` are recorded only once nothing runs;
+//!   task is left, so `Cancelled`/`Reaped` are recorded only once nothing runs; past `stop_timeout`,
+//!   pods that ended (`Succeeded`/`Failed`) but are not removed (a node that lost contact) are enough,
+//!   and only a pod still running fails the stop (retried);
 //! - `reap`: give the pod a grace period to finish on its own (the agent flushing output), then `stop`.
 //!
 //! What Kubernetes reports about the Jobs and pods is turned into events by [`watcher`]; orphans and
@@ -63,7 +65,8 @@ pub struct KubernetesConfig {
     /// How long after its pod's container ended the watcher waits for the agent's own result before it
     /// records the exit code instead (the result travels through the command stream, maybe later).
     pub exit_grace: Duration,
-    /// How long `stop` waits for the task's pods to be gone before it reports a (retried) failure.
+    /// How long `stop` waits for the task's pods to be gone; after it, pods that ended are enough, and
+    /// one still running is a (retried) failure.
     pub stop_timeout: Duration,
     /// How often the reconciler compares the Jobs with the live tasks.
     pub reconcile_interval: Duration,
@@ -354,14 +357,25 @@ impl Backend for KubernetesBackend {
         // Background propagation returns at once; the garbage collector removes the pods after. We
         // report stopped only when they are gone, so "Cancelled" means nothing runs any more.
         if self.wait_pods(task, self.stop_timeout, |_| true).await? {
-            Ok(())
-        } else {
-            warn!(%task, job, "pods still present after the Job was deleted");
-            Err(BackendError::transient(format!(
-                "pods of {job} still present {:?} after its deletion",
-                self.stop_timeout
-            )))
+            return Ok(());
         }
+        // Past the stop timeout, pods that ended are enough: a pod's phase is `Succeeded` or `Failed`
+        // only once every container of it stopped, so it runs nothing. Its removal is its node's
+        // kubelet's to do, and a node that no longer acts (lost, partitioned) would otherwise hold the
+        // task unreaped for ever. A pod still running keeps the stop failing, retried: nothing says
+        // it stopped.
+        let left = self.pods_of(task).await?;
+        let running = left.iter().filter(|p| !pod_finished(p)).count();
+        if running == 0 {
+            warn!(%task, job, pods = left.len(), timeout = ?self.stop_timeout,
+                "pods of the deleted Job ended but are still not removed; stopped (their node removes them)");
+            return Ok(());
+        }
+        warn!(%task, job, running, "pods still running after the Job was deleted");
+        Err(BackendError::transient(format!(
+            "{running} pod(s) of {job} still running {:?} after its deletion",
+            self.stop_timeout
+        )))
     }
 
     async fn reap(&self, task: TaskId, job: &str, grace: Duration) -> Result<(), BackendError> {

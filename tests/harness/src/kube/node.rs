@@ -12,7 +12,8 @@
 //!   `pods/status` subresource so the real Job controller derives Job status from it.
 //! - Faults, chosen per pod by the [`FAULT_ANNOTATION`] annotation or by label rules added with
 //!   [`NodeSimulator::inject`]: [`Fault::OomKilled`], [`Fault::ImagePull`], [`Fault::Evicted`]; and
-//!   [`NodeSimulator::evict`] evicts a running pod on request.
+//!   [`NodeSimulator::evict`] evicts a running pod on request; [`NodeSimulator::keep_deleted_pods`]
+//!   plays a kubelet that lost contact (deleted pods stay `Terminating`).
 //!
 //! What a container runs: its `command` + `args` (as the image's entrypoint is unknown here); if it has no
 //! `command`, the executable mapped to its image with [`SimulatorBuilder::image`] (this is how task pods
@@ -137,6 +138,8 @@ struct Inner {
     labels: BTreeMap<String, String>,
     capacity: Capacity,
     rules: Mutex<Vec<(BTreeMap<String, String>, Fault)>>,
+    /// Set by [`NodeSimulator::keep_deleted_pods`]: deletions are not acted on.
+    keep_deleted: AtomicBool,
     pods: Mutex<HashMap<String, PodEntry>>,
     work: tempfile::TempDir,
 }
@@ -280,6 +283,7 @@ impl SimulatorBuilder {
             labels,
             capacity: self.capacity,
             rules: Mutex::new(Vec::new()),
+            keep_deleted: AtomicBool::new(false),
             pods: Mutex::new(HashMap::new()),
             work,
         });
@@ -318,6 +322,14 @@ impl NodeSimulator {
     /// The Node's name.
     pub fn node_name(&self) -> &str {
         &self.inner.node
+    }
+
+    /// While `keep` is set, the simulator acts on no deletion: a deleted pod stays, `Terminating`, its
+    /// processes left as they are, as on a node whose kubelet lost contact with the API server. A pod
+    /// removed from the API (force-deleted) still has its processes killed, as such a kubelet does once
+    /// it is back.
+    pub fn keep_deleted_pods(&self, keep: bool) {
+        self.inner.keep_deleted.store(keep, Ordering::Release);
     }
 
     /// Every pod started from now on whose labels include all of `labels` gets `fault`.
@@ -536,6 +548,11 @@ async fn on_pod(inner: &Arc<Inner>, pod: Pod) -> Result<()> {
             Ok(())
         }
         Some(node) if node == inner.node => {
+            if pod.metadata.deletion_timestamp.is_some()
+                && inner.keep_deleted.load(Ordering::Acquire)
+            {
+                return Ok(());
+            }
             if pod.metadata.deletion_timestamp.is_some() {
                 let grace = pod
                     .metadata
