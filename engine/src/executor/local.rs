@@ -42,6 +42,9 @@ pub struct LocalConfig {
     pub max_file_bytes: u64,
     /// How long a stopped agent gets to flush and report before it is killed.
     pub kill_grace: Duration,
+    /// How long an agent keeps trying to report past its deadline plus `kill_grace` (its output and
+    /// result) before it exits on its own: the bound on an agent whose engine or NATS no longer answers.
+    pub report_grace: Duration,
     /// What mode `agent` tasks run with their goal as the argument (the agent's default when `None`).
     pub agent_entrypoint: Option<String>,
     /// Where agents keep each task's `/tmp/in` and `/tmp/out` (`<files_dir>/taskpods-files-<task>`).
@@ -71,6 +74,7 @@ impl Default for LocalConfig {
             max_procs: 256,
             max_file_bytes: 128 << 20,
             kill_grace: Duration::from_secs(5),
+            report_grace: Duration::from_secs(30),
             agent_entrypoint: None,
             files_dir: std::env::temp_dir(),
         }
@@ -229,6 +233,10 @@ impl LocalBackend {
             .env(
                 "TASKPODS_TERM_GRACE_MS",
                 (self.config.kill_grace / 2).as_millis().to_string(),
+            )
+            .env(
+                "TASKPODS_REPORT_GRACE_MS",
+                self.config.report_grace.as_millis().to_string(),
             )
             .envs(
                 self.config

@@ -15,8 +15,9 @@ use taskpods_integration as fixtures;
 
 mod common;
 
-/// The agent's report grace when the engine does not set one (`TASKPODS_REPORT_GRACE_MS`).
-const REPORT_GRACE: Duration = Duration::from_secs(30);
+/// The agents' report grace (`TASKPODS_REPORT_GRACE_MS`, set by the local backend), shorter than the
+/// agent's own default (30 s).
+const REPORT_GRACE: Duration = Duration::from_secs(3);
 /// Room on top of every bound for a loaded machine (load 15 happens here): only a process that does
 /// not end at all fails.
 const SLACK: Duration = Duration::from_secs(60);
@@ -35,6 +36,7 @@ impl Setup {
         let server = NatsServer::start();
         let state = common::StateDir::new();
         let mut config = common::local_engine(&server, state.path());
+        common::local(&mut config).report_grace = REPORT_GRACE;
         let kill_grace = common::local(&mut config).kill_grace;
         let engine = Engine::start(config).await.expect("engine");
         let client = Client::new(server.connect().await, ClientConfig::default());
@@ -96,6 +98,15 @@ async fn an_agent_whose_nats_server_is_killed_ends_with_its_sandbox_by_its_deadl
             u32::try_from(timeout.as_secs()).unwrap(),
         )
         .await;
+    // The engine hands the agent its graces, the report grace included (the agent's default is 30 s).
+    let environ = std::fs::read(format!("/proc/{}/environ", setup.agent(task))).unwrap();
+    let grace = format!("TASKPODS_REPORT_GRACE_MS={}", REPORT_GRACE.as_millis());
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|var| var == grace.as_bytes()),
+        "the agent's environment lacks {grace}"
+    );
     // SIGKILL: NATS is gone for good, as when a test or a cluster goes away under its agents.
     setup.server.kill();
     // The agent, bubblewrap and the code: none outlives the agent's bound.
