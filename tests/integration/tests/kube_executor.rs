@@ -1515,9 +1515,14 @@ async fn a_lease_holder_killed_mid_reconcile_is_replaced_within_the_lease_time_a
     .await
     .expect("hold the pod");
 
-    let a = Engine::start(Setup::config(ns, &server, &engine_client, true))
-        .await
-        .expect("engine a");
+    // a waits at the held pod for longer than the test may take to see it there (the garbage collector,
+    // busy with every other test's namespace, can mark the pod deleted tens of seconds late): past its
+    // stop timeout it would move on to the next Job before it is killed, as it once did under load.
+    let mut config_a = Setup::config(ns, &server, &engine_client, true);
+    if let BackendConfig::Kubernetes(kubernetes) = &mut config_a.backend {
+        kubernetes.stop_timeout = 2 * WAIT;
+    }
+    let a = Engine::start(config_a).await.expect("engine a");
     let a_id = a.engine_id().to_owned();
     wait_for("a holds the lease", || async {
         reconciler_lease(&server)
