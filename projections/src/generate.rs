@@ -266,3 +266,29 @@ pub fn future_event(
         bytes: 42,
     })
 }
+
+/// Reads the event stream from sequence 1 to `last` with an ordered consumer, doing nothing with the
+/// messages: the raw read every projection figure is compared with. Returns how many were read.
+pub async fn read_raw(
+    js: &jetstream::Context,
+    names: &Names,
+    last: u64,
+) -> Result<u64, async_nats::Error> {
+    let stream = js.get_stream(names.event_stream()).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: names.events_all(),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut read = 0u64;
+    while let Some(m) = futures::StreamExt::next(&mut messages).await {
+        let m = m?;
+        read += 1;
+        if m.info()?.stream_sequence >= last {
+            break;
+        }
+    }
+    Ok(read)
+}

@@ -17,6 +17,7 @@ use async_nats::jetstream::{self, kv, stream::Stream};
 use chrono::Utc;
 use futures::StreamExt;
 use serde::Serialize;
+use taskpods_events::codec::HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use taskpods_events::{Names, TaskId};
 
 use crate::buckets::{self, BucketError, BucketSettings, Pointer, ViewBuckets};
@@ -39,6 +40,16 @@ pub enum RebuildError {
     /// Another rebuild switched the pointer first; this one's generation was left unused.
     #[error("another rebuild switched to generation {0} first; nothing was switched")]
     Raced(u32),
+    /// A write into the new generation was refused or never acknowledged (a key already there: a
+    /// half-built generation or another rebuild writing the same one). Nothing was switched.
+    #[error("writing the new generation: {reason}; nothing was switched")]
+    Refused {
+        /// The server's answer, or what did not come.
+        reason: String,
+    },
+    /// A fold or write task of the rebuild panicked or was cancelled.
+    #[error("a rebuild task failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
 }
 
 /// What a fold of the whole stream found.
@@ -78,86 +89,177 @@ pub enum Phase {
     Compare,
 }
 
-/// Folds the event stream up to `upto` (inclusive) in memory.
-pub async fn fold_stream(
-    events: &Stream,
-    names: &Names,
-    upto: u64,
-    mut progress: impl FnMut(Progress),
-) -> Result<FoldedStream, RebuildError> {
-    let mut out = FoldedStream::default();
-    if upto == 0 {
-        return Ok(out);
-    }
-    let mut messages = log::ordered(events, names, None, log::Start::First)
-        .await
-        .map_err(|e| RebuildError::Stream(e.into()))?;
-    let mut seen = 0u64;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| RebuildError::Stream(e.into()))?;
-        let Ok(info) = m.info() else { continue };
-        let seq = info.stream_sequence;
-        if seq > upto {
-            break;
+impl FoldedStream {
+    /// Joins the folds of disjoint sets of tasks (the partitions of one fold) into one.
+    pub fn merge(parts: Vec<FoldedStream>) -> Self {
+        let mut out = FoldedStream {
+            tasks: HashMap::with_capacity(parts.iter().map(|p| p.tasks.len()).sum()),
+            ..FoldedStream::default()
+        };
+        for part in parts {
+            out.tasks.extend(part.tasks);
+            out.events += part.events;
+            out.unknown += part.unknown;
+            out.undecodable.extend(part.undecodable);
+            out.last_seq = out.last_seq.max(part.last_seq);
         }
-        seen += 1;
-        out.last_seq = seq;
+        out.undecodable.sort_by_key(error_seq);
+        out
+    }
+
+    fn fold(&mut self, names: &Names, seq: u64, stored_at: i128, m: &jetstream::Message) {
+        self.last_seq = self.last_seq.max(seq);
         match log::decode(
             names,
             m.subject.as_str(),
             seq,
             m.headers.as_ref(),
             &m.payload,
-            log::to_chrono(info.published.unix_timestamp_nanos()),
+            log::to_chrono(stored_at),
         ) {
             Ok(e) => {
-                out.events += 1;
+                self.events += 1;
                 if e.is_unknown() {
-                    out.unknown += 1;
+                    self.unknown += 1;
                 }
-                out.tasks
+                self.tasks
                     .entry(e.task())
                     .or_insert_with(|| Folded::new(e.task()))
                     .apply(&e);
             }
-            Err(e) => out.undecodable.push(e),
-        }
-        if seen.is_multiple_of(4096) {
-            progress(Progress {
-                phase: Phase::Fold,
-                done: seq,
-                total: upto,
-            });
-        }
-        if seq >= upto {
-            break;
+            Err(e) => self.undecodable.push(e),
         }
     }
+}
+
+/// The stream sequence a decode error is about (errors are listed in stream order).
+fn error_seq(e: &LogError) -> u64 {
+    match e {
+        LogError::Foreign { seq, .. }
+        | LogError::Undecodable { seq, .. }
+        | LogError::WrongTask { seq, .. } => *seq,
+        LogError::Read { .. } => u64::MAX,
+    }
+}
+
+/// The number of partitions a fold is split into by default: one per core.
+pub fn default_partitions() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Folds the event stream up to `upto` (inclusive) in memory, split across [`default_partitions`].
+pub async fn fold_stream(
+    events: &Stream,
+    names: &Names,
+    upto: u64,
+    progress: impl FnMut(Progress),
+) -> Result<FoldedStream, RebuildError> {
+    let parts = fold_partitioned(events, names, upto, default_partitions(), progress).await?;
+    Ok(FoldedStream::merge(parts))
+}
+
+/// Messages handed from the reader to a partition at once (one channel send per batch, not per event).
+const FOLD_BATCH: usize = 256;
+
+/// Folds the event stream up to `upto` (inclusive) in memory, the tasks split into `partitions` by
+/// their subject, each partition decoded and folded on its own task (so on its own core): one ordered
+/// consumer reads, and hands each message to the partition of its task; a task's events all go to one
+/// partition, in stream order, so each partition's fold is exactly the serial fold of its tasks.
+/// Returns the partitions' folds (disjoint sets of tasks); [`FoldedStream::merge`] joins them.
+pub async fn fold_partitioned(
+    events: &Stream,
+    names: &Names,
+    upto: u64,
+    partitions: usize,
+    mut progress: impl FnMut(Progress),
+) -> Result<Vec<FoldedStream>, RebuildError> {
+    let partitions = partitions.max(1);
+    if upto == 0 {
+        return Ok(vec![FoldedStream::default()]);
+    }
+    let mut messages = log::ordered(events, names, None, log::Start::First)
+        .await
+        .map_err(|e| RebuildError::Stream(e.into()))?;
+    type Batch = Vec<(u64, i128, jetstream::Message)>;
+    let mut senders = Vec::with_capacity(partitions);
+    let mut workers = Vec::with_capacity(partitions);
+    for _ in 0..partitions {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(16);
+        let names = names.clone();
+        senders.push(tx);
+        workers.push(tokio::spawn(async move {
+            let mut out = FoldedStream::default();
+            while let Some(batch) = rx.recv().await {
+                for (seq, stored_at, m) in &batch {
+                    out.fold(&names, *seq, *stored_at, m);
+                }
+            }
+            out
+        }));
+    }
+    let mut batches: Vec<Batch> = (0..partitions)
+        .map(|_| Vec::with_capacity(FOLD_BATCH))
+        .collect();
+    let mut seen = 0u64;
+    let read = async {
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| RebuildError::Stream(e.into()))?;
+            let Ok(info) = m.info() else { continue };
+            let (seq, stored_at) = (info.stream_sequence, info.published.unix_timestamp_nanos());
+            if seq > upto {
+                break;
+            }
+            seen += 1;
+            // A task's subject ends in its id, whose last character is spread evenly: every event of
+            // a task goes to the same partition.
+            let slot = usize::from(m.subject.as_bytes().last().copied().unwrap_or(0)) % partitions;
+            batches[slot].push((seq, stored_at, m));
+            if batches[slot].len() >= FOLD_BATCH {
+                let batch = std::mem::replace(&mut batches[slot], Vec::with_capacity(FOLD_BATCH));
+                if senders[slot].send(batch).await.is_err() {
+                    break;
+                }
+            }
+            if seen.is_multiple_of(4096) {
+                progress(Progress {
+                    phase: Phase::Fold,
+                    done: seq,
+                    total: upto,
+                });
+            }
+            if seq >= upto {
+                break;
+            }
+        }
+        for (sender, batch) in senders.iter().zip(batches) {
+            if !batch.is_empty() {
+                let _ = sender.send(batch).await;
+            }
+        }
+        Ok::<_, RebuildError>(())
+    };
+    let read = read.await;
+    drop(senders);
+    let mut parts = Vec::with_capacity(partitions);
+    for worker in workers {
+        parts.push(worker.await.map_err(RebuildError::Worker)?);
+    }
+    read?;
     progress(Progress {
         phase: Phase::Fold,
         done: upto,
         total: upto,
     });
-    Ok(out)
+    Ok(parts)
 }
 
 /// How a rebuild runs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RebuildConfig {
     /// The projector settings used for the catch-up (names, bucket settings, batch sizes).
     pub projector: ProjectorConfig,
-    /// Writes awaiting their acks at once while writing the new generation (they are pipelined on one
-    /// connection; see `write_generation`).
-    pub write_concurrency: usize,
-}
-
-impl Default for RebuildConfig {
-    fn default() -> Self {
-        Self {
-            projector: ProjectorConfig::default(),
-            write_concurrency: 4096,
-        }
-    }
+    /// Partitions the fold and the writes are split into (tasks by subject; 0: one per core).
+    pub partitions: usize,
 }
 
 /// What a rebuild did.
@@ -201,16 +303,14 @@ pub async fn rebuild(
     let started = Instant::now();
     let names = &config.projector.names;
     let settings = config.projector.buckets;
+    let partitions = match config.partitions {
+        0 => default_partitions(),
+        n => n,
+    };
     let meta = buckets::ensure_bucket(js, &buckets::meta_bucket(names), settings).await?;
     let (pointer, pointer_rev) = buckets::read_pointer(&meta).await?;
     let from = pointer.generation;
     let generation = from + 1;
-
-    // Generations older than the current one are unused; so is a half-built one from a failed run.
-    for old in 1..from {
-        delete_generation(js, names, old).await?;
-    }
-    delete_generation(js, names, generation).await?;
 
     let mut events = js
         .get_stream(names.event_stream())
@@ -222,19 +322,26 @@ pub async fn rebuild(
         .map_err(|e| RebuildError::Stream(e.into()))?
         .state
         .last_sequence;
-    let folded = fold_stream(&events, names, upto, &mut progress).await?;
-    let fold_secs = started.elapsed().as_secs_f64();
+    // Preparing the new generation's buckets is only waiting on the server: it runs while the stream
+    // is folded. Generations older than the current one are unused; so is a half-built one from a
+    // failed run.
+    let prepare = async {
+        for old in 1..from {
+            delete_generation(js, names, old).await?;
+        }
+        delete_generation(js, names, generation).await?;
+        Ok::<_, RebuildError>(ViewBuckets::open(js, names, generation, settings, true).await?)
+    };
+    let fold = async {
+        let parts = fold_partitioned(&events, names, upto, partitions, &mut progress).await?;
+        Ok::<_, RebuildError>((parts, started.elapsed().as_secs_f64()))
+    };
+    let (target, folded) = tokio::join!(prepare, fold);
+    let (parts, fold_secs) = folded?;
+    let target = target?;
 
-    let target = ViewBuckets::open(js, names, generation, settings, true).await?;
     let write_started = Instant::now();
-    write_generation(
-        js,
-        &target,
-        &folded,
-        config.write_concurrency,
-        &mut progress,
-    )
-    .await?;
+    let written = write_generation(js, &target, parts, &mut progress).await?;
     let write_secs = write_started.elapsed().as_secs_f64();
 
     let stats = ProjectorStats::default();
@@ -268,10 +375,10 @@ pub async fn rebuild(
     Ok(RebuildSummary {
         from_generation: from,
         generation,
-        events: folded.events,
-        tasks: folded.tasks.len() as u64,
-        unknown: folded.unknown,
-        undecodable: folded.undecodable.len() as u64,
+        events: written.events,
+        tasks: written.tasks,
+        unknown: written.unknown,
+        undecodable: written.undecodable,
         caught_up: stats.seen(),
         fold_secs,
         write_secs,
@@ -305,107 +412,223 @@ pub async fn delete_generation(
     Ok(())
 }
 
-/// Writes the folded views into the (empty, unread) buckets of the new generation, every write
-/// pipelined: nobody reads a generation before the pointer names it, so there is no order to keep
-/// between a task's buckets and no reason to wait for one write before sending the next. `window`
-/// writes are awaiting their acks at any time. Writes are create-only, so a half-built generation left
-/// by a failed run is refused rather than silently mixed (rebuild deletes it first).
-async fn write_generation(
+/// What [`write_generation`] wrote, from the folds it was given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Events folded.
+    pub events: u64,
+    /// Tasks written.
+    pub tasks: u64,
+    /// Events of unknown kinds skipped.
+    pub unknown: u64,
+    /// Messages that were not events.
+    pub undecodable: u64,
+}
+
+/// Writes awaiting their acknowledgements at once, per writing task.
+const WRITE_WINDOW: usize = 4096;
+
+/// How long a write's acknowledgement may take before the rebuild gives up (as the client's own).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes the folded views (one fold per partition, disjoint tasks) into the empty, unread buckets of
+/// a new generation.
+///
+/// Nobody reads a generation before the pointer names it, so no write waits for another: each
+/// partition's views are encoded and sent from their own task, [`WRITE_WINDOW`] at a time. Every
+/// write is still acknowledged and checked, but the acknowledgements of one task all come to one
+/// reply subject and are counted there (a JetStream publish through the client would create a reply
+/// subject, a reply slot and a decoded acknowledgement per write). Writes are create-only, so a
+/// half-built generation left by a failed run, or a concurrent writer, is refused rather than mixed
+/// in. The finished index is written from one task in the order tasks ended, so its stream lists them
+/// in that order.
+pub async fn write_generation(
     js: &jetstream::Context,
     target: &ViewBuckets,
-    folded: &FoldedStream,
-    window: usize,
+    mut parts: Vec<FoldedStream>,
     progress: &mut impl FnMut(Progress),
-) -> Result<(), RebuildError> {
-    let total = folded.tasks.len() as u64;
-    let mut writes = Pipeline::new(js, window);
-    for (done, f) in folded.tasks.values().enumerate() {
-        let key = f.view.task.to_string();
-        writes.create(&target.history, &key, &f.history).await?;
-        if let Some(active) = f.active() {
-            writes.create(&target.active, &key, &active).await?;
-        }
-        writes.create(&target.tasks, &key, &f.view).await?;
-        if (done as u64 + 1).is_multiple_of(1024) {
-            progress(Progress {
-                phase: Phase::Write,
-                done: done as u64 + 1,
-                total,
-            });
-        }
+) -> Result<Written, RebuildError> {
+    let mut written = Written::default();
+    let mut finished: Vec<FinishedView> = Vec::new();
+    for part in &mut parts {
+        written.events += part.events;
+        written.unknown += part.unknown;
+        written.undecodable += part.undecodable.len() as u64;
+        written.tasks += part.tasks.len() as u64;
+        finished.extend(part.tasks.values_mut().filter_map(|f| f.finished.take()));
     }
-    // The finished index in the order tasks ended: one connection keeps the publishes in that order.
-    let mut finished: Vec<&FinishedView> = folded
-        .tasks
-        .values()
-        .filter_map(|f| f.finished.as_ref())
-        .collect();
     finished.sort_by_key(|f| f.seq);
-    for f in finished {
-        writes
-            .create(&target.finished, &f.task.to_string(), f)
-            .await?;
+    let total = written.tasks;
+    let subjects = Subjects::of(target);
+    let client = js.client();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut senders = tokio::task::JoinSet::new();
+    for part in parts {
+        let (client, subjects, done) = (client.clone(), subjects.clone(), done.clone());
+        senders.spawn(async move {
+            let mut out = Sender::new(client).await?;
+            for f in part.tasks.values() {
+                out.views(&subjects, f).await?;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            out.finish().await
+        });
     }
-    writes.finish().await?;
+    senders.spawn(async move {
+        let mut out = Sender::new(client).await?;
+        for f in &finished {
+            out.send(&subjects.finished, f.task, f).await?;
+        }
+        out.finish().await
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            joined = senders.join_next() => match joined {
+                Some(result) => result.map_err(RebuildError::Worker)??,
+                None => break,
+            },
+            _ = tick.tick() => progress(Progress {
+                phase: Phase::Write,
+                done: done.load(std::sync::atomic::Ordering::Relaxed),
+                total,
+            }),
+        }
+    }
     progress(Progress {
         phase: Phase::Write,
         done: total,
         total,
     });
-    Ok(())
+    Ok(written)
 }
 
-/// Create-only KV writes with up to `window` acks outstanding.
-struct Pipeline<'a> {
-    js: &'a jetstream::Context,
-    window: usize,
-    acks: std::collections::VecDeque<(String, jetstream::context::PublishAckFuture)>,
+/// The subject prefixes of a generation's buckets (`$KV.<bucket>.`).
+#[derive(Clone, Debug)]
+struct Subjects {
+    tasks: String,
+    history: String,
+    active: String,
+    finished: String,
 }
 
-impl<'a> Pipeline<'a> {
-    fn new(js: &'a jetstream::Context, window: usize) -> Self {
+impl Subjects {
+    fn of(target: &ViewBuckets) -> Self {
+        let prefix = |b: &kv::Store| format!("$KV.{}.", b.name);
         Self {
-            js,
-            window: window.max(1),
-            acks: std::collections::VecDeque::new(),
+            tasks: prefix(&target.tasks),
+            history: prefix(&target.history),
+            active: prefix(&target.active),
+            finished: prefix(&target.finished),
         }
     }
+}
 
-    /// Sends a create of `key` in `bucket` (failing if the key exists), waiting for the oldest ack
-    /// first when the window is full.
-    async fn create<T: Serialize>(
+/// Sends create-only writes on one connection, encoding into one reused buffer, with their
+/// acknowledgements coming to one reply subject of its own.
+struct Sender {
+    client: async_nats::Client,
+    buffer: bytes::BytesMut,
+    create_only: HeaderMap,
+    reply: async_nats::Subject,
+    acks: async_nats::Subscriber,
+    /// Writes sent whose acknowledgement has not come yet.
+    outstanding: usize,
+}
+
+impl Sender {
+    async fn new(client: async_nats::Client) -> Result<Self, RebuildError> {
+        let mut create_only = HeaderMap::new();
+        create_only.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let reply = async_nats::Subject::from(client.new_inbox());
+        let acks = client
+            .subscribe(reply.clone())
+            .await
+            .map_err(|e| BucketError::js("subscribe", reply.as_str(), e))?;
+        Ok(Self {
+            client,
+            buffer: bytes::BytesMut::with_capacity(64 * 1024),
+            create_only,
+            reply,
+            acks,
+            outstanding: 0,
+        })
+    }
+
+    /// One task's views: history, the active entry while live, then the task view.
+    async fn views(&mut self, subjects: &Subjects, f: &Folded) -> Result<(), RebuildError> {
+        self.send(&subjects.history, f.view.task, &f.history)
+            .await?;
+        if let Some(active) = f.active() {
+            self.send(&subjects.active, f.view.task, &active).await?;
+        }
+        self.send(&subjects.tasks, f.view.task, &f.view).await
+    }
+
+    /// A create of `task`'s key under `prefix`; waits for the oldest acknowledgements first when
+    /// the window is full.
+    async fn send<T: Serialize>(
         &mut self,
-        bucket: &kv::Store,
-        key: &str,
+        prefix: &str,
+        task: TaskId,
         value: &T,
     ) -> Result<(), RebuildError> {
-        if self.acks.len() >= self.window {
-            self.next().await?;
+        while self.outstanding >= WRITE_WINDOW {
+            self.ack().await?;
         }
-        let bytes = view::encode(value).map_err(|e| unencodable(key, e))?;
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-        let name = format!("{}/{key}", bucket.name);
-        let ack = self
-            .js
-            .publish_with_headers(format!("$KV.{}.{key}", bucket.name), headers, bytes)
+        self.buffer.clear();
+        if self.buffer.capacity() < 4096 {
+            self.buffer.reserve(64 * 1024);
+        }
+        serde_json::to_writer(bytes::BufMut::writer(&mut self.buffer), value)
+            .map_err(|e| unencodable(&task.to_string(), e))?;
+        let bytes = self.buffer.split().freeze();
+        let subject = format!("{prefix}{task}");
+        self.client
+            .publish_with_reply_and_headers(
+                subject.clone(),
+                self.reply.clone(),
+                self.create_only.clone(),
+                bytes,
+            )
             .await
-            .map_err(|e| BucketError::js("write", &name, e))?;
-        self.acks.push_back((name, ack));
+            .map_err(|e| BucketError::js("write", subject, e))?;
+        self.outstanding += 1;
         Ok(())
     }
 
-    async fn next(&mut self) -> Result<(), RebuildError> {
-        if let Some((name, ack)) = self.acks.pop_front() {
-            ack.await.map_err(|e| BucketError::js("write", name, e))?;
+    /// Takes one acknowledgement; a refusal (the key existed, the bucket is gone) is the error.
+    async fn ack(&mut self) -> Result<(), RebuildError> {
+        let reply = tokio::time::timeout(ACK_TIMEOUT, self.acks.next())
+            .await
+            .map_err(|_| RebuildError::Refused {
+                reason: format!(
+                    "no acknowledgement for {ACK_TIMEOUT:?} ({} writes outstanding)",
+                    self.outstanding
+                ),
+            })?
+            .ok_or_else(|| RebuildError::Refused {
+                reason: "the connection closed before every write was acknowledged".into(),
+            })?;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if let Some(status) = reply.status {
+            return Err(RebuildError::Refused {
+                reason: format!("status {status}: the bucket's stream does not answer"),
+            });
+        }
+        // `{"stream":..,"seq":..}` when stored, `{"error":{..},..}` when refused.
+        if reply.payload.windows(7).any(|w| w == b"\"error\"") {
+            return Err(RebuildError::Refused {
+                reason: String::from_utf8_lossy(&reply.payload).into_owned(),
+            });
         }
         Ok(())
     }
 
-    /// Waits for every outstanding ack.
+    /// Waits for every outstanding acknowledgement.
     async fn finish(mut self) -> Result<(), RebuildError> {
-        while !self.acks.is_empty() {
-            self.next().await?;
+        while self.outstanding > 0 {
+            self.ack().await?;
         }
         Ok(())
     }
