@@ -3,6 +3,10 @@
 //! Prints, from one run on one server: the raw rate of reading the event stream with an ordered consumer,
 //! the projector's throughput folding the same stream from sequence 1, the rebuild rate, and the
 //! projection lag (p50/p99) at steady offered loads, with the ratios to the raw read and a summary line.
+//! After the projector it prints design bounds: the same server operations with no projector logic (a
+//! durable consumer read with an ack per event; the guarded KV writes the projector must make for this
+//! stream, pipelined: one write per bucket per event, one per bucket per task, and one write per event
+//! into a single value per task, the layout not taken).
 //! Sizes: `BENCH_TASKS` (default 20000 tasks, about six events each), `BENCH_RATES` (events/s offered in
 //! the lag runs, default `1000,3000,7000`; 7000 is about 1,000 lifecycles/s), `BENCH_LAG_SECS` (default 5).
 
@@ -18,9 +22,11 @@ use futures::StreamExt;
 use taskpods_events::{Names, TaskId};
 use taskpods_harness::NatsServer;
 use taskpods_harness::measure::{self, Latencies};
+use taskpods_projections::buckets::ensure_bucket;
 use taskpods_projections::generate::{self, Rng};
 use taskpods_projections::rebuild::{self, RebuildConfig};
-use taskpods_projections::{ProjectorConfig, ProjectorStats, TaskView, Views, projector};
+use taskpods_projections::view::encode;
+use taskpods_projections::{Folded, ProjectorConfig, ProjectorStats, TaskView, Views, projector};
 use tokio_util::sync::CancellationToken;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -133,6 +139,39 @@ async fn main() {
         stats.conflicts.load(std::sync::atomic::Ordering::Relaxed)
     );
 
+    // Design bounds: the server operations the projector needs for this stream, with no projector logic.
+    let (acked, ack_secs) = durable_read_and_ack(&stream, last, 512).await;
+    let read_ack = acked as f64 / ack_secs;
+    println!(
+        "bound: durable read + ack per event: {acked:>9} events in {ack_secs:>6.2} s = {read_ack:>9.0} events/s ({:.2}x raw)",
+        read_ack / raw
+    );
+    let mut bounds = Vec::new();
+    for (shape, what) in [
+        (Writes::PerEvent, "one write per bucket per event"),
+        (Writes::PerTask, "one write per bucket per task"),
+        (
+            Writes::OneValuePerEvent,
+            "one value per task (view + history), one write per event",
+        ),
+    ] {
+        let writes = projector_writes(&stream, &names, last, shape).await;
+        let secs = guarded_writes(&js, &writes, 4096, &format!("{shape:?}").to_lowercase()).await;
+        // The writes alone, and after the read and acks (one after the other, as a batch must: its
+        // events are acked only once written).
+        let alone = n / secs;
+        let bound = n / (ack_secs + secs);
+        println!(
+            "bound: guarded KV writes, {what}: {:>7} writes ({:.2} per event) in {secs:>6.2} s = {:>7.0} writes/s; alone {alone:>7.0} events/s ({:.2}x raw), with read + ack {bound:>7.0} events/s ({:.2}x raw)",
+            writes.len(),
+            writes.len() as f64 / n,
+            writes.len() as f64 / secs,
+            alone / raw,
+            bound / raw
+        );
+        bounds.push(bound / raw);
+    }
+
     // Rebuild into a fresh generation.
     let started = Instant::now();
     let summary = rebuild::rebuild(&js, &RebuildConfig::default(), |_| {})
@@ -178,8 +217,11 @@ async fn main() {
     stop.cancel();
     let _ = running.await;
     println!(
-        "summary: projector {projector_rate:.0} ev/s = {:.2}x raw (goal >= 0.3) · rebuild {rebuild_rate:.0} ev/s = {:.2}x raw (goal >= 0.5) · raw read {raw:.0} ev/s · worst lag p99 {worst_p99:.1} ms (goal <= 50 ms at ~7k ev/s)",
+        "summary: projector {projector_rate:.0} ev/s = {:.2}x raw (goal >= 0.3; bounds {:.2}x per event, {:.2}x per task, {:.2}x one value per task) · rebuild {rebuild_rate:.0} ev/s = {:.2}x raw (goal >= 0.5) · raw read {raw:.0} ev/s · worst lag p99 {worst_p99:.1} ms (goal <= 50 ms at ~7k ev/s)",
         projector_rate / raw,
+        bounds[0],
+        bounds[1],
+        bounds[2],
         rebuild_rate / raw,
     );
 }
@@ -262,4 +304,196 @@ async fn lag_at(
     }
     let observed = lags.len();
     (achieved, lags, observed, published.len())
+}
+
+/// Design bound, reading: the projector's durable consumer with nothing done per message but the ack
+/// (pull requests of the projector's batch size, every message acked on its own as the projector does).
+/// Returns the events read and the seconds taken.
+async fn durable_read_and_ack(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+    batch: usize,
+) -> (u64, f64) {
+    let name = "bench_bound_read_ack";
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 65_536,
+            ..Default::default()
+        })
+        .await
+        .expect("bound consumer");
+    let started = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .messages()
+        .await
+        .expect("messages");
+    let mut read = 0u64;
+    while let Some(m) = messages.next().await {
+        let m = m.expect("message");
+        read += 1;
+        let seq = m.info().expect("info").stream_sequence;
+        m.ack().await.expect("ack");
+        if seq >= last {
+            break;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(messages);
+    let _ = stream.delete_consumer(name).await;
+    (read, secs)
+}
+
+/// One KV write of a design bound: bucket (index into the scratch buckets), key, value (`None`: delete).
+type BoundWrite = (usize, String, Option<bytes::Bytes>);
+
+/// Which writes a design bound makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Writes {
+    /// One write per bucket per event, as batches holding one event per task need (history unless
+    /// unchanged, active put or delete marker, finished once, task view): the projector on this stream.
+    PerEvent,
+    /// The whole stream folded at once: one write per bucket per task, the fewest the layout allows.
+    PerTask,
+    /// The layout not taken: history and active in the task's one value (the finished index stays), one
+    /// write per event.
+    OneValuePerEvent,
+}
+
+/// The KV writes the projector must make for the stream in the given `shape`, its events folded per task
+/// with the real fold before any timing.
+async fn projector_writes(
+    stream: &jetstream::stream::Stream,
+    names: &Names,
+    last: u64,
+    shape: Writes,
+) -> Vec<BoundWrite> {
+    let mut ordered = taskpods_projections::log::ordered(
+        stream,
+        names,
+        None,
+        taskpods_projections::log::Start::First,
+    )
+    .await
+    .expect("ordered");
+    let mut folded: HashMap<TaskId, Folded> = HashMap::new();
+    let mut writes = Vec::new();
+    while let Some(m) = ordered.next().await {
+        let m = m.expect("message");
+        let e = taskpods_projections::log::decode_message(names, &m).expect("decode");
+        let f = folded
+            .entry(e.task())
+            .or_insert_with(|| Folded::new(e.task()));
+        let history_seq = f.history.seq;
+        let had_finished = f.finished.is_some();
+        f.apply(&e);
+        let key = e.task().to_string();
+        if shape == Writes::OneValuePerEvent {
+            if let (false, Some(done)) = (had_finished, &f.finished) {
+                writes.push((3, key.clone(), Some(encode(done).expect("encode"))));
+            }
+            let value = encode(&(&f.view, &f.history)).expect("encode");
+            writes.push((0, key, Some(value)));
+        } else if shape == Writes::PerEvent {
+            if f.history.seq > history_seq {
+                writes.push((1, key.clone(), Some(encode(&f.history).expect("encode"))));
+            }
+            match f.active() {
+                Some(a) => writes.push((2, key.clone(), Some(encode(&a).expect("encode")))),
+                None if !had_finished && f.finished.is_some() => {
+                    writes.push((2, key.clone(), None))
+                }
+                None => {}
+            }
+            if let (false, Some(done)) = (had_finished, &f.finished) {
+                writes.push((3, key.clone(), Some(encode(done).expect("encode"))));
+            }
+            writes.push((0, key, Some(encode(&f.view).expect("encode"))));
+        }
+        if e.sequence >= last {
+            break;
+        }
+    }
+    if shape == Writes::PerTask {
+        for f in folded.values() {
+            let key = f.view.task.to_string();
+            writes.push((1, key.clone(), Some(encode(&f.history).expect("encode"))));
+            match f.active() {
+                Some(a) => writes.push((2, key.clone(), Some(encode(&a).expect("encode")))),
+                None if f.finished.is_some() => writes.push((2, key.clone(), None)),
+                None => {}
+            }
+            if let Some(done) = &f.finished {
+                writes.push((3, key.clone(), Some(encode(done).expect("encode"))));
+            }
+            writes.push((0, key, Some(encode(&f.view).expect("encode"))));
+        }
+    }
+    writes
+}
+
+/// Sends `writes` in order into four scratch buckets shaped like the views', each guarded by the key's
+/// current revision as the projector's are (`Nats-Expected-Last-Subject-Sequence`), up to `window` acks
+/// outstanding (a key's next write waits for its previous ack, which gives the revision). Returns the
+/// seconds taken.
+async fn guarded_writes(
+    js: &jetstream::Context,
+    writes: &[BoundWrite],
+    window: usize,
+    tag: &str,
+) -> f64 {
+    let buckets: Vec<String> = ["tasks", "history", "active", "finished"]
+        .iter()
+        .map(|b| format!("bench_bound_{tag}_{b}"))
+        .collect();
+    for b in &buckets {
+        ensure_bucket(js, b, Default::default())
+            .await
+            .expect("bound bucket");
+    }
+    let started = Instant::now();
+    let mut revisions: HashMap<(usize, &str), u64> = HashMap::new();
+    let mut in_flight: std::collections::HashSet<(usize, &str)> = Default::default();
+    let mut acks: std::collections::VecDeque<(
+        (usize, &str),
+        jetstream::context::PublishAckFuture,
+    )> = Default::default();
+    for (bucket, key, value) in writes {
+        let k = (*bucket, key.as_str());
+        while in_flight.contains(&k) || acks.len() >= window {
+            let (done, ack) = acks.pop_front().expect("an ack in flight");
+            revisions.insert(done, ack.await.expect("guarded write").sequence);
+            in_flight.remove(&done);
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        let expected = revisions.get(&k).copied().unwrap_or(0);
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        if value.is_none() {
+            headers.insert("KV-Operation", "DEL");
+        }
+        let ack = js
+            .publish_with_headers(
+                format!("$KV.{}.{key}", buckets[*bucket]),
+                headers,
+                value.clone().unwrap_or_default(),
+            )
+            .await
+            .expect("send");
+        in_flight.insert(k);
+        acks.push_back((k, ack));
+    }
+    while let Some((done, ack)) = acks.pop_front() {
+        revisions.insert(done, ack.await.expect("guarded write").sequence);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for b in &buckets {
+        let _ = js.delete_stream(format!("KV_{b}")).await;
+    }
+    secs
 }
