@@ -1,9 +1,9 @@
 //! What the engine holds in memory per task, loop by loop.
 //!
-//! Each loop keeps some state per task while something can still happen to it: the intake's cached
-//! folded state and progress allowance, the gateway's live, running and recently ended tasks, the timers'
-//! deadlines, the executor's held state and queued turns, the no-op backend's sandboxes, the projector's
-//! cached views. Once a task has ended and its sandbox is gone, none of them keeps anything for it, so
+//! Each loop keeps some state per task while something can still happen to it: the event store's latest
+//! state of each live task (shared by every loop), the intake's progress allowance, the gateway's live,
+//! running and recently ended tasks, the timers' deadlines, the executor's held state and queued turns,
+//! the no-op backend's sandboxes, the projector's cached views. Once a task has ended and its sandbox is gone, none of them keeps anything for it, so
 //! the engine's memory does not grow with the tasks it has finished (`benches/README.md`, the `memory`
 //! bench). The loops keep a [`HeldGauges`] current (shared through [`crate::context::EngineCtx`]);
 //! [`crate::server::Engine::held_tasks`] reads it as a [`HeldTasks`] snapshot, which the tests check
@@ -40,8 +40,6 @@ impl Gauge {
 /// The gauges of one engine's per-task structures.
 #[derive(Debug, Default)]
 pub struct HeldGauges {
-    /// Tasks whose folded state an intake worker caches.
-    pub intake_cached: Gauge,
     /// Tasks with a progress allowance (token bucket) in an intake worker.
     pub intake_progress: Gauge,
     /// Tasks the gateway knows to be live.
@@ -66,10 +64,11 @@ pub struct HeldGauges {
 }
 
 impl HeldGauges {
-    /// The counts now, with the projector's (which lives outside the engine crate and counts itself).
-    pub fn snapshot(&self, projector_cached: u64) -> HeldTasks {
+    /// The counts now, with the event store's held latest states (which the store counts itself) and
+    /// the projector's (which lives outside the engine crate and counts itself).
+    pub fn snapshot(&self, store_latest: u64, projector_cached: u64) -> HeldTasks {
         HeldTasks {
-            intake_cached: self.intake_cached.get(),
+            store_latest,
             intake_progress: self.intake_progress.get(),
             gateway_live: self.gateway_live.get(),
             gateway_running: self.gateway_running.get(),
@@ -90,7 +89,9 @@ impl HeldGauges {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct HeldTasks {
-    pub intake_cached: u64,
+    /// Tasks whose latest state the event store holds ([`crate::store::LatestStates`]): the one copy of a
+    /// live task's folded state that the intake, gateway and timers start from.
+    pub store_latest: u64,
     pub intake_progress: u64,
     pub gateway_live: u64,
     pub gateway_running: u64,
@@ -108,7 +109,7 @@ pub struct HeldTasks {
 impl HeldTasks {
     /// Entries over every structure.
     pub fn total(&self) -> u64 {
-        self.intake_cached
+        self.store_latest
             + self.intake_progress
             + self.gateway_live
             + self.gateway_running

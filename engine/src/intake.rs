@@ -69,12 +69,12 @@ pub struct IntakeConfig {
     pub max_payload_bytes: usize,
     /// The limits launches are validated against.
     pub policy: LaunchPolicy,
-    /// Tasks whose latest state each worker keeps in memory, to skip a load per command. A task is
-    /// forgotten as soon as a command ends it.
+    /// Tasks whose progress allowance each worker keeps at most (past it they are all forgotten, which
+    /// only forgives). A task's allowance is forgotten as soon as a command ends it.
     pub cache_per_worker: usize,
-    /// How long a worker keeps its tasks' states once no command reaches it: a quiet worker forgets
-    /// them all. Tasks that other loops end (a timeout, a cancelled sandbox gone, an agent lost) are
-    /// never seen ending here, and this is what lets their states go.
+    /// How long a worker keeps its tasks' progress allowances once no command reaches it: a quiet worker
+    /// forgets them all. Tasks that other loops end (a timeout, a cancelled sandbox gone, an agent lost)
+    /// are never seen ending here, and this is what lets their allowances go.
     pub cache_idle: Duration,
     /// Deliveries of one command at most; a command still not handled at the last one (transient
     /// failures, or a crash while handling it) is dead-lettered as `exhausted`, never redelivered forever.
@@ -557,19 +557,21 @@ fn change<R>(
     edit: impl FnOnce(&mut WorkerState) -> R,
 ) -> R {
     let mut state = lock(local);
-    let (cached, progress) = (state.cache.len(), state.progress.len());
+    let progress = state.progress.len();
     let out = edit(&mut state);
-    let held = &shared.ctx.held;
-    held.intake_cached.moved(cached, state.cache.len());
-    held.intake_progress.moved(progress, state.progress.len());
+    shared
+        .ctx
+        .held
+        .intake_progress
+        .moved(progress, state.progress.len());
     out
 }
 
 /// What one worker keeps between commands (its tasks only: a task always maps to the same worker).
+/// Not the tasks' states: the event store holds each live task's latest state for every loop
+/// ([`crate::store::LatestStates`]), and a second copy here cost as much memory again per live task.
 #[derive(Debug, Default)]
 struct WorkerState {
-    /// Tasks' latest state, to skip a load per command.
-    cache: HashMap<TaskId, LoadedTask>,
     /// Each task's progress allowance.
     progress: HashMap<TaskId, ProgressBucket>,
 }
@@ -584,24 +586,15 @@ struct ProgressBucket {
 impl WorkerState {
     /// Whether the worker holds nothing.
     fn is_empty(&self) -> bool {
-        self.cache.is_empty() && self.progress.is_empty()
+        self.progress.is_empty()
     }
 
-    /// Keeps `loaded` as `task`'s latest state, or forgets the task once it has ended: commands for a
-    /// finished task are rare (a late result, a repeated cancel or launch) and cost one load, while
-    /// keeping it would cost memory per finished task.
-    fn keep(&mut self, task: TaskId, loaded: LoadedTask, max: usize) {
+    /// Forgets `task` once a command left it ended (`loaded`): a late report for it is refused anyway,
+    /// and keeping its allowance would cost memory per finished task.
+    fn saw(&mut self, task: TaskId, loaded: &LoadedTask) {
         if loaded.task.state.is_terminal() {
-            self.forget(task);
-        } else {
-            remember(&mut self.cache, task, loaded, max);
+            self.progress.remove(&task);
         }
-    }
-
-    /// Forgets `task`.
-    fn forget(&mut self, task: TaskId) {
-        self.cache.remove(&task);
-        self.progress.remove(&task);
     }
 
     /// Takes one progress token for `task`; false when the task is over its rate.
@@ -611,7 +604,7 @@ impl WorkerState {
         if self.progress.len() >= config.cache_per_worker.max(1)
             && !self.progress.contains_key(&task)
         {
-            // Bounded like the cache; a forgotten bucket starts full again, which only forgives.
+            // Bounded: a forgotten bucket starts full again, which only forgives.
             self.progress.clear();
         }
         let bucket = self.progress.entry(task).or_insert(ProgressBucket {
@@ -773,23 +766,17 @@ async fn apply(
         _ => tracing::Span::none(),
     };
     // A launch is almost always for a new task: append with expected sequence 0 straight away and let a
-    // conflict (the task exists) trigger the load. Saves a round trip on the hot path.
-    let cached = lock(local)
-        .cache
-        .get(&task)
-        .cloned()
-        .or_else(|| is_launch.then(LoadedTask::default));
+    // conflict (the task exists) trigger the load. Saves a round trip on the hot path. Other commands
+    // start from the store's held state of the task (a read when it holds none).
     let executed = shared
         .ctx
         .store
-        .execute(task, &input, now, cached)
+        .execute(task, &input, now, is_launch.then(LoadedTask::default))
         .instrument(span.clone())
         .await;
     let reply = match executed {
         Ok(executed) => {
-            change(shared, local, |state| {
-                state.keep(task, executed.task.clone(), shared.config.cache_per_worker);
-            });
+            change(shared, local, |state| state.saw(task, &executed.task));
             let first = executed.appended.first().map_or(0, |e| e.sequence);
             match &executed.appended.first().map(|e| &e.event.body) {
                 Some(taskpods_events::EventBody::Rejected { problems }) => {
@@ -819,9 +806,7 @@ async fn apply(
             refusal,
             task: current,
         }) => {
-            change(shared, local, |state| {
-                state.keep(task, (*current).clone(), shared.config.cache_per_worker);
-            });
+            change(shared, local, |state| state.saw(task, &current));
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             if matches!(refusal, Refusal::LimitReached(_)) {
                 shared
@@ -850,17 +835,14 @@ async fn apply(
                 // max_deliver is kept in the dead-letter stream) until an operator makes room.
                 error!(%task, error = %e, "ALERT: the event stream is full; commands wait until its max_bytes is raised");
                 shared.stats.event_log_full.fetch_add(1, Ordering::Relaxed);
-                change(shared, local, |state| state.cache.remove(&task));
                 return Disposition::Retry;
             }
             StoreErrorKind::Unavailable | StoreErrorKind::Conflict => {
                 warn!(%task, error = %e, "transient store failure; command left for redelivery");
-                change(shared, local, |state| state.cache.remove(&task));
                 return Disposition::Retry;
             }
             StoreErrorKind::Corrupt | StoreErrorKind::TooLarge | StoreErrorKind::Other => {
                 warn!(%task, error = %e, "command cannot be applied");
-                change(shared, local, |state| state.cache.remove(&task));
                 CommandReply::Invalid {
                     error: e.to_string(),
                 }
@@ -880,14 +862,6 @@ async fn apply(
         .instrument(span)
         .await;
     Disposition::Done
-}
-
-fn remember(cache: &mut HashMap<TaskId, LoadedTask>, task: TaskId, loaded: LoadedTask, max: usize) {
-    if cache.len() >= max && !cache.contains_key(&task) {
-        // Crude but bounded: a cache miss only costs one load.
-        cache.clear();
-    }
-    cache.insert(task, loaded);
 }
 
 /// Problems recorded on a `Rejected` event at most; the rest are counted in one last problem.

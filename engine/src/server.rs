@@ -544,6 +544,7 @@ impl Engine {
     /// task live (every one ended, its sandbox gone), all zero.
     pub fn held_tasks(&self) -> HeldTasks {
         self.ctx.held.snapshot(
+            self.ctx.store.latest().len() as u64,
             self.projector_stats
                 .cached_tasks
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -1,6 +1,6 @@
 //! Nothing is held per finished task: a real engine on a real nats-server holds something for each live
-//! task (the intake's cache, the gateway's live and running tasks, the timers, the executor, the no-op
-//! sandboxes, the projector's cached views), and once every task has ended and its sandbox is gone, every
+//! task (the event store's latest state, the gateway's live and running tasks, the timers, the executor,
+//! the no-op sandboxes, the projector's cached views), and once every task has ended and its sandbox is gone, every
 //! one of those structures is empty again ([`Engine::held_tasks`] counts them). The `memory` bench shows
 //! the same in bytes; this is the count that keeps the leak from coming back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -86,7 +86,8 @@ async fn all_in(client: &Client, tasks: &[TaskId], state: TaskState) {
 }
 
 /// Tasks accepted and cancelled before any sandbox (the `memory` bench's waves): each is held by the
-/// intake, the gateway, the timers and the projector while live, and by none of them once cancelled.
+/// store (its latest state, once: the intake keeps no copy of its own), the gateway, the timers and the
+/// projector while live, and by none of them once cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_tasks_are_held_while_live_and_forgotten_once_cancelled() {
     const N: usize = 300;
@@ -95,7 +96,8 @@ async fn accepted_tasks_are_held_while_live_and_forgotten_once_cancelled() {
         nats_urls: vec![server.url()],
         ..EngineConfig::default()
     };
-    // The intake forgets these tasks because it ends them itself, not because it went quiet.
+    // The intake forgets what it holds for these tasks because it ends them itself, not because it went
+    // quiet.
     config.intake.cache_idle = Duration::from_secs(3600);
     let engine = Engine::start(config).await.expect("engine");
     let client = client(server.connect().await);
@@ -109,14 +111,14 @@ async fn accepted_tasks_are_held_while_live_and_forgotten_once_cancelled() {
     .await;
     assert_eq!(
         (
-            live.intake_cached,
+            live.store_latest,
             live.gateway_live,
             live.timers_deadlines,
             live.timers_startups,
             live.projector_cached
         ),
         (n, n, n, n, n),
-        "each live task is held by the intake, gateway, timers and projector: {live:?}"
+        "each live task is held by the store, gateway, timers and projector: {live:?}"
     );
 
     cancel(&client, &tasks).await;
@@ -130,8 +132,8 @@ async fn accepted_tasks_are_held_while_live_and_forgotten_once_cancelled() {
 }
 
 /// Whole lifecycles with the no-op backend, and running tasks cancelled: once they are reaped, nothing is
-/// held anywhere, including the intake's cache of tasks that other loops ended (it forgets them once
-/// quiet) and the no-op sandboxes.
+/// held anywhere, including the store's latest states, the intake's progress allowances of tasks that
+/// other loops ended (it forgets them once quiet) and the no-op sandboxes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaped_tasks_leave_nothing_held() {
     const RUNNING: usize = 40;
@@ -163,6 +165,7 @@ async fn reaped_tasks_leave_nothing_held() {
     .await;
     assert_eq!(
         (
+            live.store_latest,
             live.gateway_live,
             live.gateway_running,
             live.executor_held,
@@ -170,8 +173,8 @@ async fn reaped_tasks_leave_nothing_held() {
             live.timers_deadlines,
             live.projector_cached
         ),
-        (n, n, n, n, n, n),
-        "each running task is held by the gateway, executor, sandbox, timers and projector: {live:?}"
+        (n, n, n, n, n, n, n),
+        "each running task is held by the store, gateway, executor, sandbox, timers and projector: {live:?}"
     );
 
     // Cancelled while running: the intake records `cancelling`, the executor stops the sandbox and
@@ -218,3 +221,4 @@ async fn reaped_tasks_leave_nothing_held() {
     );
     engine.shutdown().await.expect("shutdown");
 }
+
