@@ -499,12 +499,19 @@ impl Gateway {
         loop {
             let next = tokio::select! {
                 () = self.ctx.shutdown.cancelled() => return,
-                next = follow.recv() => next,
+                next = follow.recv_at() => next,
             };
-            let Some((task, event)) = next else { return };
+            let Some((task, sequence, event)) = next else {
+                return;
+            };
+            let ended = ended_as(&event.body);
+            if ended.is_some() {
+                // The store's held state of a task another engine ended would otherwise stay.
+                self.ctx.store.latest().ended_at(task, sequence);
+            }
             self.known.lock().unwrap_or_else(|p| p.into_inner()).saw(
                 task,
-                ended_as(&event.body),
+                ended,
                 records_a_sandbox(&event.body),
                 self.config.remembered_tasks,
             );

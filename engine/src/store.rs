@@ -265,6 +265,19 @@ impl LatestStates {
         }
     }
 
+    /// Drops `task`'s held state if it is older than `sequence`, where an event that ended the task is
+    /// stored: another engine ended it (or moved it on before), so this engine's copy would only cost a
+    /// conflict, and without this it would stay until the bound empties the cache.
+    pub fn ended_at(&self, task: TaskId, sequence: u64) {
+        let mut tasks = self.tasks();
+        if tasks
+            .get(&task)
+            .is_some_and(|held| held.last_sequence < sequence)
+        {
+            tasks.remove(&task);
+        }
+    }
+
     /// Tasks held now.
     pub fn len(&self) -> usize {
         self.tasks().len()

@@ -39,13 +39,18 @@ impl Drop for AbortOnDrop {
 /// The receiving end of [`follow_events`]; dropping it stops the follower.
 #[derive(Debug)]
 pub struct Follower {
-    rx: mpsc::Receiver<(TaskId, Event)>,
+    rx: mpsc::Receiver<(TaskId, u64, Event)>,
     _task: AbortOnDrop,
 }
 
 impl Follower {
     /// The next `(task, event)`.
     pub async fn recv(&mut self) -> Option<(TaskId, Event)> {
+        self.recv_at().await.map(|(task, _, event)| (task, event))
+    }
+
+    /// The next `(task, stream sequence, event)`.
+    pub async fn recv_at(&mut self) -> Option<(TaskId, u64, Event)> {
         self.rx.recv().await
     }
 }
@@ -82,7 +87,11 @@ pub fn follow_events(events: Stream, names: Names) -> Follower {
                 let Ok(stored) = log::decode_message(&names, &msg) else {
                     continue;
                 };
-                if tx.send((stored.task(), stored.event)).await.is_err() {
+                if tx
+                    .send((stored.task(), stored.sequence, stored.event))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -14,7 +14,7 @@ use taskpods_engine::executor::noop::NoopConfig;
 use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::held::HeldTasks;
 use taskpods_engine::server::Engine;
-use taskpods_events::{LaunchTask, TaskId, TaskState};
+use taskpods_events::{CancelTask, Input, LaunchTask, TaskId, TaskState};
 use taskpods_harness::NatsServer;
 
 /// How long the engine may take to settle (generous: the machine may be loaded).
@@ -222,3 +222,57 @@ async fn reaped_tasks_leave_nothing_held() {
     engine.shutdown().await.expect("shutdown");
 }
 
+/// Tasks another engine ends: this engine holds each one's latest state from its own `accepted` append,
+/// and lets it go once it sees (following the event stream) the end another engine wrote. Before, such
+/// states stayed until the store's bound emptied them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_another_engine_ends_are_not_held() {
+    const N: usize = 100;
+    let server = NatsServer::start();
+    let mut config = EngineConfig {
+        nats_urls: vec![server.url()],
+        ..EngineConfig::default()
+    };
+    config.intake.cache_idle = Duration::from_secs(3600);
+    let engine = Engine::start(config).await.expect("engine");
+    let client = client(server.connect().await);
+    let tasks = launch(&client, N).await;
+    let n = N as u64;
+    let live = held_until(&engine, |h| h.store_latest == n && h.gateway_live == n).await;
+    assert_eq!(
+        (live.store_latest, live.gateway_live),
+        (n, n),
+        "the engine that accepted them holds them: {live:?}"
+    );
+
+    // Another engine (its own connection and store) cancels every task.
+    let js = async_nats::jetstream::new(server.connect().await);
+    let topology = taskpods_engine::topology::ensure(&js, &Default::default())
+        .await
+        .expect("topology");
+    let other = taskpods_engine::store::EventStore::new(
+        js.clone(),
+        topology.events.clone(),
+        topology.names.clone(),
+    )
+    .with_engine("other");
+    for task in &tasks {
+        let cancel = Input::Cancel(CancelTask {
+            task_id: task.0,
+            reason: Some("cancelled by another engine".into()),
+            requester: None,
+        });
+        let executed = other
+            .execute(*task, &cancel, chrono::Utc::now(), None)
+            .await
+            .expect("the other engine cancels the task");
+        assert_eq!(executed.task.task.state, TaskState::Cancelled);
+    }
+    let after = held_until(&engine, |h| h.total() == 0).await;
+    assert_eq!(
+        after,
+        HeldTasks::default(),
+        "something is still held for the {N} tasks another engine cancelled"
+    );
+    engine.shutdown().await.expect("shutdown");
+}
