@@ -5,6 +5,7 @@
 //! this and its own settings.
 
 use async_nats::jetstream;
+use chrono::{DateTime, Utc};
 use taskpods_events::{Names, TaskId};
 use taskpods_projections::BucketSettings;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,9 @@ pub struct EngineCtx {
     pub shutdown_grace: std::time::Duration,
     /// How many tasks each loop holds something for ([`crate::held`]), kept current by the loops.
     pub held: crate::held::HeldGauges,
+    /// How long past a task's deadline a result its agent sent before the deadline, still queued for
+    /// the intake, holds the timeout off ([`crate::timers::TimersConfig::result_grace`]).
+    pub result_grace: std::time::Duration,
 }
 
 impl EngineCtx {
@@ -53,6 +57,15 @@ impl EngineCtx {
         &self,
         task: TaskId,
     ) -> Result<bool, jetstream::stream::LastRawMessageError> {
+        Ok(self.queued_agent_result(task).await?.is_some())
+    }
+
+    /// When the command stream stored `task`'s agent result that the intake has not applied yet, if
+    /// one waits (see [`EngineCtx::agent_result_queued`]): the server's time of receipt.
+    pub async fn queued_agent_result(
+        &self,
+        task: TaskId,
+    ) -> Result<Option<DateTime<Utc>>, jetstream::stream::LastRawMessageError> {
         let subject = self.names().agent_report(task, "result");
         match self
             .topology
@@ -60,11 +73,40 @@ impl EngineCtx {
             .get_last_raw_message_by_subject(&subject)
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(message) => Ok(Some(taskpods_projections::log::to_chrono(
+                message.time.unix_timestamp_nanos(),
+            ))),
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(false)
+                Ok(None)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `task`'s timeout, its `deadline` passed at `now`, waits for the task's result: the agent
+    /// sent one *before* the deadline (the command stream received it then) and it still waits for the
+    /// intake, behind a backlog or with no intake running. The deadline is when the code must have
+    /// finished, not when the engine must have read its report; a result sent after the deadline does
+    /// not hold it off. Bounded: not past `deadline` + [`EngineCtx::result_grace`], whatever the queue
+    /// says. A queue that cannot be read counts as holding such a result, within the same bound.
+    pub async fn deadline_waits_for_result(
+        &self,
+        task: TaskId,
+        deadline: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let grace =
+            chrono::TimeDelta::from_std(self.result_grace).unwrap_or(chrono::TimeDelta::MAX);
+        if now >= deadline + grace {
+            return false;
+        }
+        match self.queued_agent_result(task).await {
+            Ok(Some(sent)) => sent <= deadline,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(%task, error = %e, "deadline passed but the command queue cannot be read; waiting for a result sent in time");
+                true
+            }
         }
     }
 }

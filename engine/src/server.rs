@@ -369,6 +369,7 @@ impl Engine {
             engine_id: config.engine_id.clone(),
             shutdown_grace: config.shutdown_grace,
             held: crate::held::HeldGauges::default(),
+            result_grace: config.timers.result_grace,
         });
         let mut intake_config = config.intake.clone();
         // Only the Kubernetes backend can hand a task values from Kubernetes Secrets.

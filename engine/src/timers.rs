@@ -1,5 +1,8 @@
 //! Timers: every live task's deadline, and `Input::DeadlineReached{now}` when it passes (the state machine
-//! refuses an early firing, so clock skew between replicas cannot time a task out early); and the startup
+//! refuses an early firing, so clock skew between replicas cannot time a task out early), unless the
+//! task's agent sent its result before the deadline and it still waits in the command queue: then the
+//! timeout waits for the intake to apply it, for at most [`TimersConfig::result_grace`]
+//! ([`EngineCtx::deadline_waits_for_result`]; a result sent after the deadline loses); and the startup
 //! timeout, `Input::StartupTimedOut` for a task not `Running` within [`TimersConfig::startup_timeout`] of
 //! its acceptance.
 //!
@@ -134,6 +137,11 @@ impl Deadlines {
         self.by_task.contains_key(&task)
     }
 
+    /// When `task` is armed to fire, if it is.
+    pub fn at(&self, task: TaskId) -> Option<DateTime<Utc>> {
+        self.by_task.get(&task).copied()
+    }
+
     /// How many are armed.
     pub fn len(&self) -> usize {
         self.by_task.len()
@@ -170,6 +178,10 @@ pub struct TimersConfig {
     /// `BackendError` when no sandbox was recorded, `AgentLost` when the agent never asked for its
     /// instructions. A backstop: a backend that can diagnose (unschedulable, image pull) reports first.
     pub startup_timeout: Duration,
+    /// How long past a task's deadline the timeout waits for a result the agent sent before the
+    /// deadline and that still waits for the intake (a backlog, or no engine running when it came);
+    /// past it the task times out all the same.
+    pub result_grace: Duration,
 }
 
 impl Default for TimersConfig {
@@ -177,9 +189,13 @@ impl Default for TimersConfig {
         Self {
             enabled: true,
             startup_timeout: Duration::from_secs(300),
+            result_grace: Duration::from_secs(60),
         }
     }
 }
+
+/// How often a deadline that waits for a queued result looks again.
+const RESULT_POLL: Duration = Duration::from_millis(500);
 
 /// Why the timers stopped before shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +211,7 @@ pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), Timers
     let mut follow = follow_events(ctx.topology.events.clone(), ctx.names().clone());
     let mut timers = Timers {
         deadlines: Deadlines::default(),
+        waiting: HashMap::new(),
         startups: Deadlines::default(),
         startup_timeout: chrono::TimeDelta::from_std(config.startup_timeout)
             .unwrap_or(chrono::TimeDelta::MAX),
@@ -215,7 +232,7 @@ pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), Timers
             }
             () = tokio::time::sleep(wait) => {
                 let now = ctx.clock.now();
-                timers.fire_deadlines(store, now).await;
+                timers.fire_deadlines(&ctx, now).await;
                 timers.fire_startups(store, now).await;
             }
         }
@@ -226,6 +243,9 @@ pub async fn run(ctx: Arc<EngineCtx>, config: TimersConfig) -> Result<(), Timers
 
 struct Timers {
     deadlines: Deadlines,
+    /// The deadlines of tasks whose timeout waits for a result sent before it (their entry in
+    /// `deadlines` is then the next look).
+    waiting: HashMap<TaskId, DateTime<Utc>>,
     startups: Deadlines,
     startup_timeout: chrono::TimeDelta,
 }
@@ -234,10 +254,12 @@ impl Timers {
     async fn track(&mut self, store: &EventStore, task: TaskId, event: Event) {
         match event.body {
             EventBody::Accepted { deadline, .. } => {
+                self.waiting.remove(&task);
                 self.deadlines.insert(task, deadline);
                 self.startups.insert(task, event.at + self.startup_timeout);
             }
             body if body.is_terminal() || matches!(body, EventBody::Reaped) => {
+                self.waiting.remove(&task);
                 self.deadlines.remove(task);
                 self.startups.remove(task);
             }
@@ -275,8 +297,25 @@ impl Timers {
         }
     }
 
-    async fn fire_deadlines(&mut self, store: &EventStore, now: DateTime<Utc>) {
+    async fn fire_deadlines(&mut self, ctx: &EngineCtx, now: DateTime<Utc>) {
+        let store = &ctx.store;
         for task in self.deadlines.due(now) {
+            let deadline = match self.waiting.get(&task) {
+                Some(deadline) => *deadline,
+                None => self.deadlines.at(task).unwrap_or(now),
+            };
+            if ctx.deadline_waits_for_result(task, deadline, now).await {
+                debug!(%task, "deadline passed; the result sent before it waits for the intake");
+                self.waiting.insert(task, deadline);
+                self.deadlines.insert(
+                    task,
+                    now + chrono::TimeDelta::from_std(RESULT_POLL).unwrap_or_default(),
+                );
+                continue;
+            }
+            if self.waiting.remove(&task).is_some() {
+                info!(%task, "deadline: no result sent before it is waiting any more (applied, or past the result grace)");
+            }
             match store
                 .execute(task, &Input::DeadlineReached { now }, now, None)
                 .instrument(crate::task_span!("timeout", task))

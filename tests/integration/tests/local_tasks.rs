@@ -404,28 +404,8 @@ async fn a_result_waiting_in_the_command_queue_is_not_taken_for_a_lost_agent() {
     )
     .await;
 
-    // Take every queued command off the intake's consumer and hold it unacked (its ack wait is 30 s).
-    let names = Names::default();
-    let js = jetstream::new(setup.server.connect().await);
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(names.command_stream())
-        .await
-        .unwrap()
-        .get_consumer("taskpods-intake")
-        .await
-        .unwrap();
-    let mut held = Vec::new();
-    let mut batch = consumer
-        .fetch()
-        .max_messages(100)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
-    while let Some(message) = futures::StreamExt::next(&mut batch).await {
-        held.push(message.unwrap());
-    }
-    let result_subject = names.agent_report(task, "result");
+    let held = hold_commands(&setup.server).await;
+    let result_subject = Names::default().agent_report(task, "result");
     assert!(
         held.iter().any(|m| m.subject.as_str() == result_subject),
         "the agent's result is queued: {:?}",
@@ -467,6 +447,122 @@ async fn a_result_waiting_in_the_command_queue_is_not_taken_for_a_lost_agent() {
     let (out, _, _) = setup.output(task).await;
     assert_eq!(out, b"done\n");
     setup.engine.take().unwrap().shutdown().await.unwrap();
+}
+
+/// The deadline is when the code must have finished, not when the engine must have read its report. Two
+/// agents report while no engine runs and their results wait in the command queue (the test then holds
+/// them as a busy intake would) until both deadlines have passed: the one sent before its deadline wins
+/// over the timeout; the one sent after it (the agent killed its code past the deadline) loses.
+#[tokio::test]
+async fn a_result_sent_before_the_deadline_wins_over_the_timeout_and_one_sent_after_loses() {
+    let mut setup = Setup::start().await;
+    let in_time = setup.launch("sleep 1; echo done", 20).await;
+    let late = setup.launch("echo started; sleep 120", 3).await;
+    for task in [in_time, late] {
+        setup
+            .until_state(task, TaskState::Running, Duration::from_secs(20))
+            .await;
+    }
+    let agents = [setup.agent(in_time), setup.agent(late)];
+    setup.engine.take().unwrap().abort();
+    fixtures::wait_for(
+        "both agents to report and exit",
+        Duration::from_secs(60),
+        async || agents.iter().all(|a| !a.alive()).then_some(()),
+    )
+    .await;
+    let deadline = async |task| {
+        let history = setup.client.history(task).await.unwrap();
+        history
+            .iter()
+            .find_map(|e| match &e.event.body {
+                EventBody::Accepted { deadline, .. } => Some(*deadline),
+                _ => None,
+            })
+            .expect("accepted")
+    };
+    let last_deadline = deadline(in_time).await.max(deadline(late).await);
+    let held = hold_commands(&setup.server).await;
+    let names = Names::default();
+    for task in [in_time, late] {
+        let subject = names.agent_report(task, "result");
+        assert!(
+            held.iter().any(|m| m.subject.as_str() == subject),
+            "{task}'s result is queued"
+        );
+    }
+    // Past both deadlines, a new engine: its timers find both due at once.
+    while chrono::Utc::now() <= last_deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    setup.engine = Some(
+        Engine::start(config(&setup.server, setup.state.path()))
+            .await
+            .expect("engine restarts"),
+    );
+    setup
+        .until_state(late, TaskState::TimedOut, Duration::from_secs(30))
+        .await;
+    // The timers looked at both; the task whose result was sent in time is still running, waiting.
+    for _ in 0..10 {
+        assert_eq!(
+            fixtures::state(&setup.client, in_time).await,
+            TaskState::Running,
+            "a result sent before the deadline holds the timeout off"
+        );
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+    }
+    for message in held {
+        message
+            .ack_with(jetstream::AckKind::Nak(None))
+            .await
+            .unwrap();
+    }
+    let kinds = setup.finished(in_time, Duration::from_secs(40)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "succeeded", "reaped"]
+    );
+    let (out, _, _) = setup.output(in_time).await;
+    assert_eq!(out, b"done\n");
+    let kinds = setup.finished(late, Duration::from_secs(40)).await;
+    assert_eq!(
+        kinds,
+        ["accepted", "scheduled", "running", "timed_out", "reaped"],
+        "the result sent after the deadline is refused"
+    );
+    fixtures::assert_nothing_stuck(
+        &setup.server.connect().await,
+        Duration::from_secs(30),
+        fixtures::Redeliveries::Allowed,
+    )
+    .await;
+    setup.engine.take().unwrap().shutdown().await.unwrap();
+}
+
+/// Takes every queued command off the intake's consumer and holds it unacked (its ack wait is 30 s), as
+/// a busy intake would.
+async fn hold_commands(server: &NatsServer) -> Vec<jetstream::Message> {
+    let js = jetstream::new(server.connect().await);
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(Names::default().command_stream())
+        .await
+        .unwrap()
+        .get_consumer("taskpods-intake")
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    while let Some(message) = futures::StreamExt::next(&mut batch).await {
+        held.push(message.unwrap());
+    }
+    held
 }
 
 #[tokio::test]

@@ -76,6 +76,7 @@ async fn replica(server: &NatsServer, engine_id: &str, shutdown_grace: Duration)
         engine_id: engine_id.to_owned(),
         shutdown_grace,
         held: Default::default(),
+        result_grace: taskpods_engine::timers::TimersConfig::default().result_grace,
     })
 }
 

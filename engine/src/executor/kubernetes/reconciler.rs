@@ -164,7 +164,11 @@ pub async fn reconcile_once(
         if task.state.is_terminal() {
             continue;
         }
-        if task.deadline.is_some_and(|d| d <= now) {
+        if let Some(deadline) = task.deadline.filter(|d| *d <= now) {
+            // As for the deadline timer: a result sent before the deadline, still queued, wins.
+            if ctx.deadline_waits_for_result(*id, deadline, now).await {
+                continue;
+            }
             if settle(ctx, *id, &Input::DeadlineReached { now }).await? {
                 info!(task = %id, "reconciler: past its deadline");
                 report.timed_out.push(*id);
