@@ -9,6 +9,12 @@
 //! runs in its own process group, with
 //! no pipe to the engine, so it outlives an engine restart; the restarted engine finds it by name and
 //! adopts it instead of starting a second one.
+//!
+//! Nothing of a sandbox outlives its stop or reap: once the agent is gone, what is left of its
+//! bubblewrap ([`sandbox_processes`]) is killed. The agent's sandbox normally ends with the agent
+//! (bubblewrap's `--die-with-parent`, and a watcher inside the sandbox), but `--die-with-parent` is in
+//! force only once bubblewrap has set itself up: an agent killed in that first moment left a sandbox
+//! running for good.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -157,7 +163,24 @@ impl LocalBackend {
 
     /// Where the agent of `task` keeps its inputs and artifacts.
     pub fn files_dir(&self, task: TaskId) -> PathBuf {
-        self.config.files_dir.join(format!("taskpods-files-{task}"))
+        self.config.files_dir.join(files_dir_name(task))
+    }
+
+    /// Kills what is left of `task`'s sandbox once its agent is gone: SIGKILL to bubblewrap's monitor
+    /// and to the init of the sandbox's PID namespace, which takes every process of the sandbox with
+    /// it. Nothing is left in the normal case; a leftover is logged.
+    fn end_sandbox(task: TaskId) {
+        let left = sandbox_processes(task);
+        if left.is_empty() {
+            return;
+        }
+        warn!(%task, processes = ?left.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            "the sandbox outlived its agent; killing it");
+        for id in left {
+            if let Some(pid) = Self::pid(id).filter(|_| id.alive()) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
     }
 
     /// The agent process of `job`, if it runs.
@@ -302,6 +325,37 @@ impl LocalBackend {
     }
 }
 
+/// The name of `task`'s files directory, under [`LocalConfig::files_dir`].
+fn files_dir_name(task: TaskId) -> String {
+    format!("taskpods-files-{task}")
+}
+
+/// The processes of `task`'s sandbox: bubblewrap (its monitor, and the init of the sandbox's PID
+/// namespace) binds the task's files directory, so its command line names it. (The code inside
+/// carries the task id in its environment; bubblewrap itself runs with `PATH` alone.)
+pub fn sandbox_processes(task: TaskId) -> Vec<ProcessId> {
+    let needle = format!("/{}/", files_dir_name(task));
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = cmdline.split(|b| *b == 0);
+            let bwrap = args
+                .next()
+                .is_some_and(|program| program.ends_with(b"bwrap"));
+            bwrap && args.any(|arg| String::from_utf8_lossy(arg).contains(&needle))
+        })
+        .filter_map(ProcessId::of)
+        .filter(ProcessId::alive)
+        .collect()
+}
+
 fn remove_dir(dir: &Path) -> Result<(), BackendError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
@@ -371,6 +425,7 @@ impl Backend for LocalBackend {
 
     async fn stop(&self, task: TaskId, job: &str) -> Result<(), BackendError> {
         let Some(id) = self.process(job) else {
+            Self::end_sandbox(task);
             return Ok(());
         };
         let Some(pid) = Self::pid(id) else {
@@ -391,6 +446,7 @@ impl Backend for LocalBackend {
                 )));
             }
         }
+        Self::end_sandbox(task);
         Ok(())
     }
 
@@ -400,6 +456,7 @@ impl Backend for LocalBackend {
         {
             self.stop(task, job).await?;
         }
+        Self::end_sandbox(task);
         // An agent that was killed (SIGKILL, a crash) left its inputs and artifacts behind. Best effort:
         // an engine that is not root cannot remove directories the code made as its subordinate UID,
         // and that must not hold up the reap.

@@ -89,17 +89,62 @@ pub fn processes_with_env(var: &str) -> Vec<u32> {
     found
 }
 
+/// Every live process of `task` on this machine: those with its id in their environment (the agent, the
+/// code), the local sandbox's bubblewrap (which runs with `PATH` alone, see
+/// `taskpods_engine::executor::local::sandbox_processes`), and all their descendants (the sandbox's
+/// wrapper shell).
+pub fn task_processes(task: TaskId) -> Vec<u32> {
+    let mut found: std::collections::BTreeSet<u32> =
+        processes_with_env(&format!("TASKPODS_TASK_ID={task}"))
+            .into_iter()
+            .chain(
+                taskpods_engine::executor::local::sandbox_processes(task)
+                    .into_iter()
+                    .map(|p| p.pid),
+            )
+            .collect();
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let mut fields = stat.rsplit_once(") ")?.1.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?.parse::<u32>().ok()?;
+            (state != "Z" && state != "X").then_some((pid, ppid))
+        })
+        .collect();
+    loop {
+        let before = found.len();
+        for (pid, ppid) in &parents {
+            if found.contains(ppid) {
+                found.insert(*pid);
+            }
+        }
+        if found.len() == before {
+            return found.into_iter().collect();
+        }
+    }
+}
+
 /// Waits until no process has `var` in its environment ([`processes_with_env`]), failing after `within`.
 pub async fn until_no_process_with_env(var: &str, within: Duration) {
+    until_no_process(var, within, || processes_with_env(var)).await;
+}
+
+/// Waits until `find` finds no process, failing after `within` with what is left of `what`.
+pub async fn until_no_process(what: &str, within: Duration, find: impl Fn() -> Vec<u32>) {
     let until = tokio::time::Instant::now() + within;
     loop {
-        let left = processes_with_env(var);
+        let left = find();
         if left.is_empty() {
             return;
         }
         assert!(
             tokio::time::Instant::now() < until,
-            "processes with {var} still running after {within:?}: {left:?}"
+            "processes of {what} still running after {within:?}: {left:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -50,7 +50,7 @@ impl Setup {
     }
 
     /// Launches `script` and waits until its code runs in the sandbox (more than the agent alone
-    /// carries the task id); returns the task and its processes.
+    /// carries the task id in its environment); returns the task and its processes.
     async fn running(&self, script: &str, timeout_secs: u32) -> (TaskId, Vec<u32>) {
         let task = fixtures::launch_script(&self.client, script, timeout_secs).await;
         fixtures::until_state(
@@ -62,7 +62,7 @@ impl Setup {
         .await;
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let processes = common::processes_of(task);
+            let processes = fixtures::processes_with_env(&format!("TASKPODS_TASK_ID={task}"));
             if processes.len() >= 3 {
                 return (task, processes);
             }

@@ -328,6 +328,10 @@ async fn a_killed_agent_is_lost_after_the_heartbeat_timeout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let agent = setup.agent(task);
+    assert!(
+        !taskpods_engine::executor::local::sandbox_processes(task).is_empty(),
+        "bubblewrap is found by its command line"
+    );
     let killed = std::time::Instant::now();
     std::process::Command::new("kill")
         .args(["-KILL", &agent.pid.to_string()])

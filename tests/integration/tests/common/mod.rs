@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use taskpods_engine::config::EngineConfig;
-use taskpods_engine::executor::local::{LocalConfig, ProcessId};
+use taskpods_engine::executor::local::{LocalConfig, ProcessId, sandbox_processes};
 use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::gateway::GatewayConfig;
 use taskpods_events::TaskId;
@@ -68,9 +68,10 @@ pub fn files_dir() -> tempfile::TempDir {
 }
 
 /// The local backend's state directory for one test. Dropped at the test's end (a failed one
-/// included), it kills the agents whose pid files it holds, and bubblewrap takes their sandboxes with
-/// them: the agents outlive their engine by design (it adopts them on restart), so without this every
-/// test that ends with a task running would leave its agent behind.
+/// included), it kills the agents whose pid files it holds, and their sandboxes: the agents outlive
+/// their engine by design (it adopts them on restart), so without this every test that ends with a
+/// task running would leave its agent behind; and a sandbox whose agent is killed while bubblewrap
+/// sets itself up is not ended by bubblewrap's `--die-with-parent`.
 #[derive(Debug)]
 pub struct StateDir(tempfile::TempDir);
 
@@ -92,6 +93,7 @@ impl Drop for StateDir {
             return;
         };
         for sandbox in sandboxes.flatten() {
+            let task = sandbox.file_name().to_str().and_then(TaskId::from_job_name);
             let Ok(text) = std::fs::read_to_string(sandbox.path().join("pid")) else {
                 continue;
             };
@@ -110,18 +112,23 @@ impl Drop for StateDir {
                     .stderr(std::process::Stdio::null())
                     .status();
             }
+            for process in task.map(sandbox_processes).unwrap_or_default() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &process.pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
         }
     }
 }
 
-/// Processes of `task` still alive: the agent, bubblewrap, the code (all carry the task id in their
-/// environment).
+/// Processes of `task` still alive: the agent and the code (they carry the task id in their
+/// environment), bubblewrap (found by its command line) and whatever runs under it.
 pub fn processes_of(task: TaskId) -> Vec<u32> {
-    taskpods_integration::processes_with_env(&format!("TASKPODS_TASK_ID={task}"))
+    taskpods_integration::task_processes(task)
 }
 
 /// Waits until no process of `task` runs (see [`processes_of`]), failing after `within`.
 pub async fn gone(task: TaskId, within: Duration) {
-    taskpods_integration::until_no_process_with_env(&format!("TASKPODS_TASK_ID={task}"), within)
-        .await;
+    taskpods_integration::until_no_process(&task.to_string(), within, || processes_of(task)).await;
 }
