@@ -86,6 +86,17 @@ async fn pod_in_phase(pods: &Api<Pod>, name: &str, wanted: &str) -> Pod {
     .await
 }
 
+/// Waits until pod `name` is gone from the API (bounded by [`WAIT`]).
+async fn pod_gone(pods: &Api<Pod>, name: &str) {
+    wait_for(&format!("pod {name} gone"), || async {
+        pods.get_opt(name)
+            .await
+            .ok()
+            .and_then(|p| p.is_none().then_some(()))
+    })
+    .await
+}
+
 /// Polls `probe` every 200 ms until it yields a value; panics after [`WAIT`].
 async fn wait_for<T, F, Fut>(what: &str, probe: F) -> T
 where
@@ -590,14 +601,7 @@ async fn an_eviction_ends_every_process_of_the_pod_and_a_deletion_meanwhile_remo
         .delete("stubborn", &DeleteParams::default())
         .await
         .expect("delete");
-    wait_for("pod gone", || async {
-        t.pods()
-            .get_opt("stubborn")
-            .await
-            .ok()
-            .and_then(|p| p.is_none().then_some(()))
-    })
-    .await;
+    pod_gone(&t.pods(), "stubborn").await;
     taskpods_integration::until_no_process_with_env(&var, WAIT).await;
     assert!(t.sim.running().is_empty(), "{:?}", t.sim.running());
 }
@@ -647,14 +651,7 @@ async fn deleting_a_running_pod_stops_its_process_and_removes_it() {
         .delete("sleeper", &DeleteParams::default().grace_period(2))
         .await
         .expect("delete");
-    wait_for("pod gone", || async {
-        t.pods()
-            .get_opt("sleeper")
-            .await
-            .ok()
-            .and_then(|p| p.is_none().then_some(()))
-    })
-    .await;
+    pod_gone(&t.pods(), "sleeper").await;
     assert!(t.sim.running().is_empty(), "{:?}", t.sim.running());
 }
 

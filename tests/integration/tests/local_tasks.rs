@@ -81,6 +81,17 @@ impl Setup {
         }
     }
 
+    /// Waits until `task` succeeded and was reaped, and checks its standard output.
+    async fn succeeded_with(&self, task: TaskId, stdout: &[u8]) {
+        let kinds = self.finished(task, Duration::from_secs(40)).await;
+        assert_eq!(
+            kinds,
+            ["accepted", "scheduled", "running", "succeeded", "reaped"]
+        );
+        let (out, _, _) = self.output(task).await;
+        assert_eq!(out, stdout);
+    }
+
     async fn output(&self, task: TaskId) -> (Vec<u8>, Vec<u8>, Vec<String>) {
         let js = jetstream::new(self.server.connect().await);
         let (mut out, mut err, mut marks) = (Vec::new(), Vec::new(), Vec::new());
@@ -437,19 +448,8 @@ async fn a_result_waiting_in_the_command_queue_is_not_taken_for_a_lost_agent() {
         tokio::time::sleep(HEARTBEAT_INTERVAL).await;
     }
     // The intake gets to the result: the task succeeds with the agent's output, and nothing failed it.
-    for message in held {
-        message
-            .ack_with(jetstream::AckKind::Nak(None))
-            .await
-            .unwrap();
-    }
-    let kinds = setup.finished(task, Duration::from_secs(40)).await;
-    assert_eq!(
-        kinds,
-        ["accepted", "scheduled", "running", "succeeded", "reaped"]
-    );
-    let (out, _, _) = setup.output(task).await;
-    assert_eq!(out, b"done\n");
+    let_through(held).await;
+    setup.succeeded_with(task, b"done\n").await;
     setup.engine.take().unwrap().shutdown().await.unwrap();
 }
 
@@ -516,19 +516,8 @@ async fn a_result_sent_before_the_deadline_wins_over_the_timeout_and_one_sent_af
         );
         tokio::time::sleep(HEARTBEAT_INTERVAL).await;
     }
-    for message in held {
-        message
-            .ack_with(jetstream::AckKind::Nak(None))
-            .await
-            .unwrap();
-    }
-    let kinds = setup.finished(in_time, Duration::from_secs(40)).await;
-    assert_eq!(
-        kinds,
-        ["accepted", "scheduled", "running", "succeeded", "reaped"]
-    );
-    let (out, _, _) = setup.output(in_time).await;
-    assert_eq!(out, b"done\n");
+    let_through(held).await;
+    setup.succeeded_with(in_time, b"done\n").await;
     let kinds = setup.finished(late, Duration::from_secs(40)).await;
     assert_eq!(
         kinds,
@@ -542,6 +531,16 @@ async fn a_result_sent_before_the_deadline_wins_over_the_timeout_and_one_sent_af
     )
     .await;
     setup.engine.take().unwrap().shutdown().await.unwrap();
+}
+
+/// Hands commands held by [`hold_commands`] back to the intake.
+async fn let_through(held: Vec<jetstream::Message>) {
+    for message in held {
+        message
+            .ack_with(jetstream::AckKind::Nak(None))
+            .await
+            .unwrap();
+    }
 }
 
 /// Takes every queued command off the intake's consumer and holds it unacked (its ack wait is 30 s), as
@@ -673,7 +672,14 @@ async fn the_script_and_its_environment_stay_out_of_the_process_list() {
     setup
         .until_state(task, TaskState::Running, Duration::from_secs(20))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The code runs once its first line is out (under load, more than 300 ms after the hello: the
+    // cancel then stopped it before it printed anything).
+    fixtures::wait_for(
+        "the script's first line",
+        Duration::from_secs(30),
+        async || (setup.output(task).await.0 == b"token 10\n").then_some(()),
+    )
+    .await;
     let mut seen = 0;
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
