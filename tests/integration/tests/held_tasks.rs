@@ -55,6 +55,17 @@ async fn cancel(client: &Client, tasks: &[TaskId]) {
         .await;
 }
 
+/// An engine (no backend) whose intake never forgets for being quiet: what it lets go of, it lets go of
+/// because the tasks ended.
+async fn never_idle_engine(server: &NatsServer) -> Engine {
+    let mut config = EngineConfig {
+        nats_urls: vec![server.url()],
+        ..EngineConfig::default()
+    };
+    config.intake.cache_idle = Duration::from_secs(3600);
+    Engine::start(config).await.expect("engine")
+}
+
 /// Waits until `engine`'s counts pass `done`; the last counts.
 async fn held_until(engine: &Engine, done: impl Fn(&HeldTasks) -> bool) -> HeldTasks {
     let until = tokio::time::Instant::now() + SETTLE;
@@ -92,14 +103,7 @@ async fn all_in(client: &Client, tasks: &[TaskId], state: TaskState) {
 async fn accepted_tasks_are_held_while_live_and_forgotten_once_cancelled() {
     const N: usize = 300;
     let server = NatsServer::start();
-    let mut config = EngineConfig {
-        nats_urls: vec![server.url()],
-        ..EngineConfig::default()
-    };
-    // The intake forgets what it holds for these tasks because it ends them itself, not because it went
-    // quiet.
-    config.intake.cache_idle = Duration::from_secs(3600);
-    let engine = Engine::start(config).await.expect("engine");
+    let engine = never_idle_engine(&server).await;
     let client = client(server.connect().await);
     assert_eq!(engine.held_tasks(), HeldTasks::default());
 
@@ -229,12 +233,7 @@ async fn reaped_tasks_leave_nothing_held() {
 async fn tasks_another_engine_ends_are_not_held() {
     const N: usize = 100;
     let server = NatsServer::start();
-    let mut config = EngineConfig {
-        nats_urls: vec![server.url()],
-        ..EngineConfig::default()
-    };
-    config.intake.cache_idle = Duration::from_secs(3600);
-    let engine = Engine::start(config).await.expect("engine");
+    let engine = never_idle_engine(&server).await;
     let client = client(server.connect().await);
     let tasks = launch(&client, N).await;
     let n = N as u64;
