@@ -163,11 +163,10 @@ async fn main() {
             buckets::delete_bucket(&js, &bucket).await.expect("delete");
         }
         println!(
-            "{rep}: raw ordered-consumer read {read} events in {raw_secs:.3} s = {raw:.0} ev/s · rebuild {} events in {secs:.3} s = {rate:.0} ev/s = {:.2}x raw (fold {:.3} s, {} tasks written while folding, write {:.3} s, {} tasks) · load {}",
+            "{rep}: raw ordered-consumer read {read} events in {raw_secs:.3} s = {raw:.0} ev/s · rebuild {} events in {secs:.3} s = {rate:.0} ev/s = {:.2}x raw (fold {:.3} s, write {:.3} s, {} tasks) · load {}",
             summary.events,
             rate / raw,
             summary.fold_secs,
-            summary.written_while_folding,
             summary.write_secs,
             summary.tasks,
             measure::load_average()

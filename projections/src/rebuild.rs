@@ -107,14 +107,7 @@ impl FoldedStream {
         out
     }
 
-    /// Folds one message; returns the task it was an event of.
-    fn fold(
-        &mut self,
-        names: &Names,
-        seq: u64,
-        stored_at: i128,
-        m: &jetstream::Message,
-    ) -> Option<TaskId> {
+    fn fold(&mut self, names: &Names, seq: u64, stored_at: i128, m: &jetstream::Message) {
         self.last_seq = self.last_seq.max(seq);
         match log::decode(
             names,
@@ -133,12 +126,8 @@ impl FoldedStream {
                     .entry(e.task())
                     .or_insert_with(|| Folded::new(e.task()))
                     .apply(&e);
-                Some(e.task())
             }
-            Err(e) => {
-                self.undecodable.push(e);
-                None
-            }
+            Err(e) => self.undecodable.push(e),
         }
     }
 }
@@ -182,158 +171,30 @@ pub async fn fold_partitioned(
     names: &Names,
     upto: u64,
     partitions: usize,
-    progress: impl FnMut(Progress),
-) -> Result<Vec<FoldedStream>, RebuildError> {
-    let parts = fold_parts(events, names, upto, partitions, None, progress).await?;
-    Ok(parts.into_iter().map(|p| p.fold).collect())
-}
-
-/// Where a rebuild's fold writes the views of tasks whose last event it has folded.
-struct EarlyWrites {
-    client: async_nats::Client,
-    subjects: Subjects,
-    /// Tasks written so far (for progress).
-    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Fires once the new generation's buckets exist (nothing is written before).
-    ready: tokio::sync::oneshot::Receiver<()>,
-}
-
-/// One partition's fold, less the tasks already written.
-#[derive(Default)]
-struct Part {
-    /// The tasks not written yet (events, unknown and undecodable count every task).
-    fold: FoldedStream,
-    /// Tasks written during the fold.
-    written: u64,
-    /// Their finished entries.
-    finished: Vec<FinishedView>,
-}
-
-/// The last stream sequence of every task whose last event is at or below `upto`, split like the
-/// fold's partitions: read with a headers-only consumer that delivers the last message of each
-/// subject. A task in it is complete once its fold reaches that sequence.
-async fn last_sequences(
-    events: &Stream,
-    names: &Names,
-    upto: u64,
-    partitions: usize,
-) -> Result<Vec<HashMap<TaskId, u64>>, LogError> {
-    let mut lasts = vec![HashMap::new(); partitions];
-    let consumer = events
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: names.events_all(),
-            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-            headers_only: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| LogError::Read {
-            operation: "last of each task",
-            source: e.into(),
-        })?;
-    let mut messages = consumer.messages().await.map_err(|e| LogError::Read {
-        operation: "last of each task",
-        source: e.into(),
-    })?;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| LogError::Read {
-            operation: "last of each task",
-            source: e.into(),
-        })?;
-        let Ok(info) = m.info() else { continue };
-        // Delivered in stream order: from here on every task has events after `upto`.
-        if info.stream_sequence > upto {
-            break;
-        }
-        if let Ok(taskpods_events::Addressed::Events(task)) = names.parse(m.subject.as_str()) {
-            lasts[partition_of(m.subject.as_str(), partitions)].insert(task, info.stream_sequence);
-        }
-        if info.pending == 0 {
-            break;
-        }
-    }
-    Ok(lasts)
-}
-
-/// The partition of a task's subject. It ends in the task's id, whose last character is spread
-/// evenly: every event of a task goes to the same partition.
-fn partition_of(subject: &str, partitions: usize) -> usize {
-    usize::from(subject.as_bytes().last().copied().unwrap_or(0)) % partitions
-}
-
-/// [`fold_partitioned`], and with `early`, each task's views written as soon as its last event is
-/// folded (while the rest of the stream is still being read), so the server stores views while the
-/// client folds.
-async fn fold_parts(
-    events: &Stream,
-    names: &Names,
-    upto: u64,
-    partitions: usize,
-    early: Option<EarlyWrites>,
     mut progress: impl FnMut(Progress),
-) -> Result<Vec<Part>, RebuildError> {
+) -> Result<Vec<FoldedStream>, RebuildError> {
     let partitions = partitions.max(1);
     if upto == 0 {
-        return Ok(vec![Part::default()]);
+        return Ok(vec![FoldedStream::default()]);
     }
     let mut messages = log::ordered(events, names, None, log::Start::First)
         .await
         .map_err(|e| RebuildError::Stream(e.into()))?;
     type Batch = Vec<(u64, i128, jetstream::Message)>;
     let mut senders = Vec::with_capacity(partitions);
-    let mut lasts_to = Vec::with_capacity(partitions);
     let mut workers = Vec::with_capacity(partitions);
     for _ in 0..partitions {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(16);
-        let (lasts_tx, mut lasts_rx) = tokio::sync::oneshot::channel::<HashMap<TaskId, u64>>();
         let names = names.clone();
-        let early = early.as_ref().map(|e| {
-            (
-                e.client.clone(),
-                e.subjects.clone(),
-                std::sync::Arc::clone(&e.done),
-            )
-        });
         senders.push(tx);
-        lasts_to.push(lasts_tx);
         workers.push(tokio::spawn(async move {
-            let mut part = Part::default();
-            let mut out = match &early {
-                Some((client, _, _)) => Some(Sender::new(client.clone()).await?),
-                None => None,
-            };
-            let mut lasts: Option<HashMap<TaskId, u64>> = None;
+            let mut out = FoldedStream::default();
             while let Some(batch) = rx.recv().await {
-                if lasts.is_none()
-                    && out.is_some()
-                    && let Ok(known) = lasts_rx.try_recv()
-                {
-                    // Tasks folded before the last sequences were known may be complete already.
-                    let complete: Vec<TaskId> = part
-                        .fold
-                        .tasks
-                        .iter()
-                        .filter(|(task, f)| known.get(*task) == Some(&f.view.seq))
-                        .map(|(task, _)| *task)
-                        .collect();
-                    lasts = Some(known);
-                    for task in complete {
-                        write_early(&mut part, &mut out, early.as_ref(), task).await?;
-                    }
-                }
                 for (seq, stored_at, m) in &batch {
-                    let task = part.fold.fold(&names, *seq, *stored_at, m);
-                    if let (Some(task), Some(known)) = (task, &lasts)
-                        && known.get(&task) == Some(seq)
-                    {
-                        write_early(&mut part, &mut out, early.as_ref(), task).await?;
-                    }
+                    out.fold(&names, *seq, *stored_at, m);
                 }
             }
-            if let Some(out) = out {
-                out.finish().await?;
-            }
-            Ok::<_, RebuildError>(part)
+            out
         }));
     }
     let mut batches: Vec<Batch> = (0..partitions)
@@ -349,7 +210,9 @@ async fn fold_parts(
                 break;
             }
             seen += 1;
-            let slot = partition_of(m.subject.as_str(), partitions);
+            // A task's subject ends in its id, whose last character is spread evenly: every event of
+            // a task goes to the same partition.
+            let slot = usize::from(m.subject.as_bytes().last().copied().unwrap_or(0)) % partitions;
             batches[slot].push((seq, stored_at, m));
             if batches[slot].len() >= FOLD_BATCH {
                 let batch = std::mem::replace(&mut batches[slot], Vec::with_capacity(FOLD_BATCH));
@@ -375,30 +238,11 @@ async fn fold_parts(
         }
         Ok::<_, RebuildError>(())
     };
-    let ready = early.map(|e| e.ready);
-    let lasts = async {
-        let Some(ready) = ready else { return };
-        // Without the buckets or the last sequences every view is written after the fold, as it
-        // would be anyway.
-        if ready.await.is_err() {
-            return;
-        }
-        match last_sequences(events, names, upto, partitions).await {
-            Ok(lasts) => {
-                for (to, known) in lasts_to.into_iter().zip(lasts) {
-                    let _ = to.send(known);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "no early writes: the last sequences were not read")
-            }
-        }
-    };
-    let (read, ()) = tokio::join!(read, lasts);
+    let read = read.await;
     drop(senders);
     let mut parts = Vec::with_capacity(partitions);
     for worker in workers {
-        parts.push(worker.await.map_err(RebuildError::Worker)??);
+        parts.push(worker.await.map_err(RebuildError::Worker)?);
     }
     read?;
     progress(Progress {
@@ -407,32 +251,6 @@ async fn fold_parts(
         total: upto,
     });
     Ok(parts)
-}
-
-/// Writes `task`'s views now (its last event is folded) and keeps only its finished entry.
-async fn write_early(
-    part: &mut Part,
-    out: &mut Option<Sender>,
-    early: Option<&(
-        async_nats::Client,
-        Subjects,
-        std::sync::Arc<std::sync::atomic::AtomicU64>,
-    )>,
-    task: TaskId,
-) -> Result<(), RebuildError> {
-    let (Some(out), Some((_, subjects, done))) = (out.as_mut(), early) else {
-        return Ok(());
-    };
-    let Some(mut f) = part.fold.tasks.remove(&task) else {
-        return Ok(());
-    };
-    out.views(subjects, &f).await?;
-    part.written += 1;
-    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Some(finished) = f.finished.take() {
-        part.finished.push(finished);
-    }
-    Ok(())
 }
 
 /// How a rebuild runs.
@@ -461,9 +279,6 @@ pub struct RebuildSummary {
     pub undecodable: u64,
     /// Events appended during the rebuild and applied before the switch.
     pub caught_up: u64,
-    /// Tasks whose views were written while the stream was still being folded (their last event was
-    /// folded; the rest are written after the fold).
-    pub written_while_folding: u64,
     /// Seconds reading and folding.
     pub fold_secs: f64,
     /// Seconds writing the new buckets.
@@ -509,28 +324,16 @@ pub async fn rebuild(
         .last_sequence;
     // Preparing the new generation's buckets is only waiting on the server: it runs while the stream
     // is folded. Generations older than the current one are unused; so is a half-built one from a
-    // failed run. Once the buckets exist, the fold writes each task whose last event it has folded.
-    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    // failed run.
     let prepare = async {
         for old in 1..from {
             delete_generation(js, names, old).await?;
         }
         delete_generation(js, names, generation).await?;
-        let target = ViewBuckets::open(js, names, generation, settings, true).await?;
-        let _ = ready_tx.send(());
-        Ok::<_, RebuildError>(target)
-    };
-    let subjects = Subjects::of_generation(names, generation);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let early = EarlyWrites {
-        client: js.client(),
-        subjects: subjects.clone(),
-        done: done.clone(),
-        ready,
+        Ok::<_, RebuildError>(ViewBuckets::open(js, names, generation, settings, true).await?)
     };
     let fold = async {
-        let parts =
-            fold_parts(&events, names, upto, partitions, Some(early), &mut progress).await?;
+        let parts = fold_partitioned(&events, names, upto, partitions, &mut progress).await?;
         Ok::<_, RebuildError>((parts, started.elapsed().as_secs_f64()))
     };
     let (target, folded) = tokio::join!(prepare, fold);
@@ -538,7 +341,7 @@ pub async fn rebuild(
     let target = target?;
 
     let write_started = Instant::now();
-    let written = write_rest(js, &subjects, parts, done, &mut progress).await?;
+    let written = write_generation(js, &target, parts, &mut progress).await?;
     let write_secs = write_started.elapsed().as_secs_f64();
 
     let stats = ProjectorStats::default();
@@ -577,7 +380,6 @@ pub async fn rebuild(
         unknown: written.unknown,
         undecodable: written.undecodable,
         caught_up: stats.seen(),
-        written_while_folding: written.while_folding,
         fold_secs,
         write_secs,
         total_secs: started.elapsed().as_secs_f64(),
@@ -621,8 +423,6 @@ pub struct Written {
     pub unknown: u64,
     /// Messages that were not events.
     pub undecodable: u64,
-    /// Tasks whose views were written while the stream was still being folded.
-    pub while_folding: u64,
 }
 
 /// Writes awaiting their acknowledgements at once, per writing task.
@@ -645,65 +445,39 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn write_generation(
     js: &jetstream::Context,
     target: &ViewBuckets,
-    parts: Vec<FoldedStream>,
-    progress: &mut impl FnMut(Progress),
-) -> Result<Written, RebuildError> {
-    let parts = parts
-        .into_iter()
-        .map(|fold| Part {
-            fold,
-            ..Part::default()
-        })
-        .collect();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    write_rest(js, &Subjects::of(target), parts, done, progress).await
-}
-
-/// Writes what the fold has not written yet: the views of the tasks left in `parts`, then the whole
-/// finished index in end order.
-async fn write_rest(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    mut parts: Vec<Part>,
-    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    mut parts: Vec<FoldedStream>,
     progress: &mut impl FnMut(Progress),
 ) -> Result<Written, RebuildError> {
     let mut written = Written::default();
     let mut finished: Vec<FinishedView> = Vec::new();
     for part in &mut parts {
-        written.events += part.fold.events;
-        written.unknown += part.fold.unknown;
-        written.undecodable += part.fold.undecodable.len() as u64;
-        written.tasks += part.written + part.fold.tasks.len() as u64;
-        written.while_folding += part.written;
-        finished.append(&mut part.finished);
-        finished.extend(
-            part.fold
-                .tasks
-                .values_mut()
-                .filter_map(|f| f.finished.take()),
-        );
+        written.events += part.events;
+        written.unknown += part.unknown;
+        written.undecodable += part.undecodable.len() as u64;
+        written.tasks += part.tasks.len() as u64;
+        finished.extend(part.tasks.values_mut().filter_map(|f| f.finished.take()));
     }
     finished.sort_by_key(|f| f.seq);
     let total = written.tasks;
+    let subjects = Subjects::of(target);
     let client = js.client();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut senders = tokio::task::JoinSet::new();
     for part in parts {
         let (client, subjects, done) = (client.clone(), subjects.clone(), done.clone());
         senders.spawn(async move {
             let mut out = Sender::new(client).await?;
-            for f in part.fold.tasks.values() {
+            for f in part.tasks.values() {
                 out.views(&subjects, f).await?;
                 done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             out.finish().await
         });
     }
-    let finished_subject = subjects.finished.clone();
     senders.spawn(async move {
         let mut out = Sender::new(client).await?;
         for f in &finished {
-            out.send(&finished_subject, f.task, f).await?;
+            out.send(&subjects.finished, f.task, f).await?;
         }
         out.finish().await
     });
@@ -739,17 +513,6 @@ struct Subjects {
 }
 
 impl Subjects {
-    fn of_generation(names: &Names, generation: u32) -> Self {
-        let [tasks, history, active, finished] =
-            buckets::generation_buckets(names, generation).map(|b| format!("$KV.{b}."));
-        Self {
-            tasks,
-            history,
-            active,
-            finished,
-        }
-    }
-
     fn of(target: &ViewBuckets) -> Self {
         let prefix = |b: &kv::Store| format!("$KV.{}.", b.name);
         Self {
@@ -1083,66 +846,5 @@ pub fn diff_json(
         }
         (a, b) if a != b => out.push((path.to_owned(), show(a), show(b))),
         _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::generate;
-    use taskpods_harness::NatsServer;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_last_sequence_of_each_task_is_known_up_to_the_fold_s_end() {
-        let server = NatsServer::start();
-        let js = jetstream::new(server.connect().await);
-        let names = Names::default();
-        let mut events = js
-            .create_stream(jetstream::stream::Config {
-                name: names.event_stream(),
-                subjects: vec![names.events_all()],
-                ..Default::default()
-            })
-            .await
-            .expect("stream");
-        let start = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
-        let histories = generate::histories(5, 40, start, 6);
-        let interleaved = generate::interleave(&mut generate::Rng::new(6), &histories);
-        let upto = generate::publish(&js, &names, &interleaved, 64)
-            .await
-            .expect("publish");
-        // One more message on the first task's subject after `upto`: its last event within the fold
-        // is unknown.
-        let first = interleaved[0].1.task;
-        let after = js
-            .publish(names.events(first), "later".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack")
-            .sequence;
-        assert!(after > upto);
-        assert_eq!(
-            events.info().await.expect("info").state.last_sequence,
-            after
-        );
-
-        let lasts = last_sequences(&events, &names, upto, 3)
-            .await
-            .expect("lasts");
-        assert_eq!(lasts.len(), 3);
-        let mut expected: HashMap<TaskId, u64> = HashMap::new();
-        for (i, (_, e)) in interleaved.iter().enumerate() {
-            expected.insert(e.task, i as u64 + 1);
-        }
-        expected.remove(&first);
-        let mut found = HashMap::new();
-        for (slot, part) in lasts.iter().enumerate() {
-            for (task, seq) in part {
-                assert_eq!(partition_of(&names.events(*task), 3), slot);
-                found.insert(*task, *seq);
-            }
-        }
-        assert_eq!(found, expected);
     }
 }

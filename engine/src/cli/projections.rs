@@ -105,15 +105,14 @@ pub async fn run_to(
                 writeln!(
                     out,
                     "rebuilt generation {} from {} events ({} tasks) in {:.2} s: {:.0} events/s \
-                     (fold {:.2} s, {} tasks written while folding, write {:.2} s, {} caught up during \
-                     the rebuild{}); readers switched from generation {}",
+                     (fold {:.2} s, write {:.2} s, {} caught up during the rebuild{}); readers switched \
+                     from generation {}",
                     summary.generation,
                     summary.events,
                     summary.tasks,
                     summary.total_secs,
                     summary.events_per_sec(),
                     summary.fold_secs,
-                    summary.written_while_folding,
                     summary.write_secs,
                     summary.caught_up,
                     if summary.unknown + summary.undecodable > 0 {
