@@ -22,7 +22,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use futures::future::join_all;
-use taskpods_client::{Client, ClientConfig};
+use taskpods_client::Client;
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::intake::IntakeConfig;
 use taskpods_engine::pull::DurableMessages;
@@ -70,13 +70,7 @@ async fn main() {
     })
     .await
     .expect("engine");
-    let client = Client::new(
-        nats.clone(),
-        ClientConfig {
-            reply_timeout: Duration::from_secs(60),
-            ..ClientConfig::default()
-        },
-    );
+    let client = measure::client(nats.clone(), Duration::from_secs(60));
     let mut best = 0.0f64;
     for (in_flight, launches, limit) in [
         (1, scale / 10, serial),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use taskpods_client::{Client, ClientConfig};
+use taskpods_client::Client;
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::executor::BackendConfig;
 use taskpods_engine::executor::noop::NoopConfig;
@@ -89,13 +89,7 @@ async fn main() {
     })
     .await
     .expect("engine");
-    let client = Client::new(
-        nats.clone(),
-        ClientConfig {
-            reply_timeout: Duration::from_secs(120),
-            ..ClientConfig::default()
-        },
-    );
+    let client = measure::client(nats.clone(), Duration::from_secs(120));
     let names = Names::default();
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     let watcher = tokio::spawn(watch(nats.clone(), js.clone(), names.clone(), seen.clone()));

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use taskpods_client::{Client, ClientConfig};
+use taskpods_client::Client;
 use taskpods_events::{LaunchTask, Names, TaskId};
 use taskpods_harness::NatsServer;
 use taskpods_harness::measure::{self, Memory};
@@ -59,13 +59,7 @@ async fn main() {
     let pid = engine.0.id();
     let nats = server.connect().await;
     let js = async_nats::jetstream::new(nats.clone());
-    let client = Client::new(
-        nats,
-        ClientConfig {
-            reply_timeout: Duration::from_secs(60),
-            ..ClientConfig::default()
-        },
-    );
+    let client = measure::client(nats, Duration::from_secs(60));
     // The engine is ready once it answers a launch.
     let started = Instant::now();
     let first = loop {

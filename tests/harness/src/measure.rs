@@ -1,12 +1,25 @@
 //! What the benchmarks share: the line describing the machine a figure came from, latency percentiles,
 //! a process's memory from `/proc`, the raw JetStream publish rate every engine figure is compared with,
-//! and a progress line for long runs. Benchmarks print figures; nothing here asserts a timing.
+//! a progress line for long runs, and the Brain's client they drive the engine with ([`client`]).
+//! Benchmarks print figures; nothing here asserts a timing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::future::join_all;
+
+/// A Brain's client on `nats` that waits up to `reply_timeout` for each answer: what the benchmarks and
+/// load tests drive the engine with (a machine under load answers slowly; it is not broken).
+pub fn client(nats: async_nats::Client, reply_timeout: Duration) -> taskpods_client::Client {
+    taskpods_client::Client::new(
+        nats,
+        taskpods_client::ClientConfig {
+            reply_timeout,
+            ..taskpods_client::ClientConfig::default()
+        },
+    )
+}
 
 /// The environment variable `name` parsed as a `T` (a bench's size or rate), else `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

@@ -7,19 +7,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
-use taskpods_client::{Client, ClientConfig};
+use taskpods_client::Client;
 use taskpods_events::{LaunchTask, Names, TaskId, TaskState};
 use taskpods_harness::{NatsServer, nats_server_version};
 
 /// A Brain's client on `nats` that waits up to 10 s for a reply (a loaded machine is slow, not broken).
 pub fn client_on(nats: async_nats::Client) -> Client {
-    Client::new(
-        nats,
-        ClientConfig {
-            reply_timeout: Duration::from_secs(10),
-            ..ClientConfig::default()
-        },
-    )
+    taskpods_harness::measure::client(nats, Duration::from_secs(10))
 }
 
 /// Whether a command that was delivered more than once counts as stuck in

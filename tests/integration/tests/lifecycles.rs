@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use taskpods_client::{Client, ClientConfig};
 use taskpods_engine::config::EngineConfig;
 use taskpods_engine::executor::noop::NoopConfig;
 use taskpods_engine::executor::{BackendConfig, ExecutorConfig};
 use taskpods_engine::server::Engine;
 use taskpods_events::{LaunchTask, Names, TaskState};
-use taskpods_harness::NatsServer;
+use taskpods_harness::{NatsServer, measure};
 use taskpods_projections::rebuild;
 
 /// Events of one no-op lifecycle: accepted, scheduled, started, running, succeeded, reaped.
@@ -44,13 +43,7 @@ async fn ten_thousand_noop_lifecycles_end_reaped_and_every_view_equals_a_fresh_f
     let engine = Engine::start(config).await.expect("engine");
     let nats = server.connect().await;
     let js = jetstream::new(nats.clone());
-    let client = Client::new(
-        nats,
-        ClientConfig {
-            reply_timeout: Duration::from_secs(60),
-            ..ClientConfig::default()
-        },
-    );
+    let client = measure::client(nats, Duration::from_secs(60));
 
     let started = Instant::now();
     let mut launches = futures::stream::iter(0..n)
