@@ -33,7 +33,7 @@
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -330,23 +330,18 @@ pub fn render(intake: Option<&IntakeStats>, sampled: &Sampled) -> String {
     let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut out);
     let mut text = String::from_utf8(out).unwrap_or_default();
     if let Some(stats) = intake {
-        text.push_str(
-            "# HELP taskpods_commands_total Commands handled by this engine's intake, by outcome.\n\
-             # TYPE taskpods_commands_total counter\n",
+        counters_by_outcome(
+            &mut text,
+            "taskpods_commands_total",
+            "Commands handled by this engine's intake, by outcome.",
+            [
+                ("applied", &stats.applied),
+                ("rejected", &stats.rejected),
+                ("refused", &stats.refused),
+                ("dead_lettered", &stats.dead_lettered),
+                ("retried", &stats.retried),
+            ],
         );
-        for (outcome, counter) in [
-            ("applied", &stats.applied),
-            ("rejected", &stats.rejected),
-            ("refused", &stats.refused),
-            ("dead_lettered", &stats.dead_lettered),
-            ("retried", &stats.retried),
-        ] {
-            let _ = writeln!(
-                text,
-                "taskpods_commands_total{{outcome=\"{outcome}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
     }
     if let Some(tasks) = &sampled.tasks_by_state {
         text.push_str(
@@ -372,23 +367,18 @@ pub fn render(intake: Option<&IntakeStats>, sampled: &Sampled) -> String {
         );
     }
     if let Some(stats) = &sampled.projector {
-        text.push_str(
-            "# HELP taskpods_projector_events_total Events the projector took, by what became of them.\n\
-             # TYPE taskpods_projector_events_total counter\n",
+        counters_by_outcome(
+            &mut text,
+            "taskpods_projector_events_total",
+            "Events the projector took, by what became of them.",
+            [
+                ("applied", &stats.applied),
+                ("skipped", &stats.skipped),
+                ("unknown", &stats.unknown),
+                ("undecodable", &stats.undecodable),
+                ("healed", &stats.healed),
+            ],
         );
-        for (outcome, counter) in [
-            ("applied", &stats.applied),
-            ("skipped", &stats.skipped),
-            ("unknown", &stats.unknown),
-            ("undecodable", &stats.undecodable),
-            ("healed", &stats.healed),
-        ] {
-            let _ = writeln!(
-                text,
-                "taskpods_projector_events_total{{outcome=\"{outcome}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
         let _ = write!(
             text,
             "# HELP taskpods_projector_conflicts_total Revision conflicts with other writers of the views.\n\
@@ -403,4 +393,45 @@ pub fn render(intake: Option<&IntakeStats>, sampled: &Sampled) -> String {
         );
     }
     text
+}
+
+/// One counter family with an `outcome` label, in the text exposition format.
+fn counters_by_outcome<const N: usize>(
+    text: &mut String,
+    name: &str,
+    help: &str,
+    counters: [(&str, &AtomicU64); N],
+) {
+    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (outcome, counter) in counters {
+        let _ = writeln!(
+            text,
+            "{name}{{outcome=\"{outcome}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counter_family_is_written_with_its_help_type_and_one_line_per_outcome() {
+        let (applied, refused) = (AtomicU64::new(7), AtomicU64::new(0));
+        let mut text = String::new();
+        counters_by_outcome(
+            &mut text,
+            "taskpods_commands_total",
+            "Commands handled.",
+            [("applied", &applied), ("refused", &refused)],
+        );
+        assert_eq!(
+            text,
+            "# HELP taskpods_commands_total Commands handled.\n\
+             # TYPE taskpods_commands_total counter\n\
+             taskpods_commands_total{outcome=\"applied\"} 7\n\
+             taskpods_commands_total{outcome=\"refused\"} 0\n"
+        );
+    }
 }
