@@ -547,6 +547,8 @@ async fn a_brain_cannot_write_events_or_agent_reports_and_an_operator_cannot_lau
         format!("$KV.{}.{task}", names.tasks_bucket()),
         format!("$JS.API.STREAM.PURGE.{}", names.event_stream()),
         format!("$JS.API.CONSUMER.CREATE.{}", names.command_stream()),
+        // Another client's answers (a Brain's replies, a rebuild's write acknowledgements).
+        "_INBOX.someone.1".to_owned(),
     ] {
         brain.publish(subject.clone(), "x".into()).await.unwrap();
         refused(&mut errors, "publish", &subject).await;
@@ -558,6 +560,7 @@ async fn a_brain_cannot_write_events_or_agent_reports_and_an_operator_cannot_lau
         names.events(task),
         names.agent_report(task, "result"),
         format!("$JS.API.STREAM.DELETE.{}", names.event_stream()),
+        "_INBOX.someone.1".to_owned(),
     ] {
         operator.publish(subject.clone(), "x".into()).await.unwrap();
         refused(&mut errors, "publish", &subject).await;
